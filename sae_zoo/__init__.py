@@ -1,0 +1,15 @@
+"""sae_zoo: sparse autoencoders and sparse-coding encoder heads, as a PyTorch Lightning model zoo.
+
+One :class:`Dictionary` (the decoder) is paired with an interchangeable encoder head in a
+:class:`SparseCoder` LightningModule. Heads live in a registry: :func:`list_encoders`,
+:func:`create_encoder`, :func:`register_encoder`.
+"""
+
+from .dictionary import Dictionary
+from .encoders import EncoderHead, create_encoder, list_encoders, register_encoder
+from .model import SparseCoder
+
+__version__ = "0.1.0"
+
+__all__ = ["Dictionary", "EncoderHead", "SparseCoder", "create_encoder", "list_encoders", "register_encoder",
+           "__version__"]

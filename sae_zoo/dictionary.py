@@ -1,0 +1,82 @@
+"""The decoder: a dictionary of unit-norm atoms shared by every encoder head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class Dictionary(nn.Module):
+    """A dictionary of ``n_latents`` atoms in ``d_model`` dimensions.
+
+    Atoms are the rows of ``weight`` (shape ``(n_latents, d_model)``) and are kept at unit L2 norm,
+    so that the scale of a latent lives in its code, not in its atom. ``decode(codes)`` returns
+    ``codes @ weight (+ bias)``. A trainable dictionary is renormalised after every optimiser step
+    by :class:`~sae_zoo.SparseCoder`; a frozen one keeps the atoms it was given.
+    """
+
+    def __init__(self, n_latents: int, d_model: int, *, trainable: bool = True, bias: bool = False) -> None:
+        super().__init__()
+        if n_latents < 1 or d_model < 1:
+            raise ValueError(f"Dictionary needs n_latents >= 1 and d_model >= 1, got ({n_latents}, {d_model})")
+        self.n_latents = int(n_latents)
+        self.d_model = int(d_model)
+        self.weight = nn.Parameter(torch.randn(n_latents, d_model), requires_grad=trainable)
+        self.bias = nn.Parameter(torch.zeros(d_model), requires_grad=trainable) if bias else None
+        self.normalize_()
+
+    @classmethod
+    def from_tensor(cls, atoms: Tensor, *, trainable: bool = False, bias: Tensor | None = None) -> "Dictionary":
+        """A dictionary whose atoms are the rows of ``atoms`` (renormalised to unit norm)."""
+        if atoms.ndim != 2:
+            raise ValueError(f"atoms must have shape (n_latents, d_model), got {tuple(atoms.shape)}")
+        dictionary = cls(*atoms.shape, trainable=trainable, bias=bias is not None)
+        dictionary.set_atoms(atoms, bias=bias)
+        return dictionary
+
+    @property
+    def trainable(self) -> bool:
+        return self.weight.requires_grad
+
+    @property
+    def atoms(self) -> Tensor:
+        return self.weight
+
+    @torch.no_grad()
+    def set_atoms(self, atoms: Tensor, *, bias: Tensor | None = None) -> None:
+        """Copy ``atoms`` (and ``bias``) into the dictionary, renormalising each atom to unit norm."""
+        if tuple(atoms.shape) != tuple(self.weight.shape):
+            raise ValueError(f"atoms have shape {tuple(atoms.shape)}, dictionary expects {tuple(self.weight.shape)}")
+        norms = atoms.norm(dim=1)
+        if not torch.all(norms > 0):
+            raise ValueError(f"atoms {torch.nonzero(norms == 0).flatten().tolist()} have zero norm")
+        self.weight.copy_(atoms)
+        if bias is not None:
+            if self.bias is None or tuple(bias.shape) != (self.d_model,):
+                raise ValueError(f"bias must have shape ({self.d_model},) on a dictionary built with bias=True")
+            self.bias.copy_(bias)
+        self.normalize_()
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        """Rescale every atom to unit L2 norm, in place."""
+        self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def decode(self, codes: Tensor) -> Tensor:
+        if codes.shape[-1] != self.n_latents:
+            raise ValueError(f"codes have {codes.shape[-1]} latents, dictionary has {self.n_latents}")
+        x_hat = codes @ self.weight
+        return x_hat if self.bias is None else x_hat + self.bias
+
+    def forward(self, codes: Tensor) -> Tensor:
+        return self.decode(codes)
+
+    def config(self) -> dict[str, Any]:
+        """The arguments that rebuild this dictionary's shape (weights travel separately)."""
+        return {"n_latents": self.n_latents, "d_model": self.d_model, "trainable": self.trainable,
+                "bias": self.bias is not None}
+
+    def extra_repr(self) -> str:
+        return f"n_latents={self.n_latents}, d_model={self.d_model}, trainable={self.trainable}, bias={self.bias is not None}"

@@ -1,0 +1,50 @@
+"""The base class every encoder head derives from."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+
+class EncoderHead(nn.Module):
+    """Maps inputs ``x`` of shape ``(..., d_model)`` to non-negative codes ``(..., n_latents)``.
+
+    ``forward(x, dictionary)`` receives the decoder so that iterative heads (which optimise codes
+    against the dictionary) and amortised heads (which ignore it) share one interface.
+
+    A subclass declares its hyper-parameters as keyword arguments of ``__init__`` after
+    ``d_model`` and ``n_latents``; they are recorded automatically, so :meth:`config` can rebuild
+    the head through :func:`~sae_zoo.create_encoder`.
+    """
+
+    #: Registry name, set by :func:`~sae_zoo.encoders.register_encoder`.
+    name: ClassVar[str] = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "EncoderHead":
+        self = super().__new__(cls)
+        bound = inspect.signature(cls.__init__).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        init_args = dict(list(bound.arguments.items())[1:])
+        object.__setattr__(self, "_init_args", init_args)
+        return self
+
+    def __init__(self, d_model: int, n_latents: int) -> None:
+        super().__init__()
+        if d_model < 1 or n_latents < 1:
+            raise ValueError(f"{type(self).__name__} needs d_model >= 1 and n_latents >= 1, got ({d_model}, {n_latents})")
+        self.d_model = int(d_model)
+        self.n_latents = int(n_latents)
+
+    def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """``{"name": ..., "d_model": ..., "n_latents": ..., **hyper-parameters}``."""
+        return {"name": self.name, **self._init_args}
+
+    def check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"{self.name or type(self).__name__} head expects inputs of width {self.d_model}, "
+                             f"got shape {tuple(x.shape)}")

@@ -1,0 +1,25 @@
+"""The sparse autoencoder's encoder: one linear map and a ReLU."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import EncoderHead
+from .registry import register_encoder
+
+
+@register_encoder("linear")
+class LinearEncoder(EncoderHead):
+    """``codes = ReLU(W x + b)``: the standard SAE encoder (the paper's "L-NL" encoder)."""
+
+    def __init__(self, d_model: int, n_latents: int, bias: bool = True) -> None:
+        super().__init__(d_model, n_latents)
+        self.linear = nn.Linear(d_model, n_latents, bias=bias)
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        return self.linear(x)
+
+    def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
+        return F.relu(self.pre_activations(x))

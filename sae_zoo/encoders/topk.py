@@ -1,0 +1,28 @@
+"""Top-k SAE encoder: keep the k largest pre-activations of a linear map."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import EncoderHead
+from .registry import register_encoder
+
+
+@register_encoder("topk")
+class TopKEncoder(EncoderHead):
+    """``codes = ReLU(TopK_k(W x + b))``: every other latent is set to zero."""
+
+    def __init__(self, d_model: int, n_latents: int, k: int, bias: bool = True) -> None:
+        super().__init__(d_model, n_latents)
+        if not 1 <= k <= n_latents:
+            raise ValueError(f"topk needs 1 <= k <= n_latents ({n_latents}), got k={k}")
+        self.k = int(k)
+        self.linear = nn.Linear(d_model, n_latents, bias=bias)
+
+    def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
+        self.check_input(x)
+        pre = self.linear(x)
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter(-1, indices, F.relu(values))

@@ -1,0 +1,13 @@
+"""torchmetrics ``Metric``s for sparse coding, each with a functional twin in ``sae_zoo.metrics.functional``.
+
+Every metric keeps summed sufficient statistics (``dist_reduce_fx="sum"``), so results streamed over
+batches or gathered over DDP ranks equal the one-shot result.
+"""
+
+from . import functional
+from .code_recovery import MCC, DictionaryMCC
+from .reconstruction import FractionOfVarianceExplained, FractionOfVarianceUnexplained, ReconstructionMSE
+from .sparsity import L0, L1, DeadLatents
+
+__all__ = ["MCC", "DictionaryMCC", "FractionOfVarianceUnexplained", "FractionOfVarianceExplained",
+           "ReconstructionMSE", "L0", "L1", "DeadLatents", "functional"]

@@ -1,0 +1,49 @@
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from sae_zoo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.n_train=128", "data.n_test=128", "data.steps_per_epoch=50", "trainer.max_steps=60",
+        "trainer.accelerator=cpu"]
+
+
+def test_list_prints_the_heads():
+    out = subprocess.run([sys.executable, "-m", "sae_zoo.cli", "list"], capture_output=True, text=True, check=True).stdout
+    names = [line.split()[0] for line in out.splitlines()]
+    assert {"linear", "mlp", "topk"} <= set(names)
+
+
+def test_fit_prints_metrics_and_writes_the_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", str(ROOT / "recipes/synthetic/known_dictionary.yaml"), *TINY, "encoder.name=topk",
+                 "encoder.k=3", f"run_dir={run}", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert f"run directory: {run}" in out
+    assert re.search(rf"mcc\s+{metrics['test']['mcc']:.4f}", out)
+    assert metrics["encoder"] == "topk" and metrics["test"]["l0"] <= 3
+
+
+def test_errors_exit_2_and_name_the_key(tmp_path, capsys):
+    assert main(["fit", str(ROOT / "recipes/synthetic/known_dictionary.yaml"), "encoder.name=mlp", "encoder.hiden=3",
+                 f"run_dir={tmp_path / 'never'}"]) == 2
+    err = capsys.readouterr().err
+    assert "known_dictionary.yaml" in err and "encoder.hiden" in err and "encoder.hidden=256" in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_demo_prints_both_heads_beside_the_paper(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--steps", "300", "--hidden", "32", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(SAE \(linear\)|MLP \(hidden=32\))\s+([0-9.]+)\s+", out, re.M)}
+    assert set(rows) == {"SAE (linear)", "MLP (hidden=32)"}
+    assert "0.609 +- 0.038" in out and "0.818 +- 0.113" in out
+    for run_dir in (tmp_path / "runs" / "demo").iterdir():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        label = "SAE (linear)" if metrics["encoder"] == "linear" else "MLP (hidden=32)"
+        assert rows[label] == round(metrics["test"]["mcc"], 3)

@@ -1,0 +1,110 @@
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sae_zoo import Dictionary, SparseCoder, create_encoder
+from sae_zoo.data import SyntheticSparseDataModule
+from sae_zoo.metrics import functional
+
+
+def trainer(steps, **kwargs):
+    return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, accelerator="cpu", **kwargs)
+
+
+def test_forward_and_loss_are_the_papers():
+    torch.manual_seed(0)
+    model = SparseCoder(create_encoder("linear", d_model=4, n_latents=6), Dictionary(6, 4), l1_coeff=0.3)
+    x = torch.randn(10, 4)
+    x_hat, codes = model(x)
+    torch.testing.assert_close(codes, torch.relu(model.encoder.linear(x)))
+    torch.testing.assert_close(x_hat, codes @ model.dictionary.weight)
+    loss = model.loss(x, x_hat, codes, None)["loss"]
+    torch.testing.assert_close(loss, F.mse_loss(x_hat, x) + 0.3 * codes.abs().mean())
+
+
+def test_shapes_must_agree():
+    with pytest.raises(ValueError, match=r"maps 4 -> 6 latents.*n_latents=7, d_model=4"):
+        SparseCoder(create_encoder("linear", d_model=4, n_latents=6), Dictionary(7, 4))
+
+
+def test_settings_follow_from_dictionary_and_supervision():
+    head = create_encoder("linear", d_model=4, n_latents=6)
+    assert SparseCoder(head, Dictionary(6, 4)).setting == "unknown"
+    assert SparseCoder(head, Dictionary(6, 4, trainable=False)).setting == "known_dictionary"
+    assert SparseCoder(head, Dictionary(6, 4, trainable=False), supervised=True).setting == "known_codes"
+
+
+def test_known_dictionary_training_improves_codes_and_keeps_the_decoder():
+    dm = SyntheticSparseDataModule(n_train=256, n_test=256, steps_per_epoch=100)
+    torch.manual_seed(0)
+    model = SparseCoder(create_encoder("linear", d_model=8, n_latents=16), Dictionary.from_tensor(dm.dictionary))
+    atoms = model.dictionary.weight.detach().clone()
+    torch.testing.assert_close(atoms, dm.dictionary)
+    before = functional.mcc(model.encode(dm.test_x), dm.test_codes).item()
+    trainer(600).fit(model, dm)
+    assert torch.equal(model.dictionary.weight, atoms)
+    after = functional.mcc(model.encode(dm.test_x), dm.test_codes).item()
+    assert after > before + 0.05
+
+
+def test_unknown_setting_learns_unit_norm_atoms():
+    dm = SyntheticSparseDataModule(n_train=256, n_test=64, steps_per_epoch=100)
+    torch.manual_seed(0)
+    dictionary = Dictionary(16, 8)
+    start = dictionary.weight.detach().clone()
+    model = SparseCoder(create_encoder("linear", d_model=8, n_latents=16), dictionary, lr=1e-2,
+                        true_dictionary=dm.dictionary)
+    t = trainer(300)
+    t.fit(model, dm)
+    assert not torch.allclose(model.dictionary.weight, start)
+    torch.testing.assert_close(model.dictionary.weight.norm(dim=1), torch.ones(16))
+    results = t.test(model, dm, verbose=False)[0]
+    expected = functional.dictionary_mcc(model.dictionary.weight, dm.dictionary).item()
+    assert results["test/dictionary_mcc"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_known_codes_training_follows_the_true_codes():
+    dm = SyntheticSparseDataModule(n_train=256, n_test=256, steps_per_epoch=100)
+    torch.manual_seed(0)
+    model = SparseCoder(create_encoder("mlp", d_model=8, n_latents=16, hidden=64),
+                        Dictionary.from_tensor(dm.dictionary), supervised=True, lr=3e-3)
+    before = functional.correlation_matrix(dm.test_codes, model.encode(dm.test_x)).diagonal().mean().item()
+    t = trainer(400)
+    t.fit(model, dm)
+    results = t.test(model, dm, verbose=False)[0]
+    # supervised training aligns latent i with true latent i: the unmatched per-latent correlation rises
+    corr = functional.correlation_matrix(dm.test_codes, model.encode(dm.test_x))
+    assert corr.diagonal().mean().item() > max(0.7, before + 0.4)
+    assert results["test/mcc"] >= corr.diagonal().mean().item() - 1e-6
+
+
+def test_test_metrics_equal_the_functional_ones():
+    dm = SyntheticSparseDataModule(n_train=128, n_test=200, batch_size=64, steps_per_epoch=10)
+    torch.manual_seed(1)
+    model = SparseCoder(create_encoder("topk", d_model=8, n_latents=16, k=3), Dictionary.from_tensor(dm.dictionary))
+    t = trainer(20)
+    t.fit(model, dm)
+    results = t.test(model, dm, verbose=False)[0]
+    with torch.no_grad():
+        x_hat, codes = model(dm.test_x)
+    assert results["test/mcc"] == pytest.approx(functional.mcc(codes, dm.test_codes).item(), abs=1e-6)
+    assert results["test/fvu"] == pytest.approx(functional.fraction_of_variance_unexplained(x_hat, dm.test_x).item(),
+                                                 rel=1e-5)
+    assert results["test/l0"] == pytest.approx(functional.l0(codes).item(), rel=1e-6)
+    assert results["test/mse"] == pytest.approx(F.mse_loss(x_hat, dm.test_x).item(), rel=1e-5)
+
+
+def test_checkpoint_round_trip_gives_identical_codes(tmp_path):
+    dm = SyntheticSparseDataModule(n_train=64, n_test=64, steps_per_epoch=5)
+    model = SparseCoder(create_encoder("mlp", d_model=8, n_latents=16, hidden=[12, 10]), Dictionary(16, 8),
+                        l1_coeff=0.05)
+    t = trainer(10)
+    t.fit(model, dm)
+    t.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = SparseCoder.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert loaded.encoder.config() == model.encoder.config() and loaded.l1_coeff == 0.05
+    x = dm.test_x
+    assert torch.equal(loaded.encode(x), model.encode(x))
+    assert torch.equal(loaded.dictionary.weight, model.dictionary.weight)
