@@ -43,7 +43,19 @@ def test_demo_prints_both_heads_beside_the_paper(tmp_path, capsys, monkeypatch):
     rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(SAE \(linear\)|MLP \(hidden=32\))\s+([0-9.]+)\s+", out, re.M)}
     assert set(rows) == {"SAE (linear)", "MLP (hidden=32)"}
     assert "0.609 +- 0.038" in out and "0.818 +- 0.113" in out
-    for run_dir in (tmp_path / "runs" / "demo").iterdir():
+    (demo_dir,) = (tmp_path / "runs").glob("demo-*")
+    run_dirs = sorted(demo_dir.glob("*-seed*"))
+    assert [p.name for p in run_dirs] == ["linear-seed20240625", "mlp-seed20240625"]
+    for run_dir in run_dirs:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         label = "SAE (linear)" if metrics["encoder"] == "linear" else "MLP (hidden=32)"
         assert rows[label] == round(metrics["test"]["mcc"], 3)
+    assert (demo_dir / "mcc_vs_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_reads_the_logged_curve(tmp_path):
+    from sae_zoo.plots import read_curve
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.csv").write_text("epoch,step,train/loss,val/mcc\n0,9,0.5,\n0,9,,0.61\n1,19,,0.65\n")
+    assert read_curve(tmp_path, "val/mcc") == ([9, 19], [0.61, 0.65])

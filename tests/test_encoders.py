@@ -61,6 +61,20 @@ def test_config_rebuilds_an_equivalent_head(name, kwargs):
     torch.testing.assert_close(clone(x), head(x))
 
 
+def test_heads_survive_copy_and_pickle():
+    import copy
+    import io
+
+    head = create_encoder("mlp", d_model=4, n_latents=8, hidden=5)
+    buffer = io.BytesIO()
+    torch.save(head, buffer)
+    buffer.seek(0)
+    x = torch.randn(3, 4)
+    for clone in (copy.deepcopy(head), torch.load(buffer, weights_only=False)):
+        assert clone.config() == head.config()
+        torch.testing.assert_close(clone(x), head(x))
+
+
 def test_wrong_input_width_names_the_shape():
     with pytest.raises(ValueError, match=r"width 6, got shape \(2, 5\)"):
         create_encoder("linear", d_model=6, n_latents=3)(torch.randn(2, 5))

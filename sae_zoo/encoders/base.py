@@ -24,10 +24,14 @@ class EncoderHead(nn.Module):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "EncoderHead":
         self = super().__new__(cls)
-        bound = inspect.signature(cls.__init__).bind(self, *args, **kwargs)
+        try:
+            bound = inspect.signature(cls.__init__).bind(self, *args, **kwargs)
+        except TypeError:
+            # copy/unpickle call __new__ without arguments and restore _init_args with the state;
+            # a real call with bad arguments fails in __init__ with Python's own message.
+            return self
         bound.apply_defaults()
-        init_args = dict(list(bound.arguments.items())[1:])
-        object.__setattr__(self, "_init_args", init_args)
+        object.__setattr__(self, "_init_args", dict(list(bound.arguments.items())[1:]))
         return self
 
     def __init__(self, d_model: int, n_latents: int) -> None:
