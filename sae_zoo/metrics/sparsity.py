@@ -11,29 +11,8 @@ def _samples(codes: Tensor) -> Tensor:
     return codes.detach().reshape(-1, codes.shape[-1])
 
 
-class L0(Metric):
-    """Mean number of non-zero latents per sample."""
-
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("active", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("n", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, codes: Tensor) -> None:
-        codes = _samples(codes)
-        self.active += (codes != 0).sum()
-        self.n += codes.shape[0]
-
-    def compute(self) -> Tensor:
-        return self.active / self.n
-
-
-class L1(Metric):
-    """Mean L1 norm of the codes per sample."""
+class _PerSampleMean(Metric):
+    """Mean over samples of ``per_sample(codes)``, streamed as a summed total and a sample count."""
 
     is_differentiable = False
     higher_is_better = False
@@ -44,13 +23,33 @@ class L1(Metric):
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
+    @staticmethod
+    def per_sample(codes: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def update(self, codes: Tensor) -> None:
         codes = _samples(codes)
-        self.total += codes.double().abs().sum()
+        self.total += self.per_sample(codes).double().sum()
         self.n += codes.shape[0]
 
     def compute(self) -> Tensor:
         return self.total / self.n
+
+
+class L0(_PerSampleMean):
+    """Mean number of non-zero latents per sample."""
+
+    @staticmethod
+    def per_sample(codes: Tensor) -> Tensor:
+        return (codes != 0).sum(-1)
+
+
+class L1(_PerSampleMean):
+    """Mean L1 norm of the codes per sample."""
+
+    @staticmethod
+    def per_sample(codes: Tensor) -> Tensor:
+        return codes.double().abs().sum(-1)
 
 
 class DeadLatents(Metric):
