@@ -13,6 +13,14 @@ def keyword_parameters(fn: Callable, skip: Iterable[str] = ()) -> dict[str, insp
             if k not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
+class UnknownArgumentError(ValueError):
+    """An argument (or recipe key) that the configured callable does not take; ``names`` lists them."""
+
+    def __init__(self, message: str, names: list[str]) -> None:
+        super().__init__(message)
+        self.names = names
+
+
 def check_kwargs(fn: Callable, kwargs: dict[str, Any], *, what: str, skip: Iterable[str] = (),
                  key_prefix: str = "") -> None:
     """Raise ``ValueError`` if ``kwargs`` holds a name ``fn`` does not take, or lacks one it requires.
@@ -24,10 +32,9 @@ def check_kwargs(fn: Callable, kwargs: dict[str, Any], *, what: str, skip: Itera
     valid = ", ".join(f"{key_prefix}{k}={p.default!r}" if p.default is not p.empty else f"{key_prefix}{k} (required)"
                       for k, p in params.items()) or "none"
     noun = "key" if key_prefix else "argument"
-    unknown = sorted(set(kwargs) - set(params))
+    unknown = [key_prefix + k for k in sorted(set(kwargs) - set(params))]
     if unknown:
-        raise ValueError(f"unknown {noun}(s) {', '.join(key_prefix + k for k in unknown)} for {what}; "
-                         f"valid: {valid}")
+        raise UnknownArgumentError(f"unknown {noun}(s) {', '.join(unknown)} for {what}; valid: {valid}", unknown)
     missing = [k for k, p in params.items() if p.default is p.empty and k not in kwargs]
     if missing:
         raise ValueError(f"missing {noun}(s) {', '.join(key_prefix + k for k in missing)} for {what}; valid: {valid}")

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ._io import atomic_write, atomic_write_json, atomic_write_text
-from ._signature import check_kwargs
+from ._signature import UnknownArgumentError, check_kwargs
 from .data import DATAMODULES, PAPER_SEED
 from .dictionary import Dictionary
 from .encoders import create_encoder, get_encoder_class
@@ -104,13 +104,17 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         valid = ", ".join(Recipe.__dataclass_fields__)
-        raise RecipeError(f"{source}: bad key {key!r}: {e.msg if hasattr(e, 'msg') else e} "
-                          f"(top-level keys: {valid})") from None
+        reason = str(e).splitlines()[0]
+        raise RecipeError(f"{source}: bad key {key!r}: {reason} (top-level keys: {valid})") from None
     try:
         validate(cfg)
-    except ValueError as e:
-        hint = " (drop a key the recipe sets with ~KEY, e.g. ~encoder.bias)" if "unknown key" in str(e) else ""
+    except UnknownArgumentError as e:
+        overridden = {a.split("=", 1)[0] for a in assignments}
+        from_recipe = [k for k in e.names if k not in overridden]
+        hint = f" (the recipe sets {from_recipe[0]}: drop it with ~{from_recipe[0]})" if from_recipe else ""
         raise RecipeError(f"{source}: {e}{hint}") from None
+    except ValueError as e:
+        raise RecipeError(f"{source}: {e}") from None
     return cfg
 
 

@@ -8,9 +8,23 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from sae_zoo import SparseCoder
+from sae_zoo.encoders import EncoderHead, registry
 from sae_zoo.data import SyntheticSparseDataModule
 from sae_zoo.metrics import functional
 from sae_zoo.recipe import RecipeError, build, fit, load_recipe
+
+class BiaslessHead(EncoderHead):
+    name = "test_biasless"
+
+    def forward(self, x, dictionary=None):
+        return torch.relu(x @ dictionary.atoms.T)
+
+
+@pytest.fixture
+def biasless_head(monkeypatch):
+    """A head that takes no ``bias``, registered for one test only."""
+    monkeypatch.setitem(registry._REGISTRY, BiaslessHead.name, BiaslessHead)
+
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "synthetic"
 KNOWN_D = RECIPES / "known_dictionary.yaml"
@@ -54,10 +68,14 @@ def test_bad_keys_are_named(override, message):
         assert str(KNOWN_D) in str(info.value)
 
 
-def test_tilde_deletes_a_recipe_key():
+def test_tilde_deletes_a_recipe_key(biasless_head):
     assert "bias" not in load_recipe(KNOWN_D, ["~encoder.bias"]).encoder
-    with pytest.raises(RecipeError, match="~encoder.bias"):
-        load_recipe(KNOWN_D, ["encoder.name=topk", "encoder.k=3", "encoder.nope=1"])
+    with pytest.raises(RecipeError, match=r"the recipe sets encoder\.bias: drop it with ~encoder\.bias"):
+        load_recipe(KNOWN_D, ["encoder.name=test_biasless"])
+    assert load_recipe(KNOWN_D, ["encoder.name=test_biasless", "~encoder.bias"]).encoder.name == "test_biasless"
+    with pytest.raises(RecipeError, match=r"unknown key\(s\) encoder\.nope") as info:
+        load_recipe(KNOWN_D, ["encoder.nope=1"])
+    assert "~" not in str(info.value)  # the user's own typo: nothing to drop from the recipe
     with pytest.raises(RecipeError, match="cannot delete 'seed'"):
         load_recipe(KNOWN_D, ["~seed"])
 
