@@ -77,13 +77,15 @@ class SparseCoder(L.LightningModule):
         self.register_buffer("true_dictionary", true_dictionary, persistent=False)
 
         n_latents, d_model = dictionary.n_latents, dictionary.d_model
+        # an over- or under-complete dictionary is scored against the true latents it should recover
+        n_true = n_latents if true_dictionary is None else true_dictionary.shape[0]
         for stage in ("val", "test"):
             setattr(self, f"{stage}_metrics", MetricCollection({
                 "fvu": FractionOfVarianceUnexplained(d_model), "mse": MeanSquaredError(), "l0": L0(), "l1": L1(),
                 "dead_latents": DeadLatents(n_latents)}, prefix=f"{stage}/"))
-            setattr(self, f"{stage}_mcc", MCC(n_latents))
+            setattr(self, f"{stage}_mcc", MCC(n_latents, n_true))
             if true_dictionary is not None:
-                setattr(self, f"{stage}_dictionary_mcc", DictionaryMCC(n_latents, true_dictionary.shape[0]))
+                setattr(self, f"{stage}_dictionary_mcc", DictionaryMCC(n_latents, n_true))
 
     @property
     def setting(self) -> str:

@@ -229,10 +229,10 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True) -> 
     The run directory holds ``config.yaml`` (the resolved recipe), ``model.ckpt`` (a Lightning
     checkpoint: ``SparseCoder.load_from_checkpoint``), ``logs/metrics.csv`` and ``metrics.json``.
     """
-    datamodule, model = build(cfg)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, recipe_name)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise RecipeError(f"run_dir: {run_dir} already exists and is not empty; choose another run_dir")
+    datamodule, model = build(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 

@@ -113,6 +113,19 @@ def test_fit_writes_a_run_directory_whose_metrics_match_the_checkpoint(tmp_path)
         fit(cfg, progress=False)
 
 
+def test_overcomplete_dictionary_is_scored_against_the_true_latents(tmp_path):
+    cfg = load_recipe(RECIPES / "unknown.yaml", [*TINY, "dictionary.n_latents=24", f"run_dir={tmp_path / 'run'}"])
+    run_dir, metrics = fit(cfg, progress=False)
+    model = SparseCoder.load_from_checkpoint(run_dir / "model.ckpt")
+    assert model.dictionary.weight.shape == (24, 8)
+    dm = SyntheticSparseDataModule(n_train=128, n_test=128)
+    with torch.no_grad():
+        codes = model.encode(dm.test_x)
+    assert metrics["test"]["mcc"] == pytest.approx(functional.mcc(codes, dm.test_codes).item(), abs=1e-6)
+    assert metrics["test"]["dictionary_mcc"] == pytest.approx(
+        functional.dictionary_mcc(model.dictionary.atoms, dm.dictionary).item(), abs=1e-6)
+
+
 def test_same_seed_same_result_other_seed_other_init(tmp_path):
     results = [fit(load_recipe(KNOWN_D, [*TINY, f"seed={s}", f"run_dir={tmp_path / str(i)}"]), progress=False)[1]
                for i, s in enumerate([3, 3, 4])]
