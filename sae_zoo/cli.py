@@ -49,7 +49,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     for name in list_encoders(args.filter):
         doc = (get_encoder_class(name).__doc__ or "").strip().splitlines()
-        print(f"{name:<12} {doc[0] if doc else ''}")
+        print(f"{name:<16} {doc[0] if doc else ''}")
     return 0
 
 

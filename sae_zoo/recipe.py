@@ -241,10 +241,12 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True) -> 
     trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, default_root_dir=run_dir,
                         logger=CSVLogger(run_dir, name="logs", version=""))
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    if any(p.requires_grad for p in model.parameters()):
+        trainer.fit(model, datamodule=datamodule)
+    # else: a pure inference head (e.g. FISTA) on a known dictionary has nothing to train
     train_seconds = time.perf_counter() - start
-    atomic_write(run_dir / "model.ckpt", lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
     tested = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    atomic_write(run_dir / "model.ckpt", lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
     metrics = {
         "setting": cfg.setting, "encoder": cfg.encoder.name, "seed": cfg.seed,
         "data_seed": datamodule.hparams.get("seed"), "steps": trainer.global_step,

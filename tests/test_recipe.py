@@ -128,6 +128,17 @@ def test_overcomplete_dictionary_is_scored_against_the_true_latents(tmp_path):
         functional.dictionary_mcc(model.dictionary.atoms, dm.dictionary).item(), abs=1e-6)
 
 
+def test_an_inference_only_head_skips_training(tmp_path):
+    cfg = load_recipe(KNOWN_D, [*TINY, "encoder.name=fista", "~encoder.bias", "encoder.steps=50",
+                                f"run_dir={tmp_path / 'run'}"])
+    run_dir, metrics = fit(cfg, progress=False)
+    assert metrics["steps"] == 0
+    model = SparseCoder.load_from_checkpoint(run_dir / "model.ckpt").eval()
+    dm = SyntheticSparseDataModule(n_train=128, n_test=128)
+    expected = functional.mcc(model.encode(dm.test_x), dm.test_codes).item()
+    assert metrics["test"]["mcc"] == pytest.approx(expected, abs=1e-6) and expected > 0.9
+
+
 def test_same_seed_same_result_other_seed_other_init(tmp_path):
     results = [fit(load_recipe(KNOWN_D, [*TINY, f"seed={s}", f"run_dir={tmp_path / str(i)}"]), progress=False)[1]
                for i, s in enumerate([3, 3, 4])]

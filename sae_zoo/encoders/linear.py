@@ -23,3 +23,6 @@ class LinearEncoder(EncoderHead):
 
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
         return F.relu(self.pre_activations(x))
+
+    def encode_flops(self) -> tuple[float, float]:
+        return 2 * self.d_model * self.n_latents, self.n_latents

@@ -30,3 +30,7 @@ class MLPEncoder(EncoderHead):
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
         self.check_input(x)
         return self.net(x)
+
+    def encode_flops(self) -> tuple[float, float]:
+        layers = [m for m in self.net if isinstance(m, nn.Linear)]
+        return sum(2 * m.in_features * m.out_features for m in layers), sum(m.out_features for m in layers)

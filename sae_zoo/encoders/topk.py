@@ -26,3 +26,6 @@ class TopKEncoder(EncoderHead):
         pre = self.linear(x)
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
+
+    def encode_flops(self) -> tuple[float, float]:
+        return 2 * self.d_model * self.n_latents, 2 * self.n_latents  # ReLU and the top-k selection

@@ -1,0 +1,95 @@
+"""Shared machinery of the iterative heads: inference by optimising the codes against the dictionary.
+
+Every iterative head minimises the paper's per-sample objective
+
+    f(s) = ||s D - x||^2 / M  +  l1_coeff * ||s||_1 / N,    s >= 0,
+
+(the paper's loss, ``MSE + l1_coeff * mean|s|``, for one sample), with the dictionary ``D`` held
+fixed. The solvers run without autograd, so they work inside ``torch.no_grad``/``inference_mode``,
+and treat every sample independently, so a sample's codes do not depend on its batch.
+
+A head may take a ``warm_start`` head (any registered head, given as its config dict). In training
+mode the warm-start head's own codes are returned, so it trains with the model's loss like any
+amortised head; in eval mode they seed the solver (amortised proposal, then iterative refinement:
+the paper's "SAE+ITO").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import EncoderHead
+from .registry import create_encoder
+
+
+def lipschitz_constant(atoms: Tensor) -> Tensor:
+    """Largest eigenvalue of ``D D^T`` (squared spectral norm of the dictionary)."""
+    return torch.linalg.matrix_norm(atoms.detach().double(), ord=2).square().to(atoms.dtype)
+
+
+def keep_topk(codes: Tensor, k: int | None) -> Tensor:
+    """Zero all but the ``k`` largest entries of each row (no-op when ``k`` is None)."""
+    if k is None or k >= codes.shape[-1]:
+        return codes
+    values, indices = codes.topk(k, dim=-1)
+    return torch.zeros_like(codes).scatter(-1, indices, values)
+
+
+class IterativeHead(EncoderHead):
+    """Base of the heads that solve for the codes. Subclasses implement :meth:`solve`."""
+
+    iterative = True
+
+    def __init__(self, d_model: int, n_latents: int, l1_coeff: float = 0.01,
+                 warm_start: dict[str, Any] | None = None, k: int | None = None) -> None:
+        super().__init__(d_model, n_latents)
+        if k is not None and not 1 <= k <= n_latents:
+            raise ValueError(f"{type(self).__name__}: need 1 <= k <= n_latents ({n_latents}), got k={k}")
+        self.l1_coeff, self.k = float(l1_coeff), k
+        self.warm_start = (create_encoder(**{**warm_start, "d_model": d_model, "n_latents": n_latents})
+                           if warm_start else None)
+        #: Iterations the last call ran (early stopping may end a solve before its step budget).
+        self.last_iterations = 0
+
+    def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
+        self.check_input(x)
+        if dictionary is None:
+            raise ValueError(f"{self.name} is an iterative head: forward(x, dictionary) needs the dictionary")
+        init = self.warm_start(x, dictionary) if self.warm_start is not None else None
+        if self.training and init is not None:
+            return init
+        flat = x.detach().reshape(-1, self.d_model)
+        if getattr(dictionary, "bias", None) is not None:
+            flat = flat - dictionary.bias.detach()
+        with torch.no_grad():
+            start = None if init is None else init.detach().reshape(-1, self.n_latents)
+            codes, self.last_iterations = self.solve(flat, dictionary.atoms.detach(), start)
+        return keep_topk(codes, self.k).reshape(*x.shape[:-1], self.n_latents)
+
+    def trained_part(self) -> EncoderHead | None:
+        """What trains when the model trains: the warm-start head, if any (the solver has no weights)."""
+        return self.warm_start
+
+    @property
+    def iterations(self) -> int:
+        """Iterations to count: those the last call ran, or the full budget before any call."""
+        return self.last_iterations or getattr(self, "steps", 1)
+
+    def solver_flops(self) -> float:
+        """FLOPs of the solve for one sample, decoding included (see :mod:`sae_zoo.flops`)."""
+        raise NotImplementedError
+
+    def inference_flops(self) -> float:
+        warm = sum(self.warm_start.encode_flops()) if self.warm_start is not None else 0
+        return warm + self.solver_flops()
+
+    def solve(self, x: Tensor, atoms: Tensor, init: Tensor | None) -> tuple[Tensor, int]:
+        """Codes ``(B, N)`` for inputs ``x`` ``(B, M)`` and atoms ``(N, M)``; returns ``(codes, iterations)``."""
+        raise NotImplementedError
+
+    def objective(self, codes: Tensor, x: Tensor, atoms: Tensor) -> Tensor:
+        """The per-sample objective f(s), shape ``(B,)``."""
+        return (codes @ atoms - x).square().mean(-1) + self.l1_coeff * codes.abs().mean(-1)
