@@ -46,6 +46,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_frontier(args: argparse.Namespace) -> int:
+    from .frontier import frontier
+
+    out = frontier(args.recipe, out_dir=args.out, quick=args.quick, progress=not args.no_progress)
+    print(f"\nwrote {out / 'frontier.csv'}, {out / 'frontier.png'} and {out / 'report.md'}\n")
+    print((out / "report.md").read_text())
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     for name in list_encoders(args.filter):
         doc = (get_encoder_class(name).__doc__ or "").strip().splitlines()
@@ -107,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encoder.name=mlp seed=1")
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     fit.set_defaults(func=cmd_fit)
+
+    front = sub.add_parser("frontier", help="test MCC against total FLOPs for many methods (CSV, PNG, report)")
+    front.add_argument("recipe", help="a frontier recipe, e.g. recipes/synthetic/frontier.yaml")
+    front.add_argument("--quick", action="store_true", help="the recipe's quick preset (minutes)")
+    front.add_argument("--out", default=None, help="output folder (default runs/frontier[-quick])")
+    front.add_argument("--no-progress", action="store_true", help="print no per-point progress")
+    front.set_defaults(func=cmd_frontier)
 
     lst = sub.add_parser("list", help="list the registered encoder heads")
     lst.add_argument("filter", nargs="?", default="*", help="shell-style pattern, e.g. 'top*'")

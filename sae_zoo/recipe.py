@@ -76,7 +76,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a recipe (or start from the defaults when ``path`` is None), apply ``key=value``
     overrides, and check every key. Returns the resolved, validated config."""
     source = str(path) if path is not None else "<default recipe>"
-    layers = [OmegaConf.structured(Recipe)]
+    content: dict[str, Any] = {}
     if path is not None:
         try:
             content = yaml.safe_load(Path(path).read_text())
@@ -86,7 +86,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise RecipeError(f"{source}: not valid YAML: {e}") from None
         if not isinstance(content, (dict, type(None))):
             raise RecipeError(f"{source}: a recipe must be a YAML mapping of keys, got {type(content).__name__}")
-        layers.append(OmegaConf.create(content or {}))
+        content = content or {}
     assignments, deletions = [], []
     for item in overrides:
         if item.startswith("~"):
@@ -96,7 +96,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         else:
             raise RecipeError(f"override {item!r} is not of the form key=value (or ~key to delete a key)")
     try:
-        cfg = OmegaConf.merge(*layers)
+        cfg = _with_defaults(content)
         for key in deletions:
             _delete(cfg, key, source)
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(assignments))
@@ -115,6 +115,32 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise RecipeError(f"{source}: {e}{hint}") from None
     except ValueError as e:
         raise RecipeError(f"{source}: {e}") from None
+    return cfg
+
+
+#: Sections that hold keyword arguments: a recipe that gives one replaces the default section whole
+#: (an ``encoder: {name: fista}`` must not inherit the default SAE's ``bias``).
+KWARG_SECTIONS = ("data", "encoder", "dictionary", "model", "trainer")
+
+
+def _with_defaults(content: dict[str, Any]) -> DictConfig:
+    cfg = OmegaConf.merge(OmegaConf.structured(Recipe), {k: v for k, v in content.items() if k not in KWARG_SECTIONS})
+    for key in KWARG_SECTIONS:
+        if key in content:
+            value = content[key]
+            if not isinstance(value, dict):
+                raise RecipeError(f"{key}: must be a mapping of arguments, got {value!r}")
+            cfg[key] = value
+    return cfg
+
+
+def make_recipe(values: dict[str, Any]) -> DictConfig:
+    """A validated recipe from a plain dict (the Python twin of a YAML file)."""
+    try:
+        cfg = _with_defaults(values)
+        validate(cfg)
+    except (OmegaConfBaseException, ValueError) as e:
+        raise RecipeError(f"recipe {values!r}: {str(e).splitlines()[0]}") from None
     return cfg
 
 

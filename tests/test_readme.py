@@ -14,5 +14,6 @@ def test_readme_tour_runs(capsys, tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     out = capsys.readouterr().out
-    assert all(f"'{name}'" in out for name in ("linear", "mlp", "topk")) and "test/mcc" in out
+    assert all(f"'{name}'" in out for name in ("fista", "ista", "ito", "lca", "linear", "lista", "mlp", "topk"))
+    assert "test/mcc" in out
     assert namespace["codes"].shape == (1024, 16) and namespace["x_hat"].shape == (1024, 8)

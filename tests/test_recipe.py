@@ -81,6 +81,13 @@ def test_tilde_deletes_a_recipe_key(biasless_head):
         load_recipe(KNOWN_D, ["~seed"])
 
 
+def test_a_recipe_section_replaces_the_default_one(tmp_path):
+    recipe = tmp_path / "fista.yaml"
+    recipe.write_text("encoder: {name: fista, steps: 20}\n")
+    assert dict(load_recipe(recipe).encoder) == {"name": "fista", "steps": 20}
+    assert load_recipe(None).encoder.bias is False  # the default recipe: the paper's bias-free SAE
+
+
 def test_bad_yaml_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("setting: [unclosed\n")

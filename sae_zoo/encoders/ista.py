@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .iterative import IterativeHead, keep_topk, lipschitz_constant
+from .iterative import IterativeHead, gram_product, gram_product_flops, keep_topk, lipschitz_constant
 from .registry import register_encoder
 
 
@@ -30,9 +30,9 @@ class ISTAEncoder(IterativeHead):
         return self.proximal_gradient(x, atoms, init)
 
     def solver_flops(self) -> float:
-        # x D^T once; per iteration s (D D^T) (2N^2), gradient and step (4N), threshold (2N), momentum (4N)
+        # x D^T once; per iteration s (D D^T), gradient and step (4N), threshold (2N), momentum (4N)
         m, n = self.d_model, self.n_latents
-        per_iteration = 2 * n * n + 6 * n + (4 * n if self.accelerated else 0)
+        per_iteration = gram_product_flops(n, m) + 6 * n + (4 * n if self.accelerated else 0)
         return 2 * m * n + self.iterations * per_iteration + 2 * m * n
 
     def proximal_gradient(self, x: Tensor, atoms: Tensor, init: Tensor | None) -> tuple[Tensor, int]:
@@ -41,9 +41,9 @@ class ISTAEncoder(IterativeHead):
         step, threshold = 1.0 / lipschitz, self.l1_coeff / self.n_latents / lipschitz
         codes = torch.zeros(x.shape[0], self.n_latents, dtype=x.dtype, device=x.device) if init is None else init.clone()
         momentum_point, t = codes, 1.0
-        gram, xdt = atoms @ atoms.T, x @ atoms.T  # (s D - x) D^T = s (D D^T) - x D^T
+        times_gram, xdt = gram_product(atoms), x @ atoms.T  # (s D - x) D^T = s (D D^T) - x D^T
         for iteration in range(1, self.steps + 1):
-            grad = (2.0 / self.d_model) * (momentum_point @ gram - xdt)
+            grad = (2.0 / self.d_model) * (times_gram(momentum_point) - xdt)
             new = keep_topk(torch.relu(momentum_point - step * grad - threshold), self.k)
             if self.accelerated:
                 t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
@@ -56,6 +56,9 @@ class ISTAEncoder(IterativeHead):
             if done:
                 return codes, iteration
         return codes, self.steps
+
+
+MAX_REFINE_LATENTS = 1024
 
 
 @register_encoder("fista")
@@ -78,6 +81,9 @@ class FISTAEncoder(ISTAEncoder):
         super().__init__(d_model, n_latents, steps=steps, tol=tol, check_every=check_every, l1_coeff=l1_coeff,
                          warm_start=warm_start, k=k)
         self.refine_rounds, self.refine_tol = int(refine_rounds), float(refine_tol)
+        if self.refine_rounds and n_latents > MAX_REFINE_LATENTS:
+            raise ValueError(f"fista: support refinement solves an N x N system per sample; it is meant for small "
+                             f"dictionaries (n_latents <= {MAX_REFINE_LATENTS}), got n_latents={n_latents}")
         self.refine_max_support = int(refine_max_support or max(1, d_model // 2))
         if not 1 <= self.refine_max_support <= d_model:
             raise ValueError(f"fista: need 1 <= refine_max_support <= d_model ({d_model}), got {refine_max_support}")

@@ -16,7 +16,7 @@ the paper's "SAE+ITO").
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,25 @@ from .registry import create_encoder
 def lipschitz_constant(atoms: Tensor) -> Tensor:
     """Largest eigenvalue of ``D D^T`` (squared spectral norm of the dictionary)."""
     return torch.linalg.matrix_norm(atoms.detach().double(), ord=2).square().to(atoms.dtype)
+
+
+def gram_product(atoms: Tensor) -> Callable[[Tensor], Tensor]:
+    """``s -> s (D D^T)``, the way that costs less: through the N x N Gram matrix when ``N < 2M``,
+    else as ``(s D) D^T`` (at LLM widths the Gram matrix would be far larger than the dictionary)."""
+    n_latents, d_model = atoms.shape
+    if gram_is_cheaper(n_latents, d_model):
+        gram = atoms @ atoms.T
+        return lambda s: s @ gram
+    return lambda s: (s @ atoms) @ atoms.T
+
+
+def gram_is_cheaper(n_latents: int, d_model: int) -> bool:
+    return n_latents < 2 * d_model
+
+
+def gram_product_flops(n_latents: int, d_model: int) -> int:
+    """FLOPs of one :func:`gram_product` per sample."""
+    return 2 * n_latents * n_latents if gram_is_cheaper(n_latents, d_model) else 4 * n_latents * d_model
 
 
 def keep_topk(codes: Tensor, k: int | None) -> Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .iterative import IterativeHead, lipschitz_constant
+from .iterative import IterativeHead, gram_product, gram_product_flops, lipschitz_constant
 from .registry import register_encoder
 
 
@@ -26,19 +26,18 @@ class LCAEncoder(IterativeHead):
         self.steps, self.eta, self.tol, self.check_every = int(steps), eta, float(tol), int(check_every)
 
     def solver_flops(self) -> float:
-        # x D^T once; per step a (D D^T - I) (2N^2), the update (4N), the threshold (2N)
+        # x D^T once; per step a D D^T, the update (5N), the threshold (2N)
         m, n = self.d_model, self.n_latents
-        return 2 * m * n + self.iterations * (2 * n * n + 6 * n) + 2 * m * n
+        return 2 * m * n + self.iterations * (gram_product_flops(n, m) + 7 * n) + 2 * m * n
 
     def solve(self, x: Tensor, atoms: Tensor, init: Tensor | None) -> tuple[Tensor, int]:
         threshold = self.l1_coeff * self.d_model / (2 * self.n_latents)
         eta = self.eta if self.eta is not None else 1.0 / lipschitz_constant(atoms).item()
-        drive = x @ atoms.T
-        inhibition = atoms @ atoms.T - torch.eye(self.n_latents, dtype=x.dtype, device=x.device)
+        drive, times_gram = x @ atoms.T, gram_product(atoms)
         u = torch.zeros_like(drive) if init is None else init + threshold * (init > 0)
         codes = torch.relu(u - threshold)
         for iteration in range(1, self.steps + 1):
-            u = u + eta * (drive - u - codes @ inhibition)
+            u = u + eta * (drive - u - times_gram(codes) + codes)
             new = torch.relu(u - threshold)
             done = self.tol > 0 and iteration % self.check_every == 0 and (new - codes).abs().max().item() < self.tol
             codes = new

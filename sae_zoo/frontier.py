@@ -1,0 +1,217 @@
+"""The compute frontier: test MCC against total FLOPs (training + inference) for every method.
+
+A frontier recipe (``recipes/synthetic/frontier.yaml``) lists, per setting, methods: an encoder
+head, the training steps at which to evaluate it (amortised heads train once and are scored at
+each), and optionally a ``sweep`` of one head argument (an iterative head's ``steps``). Every
+(method, budget, seed) point is trained and tested through the same recipe machinery as
+``sae-zoo fit``; FLOPs come from :mod:`sae_zoo.flops`. Outputs: ``frontier.csv``, ``frontier.png``
+and ``report.md`` (each method's best figure beside the paper's).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from . import flops
+from ._io import atomic_write, atomic_write_text
+from .metrics import functional
+from .recipe import RecipeError, build, make_recipe
+
+COLUMNS = ["setting", "method", "seed", "budget", "train_steps", "train_flops", "inference_flops", "total_flops",
+           "mcc", "dictionary_mcc", "fvu", "l0"]
+
+
+class _ScoreAt(L.Callback):
+    """Scores the model on the test split after each of the given global steps."""
+
+    def __init__(self, steps: list[int], score) -> None:
+        self.steps, self.score, self.rows = set(steps), score, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step in self.steps:
+            self.rows.append(self.score(trainer.global_step))
+
+
+def load_frontier(path: str | Path, quick: bool = False) -> dict[str, Any]:
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise RecipeError(f"{path}: cannot read the frontier recipe: {e}") from None
+    if not isinstance(spec, dict) or "settings" not in spec:
+        raise RecipeError(f"{path}: a frontier recipe needs a 'settings' mapping")
+    if quick:
+        spec = OmegaConf.to_container(OmegaConf.merge(spec, spec.get("quick", {})))
+    spec.pop("quick", None)
+    return spec
+
+
+def _score(model, datamodule, setting: str) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad():
+        x_hat, codes = model(datamodule.test_x)
+    model.train()
+    row = {"mcc": functional.mcc(codes, datamodule.test_codes).item(),
+           "fvu": functional.fraction_of_variance_unexplained(x_hat, datamodule.test_x).item(),
+           "l0": functional.l0(codes).item(), "dictionary_mcc": float("nan")}
+    if setting == "unknown":
+        row["dictionary_mcc"] = functional.dictionary_mcc(model.dictionary.atoms, datamodule.dictionary).item()
+    return row
+
+
+def _trainer(max_steps: int, callbacks: list) -> L.Trainer:
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                     num_sanity_val_steps=0, callbacks=callbacks)
+
+
+def run_point(data: dict, setting: str, encoder: dict, seed: int, train_steps: list[int], model_kwargs: dict,
+              method: str, budget_of) -> list[dict[str, Any]]:
+    """Train one (method, seed) and score it after each of ``train_steps`` (or once, untrained)."""
+    cfg = make_recipe({"setting": setting, "seed": seed, "data": {"name": "synthetic", **data}, "encoder": encoder,
+                       "model": model_kwargs, "trainer": {"max_steps": max(train_steps or [0])}})
+    datamodule, model = build(cfg)
+    learn_dictionary = setting == "unknown"
+    n_train, n_test = len(datamodule.train_x), len(datamodule.test_x)
+
+    def row(steps: int) -> dict[str, Any]:
+        scores = _score(model, datamodule, setting)
+        train = n_train * steps * flops.training_step_flops(model.encoder, learn_dictionary)
+        inference = n_test * flops.inference_flops(model.encoder)
+        return {"setting": setting, "method": method, "seed": seed, "budget": budget_of(steps),
+                "train_steps": steps, "train_flops": train, "inference_flops": inference,
+                "total_flops": train + inference, **scores}
+
+    if not train_steps or not any(p.requires_grad for p in model.parameters()):
+        return [row(0)]
+    scorer = _ScoreAt(train_steps, row)
+    _trainer(max(train_steps), [scorer]).fit(model, datamodule)
+    return scorer.rows
+
+
+def run_frontier(spec: dict[str, Any], progress: bool = True) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    data, seeds = spec.get("data", {}), spec.get("seeds", [20240625])
+    model_kwargs = spec.get("model", {})
+    points = [(setting, method, seed) for setting, methods in spec["settings"].items() for method in methods
+              for seed in seeds]
+    start = time.perf_counter()
+    for i, (setting, method, seed) in enumerate(points, 1):
+        label, encoder = method["label"], dict(method["encoder"])
+        train_steps = list(method.get("train_steps", []))
+        sweep = method.get("sweep")
+        if sweep:
+            (key, values), = sweep.items()
+            for value in values:
+                rows += run_point(data, setting, {**encoder, key: value}, seed, train_steps, model_kwargs, label,
+                                  lambda steps, value=value: value)
+        else:
+            rows += run_point(data, setting, encoder, seed, train_steps, model_kwargs, label, lambda steps: steps)
+        if progress:
+            best = max(r["mcc"] for r in rows if r["method"] == label and r["setting"] == setting)
+            print(f"[{i}/{len(points)} {time.perf_counter() - start:6.0f}s] {setting:<16} {label:<22} seed {seed}: "
+                  f"best MCC so far {best:.4f}", flush=True)
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per setting and method: mean/std over seeds of the MCC at each budget, and the best budget."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for setting, methods in spec["settings"].items():
+        out[setting] = []
+        for method in methods:
+            mine = [r for r in rows if r["setting"] == setting and r["method"] == method["label"]]
+            budgets = sorted({r["budget"] for r in mine})
+            curve = []
+            for budget in budgets:
+                at = [r for r in mine if r["budget"] == budget]
+                curve.append({"budget": budget, "flops": float(np.mean([r["total_flops"] for r in at])),
+                              "mcc": float(np.mean([r["mcc"] for r in at])), "std": float(np.std([r["mcc"] for r in at])),
+                              "dictionary_mcc": float(np.mean([r["dictionary_mcc"] for r in at]))})
+            best = max(curve, key=lambda c: c["mcc"])
+            last = curve[-1]
+            out[setting].append({"label": method["label"], "paper": method.get("paper"), "curve": curve,
+                                 "best": best, "last": last, "seeds": len({r["seed"] for r in mine})})
+    return out
+
+
+def write_report(summary: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+    lines = [f"# {title}", "",
+             "Test MCC (mean +- std over seeds) against total FLOPs (training + inference on the test set).",
+             "'at paper budget' is the method's largest budget (the paper's settings where given); "
+             "'best' is its best budget.", ""]
+    for setting, methods in summary.items():
+        lines += [f"## {setting.replace('_', ' ')}", "",
+                  "| method | MCC at paper budget | paper | total FLOPs | best MCC | at FLOPs | seeds |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in methods:
+            last, best = m["last"], m["best"]
+            extra = f" (dict. MCC {last['dictionary_mcc']:.3f})" if not np.isnan(last["dictionary_mcc"]) else ""
+            paper = "-" if m["paper"] is None else str(m["paper"])
+            lines.append(f"| {m['label']} | {last['mcc']:.3f} +- {last['std']:.3f}{extra} | {paper} | "
+                         f"{last['flops']:.2e} | {best['mcc']:.4f} | {best['flops']:.2e} | {m['seeds']} |")
+        lines.append("")
+    atomic_write_text(path, "\n".join(lines))
+
+
+def plot_frontier(summary: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summary), figsize=(6.5 * len(summary), 4.8), squeeze=False)
+    for ax, (setting, methods) in zip(axes[0], summary.items()):
+        for i, m in enumerate(methods):
+            x = [c["flops"] for c in m["curve"]]
+            y = np.array([c["mcc"] for c in m["curve"]])
+            s = np.array([c["std"] for c in m["curve"]])
+            marker = "o" if len(x) > 1 else "s"
+            ax.plot(x, y, marker=marker, markersize=4, color=f"C{i % 10}", linestyle="-" if i < 10 else "--",
+                    label=m["label"])
+            ax.fill_between(x, y - s, y + s, color=f"C{i % 10}", alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel("total FLOPs (training + inference)")
+        ax.set_ylabel("test MCC")
+        ax.set_title(setting.replace("_", " "))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def frontier(recipe: str | Path, out_dir: str | Path | None = None, quick: bool = False,
+             progress: bool = True) -> Path:
+    """Run a frontier recipe and write ``frontier.csv``, ``frontier.png`` and ``report.md``; returns the folder."""
+    spec = load_frontier(recipe, quick)
+    out = Path(out_dir or spec.get("out_dir") or Path("runs") / ("frontier-quick" if quick else "frontier"))
+    if out.exists() and any(out.iterdir()):
+        raise RecipeError(f"{out} already exists and is not empty; pass another --out")
+    rows = run_frontier(spec, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(rows, spec)
+    write_csv(rows, out / "frontier.csv")
+    plot_frontier(summary, out / "frontier.png")
+    write_report(summary, out / "report.md", spec.get("title", "Compute frontier"))
+    return out
+
+
+__all__ = ["frontier", "run_frontier", "summarise", "load_frontier"]
