@@ -20,14 +20,13 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
-from omegaconf import OmegaConf
 
 from . import flops
 from ._io import atomic_write, atomic_write_text
 from .metrics import functional
 from .recipe import RecipeError, build, make_recipe
 
-COLUMNS = ["setting", "method", "seed", "budget", "train_steps", "train_flops", "inference_flops", "total_flops",
+COLUMNS = ["panel", "setting", "method", "seed", "budget", "train_steps", "train_flops", "inference_flops", "total_flops",
            "mcc", "dictionary_mcc", "fvu", "l0"]
 
 
@@ -49,9 +48,9 @@ def load_frontier(path: str | Path, quick: bool = False) -> dict[str, Any]:
         raise RecipeError(f"{path}: cannot read the frontier recipe: {e}") from None
     if not isinstance(spec, dict) or "settings" not in spec:
         raise RecipeError(f"{path}: a frontier recipe needs a 'settings' mapping")
+    quick_spec = spec.pop("quick", None) or {}
     if quick:
-        spec = OmegaConf.to_container(OmegaConf.merge(spec, spec.get("quick", {})))
-    spec.pop("quick", None)
+        spec.update(quick_spec)  # each key the quick preset gives replaces the recipe's whole
     return spec
 
 
@@ -74,8 +73,22 @@ def _trainer(max_steps: int, callbacks: list) -> L.Trainer:
                      num_sanity_val_steps=0, callbacks=callbacks)
 
 
-def run_point(data: dict, setting: str, encoder: dict, seed: int, train_steps: list[int], model_kwargs: dict,
-              method: str, budget_of) -> list[dict[str, Any]]:
+def panels(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], list[dict[str, Any]]]]:
+    """``(panel, setting, data, methods)`` for each entry of ``settings``: either ``name: [methods]``
+    (the setting is the name, the data the recipe's) or ``name: {setting, data, methods}``, whose
+    ``data`` overrides the recipe's (e.g. the scaling sweep's M, N, K)."""
+    out = []
+    for name, entry in spec["settings"].items():
+        if isinstance(entry, list):
+            out.append((name, name, dict(spec.get("data", {})), entry))
+        else:
+            out.append((name, entry.get("setting", name), {**spec.get("data", {}), **entry.get("data", {})},
+                        entry["methods"]))
+    return out
+
+
+def run_point(panel: str, data: dict, setting: str, encoder: dict, seed: int, train_steps: list[int],
+              model_kwargs: dict, method: str, budget_of) -> list[dict[str, Any]]:
     """Train one (method, seed) and score it after each of ``train_steps`` (or once, untrained)."""
     cfg = make_recipe({"setting": setting, "seed": seed, "data": {"name": "synthetic", **data}, "encoder": encoder,
                        "model": model_kwargs, "trainer": {"max_steps": max(train_steps or [0])}})
@@ -87,7 +100,7 @@ def run_point(data: dict, setting: str, encoder: dict, seed: int, train_steps: l
         scores = _score(model, datamodule, setting)
         train = n_train * steps * flops.training_step_flops(model.encoder, learn_dictionary)
         inference = n_test * flops.inference_flops(model.encoder)
-        return {"setting": setting, "method": method, "seed": seed, "budget": budget_of(steps),
+        return {"panel": panel, "setting": setting, "method": method, "seed": seed, "budget": budget_of(steps),
                 "train_steps": steps, "train_flops": train, "inference_flops": inference,
                 "total_flops": train + inference, **scores}
 
@@ -100,25 +113,25 @@ def run_point(data: dict, setting: str, encoder: dict, seed: int, train_steps: l
 
 def run_frontier(spec: dict[str, Any], progress: bool = True) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    data, seeds = spec.get("data", {}), spec.get("seeds", [20240625])
-    model_kwargs = spec.get("model", {})
-    points = [(setting, method, seed) for setting, methods in spec["settings"].items() for method in methods
-              for seed in seeds]
+    seeds, model_kwargs = spec.get("seeds", [20240625]), spec.get("model", {})
+    points = [(panel, setting, data, method, seed) for panel, setting, data, methods in panels(spec)
+              for method in methods for seed in seeds]
     start = time.perf_counter()
-    for i, (setting, method, seed) in enumerate(points, 1):
+    for i, (panel, setting, data, method, seed) in enumerate(points, 1):
         label, encoder = method["label"], dict(method["encoder"])
         train_steps = list(method.get("train_steps", []))
         sweep = method.get("sweep")
         if sweep:
             (key, values), = sweep.items()
             for value in values:
-                rows += run_point(data, setting, {**encoder, key: value}, seed, train_steps, model_kwargs, label,
-                                  lambda steps, value=value: value)
+                rows += run_point(panel, data, setting, {**encoder, key: value}, seed, train_steps, model_kwargs,
+                                  label, lambda steps, value=value: value)
         else:
-            rows += run_point(data, setting, encoder, seed, train_steps, model_kwargs, label, lambda steps: steps)
+            rows += run_point(panel, data, setting, encoder, seed, train_steps, model_kwargs, label,
+                              lambda steps: steps)
         if progress:
-            best = max(r["mcc"] for r in rows if r["method"] == label and r["setting"] == setting)
-            print(f"[{i}/{len(points)} {time.perf_counter() - start:6.0f}s] {setting:<16} {label:<22} seed {seed}: "
+            best = max(r["mcc"] for r in rows if r["method"] == label and r["panel"] == panel)
+            print(f"[{i}/{len(points)} {time.perf_counter() - start:6.0f}s] {panel:<16} {label:<22} seed {seed}: "
                   f"best MCC so far {best:.4f}", flush=True)
     return rows
 
@@ -126,10 +139,10 @@ def run_frontier(spec: dict[str, Any], progress: bool = True) -> list[dict[str, 
 def summarise(rows: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Per setting and method: mean/std over seeds of the MCC at each budget, and the best budget."""
     out: dict[str, list[dict[str, Any]]] = {}
-    for setting, methods in spec["settings"].items():
-        out[setting] = []
+    for panel, _, _, methods in panels(spec):
+        out[panel] = []
         for method in methods:
-            mine = [r for r in rows if r["setting"] == setting and r["method"] == method["label"]]
+            mine = [r for r in rows if r["panel"] == panel and r["method"] == method["label"]]
             budgets = sorted({r["budget"] for r in mine})
             curve = []
             for budget in budgets:
@@ -139,7 +152,7 @@ def summarise(rows: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, lis
                               "dictionary_mcc": float(np.mean([r["dictionary_mcc"] for r in at]))})
             best = max(curve, key=lambda c: c["mcc"])
             last = curve[-1]
-            out[setting].append({"label": method["label"], "paper": method.get("paper"), "curve": curve,
+            out[panel].append({"label": method["label"], "paper": method.get("paper"), "curve": curve,
                                  "best": best, "last": last, "seeds": len({r["seed"] for r in mine})})
     return out
 

@@ -61,3 +61,33 @@ def test_quick_preset_orders_sae_mlp_and_solvers_beside_the_paper(tmp_path, caps
     assert mcc["SAE"] < mcc["MLP h=256"] < min(mcc["ITO (lr 0.01)"], mcc["FISTA"])
     assert "| SAE | 0.612" in known and "| 0.609 |" in known and "| 0.818 |" in known
     assert mcc["support search"] > 0.999
+
+
+def test_panels_override_the_data_as_the_scaling_sweep_does(tmp_path):
+    recipe = tmp_path / "panels.yaml"
+    recipe.write_text("""
+seeds: [1]
+data: {n_latents: 16, d_model: 8, k: 3, n_train: 64, n_test: 128, seed: 5}
+settings:
+  small K=2:
+    setting: known_dictionary
+    data: {n_latents: 12, k: 2}
+    methods:
+      - {label: support search, encoder: {name: support_search, max_support: 2}}
+""")
+    out = frontier(recipe, out_dir=tmp_path / "out", progress=False)
+    (row,) = list(csv.DictReader((out / "frontier.csv").open()))
+    assert row["panel"] == "small K=2" and row["setting"] == "known_dictionary"
+    assert float(row["mcc"]) == pytest.approx(1.0, abs=1e-9)
+    assert float(row["inference_flops"]) == 128 * flops.inference_flops(
+        create_encoder("support_search", d_model=8, n_latents=12, max_support=2))
+    assert "## small K=2" in (out / "report.md").read_text()
+
+
+def test_the_scaling_recipe_describes_the_papers_sweep():
+    from sae_zoo.frontier import load_frontier, panels
+
+    full = panels(load_frontier(ROOT / "recipes/synthetic/scaling.yaml"))
+    assert {(p[1], p[2]["d_model"], p[2]["n_latents"], p[2]["k"]) for p in full} == {
+        ("unknown", 32, 64, 3), ("unknown", 32, 64, 9), ("unknown", 32, 64, 15), ("known_dictionary", 32, 64, 3)}
+    assert len(panels(load_frontier(ROOT / "recipes/synthetic/scaling.yaml", quick=True))) == 2
