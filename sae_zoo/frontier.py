@@ -182,7 +182,7 @@ def plot_frontier(summary: dict[str, list[dict[str, Any]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summary), figsize=(6.5 * len(summary), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(summary), figsize=(8.5 * len(summary), 5.0), squeeze=False)
     for ax, (setting, methods) in zip(axes[0], summary.items()):
         for i, m in enumerate(methods):
             x = [c["flops"] for c in m["curve"]]
@@ -197,7 +197,7 @@ def plot_frontier(summary: dict[str, list[dict[str, Any]]], path: Path) -> None:
         ax.set_ylabel("test MCC")
         ax.set_title(setting.replace("_", " "))
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
