@@ -49,7 +49,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_frontier(args: argparse.Namespace) -> int:
     from .frontier import frontier
 
-    out = frontier(args.recipe, out_dir=args.out, quick=args.quick, progress=not args.no_progress)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    out = frontier(args.recipe, out_dir=args.out, quick=args.quick, progress=not args.no_progress, seeds=seeds)
     print(f"\nwrote {out / 'frontier.csv'}, {out / 'frontier.png'} and {out / 'report.md'}\n")
     print((out / "report.md").read_text())
     return 0
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     front.add_argument("recipe", help="a frontier recipe, e.g. recipes/synthetic/frontier.yaml")
     front.add_argument("--quick", action="store_true", help="the recipe's quick preset (minutes)")
     front.add_argument("--out", default=None, help="output folder (default runs/frontier[-quick])")
+    front.add_argument("--seeds", default=None, help="model seeds replacing the recipe's, e.g. 20240625,20240626")
     front.add_argument("--no-progress", action="store_true", help="print no per-point progress")
     front.set_defaults(func=cmd_frontier)
 

@@ -212,9 +212,12 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def frontier(recipe: str | Path, out_dir: str | Path | None = None, quick: bool = False,
-             progress: bool = True) -> Path:
-    """Run a frontier recipe and write ``frontier.csv``, ``frontier.png`` and ``report.md``; returns the folder."""
+             progress: bool = True, seeds: list[int] | None = None) -> Path:
+    """Run a frontier recipe and write ``frontier.csv``, ``frontier.png`` and ``report.md``; returns the folder.
+    ``seeds`` replaces the recipe's model seeds."""
     spec = load_frontier(recipe, quick)
+    if seeds:
+        spec["seeds"] = list(seeds)
     out = Path(out_dir or spec.get("out_dir") or Path("runs") / ("frontier-quick" if quick else "frontier"))
     if out.exists() and any(out.iterdir()):
         raise RecipeError(f"{out} already exists and is not empty; pass another --out")

@@ -142,3 +142,19 @@ def test_heads_work_under_inference_mode(data):
     x, _, d = data
     with torch.inference_mode():
         assert head("ito", steps=20)(x, d).shape == (len(x), 16)
+
+
+def test_sparse_coding_trains_free_codes_with_the_dictionary():
+    dm = SyntheticSparseDataModule(n_train=64, n_test=32)
+    d = Dictionary(16, 8)
+    sc = create_encoder("sparse_coding", d_model=8, n_latents=16, n_train=64, steps=50).train()
+    codes = sc(dm.train_x, d)
+    torch.testing.assert_close(codes, sc.log_codes.exp())
+    loss = torch.nn.functional.mse_loss(d.decode(codes), dm.train_x) + 0.01 * codes.abs().mean()
+    loss.backward()
+    assert sc.log_codes.grad.abs().sum() > 0 and d.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="full batches of n_train=64"):
+        sc(dm.test_x, d)
+    sc.eval()
+    ito = head("ito", steps=50, lr=3e-3, batch_mean=True)
+    torch.testing.assert_close(sc(dm.test_x, d), ito(dm.test_x, d))  # new inputs: ITO on the learned dictionary
