@@ -14,7 +14,9 @@ from .registry import register_encoder
 
 @register_encoder("ito")
 class ITOEncoder(IterativeHead):
-    """Codes ``s = exp(log_s)``, ``log_s`` optimised per sample by Adam on the paper's objective.
+    """ITO: the paper's inference-time optimisation, Adam on each sample's log-codes.
+
+    Codes ``s = exp(log_s)``, ``log_s`` optimised per sample by Adam on the paper's objective.
 
     Cold starts at ``log_s = init_log`` (the paper: -10, lr 1e-3, 10k-20k steps). A warm start
     takes another head's codes and floors them at ``warm_floor``: an amortised head's exact zeros

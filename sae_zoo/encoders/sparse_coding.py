@@ -11,7 +11,9 @@ from .registry import register_encoder
 
 @register_encoder("sparse_coding")
 class SparseCodingEncoder(ITOEncoder):
-    """Free codes ``exp(log_s)`` for each of the ``n_train`` training samples, trained by the model's
+    """The paper's sparse coding: free per-sample codes learned with the dictionary, ITO for new inputs.
+
+    Free codes ``exp(log_s)`` for each of the ``n_train`` training samples, trained by the model's
     optimiser together with the dictionary (the paper's sparse coding, for unknown codes and
     dictionary); new inputs are encoded by ITO against the learned dictionary.
 
