@@ -60,8 +60,6 @@ def keep_topk(codes: Tensor, k: int | None) -> Tensor:
 class IterativeHead(EncoderHead):
     """Base of the heads that solve for the codes. Subclasses implement :meth:`solve`."""
 
-    iterative = True
-
     def __init__(self, d_model: int, n_latents: int, l1_coeff: float = 0.01,
                  warm_start: dict[str, Any] | None = None, k: int | None = None) -> None:
         super().__init__(d_model, n_latents)

@@ -67,5 +67,3 @@ class ITOEncoder(IterativeHead):
                     return log_s.exp(), step
                 reference = current
         return log_s.exp(), self.steps
-
-
