@@ -1,8 +1,9 @@
 """The compute frontier: test MCC against total FLOPs (training + inference) for every method.
 
-A frontier recipe (``recipes/synthetic/frontier.yaml``) lists, per setting, methods: an encoder
-head, the training steps at which to evaluate it (amortised heads train once and are scored at
-each), and optionally a ``sweep`` of one head argument (an iterative head's ``steps``). Every
+A frontier recipe (``recipes/synthetic/frontier.yaml``) lists, per panel (a setting, optionally
+with its own data), methods: an encoder head, the training steps at which to evaluate it
+(amortised heads train once and are scored after each), and optionally a ``sweep`` of one head
+argument (an iterative head's ``steps``). Every
 (method, budget, seed) point is trained and tested through the same recipe machinery as
 ``sae-zoo fit``; FLOPs come from :mod:`sae_zoo.flops`. Outputs: ``frontier.csv``, ``frontier.png``
 and ``report.md`` (each method's best figure beside the paper's).
@@ -137,7 +138,7 @@ def run_frontier(spec: dict[str, Any], progress: bool = True) -> list[dict[str, 
 
 
 def summarise(rows: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Per setting and method: mean/std over seeds of the MCC at each budget, and the best budget."""
+    """Per panel and method: mean/std over seeds of the MCC at each budget, and the best budget."""
     out: dict[str, list[dict[str, Any]]] = {}
     for panel, _, _, methods in panels(spec):
         out[panel] = []
@@ -153,18 +154,18 @@ def summarise(rows: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, lis
             best = max(curve, key=lambda c: c["mcc"])
             last = curve[-1]
             out[panel].append({"label": method["label"], "paper": method.get("paper"), "curve": curve,
-                                 "best": best, "last": last, "seeds": len({r["seed"] for r in mine})})
+                               "best": best, "last": last, "seeds": len({r["seed"] for r in mine})})
     return out
 
 
 def write_report(summary: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
     lines = [f"# {title}", "",
              "Test MCC (mean +- std over seeds) against total FLOPs (training + inference on the test set).",
-             "'at paper budget' is the method's largest budget (the paper's settings where given); "
-             "'best' is its best budget.", ""]
-    for setting, methods in summary.items():
-        lines += [f"## {setting.replace('_', ' ')}", "",
-                  "| method | MCC at paper budget | paper | total FLOPs | best MCC | at FLOPs | seeds |",
+             "'MCC at largest budget' is at the method's largest budget (the paper's setting where the paper "
+             "gives a figure); 'best MCC' is at its best budget.", ""]
+    for panel, methods in summary.items():
+        lines += [f"## {panel.replace('_', ' ')}", "",
+                  "| method | MCC at largest budget | paper | total FLOPs | best MCC | at FLOPs | seeds |",
                   "|---|---|---|---|---|---|---|"]
         for m in methods:
             last, best = m["last"], m["best"]
@@ -183,7 +184,7 @@ def plot_frontier(summary: dict[str, list[dict[str, Any]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(summary), figsize=(8.5 * len(summary), 5.0), squeeze=False)
-    for ax, (setting, methods) in zip(axes[0], summary.items()):
+    for ax, (panel, methods) in zip(axes[0], summary.items()):
         for i, m in enumerate(methods):
             x = [c["flops"] for c in m["curve"]]
             y = np.array([c["mcc"] for c in m["curve"]])
@@ -195,7 +196,7 @@ def plot_frontier(summary: dict[str, list[dict[str, Any]]], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("total FLOPs (training + inference)")
         ax.set_ylabel("test MCC")
-        ax.set_title(setting.replace("_", " "))
+        ax.set_title(panel.replace("_", " "))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
