@@ -92,7 +92,7 @@ def run_point(panel: str, data: dict, setting: str, encoder: dict, seed: int, tr
               model_kwargs: dict, method: str, budget_of) -> list[dict[str, Any]]:
     """Train one (method, seed) and score it after each of ``train_steps`` (or once, untrained)."""
     cfg = make_recipe({"setting": setting, "seed": seed, "data": {"name": "synthetic", **data}, "encoder": encoder,
-                       "model": model_kwargs, "trainer": {"max_steps": max(train_steps or [0])}})
+                       "model": model_kwargs})
     datamodule, model = build(cfg)
     learn_dictionary = setting == "unknown"
     n_train, n_test = len(datamodule.train_x), len(datamodule.test_x)
