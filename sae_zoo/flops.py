@@ -53,7 +53,7 @@ def training_step_flops(head: EncoderHead, learn_dictionary: bool = False) -> fl
     """FLOPs of one training step per sample (0 for a head with nothing to train and a fixed dictionary)."""
     m, n = head.d_model, head.n_latents
     dictionary_update = 3 * m * n if learn_dictionary else 0
-    trained = getattr(head, "trained_part", lambda: head)()
+    trained = head.trained_part()
     if trained is None or not any(p.requires_grad for p in trained.parameters()):
         return float(dictionary_update + (inference_flops(head) if learn_dictionary else 0))
     matmul, elementwise = trained.encode_flops()

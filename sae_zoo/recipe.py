@@ -97,6 +97,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise RecipeError(f"override {item!r} is not of the form key=value (or ~key to delete a key)")
     try:
         cfg = _with_defaults(content)
+    except ValueError as e:
+        raise RecipeError(f"{source}: {e}") from None
+    try:
         for key in deletions:
             _delete(cfg, key, source)
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(assignments))
@@ -129,7 +132,7 @@ def _with_defaults(content: dict[str, Any]) -> DictConfig:
         if key in content:
             value = content[key]
             if not isinstance(value, dict):
-                raise RecipeError(f"{key}: must be a mapping of arguments, got {value!r}")
+                raise ValueError(f"{key}: must be a mapping of arguments, got {value!r}")
             cfg[key] = value
     return cfg
 

@@ -95,6 +95,10 @@ def test_bad_yaml_names_the_file(tmp_path):
         load_recipe(bad)
     with pytest.raises(RecipeError, match="no such recipe file"):
         load_recipe(tmp_path / "missing.yaml")
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("encoder: linear\n")
+    with pytest.raises(RecipeError, match=r"scalar\.yaml: encoder: must be a mapping"):
+        load_recipe(scalar)
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(RecipeError, match="list.yaml: a recipe must be a YAML mapping"):

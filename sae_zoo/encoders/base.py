@@ -44,6 +44,10 @@ class EncoderHead(nn.Module):
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
         raise NotImplementedError
 
+    def trained_part(self) -> "EncoderHead | None":
+        """The part whose training costs FLOPs (see :mod:`sae_zoo.flops`): the head itself by default."""
+        return self
+
     def encode_flops(self) -> tuple[float, float]:
         """``(matmul, element-wise)`` FLOPs to encode one sample (see :mod:`sae_zoo.flops`)."""
         raise NotImplementedError(f"{self.name or type(self).__name__} does not count its FLOPs (encode_flops)")
