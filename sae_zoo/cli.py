@@ -1,4 +1,5 @@
-"""The ``sae-zoo`` command: ``fit`` a recipe, ``list`` encoder heads, run the ``demo``."""
+"""The ``sae-zoo`` command: ``fit`` a recipe, ``list`` encoder heads, run the ``demo``, write a model
+``card``, ``push`` a run to the Hugging Face Hub, ``export`` it to SAELens's format."""
 
 from __future__ import annotations
 
@@ -108,6 +109,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from .hub import write_card
+
+    path = write_card(args.run_dir, repo_id=args.repo_id)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_run
+
+    commit = push_run(args.run_dir, args.repo_id, private=args.private or None, branch=args.revision)
+    print(f"pushed {args.run_dir} to {args.repo_id}: {commit}")
+    print(f"pin this version with SparseCoder.from_pretrained({args.repo_id!r}, revision={commit.oid!r})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .hub import export_saelens, load_run
+
+    model, _, _ = load_run(args.run_dir)
+    out = export_saelens(model, args.out, hook_name=args.hook_name, model_name=args.model_name,
+                         decoder_only=args.decoder_only)
+    print(f"wrote a SAELens SAE to {out} (cfg.json, sae_weights.safetensors)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-zoo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +166,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs", help="folder for the demo's runs and plot")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(func=cmd_demo)
+
+    card = sub.add_parser("card", help="write RUN_DIR/README.md, the run's model card")
+    card.add_argument("run_dir", help="a run directory written by sae-zoo fit")
+    card.add_argument("--repo-id", default=None, help="the Hub repo the card's usage snippet names")
+    card.set_defaults(func=cmd_card)
+
+    push = sub.add_parser("push", help="push a run's model and card to the Hugging Face Hub")
+    push.add_argument("run_dir", help="a run directory written by sae-zoo fit")
+    push.add_argument("repo_id", help="the Hub repo, e.g. user/sae-mlp-known-dictionary (created if needed)")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--revision", default=None, help="the branch to push to (created from main if needed)")
+    push.set_defaults(func=cmd_push)
+
+    export = sub.add_parser("export", help="write a run's linear or topk SAE in SAELens's format")
+    export.add_argument("run_dir", help="a run directory written by sae-zoo fit")
+    export.add_argument("out", help="the folder to write cfg.json and sae_weights.safetensors to")
+    export.add_argument("--hook-name", default=None, help="the hook the SAE reads, recorded in cfg.json")
+    export.add_argument("--model-name", default=None, help="the model the SAE reads, recorded in cfg.json")
+    export.add_argument("--decoder-only", action="store_true",
+                        help="export any head's dictionary with a tied encoder (W_enc = W_dec^T)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
@@ -148,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_lightning()
     try:
         return args.func(args)
-    except RecipeError as e:
+    except (RecipeError, FileNotFoundError) as e:
         print(f"sae-zoo: error: {e}", file=sys.stderr)
         return 2
 

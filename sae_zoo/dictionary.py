@@ -15,6 +15,9 @@ class Dictionary(nn.Module):
     so that the scale of a latent lives in its code, not in its atom. ``decode(codes)`` returns
     ``codes @ weight (+ bias)``. A trainable dictionary is renormalised after every optimiser step
     by :class:`~sae_zoo.SparseCoder`; a frozen one keeps the atoms it was given.
+
+    ``provenance`` says where the atoms came from (e.g. the SAELens checkpoint they were loaded from);
+    it travels into ``config.json`` and the model card when the model is saved.
     """
 
     def __init__(self, n_latents: int, d_model: int, *, trainable: bool = True, bias: bool = False) -> None:
@@ -25,15 +28,18 @@ class Dictionary(nn.Module):
         self.d_model = int(d_model)
         self.weight = nn.Parameter(torch.randn(n_latents, d_model), requires_grad=trainable)
         self.bias = nn.Parameter(torch.zeros(d_model), requires_grad=trainable) if bias else None
+        self.provenance: dict[str, Any] = {}
         self.normalize_()
 
     @classmethod
-    def from_tensor(cls, atoms: Tensor, *, trainable: bool = False, bias: Tensor | None = None) -> "Dictionary":
+    def from_tensor(cls, atoms: Tensor, *, trainable: bool = False, bias: Tensor | None = None,
+                    provenance: dict[str, Any] | None = None) -> "Dictionary":
         """A dictionary whose atoms are the rows of ``atoms`` (renormalised to unit norm)."""
         if atoms.ndim != 2:
             raise ValueError(f"atoms must have shape (n_latents, d_model), got {tuple(atoms.shape)}")
         dictionary = cls(*atoms.shape, trainable=trainable, bias=bias is not None)
         dictionary.set_atoms(atoms, bias=bias)
+        dictionary.provenance = dict(provenance or {})
         return dictionary
 
     @property

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi, ModelCard, ModelHubMixin
 from torch import Tensor
 from torchmetrics import MeanSquaredError, MetricCollection
 
+from ._io import atomic_directory
 from .dictionary import Dictionary
 from .encoders import EncoderHead, create_encoder
 from .metrics import MCC, L0, L1, DeadLatents, DictionaryMCC, FractionOfVarianceUnexplained
@@ -40,7 +44,9 @@ def latent_cosine_loss(codes: Tensor, true_codes: Tensor) -> Tensor:
     return -F.cosine_similarity(codes.T, true_codes.T, dim=-1).mean()
 
 
-class SparseCoder(L.LightningModule):
+class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", license="apache-2.0",
+                  tags=["sparse-autoencoder", "sparse-coding", "interpretability"],
+                  paper_url="https://arxiv.org/abs/2411.13117"):
     """One encoder head in front of one dictionary, trained with the paper's loss and Adam.
 
     The paper's three settings follow from two choices:
@@ -57,6 +63,10 @@ class SparseCoder(L.LightningModule):
 
     ``encoder`` and ``dictionary`` may also be given as their ``config()`` dicts, which is how
     ``SparseCoder.load_from_checkpoint`` rebuilds them.
+
+    ``save_pretrained(dir)``, ``push_to_hub(repo_id)`` and ``SparseCoder.from_pretrained(repo_or_dir,
+    revision=...)`` (Hugging Face's ``ModelHubMixin``) store ``config.json``, ``model.safetensors`` and a
+    model card ``README.md`` (see :mod:`sae_zoo.hub`).
     """
 
     def __init__(self, encoder: EncoderHead | dict[str, Any], dictionary: Dictionary | dict[str, Any], *,
@@ -68,6 +78,9 @@ class SparseCoder(L.LightningModule):
         if (encoder.d_model, encoder.n_latents) != (dictionary.d_model, dictionary.n_latents):
             raise ValueError(f"encoder {encoder.name!r} maps {encoder.d_model} -> {encoder.n_latents} latents, but the "
                              f"dictionary has shape (n_latents={dictionary.n_latents}, d_model={dictionary.d_model})")
+        if encoder.subtract_decoder_bias and dictionary.bias is None:
+            raise ValueError(f"encoder {encoder.name!r} subtracts the decoder bias (subtract_decoder_bias=True), "
+                             "but the dictionary has none; build it with bias=True")
         self.encoder, self.dictionary = encoder, dictionary
         self.l1_coeff, self.lr, self.supervised = float(l1_coeff), float(lr), bool(supervised)
         self.save_hyperparameters({"encoder": encoder.config(), "dictionary": dictionary.config(),
@@ -164,8 +177,87 @@ class SparseCoder(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_dictionary_mcc("test")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["decoder_provenance"] = self.dictionary.provenance
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.dictionary.provenance = dict(checkpoint.get("decoder_provenance") or {})
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: the encoder has no parameters and the dictionary is frozen")
         return torch.optim.Adam(params, lr=self.lr)
+
+    # ---- Hugging Face Hub: save_pretrained / from_pretrained / push_to_hub (ModelHubMixin) ----
+
+    def save_pretrained(self, save_directory: str | Path, *, config: dict | None = None, repo_id: str | None = None,
+                        push_to_hub: bool = False, model_card_kwargs: dict[str, Any] | None = None,
+                        **push_to_hub_kwargs: Any) -> str | None:
+        """Write ``config.json``, ``model.safetensors`` and ``README.md`` (the model card) to
+        ``save_directory``. Files are written beside it first and moved in only when all succeeded."""
+        from .hub.serialization import model_config
+
+        if config is not None:
+            raise TypeError("config.json is built from the model itself; save_pretrained takes no config")
+        with atomic_directory(save_directory) as staging:
+            super().save_pretrained(staging, config=model_config(self), model_card_kwargs=model_card_kwargs)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or Path(save_directory).name, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+        return None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from .hub.serialization import WEIGHTS_NAME, save_weights
+
+        save_weights(self, save_directory / WEIGHTS_NAME)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload sae_zoo model", private: bool | None = None,
+                    token: str | None = None, branch: str | None = None, create_pr: bool | None = None,
+                    model_card_kwargs: dict[str, Any] | None = None, **upload_kwargs: Any) -> str:
+        """Save, then upload in one commit to ``repo_id`` (created if needed) on ``branch`` (created from
+        main if needed). Returns the commit URL; its ``.oid`` pins this version for ``from_pretrained``.
+        Nothing reaches the Hub unless the whole model saved."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(Path(tmp) / "model", model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})})
+            api = HfApi(token=token)
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            if branch not in (None, "main"):
+                api.create_branch(repo_id, branch=branch, exist_ok=True)
+            return api.upload_folder(repo_id=repo_id, folder_path=Path(tmp) / "model", commit_message=commit_message,
+                                     revision=branch, create_pr=create_pr, **upload_kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, revision: str | None = None,
+                        cache_dir: str | Path | None = None, force_download: bool = False,
+                        token: str | bool | None = None, local_files_only: bool = False,
+                        map_location: str | torch.device = "cpu", **overrides: Any) -> "SparseCoder":
+        """Load a model saved by ``save_pretrained`` or pushed by ``push_to_hub``: a local directory or
+        a Hub repo id, at ``revision`` (branch, tag or commit). ``overrides`` may set ``l1_coeff``,
+        ``lr`` and ``true_dictionary`` for further training; the head and dictionary come from
+        ``config.json``. Returns the model in eval mode."""
+        from .hub.serialization import (build_dictionary, build_encoder, check_config, load_state, read_json,
+                                        read_safetensors, resolve_model_files)
+
+        unknown = sorted(set(overrides) - {"l1_coeff", "lr", "true_dictionary"})
+        if unknown:
+            raise TypeError(f"from_pretrained got unexpected arguments {', '.join(unknown)}; the head and dictionary "
+                            "come from config.json (to pair a pretrained head with another dictionary, use "
+                            "sae_zoo.hub.load_encoder)")
+        config_path, weights_path = resolve_model_files(
+            pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, force_download=force_download,
+            token=token, local_files_only=local_files_only)
+        config = check_config(read_json(config_path), config_path)
+        model = cls(build_encoder(config, config_path), build_dictionary(config, config_path),
+                    supervised=bool(config.get("supervised", False)),
+                    **{"l1_coeff": config.get("l1_coeff", 0.01), "lr": config.get("lr", 1e-3), **overrides})
+        model.to(getattr(torch, config["dtype"]))
+        load_state(model, read_safetensors(weights_path), weights_path, config_path)
+        return model.to(map_location).eval()
+
+    def generate_model_card(self, **card_kwargs: Any) -> ModelCard:
+        """The model card (``README.md``), rendered from ``model_cards/sae_zoo.md``; ``card_kwargs`` are
+        those of :func:`sae_zoo.hub.card.model_card` (test ``metrics``, the ``recipe``, ``repo_id``)."""
+        from .hub.card import model_card
+
+        return model_card(self, **card_kwargs)
+

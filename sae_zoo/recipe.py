@@ -234,8 +234,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, SparseCoder]:
         encoder = create_encoder(encoder_name, d_model=d_model, n_latents=n_latents, **encoder_kwargs)
         if cfg.setting == "unknown":
             dictionary = Dictionary(n_latents, d_model, trainable=True, **dictionary_kwargs)
+            dictionary.provenance = {"source": "trained with the encoder", "data": data_name}
         else:
-            dictionary = Dictionary.from_tensor(datamodule.dictionary, trainable=False)
+            dictionary = Dictionary.from_tensor(datamodule.dictionary, trainable=False, provenance={
+                "source": "the data's true dictionary", "data": data_name, "data_seed": datamodule.hparams.get("seed")})
     model = SparseCoder(encoder, dictionary, supervised=cfg.setting == "known_codes",
                         true_dictionary=datamodule.dictionary if cfg.setting == "unknown" else None,
                         **_plain(cfg.model))

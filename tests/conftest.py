@@ -1,9 +1,27 @@
+import atexit
+import os
+import shutil
+import sys
+import tempfile
 import warnings
 
-import pytest
-import torch
+from hub_server import LoopbackHub
 
-from sae_zoo.data import generate_sparse_data
+# huggingface_hub reads its endpoint and cache folder once, at import: point it at a loopback Hub
+# (tests/hub_server.py) and a throw-away cache before anything imports it. Subprocesses inherit this.
+if "huggingface_hub" in sys.modules:
+    raise RuntimeError("huggingface_hub was imported before tests/conftest.py could point it at the loopback Hub")
+HUB = LoopbackHub()
+_HF_HOME = tempfile.mkdtemp(prefix="sae-zoo-test-hf-home-")
+atexit.register(shutil.rmtree, _HF_HOME, True)
+os.environ.update({"HF_ENDPOINT": HUB.url, "HF_TOKEN": "hf_loopback_test_token", "HF_HOME": _HF_HOME,
+                   "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+os.environ.pop("HF_HUB_OFFLINE", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sae_zoo.data import generate_sparse_data  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -22,3 +40,9 @@ def small_data():
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def hub() -> LoopbackHub:
+    """The loopback Hub every huggingface_hub call in the tests goes to."""
+    return HUB

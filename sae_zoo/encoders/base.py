@@ -21,6 +21,9 @@ class EncoderHead(nn.Module):
 
     #: Registry name, set by :func:`~sae_zoo.encoders.register_encoder`.
     name: ClassVar[str] = ""
+    #: Whether the head encodes ``x - dictionary.bias`` (SAELens, sparsify and dictionary_learning
+    #: subtract the decoder bias before encoding); such a head needs a dictionary with a bias.
+    subtract_decoder_bias: bool = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "EncoderHead":
         self = super().__new__(cls)
@@ -55,6 +58,16 @@ class EncoderHead(nn.Module):
     def config(self) -> dict[str, Any]:
         """``{"name": ..., "d_model": ..., "n_latents": ..., **hyper-parameters}``."""
         return {"name": self.name, **self._init_args}
+
+    def centre(self, x: Tensor, dictionary: nn.Module | None) -> Tensor:
+        """``x - dictionary.bias`` when the head subtracts the decoder bias, else ``x``."""
+        if not self.subtract_decoder_bias:
+            return x
+        bias = getattr(dictionary, "bias", None)
+        if bias is None:
+            raise ValueError(f"{self.name or type(self).__name__} head subtracts the decoder bias "
+                             "(subtract_decoder_bias=True), so it needs a dictionary built with bias=True")
+        return x - bias
 
     def check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.d_model:

@@ -11,18 +11,20 @@ from .registry import register_encoder
 
 @register_encoder("linear")
 class LinearEncoder(EncoderHead):
-    """``codes = ReLU(W x + b)``: the standard SAE encoder (the paper's "L-NL" encoder)."""
+    """``codes = ReLU(W x + b)``: the standard SAE encoder (the paper's "L-NL" encoder).
 
-    def __init__(self, d_model: int, n_latents: int, bias: bool = True) -> None:
+    With ``subtract_decoder_bias=True`` it encodes ``x - b_dec`` (the dictionary's bias), as
+    SAELens, sparsify and dictionary_learning do.
+    """
+
+    def __init__(self, d_model: int, n_latents: int, bias: bool = True, subtract_decoder_bias: bool = False) -> None:
         super().__init__(d_model, n_latents)
+        self.subtract_decoder_bias = bool(subtract_decoder_bias)
         self.linear = nn.Linear(d_model, n_latents, bias=bias)
 
-    def pre_activations(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        return self.linear(x)
-
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
-        return F.relu(self.pre_activations(x))
+        self.check_input(x)
+        return F.relu(self.linear(self.centre(x, dictionary)))
 
     def encode_flops(self) -> tuple[float, float]:
-        return 2 * self.d_model * self.n_latents, self.n_latents
+        return 2 * self.d_model * self.n_latents, self.n_latents + self.subtract_decoder_bias * self.d_model

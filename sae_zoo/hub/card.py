@@ -1,0 +1,126 @@
+"""Model cards: ``README.md`` with Hub metadata, rendered from ``sae_zoo/model_cards/sae_zoo.md``."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..encoders import IterativeHead
+
+if TYPE_CHECKING:
+    from ..model import SparseCoder
+
+TEMPLATE = "sae_zoo.md"
+PAPER_URL = "https://arxiv.org/abs/2411.13117"
+
+#: metrics.json's test metrics -> (model-index metric type, readable name)
+METRICS = {
+    "mcc": ("mcc", "Test MCC with the true codes (Hungarian-matched)"),
+    "dictionary_mcc": ("dictionary_mcc", "Dictionary MCC with the true atoms"),
+    "fvu": ("fvu", "Fraction of variance unexplained"),
+    "mse": ("mse", "Reconstruction MSE"),
+    "l0": ("l0", "L0 (active latents per sample)"),
+    "l1": ("l1", "L1 (mean |code|)"),
+    "dead_latents": ("dead_latents", "Dead-latent fraction"),
+}
+
+SETTINGS = {
+    "known_dictionary": "known dictionary: the decoder holds the true atoms, frozen; only the encoder trained",
+    "unknown": "unknown codes and dictionary: encoder and decoder trained together, atoms renormalised each step",
+    "known_codes": "known codes: the encoder trained on the true codes (per-latent cosine loss)",
+}
+
+
+def template_text(name: str = TEMPLATE) -> str:
+    return files("sae_zoo").joinpath("model_cards", name).read_text()
+
+
+def _dataset(recipe: dict[str, Any] | None) -> tuple[str, str, str | None]:
+    """``(dataset_type, readable name, Hub dataset id or None)`` from a resolved recipe's data section."""
+    data = (recipe or {}).get("data") or {}
+    if data.get("name") == "synthetic":
+        return ("synthetic-sparse-codes",
+                f"Synthetic sparse codes (N={data.get('n_latents')} latents, M={data.get('d_model')} dims, "
+                f"K={data.get('k')} active, seed {data.get('seed')})", None)
+    if data.get("dataset"):
+        return str(data["dataset"]), str(data["dataset"]), str(data["dataset"])
+    return "unspecified", "unspecified data", None
+
+
+def _decoder_source(provenance: dict[str, Any]) -> str:
+    parts = [f"{k}: `{v}`" for k, v in provenance.items() if v not in (None, "", {})]
+    return "; ".join(parts) or "not recorded"
+
+
+def _training(model: "SparseCoder", recipe: dict[str, Any] | None) -> str:
+    text = (f"Setting: {SETTINGS.get(model.setting, model.setting)}. Loss: MSE + {model.l1_coeff} x mean |code| "
+            f"(the paper's), Adam with learning rate {model.lr}.")
+    if model.supervised:
+        text = f"Setting: {SETTINGS['known_codes']}. Adam with learning rate {model.lr}."
+    if recipe:
+        text += ("\n\nThe resolved recipe (`sae-zoo fit` reproduces the run from it):\n\n```yaml\n"
+                 + yaml.safe_dump(recipe, sort_keys=False).rstrip() + "\n```")
+    return text
+
+
+def _evaluation(metrics: dict[str, float] | None, dataset_name: str) -> str:
+    if not metrics:
+        return "No evaluation results were recorded with this model."
+    rows = [f"| {METRICS.get(k, (k, k))[1]} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float))]
+    return f"On held-out samples of {dataset_name}:\n\n| metric | value |\n|---|---|\n" + "\n".join(rows)
+
+
+def _limitations(model: "SparseCoder", recipe: dict[str, Any] | None) -> str:
+    notes = ["Codes are measured against unit-norm atoms: latent i contributes `code_i * atom_i` to the "
+             "reconstruction. Checkpoints converted from other libraries carry their decoder norms in the codes."]
+    if ((recipe or {}).get("data") or {}).get("name") == "synthetic":
+        notes.append("Trained and evaluated on the paper's synthetic generator; the figures describe that "
+                     "generator, not activations of a real network.")
+    if isinstance(model.encoder, IterativeHead):
+        notes.append("This head infers codes by optimisation: its cost grows with its iteration count, "
+                     "and its codes depend on `steps`/`tol` as much as on its weights.")
+    else:
+        notes.append("An amortised encoder predicts codes in one pass; the paper proves such encoders leave an "
+                     "amortisation gap that inference-time optimisation against the same dictionary can close.")
+    return "\n".join(f"- {n}" for n in notes)
+
+
+def model_card(model: "SparseCoder", *, metrics: dict[str, float] | None = None,
+               recipe: dict[str, Any] | None = None, repo_id: str | None = None,
+               base_model: str | None = None, license: str = "apache-2.0") -> ModelCard:
+    """The card of ``model``: Hub metadata (``library_name: sae_zoo``, tags, ``model-index`` from the
+    test ``metrics``) and a description of the head, dictionary, training ``recipe`` and results."""
+    encoder, dictionary = model.encoder, model.dictionary
+    dataset_type, dataset_name, dataset_id = _dataset(recipe)
+    name = repo_id.split("/")[-1] if repo_id else f"sae_zoo-{encoder.name}-{dictionary.n_latents}x{dictionary.d_model}"
+    provenance = dictionary.provenance
+    base_model = base_model or provenance.get("model_name") or ((recipe or {}).get("data") or {}).get("model")
+    eval_results = [
+        EvalResult(task_type="feature-extraction", task_name="Sparse coding", dataset_type=dataset_type,
+                   dataset_name=dataset_name, dataset_split="test", metric_type=METRICS.get(k, (k, k))[0],
+                   metric_name=METRICS.get(k, (k, k))[1], metric_value=float(v))
+        for k, v in (metrics or {}).items() if isinstance(v, (int, float))]
+    card_data = ModelCardData(
+        library_name="sae_zoo", license=license, model_name=name, base_model=base_model,
+        datasets=[dataset_id] if dataset_id else None, eval_results=eval_results or None,
+        tags=sorted({"sae_zoo", "sparse-autoencoder", "sparse-coding", f"encoder-{encoder.name}",
+                     model.setting.replace("_", "-")}))
+    args = {k: v for k, v in encoder.config().items() if k not in ("name", "d_model", "n_latents")}
+    doc = (type(encoder).__doc__ or "").strip().splitlines()
+    return ModelCard.from_template(
+        card_data, template_str=template_text(), title=name, paper_url=PAPER_URL,
+        summary=(f"Encoder head `{encoder.name}` on a dictionary of {dictionary.n_latents} atoms in "
+                 f"{dictionary.d_model} dimensions ({SETTINGS.get(model.setting, model.setting)})."),
+        encoder_name=encoder.name, encoder_doc=doc[0] if doc else "",
+        encoder_args=", ".join(f"`{k}={v!r}`" for k, v in args.items()) or "none",
+        n_latents=dictionary.n_latents, d_model=dictionary.d_model,
+        dictionary_state="trained" if dictionary.trainable else "frozen",
+        dictionary_bias=", with a bias" if dictionary.bias is not None else "",
+        decoder_source=_decoder_source(provenance), setting=model.setting,
+        n_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
+        dtype=str(dictionary.weight.dtype).removeprefix("torch."),
+        repo_id=repo_id or "<local directory>", training=_training(model, recipe),
+        evaluation=_evaluation(metrics, dataset_name), limitations=_limitations(model, recipe))

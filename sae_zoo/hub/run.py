@@ -1,0 +1,53 @@
+"""Run directories (written by ``sae-zoo fit``) to model cards and Hub repos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import OmegaConf
+
+from .._io import atomic_write_text
+
+if TYPE_CHECKING:
+    from ..model import SparseCoder
+
+RUN_FILES = ("config.yaml", "model.ckpt", "metrics.json")
+
+
+def load_run(run_dir: str | Path) -> tuple["SparseCoder", dict[str, Any], dict[str, Any]]:
+    """``(model, resolved recipe, metrics)`` of a run directory."""
+    from ..model import SparseCoder
+
+    run_dir = Path(run_dir)
+    missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} has no {', '.join(missing)}: is it a run directory written by sae-zoo fit?")
+    try:
+        recipe = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except Exception as e:
+        raise ValueError(f"{run_dir}: cannot read config.yaml or metrics.json ({e})") from None
+    model = SparseCoder.load_from_checkpoint(run_dir / "model.ckpt", map_location="cpu")
+    return model.eval(), recipe, metrics
+
+
+def card_kwargs(recipe: dict[str, Any], metrics: dict[str, Any], repo_id: str | None = None) -> dict[str, Any]:
+    return {"recipe": recipe, "metrics": metrics.get("test", {}), "repo_id": repo_id}
+
+
+def write_card(run_dir: str | Path, repo_id: str | None = None) -> Path:
+    """Write ``run_dir/README.md``: the model card of the run's model. Returns its path."""
+    model, recipe, metrics = load_run(run_dir)
+    card = model.generate_model_card(**card_kwargs(recipe, metrics, repo_id))
+    return atomic_write_text(Path(run_dir) / "README.md", str(card))
+
+
+def push_run(run_dir: str | Path, repo_id: str, *, private: bool | None = None, branch: str | None = None,
+             token: str | None = None, commit_message: str | None = None) -> str:
+    """Push a run's model with its card to ``repo_id``; returns the commit URL (``.oid`` is the commit)."""
+    model, recipe, metrics = load_run(run_dir)
+    return model.push_to_hub(repo_id, private=private, branch=branch, token=token,
+                             commit_message=commit_message or f"Upload {Path(run_dir).name}",
+                             model_card_kwargs=card_kwargs(recipe, metrics, repo_id))

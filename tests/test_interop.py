@@ -1,0 +1,310 @@
+"""Other libraries' SAEs as pretrained decoders: SAELens, sparsify and dictionary_learning checkpoints
+written here as those libraries write them, and their encode/decode formulas computed independently."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from huggingface_hub import HfApi
+from safetensors.torch import load_file, save_file
+
+from sae_zoo import Dictionary, SparseCoder, create_encoder
+from sae_zoo.hub import export_saelens, load_sae
+
+D_IN, D_SAE, K = 12, 40, 4
+ATOL = 1e-5
+
+
+@pytest.fixture
+def weights():
+    g = torch.Generator().manual_seed(0)
+    return {"W_enc": torch.randn(D_IN, D_SAE, generator=g) * 0.3,
+            "b_enc": torch.randn(D_SAE, generator=g) * 0.1,
+            "W_dec": torch.randn(D_SAE, D_IN, generator=g) * (0.2 + torch.rand(D_SAE, 1, generator=g)),  # norms != 1
+            "b_dec": torch.randn(D_IN, generator=g) * 0.5}
+
+
+@pytest.fixture
+def x():
+    return torch.randn(64, D_IN, generator=torch.Generator().manual_seed(1))
+
+
+def unit_rows(w):
+    return w / w.norm(dim=1, keepdim=True)
+
+
+def topk_dense(values, k):
+    top = values.topk(k, dim=-1)
+    return torch.zeros_like(values).scatter(-1, top.indices, top.values)
+
+
+def write_saelens(path: Path, tensors: dict, **cfg) -> Path:
+    """As SAELens 6's ``SAE.save_model``: ``save_file(state_dict)`` and ``json.dump(cfg.to_dict())``."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "sae_weights.safetensors"))
+    config = {"d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+              "normalize_activations": "none", "reshape_activations": "none",
+              "metadata": {"sae_lens_version": "6.5.0", "sae_lens_training_version": "6.5.0",
+                           "model_name": "gpt2", "hook_name": "blocks.8.hook_resid_pre"},
+              "architecture": "standard", **cfg}
+    (path / "cfg.json").write_text(json.dumps(config))
+    return path
+
+
+# ---- SAELens ----
+
+def saelens_standard(w, x, apply_b_dec=True):
+    """SAELens StandardSAE: encode ReLU((x - b_dec) @ W_enc + b_enc); decode codes @ W_dec + b_dec."""
+    codes = F.relu((x - w["b_dec"] * apply_b_dec) @ w["W_enc"] + w["b_enc"])
+    return codes, codes @ w["W_dec"] + w["b_dec"]
+
+
+def test_saelens_standard_unit_norm_decoder_gives_the_same_codes_and_reconstructions(tmp_path, weights, x):
+    weights["W_dec"] = unit_rows(weights["W_dec"])
+    sae = load_sae(write_saelens(tmp_path / "sae", weights))
+    assert sae.format == "saelens" and sae.encoder.name == "linear" and sae.encoder.subtract_decoder_bias
+    assert sae.metadata["hook_name"] == "blocks.8.hook_resid_pre" and sae.metadata["model_name"] == "gpt2"
+    codes, x_hat = saelens_standard(weights, x)
+    model = sae.model()
+    with torch.no_grad():
+        ours_hat, ours = model(x)
+    torch.testing.assert_close(ours, codes, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(ours_hat, x_hat, atol=ATOL, rtol=1e-5)
+    assert not model.dictionary.trainable and torch.equal(model.dictionary.bias, weights["b_dec"])
+
+
+def test_saelens_decoder_norms_move_into_the_codes(tmp_path, weights, x):
+    sae = load_sae(write_saelens(tmp_path / "sae", weights, apply_b_dec_to_input=False))
+    assert not sae.encoder.subtract_decoder_bias
+    codes, x_hat = saelens_standard(weights, x, apply_b_dec=False)
+    norms = weights["W_dec"].norm(dim=1)
+    with torch.no_grad():
+        ours_hat, ours = sae.model()(x)
+    torch.testing.assert_close(ours, codes * norms, atol=ATOL, rtol=1e-5)  # code_i * unit atom_i
+    torch.testing.assert_close(ours_hat, x_hat, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(sae.dictionary.atoms, unit_rows(weights["W_dec"]))
+
+
+def test_saelens_topk_and_its_rescaled_selection(tmp_path, weights, x):
+    unit = dict(weights, W_dec=unit_rows(weights["W_dec"]))
+    sae = load_sae(write_saelens(tmp_path / "topk", unit, architecture="topk", k=K))
+    codes = topk_dense(F.relu((x - unit["b_dec"]) @ unit["W_enc"] + unit["b_enc"]), K)
+    with torch.no_grad():
+        ours_hat, ours = sae.model()(x)
+    assert sae.encoder.name == "topk" and sae.encoder.k == K
+    torch.testing.assert_close(ours, codes, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(ours_hat, codes @ unit["W_dec"] + unit["b_dec"], atol=ATOL, rtol=1e-5)
+
+    # rescale_acts_by_decoder_norm: SAELens selects on pre-activations times decoder norms and divides
+    # the codes by the norms again when decoding
+    sae = load_sae(write_saelens(tmp_path / "rescaled", weights, architecture="topk", k=K,
+                                 rescale_acts_by_decoder_norm=True))
+    norms = weights["W_dec"].norm(dim=1)
+    codes = topk_dense(F.relu(((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]) * norms), K)
+    x_hat = (codes / norms) @ weights["W_dec"] + weights["b_dec"]
+    with torch.no_grad():
+        ours_hat, ours = sae.model()(x)
+    torch.testing.assert_close(ours, codes, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(ours_hat, x_hat, atol=ATOL, rtol=1e-5)
+
+    # without the rescaling, a non-unit decoder cannot be reproduced by a top-k head: decoder only
+    sae = load_sae(write_saelens(tmp_path / "plain", weights, architecture="topk", k=K))
+    assert sae.encoder is None and "not unit-norm" in sae.encoder_unavailable
+
+
+def test_saelens_before_version_6(tmp_path, weights, x):
+    """SAELens < 6 wrote flat configs, ``hook_point`` and a top-k *activation* on a standard SAE."""
+    weights["W_dec"] = unit_rows(weights["W_dec"])
+    path = tmp_path / "old"
+    path.mkdir()
+    save_file(weights, str(path / "sae_weights.safetensors"))
+    (path / "cfg.json").write_text(json.dumps({
+        "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "model_name": "pythia-70m", "hook_point": "blocks.3.hook_resid_post",
+        "activation_fn_str": "topk", "activation_fn_kwargs": {"k": K}, "normalize_activations": False}))
+    sae = load_sae(path)
+    assert sae.encoder.name == "topk" and sae.encoder.k == K
+    assert sae.metadata["hook_name"] == "blocks.3.hook_resid_post"
+    codes = topk_dense(F.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]), K)
+    torch.testing.assert_close(sae.model().encode(x).detach(), codes, atol=ATOL, rtol=1e-5)
+
+
+def test_an_encoder_without_a_matching_head_loads_its_decoder(tmp_path, weights, x):
+    tensors = dict(weights, threshold=torch.full((D_SAE,), 0.1))
+    sae = load_sae(write_saelens(tmp_path / "jumprelu", tensors, architecture="jumprelu"))
+    assert sae.encoder is None and "'jumprelu'" in sae.encoder_unavailable
+    torch.testing.assert_close(sae.dictionary.atoms, unit_rows(weights["W_dec"]))
+    with pytest.raises(ValueError, match="no sae_zoo head reproduces this saelens SAE's encoder"):
+        sae.model()
+    fista = create_encoder("fista", d_model=D_IN, n_latents=D_SAE, steps=30)
+    x_hat, codes = sae.model(encoder=fista)(x)  # a better head on the pretrained decoder
+    assert codes.shape == (64, D_SAE) and (codes >= 0).all()
+
+
+def test_saelens_bad_input_is_named(tmp_path, weights):
+    path = write_saelens(tmp_path / "sae", weights, d_sae=D_SAE + 1)
+    with pytest.raises(ValueError, match=r"sae_weights.safetensors: tensor 'W_dec' has shape \(40, 12\), "
+                                         r"expected \(41, 12\) \(d_sae=41, d_in=12 in cfg.json\)"):
+        load_sae(path)
+    path = write_saelens(tmp_path / "noenc", {k: v for k, v in weights.items() if k != "W_enc"})
+    with pytest.raises(ValueError, match=r"sae_weights.safetensors: missing tensor 'W_enc'"):
+        load_sae(path)
+    (path / "cfg.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"cfg.json: expected a JSON object"):
+        load_sae(path)
+
+
+# ---- sparsify ----
+
+def write_sparsify(path: Path, tensors: dict, **cfg) -> Path:
+    """As sparsify's ``SparseCoder.save_to_disk``: ``save_model(self)`` and ``{**cfg.to_dict(), "d_in"}``."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "sae.safetensors"))
+    config = {"activation": "topk", "expansion_factor": 32, "normalize_decoder": True, "num_latents": D_SAE,
+              "k": K, "multi_topk": False, "skip_connection": False, "transcode": False, **cfg, "d_in": D_IN}
+    (path / "cfg.json").write_text(json.dumps(config))
+    return path
+
+
+def test_sparsify_topk(tmp_path, weights, x):
+    tensors = {"encoder.weight": weights["W_enc"].T, "encoder.bias": weights["b_enc"],
+               "W_dec": unit_rows(weights["W_dec"]), "b_dec": weights["b_dec"]}
+    sae = load_sae(write_sparsify(tmp_path / "layers.6", tensors))
+    assert sae.format == "sparsify" and sae.encoder.name == "topk" and sae.metadata["hookpoint"] == "layers.6"
+    # sparsify: top-k of ReLU(encoder(x - b_dec)); decode sum_j acts_j W_dec[idx_j] + b_dec
+    pre = F.relu(F.linear(x - tensors["b_dec"], tensors["encoder.weight"], tensors["encoder.bias"]))
+    acts, idx = pre.topk(K, dim=-1, sorted=False)
+    x_hat = (acts[..., None] * tensors["W_dec"][idx]).sum(-2) + tensors["b_dec"]
+    with torch.no_grad():
+        ours_hat, ours = sae.model()(x)
+    torch.testing.assert_close(ours, torch.zeros_like(pre).scatter(-1, idx, acts), atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(ours_hat, x_hat, atol=ATOL, rtol=1e-5)
+
+    with pytest.raises(ValueError, match="'transcode' is true"):
+        load_sae(write_sparsify(tmp_path / "transcoder", tensors, transcode=True))
+    skip = load_sae(write_sparsify(tmp_path / "skip", {**tensors, "W_skip": torch.zeros(D_IN, D_IN)}, skip_connection=True))
+    assert skip.encoder is None and "W_skip" in skip.encoder_unavailable
+
+
+# ---- dictionary_learning ----
+
+def write_dictionary_learning(path: Path, state: dict, trainer: dict) -> Path:
+    """As dictionary_learning's ``trainSAE``: ``t.save(ae.state_dict(), "ae.pt")`` and
+    ``json.dump({"trainer": trainer.config, "buffer": ...}, "config.json")``."""
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path / "ae.pt")
+    (path / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"d_submodule": D_IN, "ctx_len": 128}}))
+    return path
+
+
+def test_dictionary_learning_autoencoder(tmp_path, weights, x):
+    # AutoEncoder: bias, encoder (Linear d->n), decoder (Linear n->d, no bias: weight (d, n), columns = atoms)
+    state = {"bias": weights["b_dec"], "encoder.weight": weights["W_enc"].T.contiguous(),
+             "encoder.bias": weights["b_enc"], "decoder.weight": weights["W_dec"].T.contiguous()}
+    trainer = {"dict_class": "AutoEncoder", "trainer_class": "StandardTrainer", "activation_dim": D_IN,
+               "dict_size": D_SAE, "lm_name": "EleutherAI/pythia-70m-deduped", "layer": 3,
+               "submodule_name": "resid_post_layer_3"}
+    sae = load_sae(write_dictionary_learning(tmp_path / "ae", state, trainer))
+    assert sae.format == "dictionary_learning" and sae.encoder.name == "linear"
+    assert sae.metadata["model_name"] == "EleutherAI/pythia-70m-deduped"
+    # dictionary_learning: encode ReLU(encoder(x - bias)); decode decoder(f) + bias
+    f = F.relu(F.linear(x - state["bias"], state["encoder.weight"], state["encoder.bias"]))
+    x_hat = F.linear(f, state["decoder.weight"]) + state["bias"]
+    norms = state["decoder.weight"].norm(dim=0)  # what its own from_pretrained folds in by default
+    with torch.no_grad():
+        ours_hat, ours = sae.model()(x)
+    torch.testing.assert_close(ours, f * norms, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(ours_hat, x_hat, atol=ATOL, rtol=1e-5)
+
+
+def test_dictionary_learning_topk_and_other_classes(tmp_path, weights, x):
+    decoder = unit_rows(weights["W_dec"]).T.contiguous()
+    state = {"k": torch.tensor(K, dtype=torch.int), "threshold": torch.tensor(-1.0), "decoder.weight": decoder,
+             "encoder.weight": weights["W_enc"].T.contiguous(), "encoder.bias": weights["b_enc"],
+             "b_dec": weights["b_dec"]}
+    sae = load_sae(write_dictionary_learning(tmp_path / "topk", state, {"dict_class": "AutoEncoderTopK", "k": K}))
+    f = topk_dense(F.relu(F.linear(x - state["b_dec"], state["encoder.weight"], state["encoder.bias"])), K)
+    with torch.no_grad():
+        ours_hat, ours = sae.model()(x)
+    torch.testing.assert_close(ours, f, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(ours_hat, F.linear(f, decoder) + state["b_dec"], atol=ATOL, rtol=1e-5)
+
+    jump = {"W_enc": weights["W_enc"], "b_enc": weights["b_enc"], "W_dec": weights["W_dec"],
+            "b_dec": weights["b_dec"], "threshold": torch.full((D_SAE,), 0.01)}
+    sae = load_sae(write_dictionary_learning(tmp_path / "jump", jump, {"dict_class": "JumpReluAutoEncoder"}))
+    assert sae.encoder is None and "JumpReluAutoEncoder" in sae.encoder_unavailable
+    torch.testing.assert_close(sae.dictionary.bias, weights["b_dec"])
+
+    with pytest.raises(ValueError, match=r"config.json: missing key 'trainer.dict_class'"):
+        load_sae(write_dictionary_learning(tmp_path / "noclass", state, {"k": K}))
+    (tmp_path / "topk" / "ae.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"ae.pt: not a readable torch state dict"):
+        load_sae(tmp_path / "topk")
+
+
+# ---- export to SAELens, format detection, the Hub ----
+
+@pytest.mark.parametrize("name", ["linear", "topk"])
+def test_export_to_saelens_round_trips_and_matches_saelens_formulas(tmp_path, name, x):
+    torch.manual_seed(0)
+    kwargs = {"k": K} if name == "topk" else {}
+    head = create_encoder(name, d_model=D_IN, n_latents=D_SAE, subtract_decoder_bias=True, **kwargs)
+    dictionary = Dictionary(D_SAE, D_IN, bias=True)
+    with torch.no_grad():
+        dictionary.bias.normal_()
+    model = SparseCoder(head, dictionary)
+    out = export_saelens(model, tmp_path / "exported", hook_name="blocks.0.hook_resid_post", model_name="gpt2")
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == ("topk" if name == "topk" else "standard") and cfg["apply_b_dec_to_input"]
+    assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post"
+    w = load_file(str(out / "sae_weights.safetensors"))
+    codes, x_hat = saelens_standard(w, x)
+    if name == "topk":
+        codes = topk_dense(codes, K)
+        x_hat = codes @ w["W_dec"] + w["b_dec"]
+    with torch.no_grad():
+        ours_hat, ours = model(x)
+        back_hat, back = load_sae(out).model()(x)
+    torch.testing.assert_close(codes, ours, atol=ATOL, rtol=1e-5)  # what SAELens computes from the export
+    torch.testing.assert_close(x_hat, ours_hat, atol=ATOL, rtol=1e-5)
+    # reading it back: the atoms are renormalised on load, which moves them by float32 rounding only
+    torch.testing.assert_close(back, ours, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(back_hat, ours_hat, atol=1e-6, rtol=1e-6)
+
+
+def test_export_of_a_head_saelens_lacks(tmp_path):
+    model = SparseCoder(create_encoder("mlp", d_model=D_IN, n_latents=D_SAE, hidden=8), Dictionary(D_SAE, D_IN))
+    with pytest.raises(ValueError, match="SAELens has no encoder like sae_zoo's 'mlp' head"):
+        export_saelens(model, tmp_path / "mlp")
+    assert not (tmp_path / "mlp").exists()
+    out = export_saelens(model, tmp_path / "mlp", decoder_only=True)
+    sae = load_sae(out)
+    torch.testing.assert_close(sae.dictionary.atoms, model.dictionary.atoms)
+    assert json.loads((out / "cfg.json").read_text())["metadata"]["sae_zoo_encoder"] == "tied (decoder only)"
+
+
+def test_format_detection(tmp_path, weights):
+    with pytest.raises(ValueError, match=r"holds no known SAE format \(files: none\)"):
+        load_sae(tmp_path)
+    path = write_saelens(tmp_path / "both", weights)
+    save_file({"W_dec": weights["W_dec"]}, str(path / "sae.safetensors"))
+    with pytest.raises(ValueError, match="matches several formats"):
+        load_sae(path)
+    assert load_sae(path, format="saelens").format == "saelens"
+    with pytest.raises(ValueError, match="format='sae_lens' is not one of"):
+        load_sae(path, format="sae_lens")
+
+
+def test_load_an_sae_from_a_hub_repo_subfolder(tmp_path, hub, weights, x):
+    weights["W_dec"] = unit_rows(weights["W_dec"])
+    api = HfApi()
+    api.create_repo("frank/gpt2-saes")
+    api.upload_folder(repo_id="frank/gpt2-saes", folder_path=write_saelens(tmp_path / "sae", weights),
+                      path_in_repo="blocks.8.hook_resid_pre")
+    sae = load_sae("frank/gpt2-saes", subfolder="blocks.8.hook_resid_pre")
+    codes, _ = saelens_standard(weights, x)
+    torch.testing.assert_close(sae.model().encode(x).detach(), codes, atol=ATOL, rtol=1e-5)
+    assert sae.metadata["source"] == "frank/gpt2-saes" and sae.metadata["subfolder"] == "blocks.8.hook_resid_pre"
+    with pytest.raises(ValueError, match="holds no known SAE format"):
+        load_sae("frank/gpt2-saes")  # the SAE lives in a subfolder
