@@ -118,9 +118,18 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from huggingface_hub import constants
+
     from .hub import push_run
 
-    commit = push_run(args.run_dir, args.repo_id, private=args.private or None, branch=args.revision)
+    try:
+        commit = push_run(args.run_dir, args.repo_id, private=args.private or None, branch=args.revision)
+    except Exception as e:
+        # a transport error of the HTTP client (no route, DNS, refused): say where we tried to go
+        if type(e).__module__.split(".")[0] in {"httpx", "httpx2", "requests", "urllib3"} and not hasattr(e, "response"):
+            raise ConnectionError(f"cannot reach the Hub at {constants.ENDPOINT} ({type(e).__name__}: {e}); "
+                                    "check the network, or set HF_ENDPOINT") from None
+        raise
     print(f"pushed {args.run_dir} to {args.repo_id}: {commit}")
     print(f"pin this version with SparseCoder.from_pretrained({args.repo_id!r}, revision={commit.oid!r})")
     return 0
@@ -197,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_lightning()
     try:
         return args.func(args)
-    except (RecipeError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ConnectionError) as e:  # RecipeError is a ValueError
         print(f"sae-zoo: error: {e}", file=sys.stderr)
         return 2
 

@@ -238,3 +238,17 @@ def test_a_failed_push_changes_nothing_on_the_hub(saved, hub, monkeypatch):
         model.push_to_hub("erin/sae")
     assert hub.repos["erin/sae"].branches["main"] == commit.oid
     assert hub.repos["erin/sae"].commits[commit.oid] == snapshot
+
+
+def test_export_command_writes_a_saelens_sae_with_the_runs_codes(tmp_path, capsys):
+    from sae_zoo.hub import load_sae
+
+    run_dir = tiny_run(tmp_path, "linear")
+    assert main(["export", str(run_dir), str(tmp_path / "sl"), "--hook-name", "h"]) == 0
+    model, _, _ = load_run(run_dir)
+    x = generate_sparse_data(32, 16, 8, 3, seed=2)[1]
+    torch.testing.assert_close(load_sae(tmp_path / "sl").model().encode(x), model.encode(x), atol=1e-6, rtol=1e-6)
+    assert main(["export", str(tiny_run(tmp_path, "mlp", "encoder.name=mlp")), str(tmp_path / "mlp")]) == 2
+    assert "SAELens has no encoder like sae_zoo's 'mlp' head" in capsys.readouterr().err
+    assert main(["card", str(tmp_path / "missing")]) == 2
+    assert "has no config.yaml, model.ckpt, metrics.json" in capsys.readouterr().err

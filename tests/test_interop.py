@@ -308,3 +308,21 @@ def test_load_an_sae_from_a_hub_repo_subfolder(tmp_path, hub, weights, x):
     assert sae.metadata["source"] == "frank/gpt2-saes" and sae.metadata["subfolder"] == "blocks.8.hook_resid_pre"
     with pytest.raises(ValueError, match="holds no known SAE format"):
         load_sae("frank/gpt2-saes")  # the SAE lives in a subfolder
+
+
+def test_fista_warm_started_by_a_pretrained_saes_own_encoder(tmp_path, weights, x):
+    """The paper's SAE+inference on someone else's SAE: FISTA against its decoder, seeded by its encoder."""
+    sae = load_sae(write_saelens(tmp_path / "sae", weights))
+    fista = create_encoder("fista", d_model=D_IN, n_latents=D_SAE, l1_coeff=0.01, steps=300, warm_start=sae.encoder)
+    plain, refined = sae.model().eval(), sae.model(encoder=fista).eval()
+
+    def objective(model):
+        with torch.no_grad():
+            x_hat, codes = model(x)
+        return ((x_hat - x).square().mean(-1) + 0.01 * codes.abs().mean(-1)).mean()
+
+    assert objective(refined) < 0.9 * objective(plain)
+    refined.save_pretrained(tmp_path / "refined")
+    reloaded = SparseCoder.from_pretrained(tmp_path / "refined")
+    assert reloaded.encoder.config()["warm_start"]["subtract_decoder_bias"] is True
+    assert torch.equal(reloaded.encode(x), refined.encode(x))

@@ -61,13 +61,20 @@ class IterativeHead(EncoderHead):
     """Base of the heads that solve for the codes. Subclasses implement :meth:`solve`."""
 
     def __init__(self, d_model: int, n_latents: int, l1_coeff: float = 0.01,
-                 warm_start: dict[str, Any] | None = None, k: int | None = None) -> None:
+                 warm_start: dict[str, Any] | EncoderHead | None = None, k: int | None = None) -> None:
         super().__init__(d_model, n_latents)
         if k is not None and not 1 <= k <= n_latents:
             raise ValueError(f"{type(self).__name__}: need 1 <= k <= n_latents ({n_latents}), got k={k}")
         self.l1_coeff, self.k = float(l1_coeff), k
-        self.warm_start = (create_encoder(**{**warm_start, "d_model": d_model, "n_latents": n_latents})
-                           if warm_start else None)
+        if isinstance(warm_start, EncoderHead):  # a trained head, e.g. a pretrained SAE's own encoder
+            if (warm_start.d_model, warm_start.n_latents) != (d_model, n_latents):
+                raise ValueError(f"{type(self).__name__}: warm_start head maps {warm_start.d_model} -> "
+                                 f"{warm_start.n_latents}, expected {d_model} -> {n_latents}")
+            self.warm_start = warm_start
+            self._init_args["warm_start"] = warm_start.config()  # config() stays JSON; weights travel in the state
+        else:
+            self.warm_start = (create_encoder(**{**warm_start, "d_model": d_model, "n_latents": n_latents})
+                               if warm_start else None)
         #: Iterations the last call ran (early stopping may end a solve before its step budget).
         self.last_iterations = 0
 
