@@ -200,7 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .recipe import RecipeError
 
     args = build_parser().parse_args(argv)
     _quiet_lightning()
