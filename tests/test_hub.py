@@ -72,6 +72,8 @@ def test_train_push_and_load_in_a_fresh_process_bit_identical_with_revision_pinn
 
     api = HfApi()
     assert {"config.json", "model.safetensors", "README.md"} <= set(api.list_repo_files(repo_id))
+    assert api.repo_info(repo_id, revision=first_commit).sha == first_commit
+    assert api.repo_info(repo_id).sha != first_commit
     config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
     assert config["encoder"]["name"] == "mlp" and config["library"] == "sae_zoo"
     assert config["setting"] == "known_dictionary"
@@ -108,6 +110,13 @@ def test_save_pretrained_round_trip_and_head_alone_on_another_dictionary(tmp_pat
     loaded = SparseCoder.from_pretrained(tmp_path / "fista")
     assert loaded.l1_coeff == 0.02 and not loaded.dictionary.trainable
     assert torch.equal(loaded.encode(x), model.eval().encode(x))
+
+    double = SparseCoder(create_encoder("topk", d_model=8, n_latents=16, k=3), Dictionary(16, 8)).double()
+    double.save_pretrained(tmp_path / "double")
+    assert json.loads((tmp_path / "double" / "config.json").read_text())["dtype"] == "float64"
+    reloaded = SparseCoder.from_pretrained(tmp_path / "double")
+    assert reloaded.dictionary.weight.dtype == torch.float64 and torch.equal(reloaded.encode(x.double()),
+                                                                              double.encode(x.double()))
 
     head = load_encoder(tmp_path / "fista")
     other = Dictionary(16, 8, trainable=False)
