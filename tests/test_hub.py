@@ -260,3 +260,23 @@ def test_export_command_writes_a_saelens_sae_with_the_runs_codes(tmp_path, capsy
     assert "SAELens has no encoder like sae_zoo's 'mlp' head" in capsys.readouterr().err
     assert main(["card", str(tmp_path / "missing")]) == 2
     assert "has no config.yaml, model.ckpt, metrics.json" in capsys.readouterr().err
+
+
+HEAD_KWARGS = {"topk": {"k": 3}, "ito": {"steps": 30}, "sparse_coding": {"steps": 30, "n_train": 8},
+               "ista": {"steps": 20}, "fista": {"steps": 20}, "lca": {"steps": 20}, "lista": {"layers": 3},
+               "mlp": {"hidden": 8}}
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_KWARGS.keys() | {"linear", "support_search"}))
+def test_every_head_round_trips(tmp_path, name):
+    from sae_zoo import list_encoders
+
+    assert set(list_encoders()) <= HEAD_KWARGS.keys() | {"linear", "support_search"}, "a new head needs a row here"
+    _, x, atoms = generate_sparse_data(16, 12, 6, 3, seed=3)
+    torch.manual_seed(0)
+    model = SparseCoder(create_encoder(name, d_model=6, n_latents=12, **HEAD_KWARGS.get(name, {})),
+                        Dictionary.from_tensor(atoms)).eval()
+    with torch.no_grad():
+        model.encode(x)  # heads that set themselves up on first use (LISTA) have done so
+        model.save_pretrained(tmp_path / name)
+        assert torch.equal(SparseCoder.from_pretrained(tmp_path / name).encode(x), model.encode(x))
