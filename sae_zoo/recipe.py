@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,16 +21,18 @@ from typing import Any, Optional
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ._io import atomic_write, atomic_write_json, atomic_write_text
+from ._io import atomic_write_json, atomic_write_text
 from ._signature import UnknownArgumentError, check_kwargs
 from .data import DATAMODULES, PAPER_SEED
 from .dictionary import Dictionary
 from .encoders import create_encoder, get_encoder_class
+from .hub import load_sae
 from .model import SparseCoder
 
 SETTINGS = ("known_codes", "known_dictionary", "unknown")
@@ -59,6 +62,10 @@ class Recipe:
     imports: list[str] = field(default_factory=list)
 
 
+#: A recipe may hold a ``quick:`` mapping: the keys ``--quick`` replaces, for a run of minutes.
+QUICK_KEY = "quick"
+
+
 #: Trainer arguments a recipe starts from; any ``lightning.Trainer`` argument may be set under ``trainer``.
 TRAINER_DEFAULTS: dict[str, Any] = {"accelerator": "auto", "devices": 1, "log_every_n_steps": 100,
                                     "enable_model_summary": False, "enable_checkpointing": False}
@@ -72,21 +79,30 @@ class RecipeError(ValueError):
     """A recipe that cannot be run; the message names the file and key at fault."""
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Read a recipe (or start from the defaults when ``path`` is None), apply ``key=value``
-    overrides, and check every key. Returns the resolved, validated config."""
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                quick: bool = False) -> DictConfig:
+    """Read a recipe (or start from the defaults when ``path`` is None), apply its ``quick`` preset
+    when asked, then ``key=value`` overrides, and check every key. Returns the resolved, validated config."""
     source = str(path) if path is not None else "<default recipe>"
-    content: dict[str, Any] = {}
-    if path is not None:
-        try:
-            content = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise RecipeError(f"{source}: no such recipe file") from None
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{source}: not valid YAML: {e}") from None
-        if not isinstance(content, (dict, type(None))):
-            raise RecipeError(f"{source}: a recipe must be a YAML mapping of keys, got {type(content).__name__}")
-        content = content or {}
+    content = apply_quick(read_recipe_file(path) if path is not None else {}, quick, source)
+    return recipe_from_content(content, overrides, source)
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(content, (dict, type(None))):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys, got {type(content).__name__}")
+    return content or {}
+
+
+def recipe_from_content(content: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+                        source: str = "<recipe>") -> DictConfig:
+    """The validated recipe of ``content`` (a recipe file's mapping) with ``key=value`` overrides."""
     assignments, deletions = [], []
     for item in overrides:
         if item.startswith("~"):
@@ -124,6 +140,17 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
 #: Sections that hold keyword arguments: a recipe that gives one replaces the default section whole
 #: (an ``encoder: {name: fista}`` must not inherit the default SAE's ``bias``).
 KWARG_SECTIONS = ("data", "encoder", "dictionary", "model", "trainer")
+
+
+def apply_quick(content: dict[str, Any], quick: bool, source: str) -> dict[str, Any]:
+    """``content`` without its ``quick`` preset, or (``quick=True``) with the preset merged over it."""
+    content = dict(content)
+    preset = content.pop(QUICK_KEY, None)
+    if not quick:
+        return content
+    if not isinstance(preset, dict):
+        raise RecipeError(f"{source}: --quick needs a '{QUICK_KEY}:' mapping in the recipe")
+    return OmegaConf.to_container(OmegaConf.merge(content, preset))
 
 
 def _with_defaults(content: dict[str, Any]) -> DictConfig:
@@ -204,12 +231,26 @@ def validate(cfg: DictConfig) -> None:
     check_kwargs(encoder_cls.__init__, encoder_kwargs, what=f"encoder {encoder_name!r}",
                  skip=("d_model", "n_latents"), key_prefix="encoder.")
     dictionary_kwargs = _plain(cfg.dictionary)
-    if dictionary_kwargs and cfg.setting != "unknown":
-        raise ValueError(f"dictionary.{next(iter(dictionary_kwargs))}: the {cfg.setting} setting uses the data's "
-                         "true dictionary; dictionary keys apply to setting=unknown only")
-    n_latents = dictionary_kwargs.pop("n_latents", 1)
+    ground_truth = DATAMODULES[data_name].ground_truth
+    pretrained = dictionary_kwargs.pop("pretrained", None)
+    if cfg.setting == "known_codes" and not ground_truth:
+        raise ValueError(f"setting: data {data_name!r} has no true codes to train on; use unknown or known_dictionary")
+    if pretrained is not None:
+        if cfg.setting == "known_codes":
+            raise ValueError("dictionary.pretrained: applies to setting=known_dictionary (frozen) or unknown (trained on)")
+        if dictionary_kwargs:
+            raise ValueError(f"dictionary.{next(iter(dictionary_kwargs))}: a pretrained dictionary brings its own shape")
+    elif cfg.setting != "unknown":
+        if not ground_truth:
+            raise ValueError(f"dictionary.pretrained: data {data_name!r} has no true dictionary; the "
+                             f"{cfg.setting} setting needs dictionary.pretrained (a run directory, an SAE folder or repo)")
+        if dictionary_kwargs:
+            raise ValueError(f"dictionary.{next(iter(dictionary_kwargs))}: the {cfg.setting} setting uses the data's "
+                             "true dictionary; dictionary keys apply to setting=unknown only")
+    n_latents = dictionary_kwargs.pop("n_latents", 1 if ground_truth or pretrained or cfg.setting != "unknown" else None)
     if not isinstance(n_latents, int) or n_latents < 1:
-        raise ValueError(f"dictionary.n_latents must be a positive integer, got {n_latents!r}")
+        raise ValueError(f"dictionary.n_latents must be a positive integer, got {n_latents!r}"
+                         + ("" if ground_truth else f" (data {data_name!r} has no true latent count to default to)"))
     check_kwargs(Dictionary.__init__, dictionary_kwargs, what="the dictionary",
                  skip=("n_latents", "d_model", "trainable"), key_prefix="dictionary.")
     check_kwargs(SparseCoder.__init__, _plain(cfg.model), what="SparseCoder",
@@ -223,28 +264,52 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, SparseCoder]:
     import_modules(list(cfg.imports))
     data_name, data_kwargs = _named(cfg.data, "data")
     datamodule = DATAMODULES[data_name](**data_kwargs)
-    n_true, d_model = datamodule.n_latents, datamodule.d_model
+    d_model = datamodule.d_model
     dictionary_kwargs = _plain(cfg.dictionary)
-    n_latents = dictionary_kwargs.pop("n_latents", n_true)
+    pretrained = dictionary_kwargs.pop("pretrained", None)
+    pretrained_dictionary = None
+    if pretrained is not None:
+        pretrained_dictionary = load_sae(pretrained, trainable=cfg.setting == "unknown").dictionary.train()
+        if pretrained_dictionary.d_model != d_model:
+            raise RecipeError(f"dictionary.pretrained: {pretrained} has atoms of width {pretrained_dictionary.d_model}, "
+                              f"but the data's inputs are {d_model} wide")
+    n_latents = (pretrained_dictionary.n_latents if pretrained_dictionary is not None
+                 else dictionary_kwargs.pop("n_latents", datamodule.n_latents))
 
     L.seed_everything(cfg.seed, verbose=False)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed + INIT_SEED_OFFSET)
         encoder_name, encoder_kwargs = _named(cfg.encoder, "encoder")
+        warm_start = encoder_kwargs.get("warm_start")
+        if isinstance(warm_start, dict) and "pretrained" in warm_start:  # a trained head, e.g. the SAE's own
+            source = warm_start["pretrained"]
+            head = load_sae(source).encoder
+            if head is None:
+                raise RecipeError(f"encoder.warm_start.pretrained: {source} has no encoder head to start from")
+            encoder_kwargs["warm_start"] = head.requires_grad_(False)  # used as trained, not trained further
         encoder = create_encoder(encoder_name, d_model=d_model, n_latents=n_latents, **encoder_kwargs)
-        if cfg.setting == "unknown":
+        if pretrained_dictionary is not None:
+            dictionary = pretrained_dictionary
+        elif cfg.setting == "unknown":
             dictionary = Dictionary(n_latents, d_model, trainable=True, **dictionary_kwargs)
-            dictionary.provenance = {"source": "trained with the encoder", "data": data_name}
+            dictionary.provenance = {"source": "trained with the encoder"}
         else:
-            dictionary = Dictionary.from_tensor(datamodule.dictionary, trainable=False, provenance={
-                "source": "the data's true dictionary", "data": data_name, "data_seed": datamodule.hparams.get("seed")})
+            dictionary = Dictionary.from_tensor(datamodule.dictionary, trainable=False,
+                                                provenance={"source": "the data's true dictionary"})
     model = SparseCoder(encoder, dictionary, supervised=cfg.setting == "known_codes",
                         true_dictionary=datamodule.dictionary if cfg.setting == "unknown" else None,
                         **_plain(cfg.model))
     return datamodule, model
 
 
+#: Set by rank 0 before Lightning starts the other ranks of a multi-device run, so they all write
+#: to the run directory rank 0 chose (its default name holds the start time).
+RUN_DIR_ENV = "SAE_ZOO_RUN_DIR"
+
+
 def default_run_dir(cfg: DictConfig, recipe_name: str) -> Path:
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("runs") / recipe_name / f"{cfg.encoder.name}-seed{cfg.seed}-{stamp}"
     run_dir, n = base, 1
@@ -259,13 +324,30 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True) -> 
 
     The run directory holds ``config.yaml`` (the resolved recipe), ``model.ckpt`` (a Lightning
     checkpoint: ``SparseCoder.load_from_checkpoint``), ``logs/metrics.csv`` and ``metrics.json``.
+    With several devices (``trainer.devices``, ``trainer.strategy``) every rank trains and only rank
+    zero writes.
     """
+    rank_zero = rank_zero_only.rank == 0
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, recipe_name)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if rank_zero and run_dir.exists() and any(run_dir.iterdir()):
         raise RecipeError(f"run_dir: {run_dir} already exists and is not empty; choose another run_dir")
     datamodule, model = build(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    if rank_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        return _train_and_test(cfg, datamodule, model, run_dir, progress)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
+
+
+def _train_and_test(cfg: DictConfig, datamodule: L.LightningDataModule, model: SparseCoder, run_dir: Path,
+                    progress: bool) -> tuple[Path, dict[str, Any]]:
 
     trainer_kwargs = {**TRAINER_DEFAULTS, "enable_progress_bar": progress, **_plain(cfg.trainer)}
     callbacks = [TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)] if trainer_kwargs["enable_progress_bar"] else []
@@ -274,16 +356,22 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True) -> 
     start = time.perf_counter()
     if any(p.requires_grad for p in model.parameters()):
         trainer.fit(model, datamodule=datamodule)
-    # else: a pure inference head (e.g. FISTA) on a known dictionary has nothing to train
+    # else: a pure inference head (e.g. FISTA) on a frozen dictionary has nothing to train
     train_seconds = time.perf_counter() - start
     tested = trainer.test(model, datamodule=datamodule, verbose=False)[0]
-    atomic_write(run_dir / "model.ckpt", lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
+    model.dictionary.provenance = {**datamodule.describe(), **model.dictionary.provenance}
+    # saving is collective (rank zero writes); only rank zero moves the file into place
+    partial = run_dir / ".model.ckpt.partial"
+    trainer.save_checkpoint(partial, weights_only=False)
+    if not trainer.is_global_zero:
+        return run_dir, {}
+    os.replace(partial, run_dir / "model.ckpt")
     metrics = {
         "setting": cfg.setting, "encoder": cfg.encoder.name, "seed": cfg.seed,
         "data_seed": datamodule.hparams.get("seed"), "steps": trainer.global_step,
-        "train_seconds": round(train_seconds, 3),
+        "train_seconds": round(train_seconds, 3), "devices": trainer.world_size,
         "test": {key.removeprefix("test/"): float(value) for key, value in sorted(tested.items())},
     }
-    if trainer.is_global_zero:
-        atomic_write_json(run_dir / "metrics.json", metrics)
+    metrics["test"].update(datamodule.downstream_metrics(model))
+    atomic_write_json(run_dir / "metrics.json", metrics)
     return run_dir, metrics

@@ -1,7 +1,10 @@
-"""Datamodules: the paper's synthetic data (language-model activations to follow)."""
+"""Datamodules: the paper's synthetic data, and activations of a language model."""
 
+from .activations import ActivationDataModule, ShardedActivations
 from .synthetic import PAPER_SEED, SyntheticSparseDataModule, generate_sparse_data
 
-DATAMODULES = {"synthetic": SyntheticSparseDataModule}
+#: recipe ``data.name`` -> datamodule
+DATAMODULES = {"synthetic": SyntheticSparseDataModule, "activations": ActivationDataModule}
 
-__all__ = ["DATAMODULES", "PAPER_SEED", "SyntheticSparseDataModule", "generate_sparse_data"]
+__all__ = ["DATAMODULES", "PAPER_SEED", "ActivationDataModule", "ShardedActivations", "SyntheticSparseDataModule",
+           "generate_sparse_data"]

@@ -8,6 +8,7 @@ format                 files                                       encoder repro
 ``sparsify``           ``cfg.json`` + ``sae.safetensors``          ``topk`` activation -> ``topk``
 ``dictionary_learning``  ``config.json`` + ``ae.pt``               ``AutoEncoder`` -> ``linear``, ``AutoEncoderTopK`` -> ``topk``
 ``sae_zoo``            ``config.json`` + ``model.safetensors``     the saved head
+``sae_zoo_run``        ``config.yaml`` + ``model.ckpt``            the run's head (a ``sae-zoo fit`` run)
 =====================  ==========================================  =====================================
 
 The three libraries encode ``x - b_dec`` (SAELens when ``apply_b_dec_to_input``), which the heads
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 #: format -> (config file, weights file); load_sae recognises a format by these two files
 FORMAT_FILES = {
     "sae_zoo": ("config.json", "model.safetensors"),
+    "sae_zoo_run": ("config.yaml", "model.ckpt"),  # a run directory written by sae-zoo fit
     "saelens": ("cfg.json", "sae_weights.safetensors"),
     "sparsify": ("cfg.json", "sae.safetensors"),
     "dictionary_learning": ("config.json", "ae.pt"),
@@ -97,14 +99,16 @@ def load_sae(source: str | Path, *, format: str | None = None, subfolder: str | 
         format = detect_format(list_files(source, subfolder=subfolder, revision=revision, token=token), where)
     download = {"subfolder": subfolder, "revision": revision, "token": token, "cache_dir": cache_dir,
                 "force_download": force_download, "local_files_only": local_files_only}
-    if format == "sae_zoo":
+    if format in ("sae_zoo", "sae_zoo_run"):
         from ..model import SparseCoder
+        from .run import load_run
 
         if subfolder:
             raise ValueError("subfolder applies to SAELens, sparsify and dictionary_learning repos")
-        model = SparseCoder.from_pretrained(source, **{k: v for k, v in download.items() if k != "subfolder"})
-        model.dictionary.weight.requires_grad_(trainable)
-        return PretrainedSAE(model.dictionary, model.encoder, "sae_zoo", dict(model.dictionary.provenance))
+        model = (load_run(source)[0] if format == "sae_zoo_run" else
+                 SparseCoder.from_pretrained(source, **{k: v for k, v in download.items() if k != "subfolder"}))
+        model.dictionary.requires_grad_(trainable)
+        return PretrainedSAE(model.dictionary, model.encoder, format, dict(model.dictionary.provenance))
     config_path, weights_path = (resolve_file(source, name, **download) for name in FORMAT_FILES[format])
     provenance = {"format": format, "source": str(source), "subfolder": subfolder, "revision": revision}
     loader = {"saelens": _saelens, "sparsify": _sparsify, "dictionary_learning": _dictionary_learning}[format]

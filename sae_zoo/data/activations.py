@@ -1,0 +1,389 @@
+"""Activations of a language model as training data, collected once into an on-disk cache.
+
+``ActivationDataModule`` tokenises a text dataset (``datasets``) into fixed context windows, runs a
+causal LM (``transformers``) over them under ``torch.no_grad()``, and writes the activations at a
+hook point to shards of a cache folder:
+
+* ``manifest.json``: what was collected (model, revision, hook, dataset, context length, BOS
+  handling, dtype, token counts), the activation width, the scale factor and the shards done.
+* ``test-00000.npy``, ...: held-out activations, one row per token, whole contexts per shard;
+  ``test-tokens-00000.npy``, ...: their token ids (for the CE-loss evaluation).
+* ``train-00000.npy``, ...: training activations.
+
+Each shard is written to a temporary file and renamed, then the manifest is updated the same way;
+an interrupted collection resumes after the last shard the manifest lists, so nothing is lost or
+written twice. A cache whose manifest describes other data is refused. Training reads the shards
+memory-mapped, mixing rows across a shuffle buffer of many contexts; each rank of a multi-device
+run reads only its slice of every global batch, so N devices see exactly the batches one device would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+
+from .._io import atomic_write, atomic_write_json
+from ..lm import (HookPoint, load_language_model, max_context, next_token_loss, read_activations, resolve_hook,
+                  resolve_package_path)
+
+MANIFEST = "manifest.json"
+CACHE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 kept as raw bits
+#: identity keys: a cache is reused only when all of them match the recipe
+IDENTITY_KEYS = ("model", "gguf_file", "revision", "model_dtype", "hook", "dataset", "dataset_config", "data_files",
+                 "split", "text_column", "context_len", "prepend_bos", "drop_bos", "cache_dtype", "n_train_tokens",
+                 "n_test_tokens", "shard_tokens")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, write)
+
+
+def _to_numpy(x: Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return x.to(getattr(torch, dtype)).numpy()
+
+
+def _from_numpy(a: np.ndarray, dtype: str) -> Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.int16).view(torch.bfloat16).float() if dtype == "bfloat16" else t.float()
+
+
+class ShardedActivations(IterableDataset):
+    """Batches of rows of memory-mapped shards.
+
+    ``shuffle=True``: rows are permuted within consecutive windows of ``shuffle_buffer`` rows (fresh
+    permutations every pass, seeded), grouped into global batches of ``batch_size`` (an incomplete
+    last one is dropped), and this rank yields rows ``[rank * b / world, (rank + 1) * b / world)`` of
+    each. ``shuffle=False``: rows in order, every batch split across ranks, nothing dropped.
+    """
+
+    def __init__(self, files: list[Path], dtype: str, batch_size: int, *, scale: float = 1.0, shuffle: bool = False,
+                 shuffle_buffer: int = 65536, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if shuffle and batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must divide evenly across {world_size} devices")
+        self.files, self.dtype, self.batch_size, self.scale = files, dtype, batch_size, scale
+        self.shuffle, self.shuffle_buffer, self.seed = shuffle, max(shuffle_buffer, batch_size), seed
+        self.rank, self.world_size = rank, world_size
+        self.arrays = [np.load(f, mmap_mode="r") for f in files]
+        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = int(self.offsets[-1])
+        return n // self.batch_size if self.shuffle else math.ceil(n / self.batch_size)
+
+    def rows(self, index: np.ndarray) -> Tensor:
+        """The rows at global ``index`` (in that order), as float32, scaled."""
+        shard = np.searchsorted(self.offsets, index, side="right") - 1
+        out = np.empty((len(index), self.arrays[0].shape[1]), dtype=self.arrays[0].dtype)
+        for s in np.unique(shard):
+            where = shard == s
+            local = index[where] - self.offsets[s]
+            order = np.argsort(local)  # read each shard front to back
+            out[np.flatnonzero(where)[order]] = self.arrays[s][local[order]]
+        return _from_numpy(out, self.dtype) * self.scale
+
+    def __iter__(self) -> Iterator[Tensor]:
+        n = int(self.offsets[-1])
+        if not self.shuffle:
+            for start in range(0, n, self.batch_size):
+                rows = np.arange(start, min(start + self.batch_size, n))
+                mine = np.array_split(rows, self.world_size)[self.rank]
+                yield self.rows(mine)
+            return
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        order = np.concatenate([start + rng.permutation(min(self.shuffle_buffer, n - start))
+                                for start in range(0, n, self.shuffle_buffer)])
+        per_rank = self.batch_size // self.world_size
+        for start in range(0, n - self.batch_size + 1, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            yield self.rows(batch[self.rank * per_rank:(self.rank + 1) * per_rank])
+
+
+class ActivationDataModule(L.LightningDataModule):
+    """Activations of ``model`` at ``hook`` on a text dataset; see the module docstring.
+
+    ``model``: a Hub id, a local directory or ``package:NAME`` (``gguf_file`` for GGUF checkpoints).
+    ``dataset``: a ``datasets`` name (``"text"``, ``"json"``, a Hub dataset) with ``dataset_config``,
+    ``data_files`` (``package:NAME/glob`` allowed), ``split``, ``text_column`` and ``streaming``.
+    Documents are tokenised without special tokens, joined with EOS, and cut into windows of
+    ``context_len`` tokens (the first a BOS when ``prepend_bos``); ``drop_bos`` leaves BOS positions
+    out of the data (their activations are outliers). ``normalize`` scales activations by one factor so
+    that their mean norm is ``sqrt(d_model)`` (measured on the first training shard; kept in the
+    manifest). ``batch_size`` is in tokens; ``model_batch_size`` contexts go through the LM at once.
+    """
+
+    #: real activations have no true codes or dictionary to score against
+    ground_truth = False
+
+    def __init__(self, model: str, hook: str, *, gguf_file: str | None = None, revision: str | None = None,
+                 model_dtype: str = "float32", dataset: str = "text", dataset_config: str | None = None,
+                 data_files: str | list[str] | None = None, split: str = "train", text_column: str = "text",
+                 streaming: bool = False, context_len: int = 128, prepend_bos: bool = True, drop_bos: bool = True,
+                 n_train_tokens: int = 1_000_000, n_test_tokens: int = 16_384, shard_tokens: int = 262_144,
+                 cache_dir: str | None = None, cache_dtype: str = "float32", normalize: bool = True,
+                 batch_size: int = 4096, model_batch_size: int = 32, shuffle_buffer: int = 262_144,
+                 ce_contexts: int = 32, device: str = "auto", seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"data.cache_dtype: {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
+        if context_len < 2 + prepend_bos:
+            raise ValueError(f"data.context_len must be at least {2 + prepend_bos}, got {context_len}")
+        if min(n_train_tokens, n_test_tokens, batch_size, model_batch_size) < 1:
+            raise ValueError("data.n_train_tokens, n_test_tokens, batch_size and model_batch_size must be positive")
+        self.identity = {"model": model, "gguf_file": gguf_file, "revision": revision, "model_dtype": model_dtype,
+                         "hook": hook, "dataset": dataset, "dataset_config": dataset_config, "data_files": data_files,
+                         "split": split, "text_column": text_column, "context_len": context_len,
+                         "prepend_bos": prepend_bos, "drop_bos": drop_bos, "cache_dtype": cache_dtype,
+                         "n_train_tokens": n_train_tokens, "n_test_tokens": n_test_tokens,
+                         "shard_tokens": shard_tokens}
+        key = hashlib.sha1(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:12]
+        self.cache_dir = Path(cache_dir) if cache_dir else Path("runs") / "activation_cache" / key
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.tokens_per_context = context_len - (prepend_bos and drop_bos)
+        self._lm: tuple[torch.nn.Module, Any, HookPoint] | None = None
+        self._manifest: dict[str, Any] | None = None
+        # no ground truth on real data: no true codes, no true dictionary
+        self.n_latents, self.dictionary = None, None
+
+    # ---- the language model, the text and the checks made before any long work ----
+
+    def language_model(self) -> tuple[torch.nn.Module, Any, HookPoint]:
+        """``(lm, tokenizer, hook point)``, loaded once; checks the hook and the context length."""
+        if self._lm is None:
+            h = self.hparams
+            lm, tokenizer = load_language_model(h.model, gguf_file=h.gguf_file, revision=h.revision,
+                                                dtype=h.model_dtype, device=self.device)
+            hook = resolve_hook(lm, h.hook)
+            limit = max_context(lm)
+            if limit is not None and h.context_len > limit:
+                raise ValueError(f"data.context_len {h.context_len} is longer than {h.model} allows ({limit})")
+            if h.prepend_bos and tokenizer.bos_token_id is None:
+                raise ValueError(f"data.prepend_bos: the tokenizer of {h.model} has no BOS token; set prepend_bos=false")
+            self._lm = (lm, tokenizer, hook)
+        return self._lm
+
+    def documents(self) -> Iterator[str]:
+        import datasets
+
+        h = self.hparams
+        files = h.data_files
+        if files is not None:
+            files = [resolve_package_path(f) for f in ([files] if isinstance(files, str) else files)]
+        ds = datasets.load_dataset(h.dataset, h.dataset_config, data_files=files, split=h.split, streaming=h.streaming)
+        for row in ds:
+            if h.text_column not in row:
+                raise ValueError(f"data.text_column: the dataset {h.dataset!r} has no column {h.text_column!r}; "
+                                 f"its columns are {', '.join(row)}")
+            yield row[h.text_column]
+
+    def contexts(self) -> Iterator[Tensor]:
+        """Token windows ``(context_len,)`` in a fixed order."""
+        _, tokenizer, _ = self.language_model()
+        h = self.hparams
+        body = h.context_len - h.prepend_bos
+        buffer: list[int] = []
+        for text in self.documents():
+            buffer += tokenizer(text, add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                buffer.append(tokenizer.eos_token_id)
+            while len(buffer) >= body:
+                window, buffer = buffer[:body], buffer[body:]
+                yield torch.tensor(([tokenizer.bos_token_id] if h.prepend_bos else []) + window)
+
+    def _n_contexts(self, n_tokens: int) -> int:
+        return math.ceil(n_tokens / self.tokens_per_context)
+
+    # ---- the cache ----
+
+    def manifest(self) -> dict[str, Any] | None:
+        path = self.cache_dir / MANIFEST
+        if not path.exists():
+            return None
+        manifest = json.loads(path.read_text())
+        differing = {k: (manifest.get("identity", {}).get(k), v) for k, v in self.identity.items()
+                     if manifest.get("identity", {}).get(k) != v}
+        if differing:
+            detail = "; ".join(f"{k}: cache has {a!r}, recipe asks {b!r}" for k, (a, b) in differing.items())
+            raise ValueError(f"{path} describes other activations ({detail}); point data.cache_dir elsewhere "
+                             "or delete that cache")
+        return manifest
+
+    def _save_manifest(self, manifest: dict[str, Any]) -> None:
+        atomic_write_json(self.cache_dir / MANIFEST, manifest)
+
+    @property
+    def complete(self) -> bool:
+        manifest = self.manifest()
+        return bool(manifest and all(manifest["splits"][s]["complete"] for s in ("test", "train")))
+
+    def prepare_data(self) -> None:
+        """Collect whatever the cache lacks (resuming after the last shard written)."""
+        if self.complete:
+            return
+        lm, _, hook = self.language_model()
+        h = self.hparams
+        manifest = self.manifest() or {"identity": self.identity, "splits": {
+            s: {"shards": [], "contexts_done": 0, "complete": False} for s in ("test", "train")}}
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        n_test, n_train = self._n_contexts(h.n_test_tokens), self._n_contexts(h.n_train_tokens)
+        per_shard = max(1, h.shard_tokens // self.tokens_per_context)
+        done = manifest["splits"]["test"]["contexts_done"] + manifest["splits"]["train"]["contexts_done"]
+        stream = self.contexts()
+        for _ in range(done):  # skip what the cache holds
+            next(stream)
+        progress = tqdm(total=(n_test + n_train) * self.tokens_per_context, initial=done * self.tokens_per_context,
+                        desc=f"collecting {h.hook} activations", unit="tok", disable=None)
+        for split, total in (("test", n_test), ("train", n_train)):
+            state = manifest["splits"][split]
+            while state["contexts_done"] < total:
+                count = min(per_shard, total - state["contexts_done"])
+                windows = [next(stream, None) for _ in range(count)]
+                if windows[-1] is None:
+                    raise ValueError(f"data: the dataset ran out after {done} contexts of {h.context_len} tokens; "
+                                     "lower n_train_tokens/n_test_tokens or add text")
+                tokens = torch.stack(windows)
+                acts = torch.cat([read_activations(lm, hook, chunk).float().cpu()
+                                  for chunk in tokens.split(h.model_batch_size)])
+                if "d_model" not in manifest:
+                    manifest["d_model"] = int(acts.shape[-1])
+                if h.prepend_bos and h.drop_bos:
+                    acts = acts[:, 1:]
+                index = len(state["shards"])
+                name = f"{split}-{index:05d}.npy"
+                rows = _to_numpy(acts.reshape(-1, acts.shape[-1]), h.cache_dtype)
+                shard = {"file": name, "tokens": int(rows.shape[0])}
+                _save_npy(self.cache_dir / name, rows)
+                if split == "test":  # the token ids too, for the CE-loss evaluation
+                    shard["token_ids"] = f"test-tokens-{index:05d}.npy"
+                    _save_npy(self.cache_dir / shard["token_ids"], tokens.numpy().astype(np.int64))
+                state["shards"].append(shard)
+                state["contexts_done"] += count
+                done += count
+                state["complete"] = state["contexts_done"] >= total
+                if split == "train" and "scale" not in manifest:
+                    norms = _from_numpy(rows, h.cache_dtype).norm(dim=-1).mean().item()
+                    manifest["scale"] = math.sqrt(rows.shape[1]) / norms if norms > 0 else 1.0
+                self._save_manifest(manifest)
+                progress.update(count * self.tokens_per_context)
+        progress.close()
+
+    # ---- serving ----
+
+    def _checked_manifest(self) -> dict[str, Any]:
+        if self._manifest is None:
+            if not self.complete:
+                self.prepare_data()
+            self._manifest = self.manifest()
+        return self._manifest
+
+    @property
+    def d_model(self) -> int:
+        """The activation width: from the cache, or else by loading the model and reading one context,
+        which checks the hook, the context length and the dataset before any long work."""
+        manifest = self.manifest()
+        if manifest and "d_model" in manifest:
+            return int(manifest["d_model"])
+        lm, _, hook = self.language_model()
+        probe = next(self.contexts(), None)
+        if probe is None:
+            raise ValueError(f"data: the dataset holds less than one context of {self.hparams.context_len} tokens")
+        return int(read_activations(lm, hook, probe[None]).shape[-1])
+
+    def describe(self) -> dict[str, Any]:
+        """Where the activations came from, for the decoder's provenance and the model card."""
+        h = self.hparams
+        return {"data": "activations", "model_name": h.model, "hook_name": h.hook, "dataset": h.dataset,
+                "context_len": h.context_len, "input_scale": self.scale}
+
+    @property
+    def scale(self) -> float:
+        return float(self._checked_manifest()["scale"]) if self.hparams.normalize else 1.0
+
+    def _dataset(self, split: str, shuffle: bool) -> ShardedActivations:
+        manifest = self._checked_manifest()
+        files = [self.cache_dir / s["file"] for s in manifest["splits"][split]["shards"]]
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return ShardedActivations(files, self.hparams.cache_dtype, self.hparams.batch_size, scale=self.scale,
+                                  shuffle=shuffle, shuffle_buffer=self.hparams.shuffle_buffer, seed=self.hparams.seed,
+                                  rank=rank, world_size=world)
+
+    def _loader(self, dataset: ShardedActivations) -> DataLoader:
+        return DataLoader(dataset, batch_size=None, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("train", shuffle=True))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("test", shuffle=False))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("test", shuffle=False))
+
+    def test_x(self) -> Tensor:
+        """All held-out activations (scaled), in order."""
+        ds = self._dataset("test", shuffle=False)
+        return ds.rows(np.arange(int(ds.offsets[-1])))
+
+    # ---- what matters for a language model ----
+
+    @torch.no_grad()
+    def downstream_metrics(self, coder: torch.nn.Module) -> dict[str, float]:
+        """CE-loss recovered on ``ce_contexts`` held-out contexts: the LM's next-token loss with the
+        hook's activations replaced by ``coder``'s reconstruction, against the clean loss and the loss
+        with them zeroed: ``1 - (CE_recon - CE_clean) / (CE_zero - CE_clean)``."""
+        self._checked_manifest()
+        lm, _, hook = self.language_model()
+        shards = self._checked_manifest()["splits"]["test"]["shards"]
+        tokens = torch.from_numpy(np.concatenate([np.load(self.cache_dir / s["token_ids"]) for s in shards]))
+        tokens = tokens[: self.hparams.ce_contexts]
+        keep_first = self.hparams.prepend_bos and self.hparams.drop_bos
+        scale = self.scale
+        device = next(coder.parameters(), torch.empty(0)).device
+
+        def spliced(fn):
+            def replace(acts: Tensor) -> Tensor:
+                new = fn(acts)
+                if keep_first:  # BOS positions were not in the data: leave them as they were
+                    new = torch.cat([acts[:, :1], new[:, 1:]], dim=1)
+                return new
+            return replace
+
+        def reconstruct(acts: Tensor) -> Tensor:
+            x_hat, _ = coder((acts.float() * scale).to(device))
+            return (x_hat / scale).to(acts.dtype).to(acts.device)
+
+        losses = {"ce_clean": [], "ce_zero_ablation": [], "ce_spliced": []}
+        was_training = coder.training
+        coder.eval()  # inference behaviour (an iterative head solves instead of returning its warm start)
+        try:
+            for chunk in tokens.split(self.hparams.model_batch_size):
+                losses["ce_clean"].append(next_token_loss(lm, chunk))
+                losses["ce_zero_ablation"].append(next_token_loss(lm, chunk, hook, spliced(torch.zeros_like)))
+                losses["ce_spliced"].append(next_token_loss(lm, chunk, hook, spliced(reconstruct)))
+        finally:
+            coder.train(was_training)
+        weights = torch.tensor([len(c) for c in tokens.split(self.hparams.model_batch_size)], dtype=torch.float64)
+        means = {k: float((torch.stack(v).double().cpu() * weights).sum() / weights.sum()) for k, v in losses.items()}
+        gap = means["ce_zero_ablation"] - means["ce_clean"]
+        means["ce_loss_recovered"] = 1 - (means["ce_spliced"] - means["ce_clean"]) / gap if gap else float("nan")
+        return means

@@ -1,0 +1,136 @@
+"""Suites: several runs from one recipe file, compared in one table and plot.
+
+A suite recipe has ``base`` (a recipe every run starts from), ``runs`` (a list of ``{name, label,
+recipe}``) and optionally ``title`` and ``quick`` (keys replaced under ``--quick``). A run's
+``recipe`` replaces the base's ``encoder`` and ``dictionary`` sections whole (heads take different
+arguments) and merges into the others. A string ``run:NAME`` anywhere in it becomes the directory of
+the earlier run ``NAME``: ``dictionary: {pretrained: run:sae}`` puts a head in front of that SAE's
+frozen decoder, ``warm_start: {pretrained: run:sae}`` seeds an iterative head with its encoder.
+``sae-zoo fit SUITE.yaml [--quick] [key=value ...]`` runs them in order (overrides apply to every
+run) and writes ``comparison.csv``, ``comparison.md`` and ``comparison.png`` beside the run directories.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from ._io import atomic_write, atomic_write_text
+from .recipe import RecipeError, apply_quick, fit, read_recipe_file, recipe_from_content
+
+REPLACED_SECTIONS = ("encoder", "dictionary")
+RUN_REFERENCE = "run:"
+#: comparison columns: (metrics.json test key, header, format)
+COLUMNS = [("fvu", "FVU", "{:.4f}"), ("l0", "L0", "{:.1f}"), ("dead_latents", "dead", "{:.3f}"),
+           ("ce_loss_recovered", "CE recovered", "{:.3f}"), ("ce_spliced", "CE spliced", "{:.3f}"),
+           ("mcc", "MCC", "{:.3f}")]
+
+
+def is_suite(path: str | Path) -> bool:
+    return "runs" in read_recipe_file(path)
+
+
+def _merge_run(base: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    merged = OmegaConf.to_container(OmegaConf.merge({k: v for k, v in base.items() if k not in run
+                                                     or k not in REPLACED_SECTIONS},
+                                                    {k: v for k, v in run.items() if k not in REPLACED_SECTIONS}))
+    merged.update({k: v for k, v in run.items() if k in REPLACED_SECTIONS})
+    return merged
+
+
+def _resolve_references(value: Any, run_dirs: dict[str, Path], where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _resolve_references(v, run_dirs, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_references(v, run_dirs, where) for v in value]
+    if isinstance(value, str) and value.startswith(RUN_REFERENCE):
+        name = value[len(RUN_REFERENCE):]
+        if name not in run_dirs:
+            raise RecipeError(f"{where}: {value!r} names no earlier run (earlier: {', '.join(run_dirs) or 'none'})")
+        return str(run_dirs[name])
+    return value
+
+
+def run_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, quick: bool = False,
+              out_dir: str | Path | None = None, progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
+    """Run every run of the suite at ``path``; returns ``(output folder, one row of results per run)``."""
+    source = str(path)
+    content = apply_quick(read_recipe_file(path), quick, source)
+    runs, base = content.get("runs"), content.get("base", {})
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) and "name" in r for r in runs):
+        raise RecipeError(f"{source}: 'runs' must be a list of {{name, label, recipe}} mappings")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(out_dir) if out_dir else Path("runs") / f"{Path(path).stem}{'-quick' if quick else ''}-{stamp}"
+    # check every run's recipe before the first one trains (earlier runs' folders are not known yet)
+    planned = {r["name"]: out / r["name"] for r in runs}
+    recipes = []
+    for spec in runs:
+        where = f"{source}: runs[{spec['name']}]"
+        content_ = _resolve_references(_merge_run(base, spec.get("recipe", {})), planned, where)
+        recipes.append(recipe_from_content({**content_, "run_dir": str(planned[spec["name"]])}, overrides, where))
+    rows = []
+    for spec, cfg in zip(runs, recipes):
+        label = spec.get("label", spec["name"])
+        print(f"\n== {label} ==", flush=True)
+        run_dir, metrics = fit(cfg, recipe_name=Path(path).stem, progress=progress)
+        rows.append({"name": spec["name"], "label": label, "run_dir": str(run_dir),
+                     "train_seconds": metrics["train_seconds"], **metrics["test"]})
+    write_comparison(out, content.get("title", Path(path).stem), rows)
+    return out, rows
+
+
+def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    columns = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    header = ["method", *(h for _, h, _ in columns), "train s"]
+    body = [[r["label"], *(f.format(r[k]) if k in r else "-" for k, _, f in columns), f"{r['train_seconds']:.0f}"]
+            for r in rows]
+    return header, body
+
+
+def write_comparison(out: Path, title: str, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    header, body = _table(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=sorted({k for r in rows for k in r}))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "comparison.csv", text.getvalue())
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    atomic_write_text(out / "comparison.md", "\n".join(lines) + "\n")
+
+    has_ce = all("ce_loss_recovered" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_ce else 1, figsize=(11 if has_ce else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for r in rows:
+        ax.scatter(r["l0"], r["fvu"], s=40)
+        ax.annotate(r["label"], (r["l0"], r["fvu"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel="L0 (active latents per token)", ylabel="FVU (held-out)", title="Reconstruction against sparsity")
+    if has_ce:
+        ax = axes[0][1]
+        ax.barh([r["label"] for r in rows], [r["ce_loss_recovered"] for r in rows])
+        ax.set(xlabel="CE-loss recovered", title="Language modelling with the reconstruction spliced in")
+        ax.invert_yaxis()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_write(out / "comparison.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def print_comparison(out: Path, rows: list[dict[str, Any]]) -> None:
+    from .cli import print_table
+
+    header, body = _table(rows)
+    print()
+    print_table(body, header)
+    print(f"\nruns, comparison.csv/.md and comparison.png: {out}")

@@ -1,0 +1,41 @@
+"""A tiny randomly initialised causal LM and its tokenizer, saved as transformers saves models, and
+text files to read: the general by-name/by-path loading code runs on them with no network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = ("the union is strong and the people are free while congress shall make laws for the nation "
+         "and the president reports on the state of the economy trade war peace taxes and the budget").split()
+
+
+def write_corpus(folder: Path, n_files: int = 4, words_per_file: int = 600, seed: int = 0) -> str:
+    """Text files of pseudo-sentences; returns a glob for ``data_files``."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(words_per_file // 12)]
+        (folder / f"speech-{i}.txt").write_text("\n".join(lines) + "\n")
+    return str(folder / "*.txt")
+
+
+def write_tiny_llama(folder: Path, hidden: int = 16, layers: int = 3, max_positions: int = 64, seed: int = 0) -> str:
+    """A 3-block Llama with a word-level tokenizer over WORDS, saved to ``folder``; returns its path."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=fast.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=max_positions, bos_token_id=fast.bos_token_id,
+                         eos_token_id=fast.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return str(folder)

@@ -1,0 +1,204 @@
+"""Language-model activations: the by-name/by-path loading code on a tiny randomly initialised model and
+text written here, the activation cache (resume, refusal), CE-loss recovered, suites and bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lm_fixtures import write_corpus, write_tiny_llama
+
+import sae_zoo.data.activations as activations
+from sae_zoo.data import ActivationDataModule, ShardedActivations
+from sae_zoo.lm import load_language_model, resolve_hook
+from sae_zoo.recipe import RecipeError, fit, recipe_from_content
+
+
+@pytest.fixture(scope="module")
+def lm_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    return write_tiny_llama(root / "model"), write_corpus(root / "text")
+
+
+def data_kwargs(lm_files, cache_dir, **overrides):
+    model, files = lm_files
+    return {"model": model, "hook": "resid_post.1", "data_files": files, "context_len": 16, "n_train_tokens": 1500,
+            "n_test_tokens": 300, "shard_tokens": 400, "batch_size": 100, "model_batch_size": 8,
+            "cache_dir": str(cache_dir), "ce_contexts": 8, "shuffle_buffer": 600, **overrides}
+
+
+def sae_recipe(lm_files, tmp_path, **data):
+    return {"setting": "unknown", "data": {"name": "activations", **data_kwargs(lm_files, tmp_path / "cache", **data)},
+            "dictionary": {"n_latents": 32, "bias": True}, "encoder": {"name": "linear", "subtract_decoder_bias": True},
+            "model": {"l1_coeff": 0.1, "lr": 0.003}, "trainer": {"max_steps": 60, "accelerator": "cpu"},
+            "run_dir": str(tmp_path / "sae")}
+
+
+def test_cached_activations_are_the_models_hidden_states(lm_files, tmp_path):
+    dm = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache"))
+    dm.prepare_data()
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["d_model"] == 16 and manifest["identity"]["hook"] == "resid_post.1"
+    contexts = [manifest["splits"][s]["contexts_done"] for s in ("test", "train")]
+    assert contexts == [20, 100]  # ceil(300 / 15), ceil(1500 / 15): 15 tokens per context once BOS is dropped
+    assert sum(s["tokens"] for s in manifest["splits"]["train"]["shards"]) == 1500
+
+    lm, tokenizer = load_language_model(lm_files[0])
+    shard = manifest["splits"]["test"]["shards"][0]
+    tokens = torch.from_numpy(np.load(tmp_path / "cache" / shard["token_ids"]))
+    assert (tokens[:, 0] == tokenizer.bos_token_id).all()
+    with torch.no_grad():
+        hidden = lm(tokens, output_hidden_states=True).hidden_states[2]  # the output of block 1
+    cached = np.load(tmp_path / "cache" / shard["file"])
+    torch.testing.assert_close(torch.from_numpy(cached), hidden[:, 1:].reshape(-1, 16), atol=1e-5, rtol=1e-5)
+    # served data are scaled so that the mean norm is sqrt(d_model)
+    x = dm.test_x()
+    assert x.shape == (300, 16)
+    train = torch.cat(list(dm._dataset("train", shuffle=False)))
+    assert train.norm(dim=-1)[:390].mean().item() == pytest.approx(16 ** 0.5, rel=1e-4)  # the first shard
+
+
+def test_an_interrupted_collection_resumes_without_losing_or_repeating_anything(lm_files, tmp_path, monkeypatch):
+    ActivationDataModule(**data_kwargs(lm_files, tmp_path / "whole")).prepare_data()
+
+    real, calls = activations.read_activations, {"n": 0}
+
+    def crash_in_the_third_training_shard(*args):
+        calls["n"] += 1
+        if calls["n"] == 12:  # the test shard takes 3 LM batches, each training shard 4
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(activations, "read_activations", crash_in_the_third_training_shard)
+    with pytest.raises(KeyboardInterrupt):
+        ActivationDataModule(**data_kwargs(lm_files, tmp_path / "resumed")).prepare_data()
+    partial = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert 0 < partial["splits"]["train"]["contexts_done"] < 100 and not partial["splits"]["train"]["complete"]
+    monkeypatch.setattr(activations, "read_activations", real)
+    ActivationDataModule(**data_kwargs(lm_files, tmp_path / "resumed")).prepare_data()
+
+    whole, resumed = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("whole", "resumed"))
+    assert resumed == whole
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+    for path in (tmp_path / "whole").glob("*.npy"):
+        assert np.array_equal(np.load(path), np.load(tmp_path / "resumed" / path.name)), path.name
+
+
+def test_a_cache_of_other_activations_is_refused(lm_files, tmp_path):
+    ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache")).prepare_data()
+    other = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache", context_len=12, hook="resid_pre.2"))
+    with pytest.raises(ValueError, match=r"manifest.json describes other activations \(hook: cache has 'resid_post.1', "
+                                         r"recipe asks 'resid_pre.2'; context_len: cache has 16, recipe asks 12\)"):
+        other.prepare_data()
+
+
+def test_ce_loss_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zeros(lm_files, tmp_path):
+    dm = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache"))
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return x, x
+
+    class Zero(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros_like(x), x
+
+    perfect, zero = dm.downstream_metrics(Identity()), dm.downstream_metrics(Zero())
+    assert perfect["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)
+    assert zero["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert perfect["ce_spliced"] == pytest.approx(perfect["ce_clean"], abs=1e-6)
+    assert zero["ce_zero_ablation"] != pytest.approx(zero["ce_clean"])
+
+
+def test_sharded_batches_split_across_ranks_are_the_single_device_batches(tmp_path):
+    rows = np.arange(1000 * 4, dtype=np.float32).reshape(1000, 4)
+    files = []
+    for i, part in enumerate(np.array_split(rows, 3)):
+        files.append(tmp_path / f"s{i}.npy")
+        np.save(files[-1], part)
+    one = list(ShardedActivations(files, "float32", 100, shuffle=True, shuffle_buffer=400, seed=3))
+    two = [list(ShardedActivations(files, "float32", 100, shuffle=True, shuffle_buffer=400, seed=3, rank=r,
+                                   world_size=2)) for r in (0, 1)]
+    assert len(one) == len(two[0]) == len(two[1]) == 10
+    for batch, a, b in zip(one, *two):
+        assert torch.equal(batch, torch.cat([a, b]))
+    seen = torch.cat(one)[:, 0].long() // 4
+    assert sorted(seen.tolist()) == list(range(1000))  # every row once per pass
+    assert not torch.equal(seen, torch.arange(1000))  # and shuffled
+
+
+def test_tiny_model_end_to_end_sae_then_heads_on_its_decoder(lm_files, tmp_path):
+    run_dir, metrics = fit(recipe_from_content(sae_recipe(lm_files, tmp_path)), progress=False)
+    test = metrics["test"]
+    assert 0 < test["fvu"] < 1 and 0 < test["l0"] < 32
+    assert {"ce_clean", "ce_zero_ablation", "ce_spliced", "ce_loss_recovered"} <= test.keys()
+    sae = torch.load(run_dir / "model.ckpt", weights_only=False)
+    assert sae["decoder_provenance"]["hook_name"] == "resid_post.1" and sae["decoder_provenance"]["input_scale"] > 0
+
+    fista = sae_recipe(lm_files, tmp_path)
+    fista.update(setting="known_dictionary", dictionary={"pretrained": str(run_dir)}, run_dir=str(tmp_path / "fista"),
+                 encoder={"name": "fista", "steps": 100, "l1_coeff": 0.1, "warm_start": {"pretrained": str(run_dir)}})
+    _, refined = fit(recipe_from_content(fista), progress=False)
+    assert refined["steps"] == 0  # nothing to train: FISTA seeded by the SAE's own, frozen, encoder
+    assert refined["test"]["fvu"] < test["fvu"]  # optimising the codes beats the amortised encoder
+
+
+def test_a_suite_runs_its_runs_in_order_and_compares_them(lm_files, tmp_path, capsys, monkeypatch):
+    from sae_zoo.cli import main
+
+    recipe = sae_recipe(lm_files, tmp_path)
+    recipe.pop("run_dir")
+    suite = {"title": "tiny", "base": recipe, "runs": [
+        {"name": "sae", "label": "SAE"},
+        {"name": "mlp", "label": "MLP head", "recipe": {"setting": "known_dictionary",
+                                                        "dictionary": {"pretrained": "run:sae"},
+                                                        "encoder": {"name": "mlp", "hidden": 16}}}],
+        "quick": {"base": {"trainer": {"max_steps": 20}}}}
+    path = tmp_path / "suite.yaml"
+    path.write_text(json.dumps(suite))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["fit", str(path), "--quick", "--no-progress", "seed=1"]) == 0
+    out = capsys.readouterr().out
+    assert "MLP head" in out and "CE recovered" in out
+    (folder,) = (tmp_path / "work" / "runs").glob("suite-quick-*")
+    assert {"comparison.csv", "comparison.md", "comparison.png", "sae", "mlp"} <= {p.name for p in folder.iterdir()}
+    mlp = json.loads((folder / "mlp" / "metrics.json").read_text())
+    assert mlp["steps"] == 20 and mlp["seed"] == 1
+
+
+# ---- bad input, each caught before any long work ----
+
+def test_a_hook_that_does_not_exist_lists_close_matches(lm_files, tmp_path):
+    lm, _ = load_language_model(lm_files[0])
+    with pytest.raises(ValueError, match=r"hook 'model.layer.1' is not a module of LlamaForCausalLM.*close matches: "
+                                         r"model.layers.1"):
+        resolve_hook(lm, "model.layer.1")
+    with pytest.raises(ValueError, match=r"hook 'resid_post.7': the model has blocks 0..2"):
+        resolve_hook(lm, "resid_post.7")
+    assert resolve_hook(lm, "blocks.2.hook_resid_pre").side == "input"
+
+
+def test_bad_data_settings_fail_before_collecting(lm_files, tmp_path):
+    with pytest.raises(ValueError, match=r"data.text_column: the dataset 'text' has no column 'body'; its columns are text"):
+        _ = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "c1", text_column="body")).d_model
+    with pytest.raises(ValueError, match=r"data.context_len 100 is longer than .* allows \(64\)"):
+        _ = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "c2", context_len=100)).d_model
+    assert not (tmp_path / "c1").exists() and not (tmp_path / "c2").exists()
+
+
+def test_an_activation_width_that_does_not_match_the_dictionary(lm_files, tmp_path):
+    from sae_zoo import Dictionary, SparseCoder, create_encoder
+
+    SparseCoder(create_encoder("linear", d_model=24, n_latents=8), Dictionary(8, 24)).save_pretrained(tmp_path / "w24")
+    recipe = sae_recipe(lm_files, tmp_path)
+    recipe.update(setting="known_dictionary", dictionary={"pretrained": str(tmp_path / "w24")})
+    with pytest.raises(RecipeError, match=r"dictionary.pretrained: .*w24 has atoms of width 24, but the data's inputs "
+                                          r"are 16 wide"):
+        fit(recipe_from_content(recipe), progress=False)
+    assert not (tmp_path / "cache").exists()  # refused before collecting
+    recipe.update(setting="known_dictionary", dictionary={})
+    with pytest.raises(RecipeError, match=r"data 'activations' has no true dictionary; the known_dictionary setting "
+                                          r"needs dictionary.pretrained"):
+        recipe_from_content(recipe)

@@ -1,0 +1,41 @@
+"""Two CPU processes (Lightning DDP, gloo backend) train exactly what one process trains with the same
+global batch: the activation batches are split across ranks, gradients are averaged, the decoder is
+renormalised on every rank, and the test metrics (torchmetrics states) are synced."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from lm_fixtures import write_corpus, write_tiny_llama
+
+SAE_ZOO = [sys.executable, "-m", "sae_zoo.cli"]
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    model, files = write_tiny_llama(tmp_path / "model"), write_corpus(tmp_path / "text")
+    recipe = {"setting": "unknown",
+              "data": {"name": "activations", "model": model, "hook": "resid_post.1", "data_files": files,
+                       "context_len": 16, "n_train_tokens": 1500, "n_test_tokens": 300, "shard_tokens": 400,
+                       "batch_size": 100, "model_batch_size": 8, "cache_dir": str(tmp_path / "cache"),
+                       "ce_contexts": 8, "shuffle_buffer": 600},
+              "dictionary": {"n_latents": 32, "bias": True},
+              "encoder": {"name": "linear", "subtract_decoder_bias": True},
+              "model": {"l1_coeff": 0.1, "lr": 0.003},
+              "trainer": {"max_steps": 40, "accelerator": "cpu", "limit_val_batches": 0}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    for name, extra in (("one", []), ("two", ["trainer.devices=2", "trainer.strategy=ddp"])):
+        subprocess.run([*SAE_ZOO, "fit", "recipe.yaml", f"run_dir={name}", "--no-progress", *extra], cwd=tmp_path,
+                       check=True, timeout=600, capture_output=True)
+    one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
+    assert (one["devices"], two["devices"]) == (1, 2) and one["steps"] == two["steps"] == 40
+    for key, value in one["test"].items():
+        assert abs(two["test"][key] - value) <= 1e-5 * max(1.0, abs(value)), key
+    weights = [torch.load(tmp_path / n / "model.ckpt", weights_only=False)["state_dict"] for n in ("one", "two")]
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-6, rtol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["config.yaml", "logs", "metrics.json", "model.ckpt"]
+    # and the single run really trained: its weights moved from the initialisation
+    assert one["test"]["fvu"] < 0.9
