@@ -78,17 +78,19 @@ def run_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, 
         label = spec.get("label", spec["name"])
         print(f"\n== {label} ==", flush=True)
         run_dir, metrics = fit(cfg, recipe_name=Path(path).stem, progress=progress)
-        rows.append({"name": spec["name"], "label": label, "run_dir": str(run_dir),
-                     "train_seconds": metrics["train_seconds"], **metrics["test"]})
+        batch = cfg.data.get("batch_size")
+        speed = metrics["steps"] * batch / metrics["train_seconds"] if batch and metrics["train_seconds"] else None
+        rows.append({"name": spec["name"], "label": label, "run_dir": str(run_dir), "steps": metrics["steps"],
+                     "train_seconds": metrics["train_seconds"], "train_tokens_per_s": speed, **metrics["test"]})
     write_comparison(out, content.get("title", Path(path).stem), rows)
     return out, rows
 
 
 def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     columns = [c for c in COLUMNS if any(c[0] in r for r in rows)]
-    header = ["method", *(h for _, h, _ in columns), "train s"]
-    body = [[r["label"], *(f.format(r[k]) if k in r else "-" for k, _, f in columns), f"{r['train_seconds']:.0f}"]
-            for r in rows]
+    header = ["method", *(h for _, h, _ in columns), "train s", "train tok/s"]
+    body = [[r["label"], *(f.format(r[k]) if k in r else "-" for k, _, f in columns), f"{r['train_seconds']:.0f}",
+             f"{r['train_tokens_per_s']:,.0f}" if r.get("train_tokens_per_s") else "-"] for r in rows]
     return header, body
 
 

@@ -2,7 +2,6 @@
 text written here, the activation cache (resume, refusal), CE-loss recovered, suites and bad input."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

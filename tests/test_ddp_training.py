@@ -5,7 +5,6 @@ renormalised on every rank, and the test metrics (torchmetrics states) are synce
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import yaml

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,8 @@ class ActivationDataModule(L.LightningDataModule):
 
     ``model``: a Hub id, a local directory or ``package:NAME`` (``gguf_file`` for GGUF checkpoints).
     ``dataset``: a ``datasets`` name (``"text"``, ``"json"``, a Hub dataset) with ``dataset_config``,
-    ``data_files`` (``package:NAME/glob`` allowed), ``split``, ``text_column`` and ``streaming``.
+    ``data_files`` (``package:NAME/glob`` allowed; with ``"text"`` each file is one document),
+    ``split``, ``text_column`` and ``streaming``.
     Documents are tokenised without special tokens, joined with EOS, and cut into windows of
     ``context_len`` tokens (the first a BOS when ``prepend_bos``); ``drop_bos`` leaves BOS positions
     out of the data (their activations are outliers). ``normalize`` scales activations by one factor so
@@ -188,7 +190,10 @@ class ActivationDataModule(L.LightningDataModule):
         files = h.data_files
         if files is not None:
             files = [resolve_package_path(f) for f in ([files] if isinstance(files, str) else files)]
-        ds = datasets.load_dataset(h.dataset, h.dataset_config, data_files=files, split=h.split, streaming=h.streaming)
+        # the "text" builder reads a line per row unless told that each file is one document
+        extra = {"sample_by": "document"} if h.dataset == "text" else {}
+        ds = datasets.load_dataset(h.dataset, h.dataset_config, data_files=files, split=h.split, streaming=h.streaming,
+                                   **extra)
         for row in ds:
             if h.text_column not in row:
                 raise ValueError(f"data.text_column: the dataset {h.dataset!r} has no column {h.text_column!r}; "
@@ -252,6 +257,7 @@ class ActivationDataModule(L.LightningDataModule):
             next(stream)
         progress = tqdm(total=(n_test + n_train) * self.tokens_per_context, initial=done * self.tokens_per_context,
                         desc=f"collecting {h.hook} activations", unit="tok", disable=None)
+        start, resumed_at = time.perf_counter(), done
         for split, total in (("test", n_test), ("train", n_train)):
             state = manifest["splits"][split]
             while state["contexts_done"] < total:
@@ -285,6 +291,9 @@ class ActivationDataModule(L.LightningDataModule):
                 self._save_manifest(manifest)
                 progress.update(count * self.tokens_per_context)
         progress.close()
+        tokens, seconds = (done - resumed_at) * self.tokens_per_context, time.perf_counter() - start
+        print(f"collected {tokens:,} tokens of {h.hook} activations in {seconds:.0f} s "
+              f"({tokens / max(seconds, 1e-9):,.0f} tokens/s on {self.device}) into {self.cache_dir}", flush=True)
 
     # ---- serving ----
 
