@@ -353,6 +353,8 @@ def _train_and_test(cfg: DictConfig, datamodule: L.LightningDataModule, model: S
     callbacks = [TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)] if trainer_kwargs["enable_progress_bar"] else []
     trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, default_root_dir=run_dir,
                         logger=CSVLogger(run_dir, name="logs", version=""))
+    if trainer.is_global_zero:
+        datamodule.prepare_data()  # e.g. collect activations, so that train_seconds counts training only
     start = time.perf_counter()
     if any(p.requires_grad for p in model.parameters()):
         trainer.fit(model, datamodule=datamodule)

@@ -112,16 +112,24 @@ def write_comparison(out: Path, title: str, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(out / "comparison.md", "\n".join(lines) + "\n")
 
     has_ce = all("ce_loss_recovered" in r for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_ce else 1, figsize=(11 if has_ce else 6, 4), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if has_ce else 1, figsize=(12 if has_ce else 6, 4.2), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     ax = axes[0][0]
-    for r in rows:
-        ax.scatter(r["l0"], r["fvu"], s=40)
-        ax.annotate(r["label"], (r["l0"], r["fvu"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    for i, r in enumerate(rows):
+        ax.scatter(r["l0"], r["fvu"], s=50, color=colors[i % len(colors)], label=r["label"],
+                   marker="os^Dv<>"[i % 7], alpha=0.85)
     ax.set(xlabel="L0 (active latents per token)", ylabel="FVU (held-out)", title="Reconstruction against sparsity")
+    ax.legend(fontsize=8)
     if has_ce:
         ax = axes[0][1]
-        ax.barh([r["label"] for r in rows], [r["ce_loss_recovered"] for r in rows])
-        ax.set(xlabel="CE-loss recovered", title="Language modelling with the reconstruction spliced in")
+        values = [r["ce_loss_recovered"] for r in rows]
+        ax.barh(range(len(rows)), values, color=[colors[i % len(colors)] for i in range(len(rows))])
+        ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.3f}", (v, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        low = min(values)
+        ax.set_xlim(max(0.0, low - 0.5 * (1 - low) - 0.02) if low < 1 else 0.0, 1.0 + 0.15 * (1 - min(low, 0.99)))
+        ax.set(xlabel="CE-loss recovered", title="LM loss with the reconstruction spliced in")
         ax.invert_yaxis()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

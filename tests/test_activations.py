@@ -23,7 +23,7 @@ def lm_files(tmp_path_factory):
 def data_kwargs(lm_files, cache_dir, **overrides):
     model, files = lm_files
     return {"model": model, "hook": "resid_post.1", "data_files": files, "context_len": 16, "n_train_tokens": 1500,
-            "n_test_tokens": 300, "shard_tokens": 400, "batch_size": 100, "model_batch_size": 8,
+            "n_test_tokens": 300, "test_stride": 4, "shard_tokens": 400, "batch_size": 100, "model_batch_size": 8,
             "cache_dir": str(cache_dir), "ce_contexts": 8, "shuffle_buffer": 600, **overrides}
 
 

@@ -40,10 +40,6 @@ from ..lm import (HookPoint, load_language_model, max_context, next_token_loss, 
 
 MANIFEST = "manifest.json"
 CACHE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 kept as raw bits
-#: identity keys: a cache is reused only when all of them match the recipe
-IDENTITY_KEYS = ("model", "gguf_file", "revision", "model_dtype", "hook", "dataset", "dataset_config", "data_files",
-                 "split", "text_column", "context_len", "prepend_bos", "drop_bos", "cache_dtype", "n_train_tokens",
-                 "n_test_tokens", "shard_tokens")
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -129,7 +125,8 @@ class ActivationDataModule(L.LightningDataModule):
     ``context_len`` tokens (the first a BOS when ``prepend_bos``); ``drop_bos`` leaves BOS positions
     out of the data (their activations are outliers). ``normalize`` scales activations by one factor so
     that their mean norm is ``sqrt(d_model)`` (measured on the first training shard; kept in the
-    manifest). ``batch_size`` is in tokens; ``model_batch_size`` contexts go through the LM at once.
+    manifest). Every ``test_stride``-th context is held out (``n_test_tokens`` of them), the rest train.
+    ``batch_size`` is in tokens; ``model_batch_size`` contexts go through the LM at once.
     """
 
     #: real activations have no true codes or dictionary to score against
@@ -139,7 +136,8 @@ class ActivationDataModule(L.LightningDataModule):
                  model_dtype: str = "float32", dataset: str = "text", dataset_config: str | None = None,
                  data_files: str | list[str] | None = None, split: str = "train", text_column: str = "text",
                  streaming: bool = False, context_len: int = 128, prepend_bos: bool = True, drop_bos: bool = True,
-                 n_train_tokens: int = 1_000_000, n_test_tokens: int = 16_384, shard_tokens: int = 262_144,
+                 n_train_tokens: int = 1_000_000, n_test_tokens: int = 16_384, test_stride: int = 16,
+                 shard_tokens: int = 262_144,
                  cache_dir: str | None = None, cache_dtype: str = "float32", normalize: bool = True,
                  batch_size: int = 4096, model_batch_size: int = 32, shuffle_buffer: int = 262_144,
                  ce_contexts: int = 32, device: str = "auto", seed: int = 0) -> None:
@@ -149,14 +147,15 @@ class ActivationDataModule(L.LightningDataModule):
             raise ValueError(f"data.cache_dtype: {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
         if context_len < 2 + prepend_bos:
             raise ValueError(f"data.context_len must be at least {2 + prepend_bos}, got {context_len}")
-        if min(n_train_tokens, n_test_tokens, batch_size, model_batch_size) < 1:
-            raise ValueError("data.n_train_tokens, n_test_tokens, batch_size and model_batch_size must be positive")
+        if min(n_train_tokens, n_test_tokens, batch_size, model_batch_size, test_stride) < 1:
+            raise ValueError("data.n_train_tokens, n_test_tokens, test_stride, batch_size and model_batch_size must "
+                             "be positive")
         self.identity = {"model": model, "gguf_file": gguf_file, "revision": revision, "model_dtype": model_dtype,
                          "hook": hook, "dataset": dataset, "dataset_config": dataset_config, "data_files": data_files,
                          "split": split, "text_column": text_column, "context_len": context_len,
                          "prepend_bos": prepend_bos, "drop_bos": drop_bos, "cache_dtype": cache_dtype,
                          "n_train_tokens": n_train_tokens, "n_test_tokens": n_test_tokens,
-                         "shard_tokens": shard_tokens}
+                         "test_stride": test_stride, "shard_tokens": shard_tokens}
         key = hashlib.sha1(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:12]
         self.cache_dir = Path(cache_dir) if cache_dir else Path("runs") / "activation_cache" / key
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -214,6 +213,14 @@ class ActivationDataModule(L.LightningDataModule):
                 window, buffer = buffer[:body], buffer[body:]
                 yield torch.tensor(([tokenizer.bos_token_id] if h.prepend_bos else []) + window)
 
+    def split_contexts(self, split: str) -> Iterator[Tensor]:
+        """The held-out (``test``) or training contexts: every ``test_stride``-th context of the stream is
+        held out until there are enough, so both splits come from the same stretch of text."""
+        stride, n_test = self.hparams.test_stride, self._n_contexts(self.hparams.n_test_tokens)
+        for i, context in enumerate(self.contexts()):
+            if (i % stride == 0 and i // stride < n_test) == (split == "test"):
+                yield context
+
     def _n_contexts(self, n_tokens: int) -> int:
         return math.ceil(n_tokens / self.tokens_per_context)
 
@@ -252,20 +259,20 @@ class ActivationDataModule(L.LightningDataModule):
         n_test, n_train = self._n_contexts(h.n_test_tokens), self._n_contexts(h.n_train_tokens)
         per_shard = max(1, h.shard_tokens // self.tokens_per_context)
         done = manifest["splits"]["test"]["contexts_done"] + manifest["splits"]["train"]["contexts_done"]
-        stream = self.contexts()
-        for _ in range(done):  # skip what the cache holds
-            next(stream)
         progress = tqdm(total=(n_test + n_train) * self.tokens_per_context, initial=done * self.tokens_per_context,
                         desc=f"collecting {h.hook} activations", unit="tok", disable=None)
         start, resumed_at = time.perf_counter(), done
         for split, total in (("test", n_test), ("train", n_train)):
             state = manifest["splits"][split]
+            stream = self.split_contexts(split)
+            for _ in range(state["contexts_done"]):  # skip what the cache holds
+                next(stream)
             while state["contexts_done"] < total:
                 count = min(per_shard, total - state["contexts_done"])
                 windows = [next(stream, None) for _ in range(count)]
                 if windows[-1] is None:
-                    raise ValueError(f"data: the dataset ran out after {done} contexts of {h.context_len} tokens; "
-                                     "lower n_train_tokens/n_test_tokens or add text")
+                    raise ValueError(f"data: the dataset ran out after {state['contexts_done']} {split} contexts of "
+                                     f"{h.context_len} tokens; lower n_train_tokens/n_test_tokens/test_stride or add text")
                 tokens = torch.stack(windows)
                 acts = torch.cat([read_activations(lm, hook, chunk).float().cpu()
                                   for chunk in tokens.split(h.model_batch_size)])
