@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -74,6 +75,14 @@ class Dictionary(nn.Module):
         if codes.shape[-1] != self.n_latents:
             raise ValueError(f"codes have {codes.shape[-1]} latents, dictionary has {self.n_latents}")
         x_hat = codes @ self.weight
+        return x_hat if self.bias is None else x_hat + self.bias
+
+    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+        """``decode`` of codes given by their non-zero ``values`` at ``indices`` (``(..., k)`` each):
+        gathers the k atoms per sample instead of a dense ``n_latents``-wide product, forward and backward."""
+        lead, k = values.shape[:-1], values.shape[-1]
+        x_hat = F.embedding_bag(indices.reshape(-1, k), self.weight, per_sample_weights=values.reshape(-1, k).to(
+            self.weight.dtype), mode="sum").reshape(*lead, self.d_model)
         return x_hat if self.bias is None else x_hat + self.bias
 
     def forward(self, codes: Tensor) -> Tensor:

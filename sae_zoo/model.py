@@ -58,8 +58,10 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     * **known codes**: ``supervised=True``; the encoder is trained to match the batch's true codes
       (``(x, true_codes)`` batches) with a per-latent cosine loss.
 
-    Validation and test log MCC (when the batch carries true codes), FVU, MSE, L0, L1 and the dead
-    fraction; dictionary MCC too when ``true_dictionary`` is given.
+    Validation and test log MCC (when the batch carries true codes; ``code_recovery=False`` drops it,
+    and its ``n_latents`` x ``n_latents`` state, for data without them), FVU, MSE, L0, L1 and the dead
+    fraction; dictionary MCC too when ``true_dictionary`` is given. ``sparse_decode`` lets a top-k head
+    decode from its k atoms per sample in training.
 
     ``encoder`` and ``dictionary`` may also be given as their ``config()`` dicts, which is how
     ``SparseCoder.load_from_checkpoint`` rebuilds them.
@@ -71,7 +73,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
 
     def __init__(self, encoder: EncoderHead | dict[str, Any], dictionary: Dictionary | dict[str, Any], *,
                  l1_coeff: float = 0.01, lr: float = 1e-3, supervised: bool = False,
-                 true_dictionary: Tensor | None = None) -> None:
+                 true_dictionary: Tensor | None = None, sparse_decode: bool = True,
+                 code_recovery: bool = True) -> None:
         super().__init__()
         encoder = create_encoder(**encoder) if isinstance(encoder, dict) else encoder
         dictionary = Dictionary(**dictionary) if isinstance(dictionary, dict) else dictionary
@@ -83,8 +86,10 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                              "but the dictionary has none; build it with bias=True")
         self.encoder, self.dictionary = encoder, dictionary
         self.l1_coeff, self.lr, self.supervised = float(l1_coeff), float(lr), bool(supervised)
+        self.sparse_decode, self.code_recovery = bool(sparse_decode), bool(code_recovery)
         self.save_hyperparameters({"encoder": encoder.config(), "dictionary": dictionary.config(),
-                                   "l1_coeff": self.l1_coeff, "lr": self.lr, "supervised": self.supervised})
+                                   "l1_coeff": self.l1_coeff, "lr": self.lr, "supervised": self.supervised,
+                                   "sparse_decode": self.sparse_decode, "code_recovery": self.code_recovery})
         if true_dictionary is not None and tuple(true_dictionary.shape[1:]) != (dictionary.d_model,):
             raise ValueError(f"true_dictionary must have shape (n, {dictionary.d_model}), got {tuple(true_dictionary.shape)}")
         self.register_buffer("true_dictionary", true_dictionary, persistent=False)
@@ -96,7 +101,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             setattr(self, f"{stage}_metrics", MetricCollection({
                 "fvu": FractionOfVarianceUnexplained(d_model), "mse": MeanSquaredError(), "l0": L0(), "l1": L1(),
                 "dead_latents": DeadLatents(n_latents)}, prefix=f"{stage}/"))
-            setattr(self, f"{stage}_mcc", MCC(n_latents, n_true))
+            if self.code_recovery:  # its state is n_latents x n_true: skip it where there are no true codes
+                setattr(self, f"{stage}_mcc", MCC(n_latents, n_true))
             if true_dictionary is not None:
                 setattr(self, f"{stage}_dictionary_mcc", DictionaryMCC(n_latents, n_true))
 
@@ -126,10 +132,21 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         loss, mse, l1 = sparse_coding_loss(x_hat, x, codes, self.l1_coeff)
         return {"loss": loss, "mse": mse, "l1": l1}
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
+        """The objective of one training batch (``loss``, and ``mse``/``l1`` when unsupervised). A head
+        with a sparse form (top-k) is decoded from its k atoms per sample when ``sparse_decode``."""
         x, true_codes = unpack_batch(batch)
-        x_hat, codes = self(x)
-        losses = self.loss(x, x_hat, codes, true_codes)
+        sparse = None if self.supervised or not self.sparse_decode else self.encoder.sparse_forward(x, self.dictionary)
+        if sparse is None:
+            x_hat, codes = self(x)
+            return self.loss(x, x_hat, codes, true_codes)
+        values, indices = sparse
+        mse = F.mse_loss(self.dictionary.decode_sparse(values, indices), x)
+        l1 = values.abs().sum() / (values[..., 0].numel() * self.dictionary.n_latents)  # mean over all codes
+        return {"loss": mse + self.l1_coeff * l1, "mse": mse, "l1": l1}
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        losses = self.training_losses(batch)
         if self._logging_step():
             self.log_dict({f"train/{k}": v for k, v in losses.items()})
             self.log("loss", losses["loss"], prog_bar=True, logger=False)
@@ -154,7 +171,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         for name in ("l0", "l1", "dead_latents"):
             metrics[name].update(codes)
         self.log_dict(metrics)
-        if true_codes is not None:
+        if true_codes is not None and self.code_recovery:
             mcc = getattr(self, f"{stage}_mcc")
             mcc.update(codes, true_codes)
             self.log(f"{stage}/mcc", mcc, prog_bar=True)
@@ -233,12 +250,12 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                         map_location: str | torch.device = "cpu", **overrides: Any) -> "SparseCoder":
         """Load a model saved by ``save_pretrained`` or pushed by ``push_to_hub``: a local directory or
         a Hub repo id, at ``revision`` (branch, tag or commit). ``overrides`` may set ``l1_coeff``,
-        ``lr`` and ``true_dictionary`` for further training; the head and dictionary come from
+        ``lr``, ``true_dictionary`` and ``sparse_decode`` for further training; the head and dictionary come from
         ``config.json``. Returns the model in eval mode."""
         from .hub.serialization import (build_dictionary, build_encoder, check_config, load_state, read_json,
                                         read_safetensors, resolve_model_files)
 
-        unknown = sorted(set(overrides) - {"l1_coeff", "lr", "true_dictionary"})
+        unknown = sorted(set(overrides) - {"l1_coeff", "lr", "true_dictionary", "sparse_decode"})
         if unknown:
             raise TypeError(f"from_pretrained got unexpected arguments {', '.join(unknown)}; the head and dictionary "
                             "come from config.json (to pair a pretrained head with another dictionary, use "
@@ -248,7 +265,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             token=token, local_files_only=local_files_only)
         config = check_config(read_json(config_path), config_path)
         model = cls(build_encoder(config, config_path), build_dictionary(config, config_path),
-                    supervised=bool(config.get("supervised", False)),
+                    supervised=bool(config.get("supervised", False)), code_recovery=bool(config.get("code_recovery", True)),
                     **{"l1_coeff": config.get("l1_coeff", 0.01), "lr": config.get("lr", 1e-3), **overrides})
         model.to(getattr(torch, config["dtype"]))
         load_state(model, read_safetensors(weights_path), weights_path, config_path)

@@ -60,6 +60,11 @@ class Recipe:
     run_dir: Optional[str] = None
     #: Modules (dotted names or ``.py`` paths) imported first, e.g. to register encoder heads.
     imports: list[str] = field(default_factory=list)
+    #: ``torch.compile`` the model for training (same results as eager, to float tolerance).
+    compile: bool = False
+    #: ``torch.set_float32_matmul_precision`` while the run lasts: ``highest`` (exact float32),
+    #: ``high`` (TF32 on GPUs that have it), ``medium``. Mixed precision is ``trainer.precision``.
+    matmul_precision: str = "highest"
 
 
 #: A recipe may hold a ``quick:`` mapping: the keys ``--quick`` replaces, for a run of minutes.
@@ -216,6 +221,8 @@ def import_modules(modules: list[str]) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check every section against what it configures; raises ``ValueError`` naming the key."""
+    if cfg.matmul_precision not in ("highest", "high", "medium"):
+        raise ValueError(f"matmul_precision: {cfg.matmul_precision!r} is not one of highest, high, medium")
     if cfg.setting not in SETTINGS:
         raise ValueError(f"setting: {cfg.setting!r} is not one of {', '.join(SETTINGS)}")
     import_modules(list(cfg.imports))
@@ -254,7 +261,7 @@ def validate(cfg: DictConfig) -> None:
     check_kwargs(Dictionary.__init__, dictionary_kwargs, what="the dictionary",
                  skip=("n_latents", "d_model", "trainable"), key_prefix="dictionary.")
     check_kwargs(SparseCoder.__init__, _plain(cfg.model), what="SparseCoder",
-                 skip=("encoder", "dictionary", "supervised", "true_dictionary"), key_prefix="model.")
+                 skip=("encoder", "dictionary", "supervised", "true_dictionary", "code_recovery"), key_prefix="model.")
     check_kwargs(L.Trainer.__init__, _plain(cfg.trainer), what="lightning.Trainer",
                  skip=("logger", "default_root_dir", "callbacks"), key_prefix="trainer.")
 
@@ -298,7 +305,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, SparseCoder]:
                                                 provenance={"source": "the data's true dictionary"})
     model = SparseCoder(encoder, dictionary, supervised=cfg.setting == "known_codes",
                         true_dictionary=datamodule.dictionary if cfg.setting == "unknown" else None,
-                        **_plain(cfg.model))
+                        code_recovery=datamodule.ground_truth, **_plain(cfg.model))
     return datamodule, model
 
 
@@ -335,11 +342,13 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True) -> 
     if rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-    previous = os.environ.get(RUN_DIR_ENV)
+    previous, precision = os.environ.get(RUN_DIR_ENV), torch.get_float32_matmul_precision()
     os.environ[RUN_DIR_ENV] = str(run_dir)
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
     try:
         return _train_and_test(cfg, datamodule, model, run_dir, progress)
     finally:
+        torch.set_float32_matmul_precision(precision)
         if previous is None:
             os.environ.pop(RUN_DIR_ENV, None)
         else:
@@ -357,7 +366,7 @@ def _train_and_test(cfg: DictConfig, datamodule: L.LightningDataModule, model: S
         datamodule.prepare_data()  # e.g. collect activations, so that train_seconds counts training only
     start = time.perf_counter()
     if any(p.requires_grad for p in model.parameters()):
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(torch.compile(model) if cfg.compile else model, datamodule=datamodule)
     # else: a pure inference head (e.g. FISTA) on a frozen dictionary has nothing to train
     train_seconds = time.perf_counter() - start
     tested = trainer.test(model, datamodule=datamodule, verbose=False)[0]

@@ -47,6 +47,11 @@ class EncoderHead(nn.Module):
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
         raise NotImplementedError
 
+    def sparse_forward(self, x: Tensor, dictionary: nn.Module | None = None) -> tuple[Tensor, Tensor] | None:
+        """``(values, indices)`` of the non-zero codes, ``(..., k)`` each, for heads whose codes have a
+        fixed number of slots (top-k): training then decodes only those atoms. ``None``: no such form."""
+        return None
+
     def trained_part(self) -> "EncoderHead | None":
         """The part whose training costs FLOPs (see :mod:`sae_zoo.flops`): the head itself by default."""
         return self

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,10 +26,13 @@ class TopKEncoder(EncoderHead):
         self.linear = nn.Linear(d_model, n_latents, bias=bias)
 
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
+        values, indices = self.sparse_forward(x, dictionary)
+        return values.new_zeros(*values.shape[:-1], self.n_latents).scatter(-1, indices, values)
+
+    def sparse_forward(self, x: Tensor, dictionary: nn.Module | None = None) -> tuple[Tensor, Tensor]:
         self.check_input(x)
-        pre = self.linear(self.centre(x, dictionary))
-        values, indices = pre.topk(self.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
+        values, indices = self.linear(self.centre(x, dictionary)).topk(self.k, dim=-1, sorted=False)
+        return F.relu(values), indices
 
     def encode_flops(self) -> tuple[float, float]:
         # ReLU and the top-k selection (and the decoder-bias subtraction)

@@ -6,7 +6,7 @@
      "encoder": {"name": "linear", "d_model": 8, "n_latents": 16, ...},   # create_encoder(**encoder)
      "dictionary": {"n_latents": 16, "d_model": 8, "trainable": false, "bias": false},
      "decoder_provenance": {...},        # where the atoms came from
-     "setting": "known_dictionary", "supervised": false, "l1_coeff": 0.01, "lr": 0.001,
+     "setting": "known_dictionary", "supervised": false, "code_recovery": true, "l1_coeff": 0.01, "lr": 0.001,
      "dtype": "float32"}
 
 ``model.safetensors`` holds the SparseCoder's state dict (``encoder.*``, ``dictionary.*``).
@@ -41,7 +41,8 @@ def model_config(model: "SparseCoder") -> dict[str, Any]:
     return {"library": "sae_zoo", "format_version": FORMAT_VERSION, "sae_zoo_version": __version__,
             "encoder": model.encoder.config(), "dictionary": model.dictionary.config(),
             "decoder_provenance": model.dictionary.provenance, "setting": model.setting,
-            "supervised": model.supervised, "l1_coeff": model.l1_coeff, "lr": model.lr,
+            "supervised": model.supervised, "code_recovery": model.code_recovery, "l1_coeff": model.l1_coeff,
+            "lr": model.lr,
             "dtype": str(model.dictionary.weight.dtype).removeprefix("torch.")}
 
 

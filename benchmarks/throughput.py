@@ -1,0 +1,174 @@
+"""Training and inference throughput at LLM widths, each as a fraction of the hardware's own limit for
+the same work, measured in the same run.
+
+For every head, the dense matrix products its step needs (e.g. the five of a linear SAE's training
+step: encoder forward and weight gradient, decoder forward, weight gradient and code gradient) are
+timed alone with ``torch.matmul`` at the same shapes and dtype; ``B / (their summed time)`` is the
+head's bound in tokens/s. A training step is the library's own: ``SparseCoder.training_losses``,
+backward, Adam, and the decoder renormalisation. Inference is ``SparseCoder.encode``.
+
+    python benchmarks/throughput.py --quick                      # d_model 576, batch 1024: a minute on CPU
+    python benchmarks/throughput.py                              # d_model 576, 768, 2048; batch 4096
+    python benchmarks/throughput.py --device cuda --dtype bf16   # bf16 autocast on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from sae_zoo import Dictionary, SparseCoder, create_encoder
+
+Shape = tuple[int, int, int]  # (m, k, n): an (m, k) @ (k, n) product
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def seconds_per_call(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_seconds(shapes: list[Shape], dtype: torch.dtype, device: str, repeats: int) -> float:
+    """Summed time of the dense products ``shapes``, each timed alone."""
+    total = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        total += seconds_per_call(lambda: torch.matmul(a, b), device, repeats)
+    return total
+
+
+def linear_layers(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def training_products(model: SparseCoder, batch: int) -> list[Shape]:
+    """The dense products of one training step: per encoder layer its forward, weight gradient and (but
+    for the first layer) input gradient; the decoder's forward, weight gradient and code gradient."""
+    shapes: list[Shape] = []
+    for i, layer in enumerate(linear_layers(model.encoder)):
+        d_in, d_out = layer.in_features, layer.out_features
+        shapes += [(batch, d_in, d_out), (d_out, batch, d_in)] + ([(batch, d_out, d_in)] if i else [])
+    n, d = model.dictionary.n_latents, model.dictionary.d_model
+    return shapes + [(batch, n, d), (n, batch, d), (batch, d, n)]
+
+
+def inference_products(model: SparseCoder, batch: int) -> list[Shape]:
+    encoder = model.encoder
+    if hasattr(encoder, "steps"):  # an iterative head: x D^T, then per step (s D) D^T
+        n, d = model.dictionary.n_latents, model.dictionary.d_model
+        return [(batch, d, n)] + [(batch, n, d), (batch, d, n)] * encoder.steps
+    return [(batch, layer.in_features, layer.out_features) for layer in linear_layers(encoder)]
+
+
+def make_heads(d_model: int, k: int) -> dict[str, Callable[[], SparseCoder]]:
+    n = 32 * d_model
+
+    def coder(head: dict, **kwargs) -> SparseCoder:
+        return SparseCoder(create_encoder(d_model=d_model, n_latents=n, **head), Dictionary(n, d_model, bias=True),
+                           code_recovery=False, **kwargs)
+
+    return {
+        "linear SAE": lambda: coder({"name": "linear", "subtract_decoder_bias": True}),
+        f"top-k SAE (k={k}), dense decode": lambda: coder({"name": "topk", "k": k, "subtract_decoder_bias": True},
+                                                          sparse_decode=False),
+        f"top-k SAE (k={k}), sparse decode": lambda: coder({"name": "topk", "k": k, "subtract_decoder_bias": True}),
+        f"MLP head (hidden {4 * d_model})": lambda: coder({"name": "mlp", "hidden": 4 * d_model}),
+    }
+
+
+def peak_memory(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB RSS"
+
+
+def benchmark(d_model: int, batch: int, k: int, fista_steps: int, device: str, dtype: str, repeats: int) -> list[list[str]]:
+    autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bf16"
+                else contextlib.nullcontext())
+    matmul_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    x = torch.randn(batch, d_model, device=device)
+    rows = []
+    heads = make_heads(d_model, k)
+    for label, build in heads.items():
+        model = build().to(device)
+        optimizer = model.configure_optimizers()
+
+        def train_step() -> None:
+            with autocast:
+                loss = model.training_losses(x)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.dictionary.normalize_()
+
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        step = seconds_per_call(train_step, device, repeats)
+        bound = matmul_seconds(training_products(model, batch), matmul_dtype, device, repeats)
+        rows.append([str(d_model), label, "train", f"{batch / step:,.0f}", f"{batch / bound:,.0f}",
+                     f"{bound / step:.0%}", peak_memory(device)])
+    inference = {label: build for label, build in heads.items() if "dense decode" not in label}
+    inference[f"FISTA ({fista_steps} steps)"] = lambda: SparseCoder(
+        create_encoder("fista", d_model=d_model, n_latents=32 * d_model, steps=fista_steps),
+        Dictionary(32 * d_model, d_model, bias=True), code_recovery=False)
+    for label, build in inference.items():
+        model = build().to(device).eval()
+
+        def encode() -> None:
+            with torch.inference_mode(), autocast:
+                model.encode(x)
+
+        seconds = seconds_per_call(encode, device, repeats)
+        bound = matmul_seconds(inference_products(model, batch), matmul_dtype, device, repeats)
+        rows.append([str(d_model), label.replace(", sparse decode", ""), "inference", f"{batch / seconds:,.0f}",
+                     f"{batch / bound:,.0f}", f"{bound / seconds:.0%}", peak_memory(device)])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="d_model 576 only, batch 1024, 10 FISTA steps")
+    parser.add_argument("--d-models", default="576,768,2048")
+    parser.add_argument("--batch", type=int, default=4096, help="tokens per step")
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--fista-steps", type=int, default=50)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, bf16 bound")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    if args.quick:
+        args.d_models, args.batch, args.fista_steps, args.repeats = "576", 1024, 10, 3
+    torch.set_float32_matmul_precision("highest")
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{device_name}, torch {torch.__version__}, {args.dtype}, batch {args.batch} tokens, n_latents = 32 x d_model")
+    print("bound: the step's dense products timed alone with torch.matmul (same shapes and dtype)\n")
+    header = ["d_model", "head", "step", "tokens/s", "bound tokens/s", "of bound", "peak memory"]
+    rows = []
+    for d_model in (int(d) for d in args.d_models.split(",")):
+        rows += benchmark(d_model, args.batch, args.k, args.fista_steps, args.device, args.dtype, args.repeats)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Each optimised path gives the plain path's results: sparse top-k decoding, mixed precision
+(autocast, ``trainer.precision``), ``torch.compile`` (``compile: true``)."""
+
+import pytest
+import torch
+
+from sae_zoo import Dictionary, SparseCoder, create_encoder
+from sae_zoo.recipe import RecipeError, fit, load_recipe
+
+
+def topk_model(sparse_decode: bool, seed: int = 0) -> SparseCoder:
+    torch.manual_seed(seed)
+    head = create_encoder("topk", d_model=24, n_latents=96, k=6, subtract_decoder_bias=True)
+    dictionary = Dictionary(96, 24, bias=True)
+    with torch.no_grad():
+        dictionary.bias.normal_()
+    return SparseCoder(head, dictionary, l1_coeff=0.05, sparse_decode=sparse_decode)
+
+
+def test_sparse_topk_decode_equals_the_dense_decode_forward_and_backward():
+    x = torch.randn(2, 50, 24, generator=torch.Generator().manual_seed(1))  # leading dims are kept
+    losses, grads = [], []
+    for sparse in (True, False):
+        model = topk_model(sparse)
+        out = model.training_losses(x)
+        out["loss"].backward()
+        losses.append({k: v.item() for k, v in out.items()})
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+    assert grads[0]["dictionary.weight"].abs().sum() > 0
+
+
+def test_heads_without_a_sparse_form_use_the_dense_path():
+    model = SparseCoder(create_encoder("mlp", d_model=8, n_latents=16, hidden=8), Dictionary(16, 8))
+    x = torch.randn(32, 8)
+    x_hat, codes = model(x)
+    expected = torch.nn.functional.mse_loss(x_hat, x) + 0.01 * codes.abs().mean()
+    assert model.training_losses(x)["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_bf16_autocast_stays_close_to_float32():
+    x = torch.randn(256, 24, generator=torch.Generator().manual_seed(2))
+    plain = topk_model(True).training_losses(x)["loss"].item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = topk_model(True).training_losses(x)["loss"].item()
+    assert mixed == pytest.approx(plain, rel=2e-2)
+
+
+def short_run(tmp_path, name, *overrides):
+    cfg = load_recipe("recipes/synthetic/known_dictionary.yaml",
+                      ["encoder.name=topk", "encoder.k=3", "trainer.max_steps=40", "data.steps_per_epoch=40",
+                       f"run_dir={tmp_path / name}", *overrides])
+    return fit(cfg, progress=False)[1]["test"]
+
+
+def test_mixed_precision_training_tracks_float32_training(tmp_path):
+    plain = short_run(tmp_path, "fp32")
+    mixed = short_run(tmp_path, "bf16", "trainer.precision=bf16-mixed")
+    assert mixed["fvu"] == pytest.approx(plain["fvu"], rel=0.05)
+    assert mixed["mse"] != plain["mse"]  # it did run in lower precision
+
+
+def test_compiled_training_equals_eager_training(tmp_path):
+    eager = short_run(tmp_path, "eager")
+    compiled = short_run(tmp_path, "compiled", "compile=true")
+    assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-7)
+
+
+def test_matmul_precision_is_checked_and_restored(tmp_path):
+    with pytest.raises(RecipeError, match="matmul_precision: 'tf32' is not one of highest, high, medium"):
+        load_recipe("recipes/synthetic/known_dictionary.yaml", ["matmul_precision=tf32"])
+    before = torch.get_float32_matmul_precision()
+    short_run(tmp_path, "high", "matmul_precision=high")
+    assert torch.get_float32_matmul_precision() == before
