@@ -101,7 +101,8 @@ def peak_memory(device: str) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB RSS"
 
 
-def benchmark(d_model: int, batch: int, k: int, fista_steps: int, device: str, dtype: str, repeats: int) -> list[list[str]]:
+def benchmark(d_model: int, batch: int, k: int, fista_steps: int, device: str, dtype: str, repeats: int,
+              speeds: dict[str, float]) -> list[list[str]]:
     autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bf16"
                 else contextlib.nullcontext())
     matmul_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -123,6 +124,7 @@ def benchmark(d_model: int, batch: int, k: int, fista_steps: int, device: str, d
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         step = seconds_per_call(train_step, device, repeats)
+        speeds[label] = batch / step
         bound = matmul_seconds(training_products(model, batch), matmul_dtype, device, repeats)
         rows.append([str(d_model), label, "train", f"{batch / step:,.0f}", f"{batch / bound:,.0f}",
                      f"{bound / step:.0%}", peak_memory(device)])
@@ -144,6 +146,69 @@ def benchmark(d_model: int, batch: int, k: int, fista_steps: int, device: str, d
     return rows
 
 
+def field_steps(d_model: int, batch: int, k: int, device: str, x: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """Training steps of the libraries people use, at the same shapes (those installed): SAELens's
+    standard and top-k training SAEs, EleutherAI sparsify's top-k SAE; Adam for all, as for ours."""
+    n, steps = 32 * d_model, {}
+    try:
+        from sae_lens import (StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE,
+                              TopKTrainingSAEConfig)
+        from sae_lens.saes.sae import TrainStepInput
+
+        for label, sae in (("SAELens StandardTrainingSAE", StandardTrainingSAE(StandardTrainingSAEConfig(
+                                d_in=d_model, d_sae=n, device=device))),
+                           (f"SAELens TopKTrainingSAE (k={k})", TopKTrainingSAE(TopKTrainingSAEConfig(
+                               d_in=d_model, d_sae=n, k=k, device=device)))):
+            steps[label] = _torch_step(sae, lambda sae=sae: sae.training_forward_pass(TrainStepInput(
+                sae_in=x, coefficients=sae.get_coefficients() and {name: 1.0 for name in sae.get_coefficients()},
+                dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)).loss)
+    except ImportError:
+        print("SAELens is not installed (pip install sae-lens): no SAELens rows")
+    try:
+        from sparsify import SparseCoder as SparsifyCoder
+        from sparsify import SparseCoderConfig
+
+        sae = SparsifyCoder(d_model, SparseCoderConfig(num_latents=n, k=k), device=device)
+        steps[f"sparsify SparseCoder (k={k})"] = _torch_step(sae, lambda: sae(x).fvu, after_backward=(
+            sae.remove_gradient_parallel_to_decoder_directions), after_step=sae.set_decoder_norm_to_unit_norm)
+    except ImportError:
+        print("sparsify is not installed (pip install eai-sparsify): no sparsify row")
+    return steps
+
+
+def _torch_step(module: nn.Module, loss: Callable[[], torch.Tensor], after_backward: Callable[[], None] | None = None,
+                after_step: Callable[[], None] | None = None) -> Callable[[], None]:
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-4)
+
+    def step() -> None:
+        loss().backward()
+        if after_backward:
+            after_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step:
+            after_step()
+
+    return step
+
+
+def compare_with_the_field(d_model: int, batch: int, k: int, device: str, dtype: str, repeats: int,
+                           ours: dict[str, float]) -> list[list[str]]:
+    autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bf16"
+                else contextlib.nullcontext())
+    x = torch.randn(batch, d_model, device=device)
+    rows = []
+    for label, step in field_steps(d_model, batch, k, device, x).items():
+        def run(step=step) -> None:
+            with autocast:
+                step()
+
+        speed = batch / seconds_per_call(run, device, repeats)
+        mine = ours["linear SAE"] if "Standard" in label else ours[f"top-k SAE (k={k}), sparse decode"]
+        rows.append([str(d_model), label, f"{speed:,.0f}", f"{mine / speed:.2f}x"])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="d_model 576 only, batch 1024, 10 FISTA steps")
@@ -154,6 +219,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, bf16 bound")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-field", action="store_true", help="skip the SAELens / sparsify comparison")
     args = parser.parse_args()
     if args.quick:
         args.d_models, args.batch, args.fista_steps, args.repeats = "576", 1024, 10, 3
@@ -162,9 +228,20 @@ def main() -> None:
     print(f"{device_name}, torch {torch.__version__}, {args.dtype}, batch {args.batch} tokens, n_latents = 32 x d_model")
     print("bound: the step's dense products timed alone with torch.matmul (same shapes and dtype)\n")
     header = ["d_model", "head", "step", "tokens/s", "bound tokens/s", "of bound", "peak memory"]
-    rows = []
+    rows, field = [], []
     for d_model in (int(d) for d in args.d_models.split(",")):
-        rows += benchmark(d_model, args.batch, args.k, args.fista_steps, args.device, args.dtype, args.repeats)
+        speeds: dict[str, float] = {}
+        rows += benchmark(d_model, args.batch, args.k, args.fista_steps, args.device, args.dtype, args.repeats, speeds)
+        if not args.no_field:
+            field += compare_with_the_field(d_model, args.batch, args.k, args.device, args.dtype, args.repeats, speeds)
+    print_rows(header, rows)
+    if field:
+        print("\nThe same training steps in the libraries people use, measured in this run (ours: linear SAE "
+              "against SAELens's standard SAE, sparse-decode top-k against the top-k SAEs):\n")
+        print_rows(["d_model", "library step", "tokens/s", "sae_zoo / it"], field)
+
+
+def print_rows(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))

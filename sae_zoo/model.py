@@ -30,11 +30,12 @@ def unpack_batch(batch: Batch) -> tuple[Tensor, Tensor | None]:
     return batch[0], batch[1]
 
 
-def sparse_coding_loss(x_hat: Tensor, x: Tensor, codes: Tensor, l1_coeff: float) -> tuple[Tensor, Tensor, Tensor]:
+def sparse_coding_loss(x_hat: Tensor, x: Tensor, codes: Tensor, l1_coeff: float,
+                       nonnegative: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The paper's loss, ``MSE(x_hat, x) + l1_coeff * mean|codes|`` (both element means); returns
-    ``(loss, mse, l1)``."""
+    ``(loss, mse, l1)``. ``nonnegative``: the codes are known to be >= 0, so ``|codes| = codes``."""
     mse = F.mse_loss(x_hat, x)
-    l1 = codes.abs().mean()
+    l1 = codes.mean() if nonnegative else codes.abs().mean()
     return mse + l1_coeff * l1, mse, l1
 
 
@@ -129,7 +130,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             if true_codes is None:
                 raise ValueError("supervised (known-codes) training needs (x, true_codes) batches")
             return {"loss": latent_cosine_loss(codes, true_codes)}
-        loss, mse, l1 = sparse_coding_loss(x_hat, x, codes, self.l1_coeff)
+        loss, mse, l1 = sparse_coding_loss(x_hat, x, codes, self.l1_coeff, self.encoder.nonnegative_codes)
         return {"loss": loss, "mse": mse, "l1": l1}
 
     def training_losses(self, batch: Batch) -> dict[str, Tensor]:

@@ -74,3 +74,23 @@ def test_matmul_precision_is_checked_and_restored(tmp_path):
     before = torch.get_float32_matmul_precision()
     short_run(tmp_path, "high", "matmul_precision=high")
     assert torch.get_float32_matmul_precision() == before
+
+
+def test_the_sparse_topk_encoder_backward_equals_plain_autograd():
+    from sae_zoo.encoders.topk import SparseTopKLinear
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 40, 24, generator=g, requires_grad=True)
+    weight = torch.randn(96, 24, generator=g, requires_grad=True)
+    bias = torch.randn(96, generator=g, requires_grad=True)
+    upstream = torch.randn(3, 40, 6, generator=g)
+    values, indices = SparseTopKLinear.apply(x, weight, bias, 6)
+    (values * upstream).sum().backward()
+    fast = [t.grad.clone() for t in (x, weight, bias)]
+    for t in (x, weight, bias):
+        t.grad = None
+    plain_values, plain_indices = torch.nn.functional.linear(x, weight, bias).topk(6, dim=-1, sorted=False)
+    assert torch.equal(indices, plain_indices)
+    (torch.relu(plain_values) * upstream).sum().backward()
+    for a, t in zip(fast, (x, weight, bias)):
+        torch.testing.assert_close(a, t.grad, atol=1e-5, rtol=1e-5)

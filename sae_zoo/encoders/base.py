@@ -24,6 +24,9 @@ class EncoderHead(nn.Module):
     #: Whether the head encodes ``x - dictionary.bias`` (SAELens, sparsify and dictionary_learning
     #: subtract the decoder bias before encoding); such a head needs a dictionary with a bias.
     subtract_decoder_bias: bool = False
+    #: Whether every code is >= 0 (a ReLU head): the L1 penalty is then the plain mean of the codes,
+    #: which saves an ``abs`` and its backward over the whole (batch x n_latents) tensor.
+    nonnegative_codes: ClassVar[bool] = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "EncoderHead":
         self = super().__new__(cls)

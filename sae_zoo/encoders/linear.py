@@ -17,6 +17,8 @@ class LinearEncoder(EncoderHead):
     SAELens, sparsify and dictionary_learning do.
     """
 
+    nonnegative_codes = True
+
     def __init__(self, d_model: int, n_latents: int, bias: bool = True, subtract_decoder_bias: bool = False) -> None:
         super().__init__(d_model, n_latents)
         self.subtract_decoder_bias = bool(subtract_decoder_bias)

@@ -22,6 +22,8 @@ class LISTAEncoder(EncoderHead):
     ``layers`` steps of ISTA and learns from there.
     """
 
+    nonnegative_codes = True
+
     def __init__(self, d_model: int, n_latents: int, layers: int = 16, l1_coeff: float = 0.01) -> None:
         super().__init__(d_model, n_latents)
         if layers < 1:

@@ -17,6 +17,8 @@ class MLPEncoder(EncoderHead):
     ``hidden`` is one width (one hidden layer, as in the paper) or a list of widths.
     """
 
+    nonnegative_codes = True
+
     def __init__(self, d_model: int, n_latents: int, hidden: int | Sequence[int] = 256, bias: bool = True) -> None:
         super().__init__(d_model, n_latents)
         widths = [int(hidden)] if isinstance(hidden, int) else [int(h) for h in hidden]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -15,6 +16,8 @@ class TopKEncoder(EncoderHead):
 
     ``subtract_decoder_bias=True`` encodes ``x - b_dec``, as SAELens, sparsify and dictionary_learning do.
     """
+
+    nonnegative_codes = True
 
     def __init__(self, d_model: int, n_latents: int, k: int, bias: bool = True,
                  subtract_decoder_bias: bool = False) -> None:
@@ -31,8 +34,39 @@ class TopKEncoder(EncoderHead):
 
     def sparse_forward(self, x: Tensor, dictionary: nn.Module | None = None) -> tuple[Tensor, Tensor]:
         self.check_input(x)
-        values, indices = self.linear(self.centre(x, dictionary)).topk(self.k, dim=-1, sorted=False)
-        return F.relu(values), indices
+        return SparseTopKLinear.apply(self.centre(x, dictionary), self.linear.weight, self.linear.bias, self.k)
+
+
+class SparseTopKLinear(torch.autograd.Function):
+    """``ReLU(TopK_k(x W^T + b))`` as ``(values, indices)``. The forward is the dense product; the
+    backward touches only the k selected rows of ``W`` per sample (a gather for the input gradient,
+    an ``index_add`` for the weight's), instead of two more dense ``n_latents``-wide products."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+        values, indices = F.linear(x, weight, bias).topk(k, dim=-1, sorted=False)
+        values = values.clamp_min(0)
+        ctx.save_for_backward(x, weight, indices, values)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(indices)
+        return values, indices
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor, grad_indices: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, indices, values = ctx.saved_tensors
+        k, d_model = indices.shape[-1], weight.shape[1]
+        grad = (grad_values * (values > 0)).reshape(-1, k).to(weight.dtype)  # through the ReLU
+        rows, flat_x = indices.reshape(-1, k), x.reshape(-1, d_model).to(weight.dtype)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(rows, weight, per_sample_weights=grad, mode="sum").reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros_like(weight).index_add_(0, rows.flatten(),
+                                                              (grad[..., None] * flat_x[:, None, :]).reshape(-1, d_model))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device).index_add_(
+                0, rows.flatten(), grad.flatten())
+        return grad_x, grad_weight, grad_bias, None
 
     def encode_flops(self) -> tuple[float, float]:
         # ReLU and the top-k selection (and the decoder-bias subtraction)
