@@ -134,6 +134,15 @@ def test_tiny_model_end_to_end_sae_then_heads_on_its_decoder(lm_files, tmp_path)
     assert {"ce_clean", "ce_zero_ablation", "ce_spliced", "ce_loss_recovered"} <= test.keys()
     sae = torch.load(run_dir / "model.ckpt", weights_only=False)
     assert sae["decoder_provenance"]["hook_name"] == "resid_post.1" and sae["decoder_provenance"]["input_scale"] > 0
+    from huggingface_hub import ModelCard
+
+    from sae_zoo.hub import write_card
+
+    card = ModelCard.load(write_card(run_dir), ignore_metadata_errors=False)
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results["ce_loss_recovered"] == pytest.approx(test["ce_loss_recovered"])
+    assert card.data.base_model is None and card.data.datasets is None  # a local model and local text files
+    assert "language-model-activations" in {r.dataset_type for r in card.data.eval_results}
 
     fista = sae_recipe(lm_files, tmp_path)
     fista.update(setting="known_dictionary", dictionary={"pretrained": str(run_dir)}, run_dir=str(tmp_path / "fista"),

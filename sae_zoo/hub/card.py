@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
 
 TEMPLATE = "sae_zoo.md"
 PAPER_URL = "https://arxiv.org/abs/2411.13117"
+#: ``datasets`` builders that read local files rather than a Hub dataset
+LOCAL_BUILDERS = ("text", "json", "csv", "parquet", "arrow")
 
 #: metrics.json's test metrics -> (model-index metric type, readable name)
 METRICS = {
@@ -25,6 +28,10 @@ METRICS = {
     "l0": ("l0", "L0 (active latents per sample)"),
     "l1": ("l1", "L1 (mean |code|)"),
     "dead_latents": ("dead_latents", "Dead-latent fraction"),
+    "ce_loss_recovered": ("ce_loss_recovered", "CE-loss recovered (reconstruction spliced into the LM)"),
+    "ce_spliced": ("ce_spliced", "LM cross-entropy with the reconstruction spliced in"),
+    "ce_clean": ("ce_clean", "LM cross-entropy, clean"),
+    "ce_zero_ablation": ("ce_zero_ablation", "LM cross-entropy with the hook zeroed"),
 }
 
 SETTINGS = {
@@ -45,9 +52,18 @@ def _dataset(recipe: dict[str, Any] | None) -> tuple[str, str, str | None]:
         return ("synthetic-sparse-codes",
                 f"Synthetic sparse codes (N={data.get('n_latents')} latents, M={data.get('d_model')} dims, "
                 f"K={data.get('k')} active, seed {data.get('seed')})", None)
-    if data.get("dataset"):
-        return str(data["dataset"]), str(data["dataset"]), str(data["dataset"])
+    if data.get("name") == "activations":
+        dataset, files = data.get("dataset"), data.get("data_files")
+        text = f"{dataset} files {files}" if files else dataset
+        hub_dataset = dataset if not files and dataset not in LOCAL_BUILDERS else None
+        return ("language-model-activations", f"{data.get('model')} activations at {data.get('hook')} on {text}",
+                hub_dataset)
     return "unspecified", "unspecified data", None
+
+
+def _hub_id(name: Any) -> str | None:
+    """``name`` if it looks like a Hub repo id (``gpt2``, ``org/model``), else None (a path, ``package:...``)."""
+    return name if isinstance(name, str) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) else None
 
 
 def _decoder_source(provenance: dict[str, Any]) -> str:
@@ -97,7 +113,7 @@ def model_card(model: "SparseCoder", *, metrics: dict[str, float] | None = None,
     dataset_type, dataset_name, dataset_id = _dataset(recipe)
     name = repo_id.split("/")[-1] if repo_id else f"sae_zoo-{encoder.name}-{dictionary.n_latents}x{dictionary.d_model}"
     provenance = dictionary.provenance
-    base_model = base_model or provenance.get("model_name") or ((recipe or {}).get("data") or {}).get("model")
+    base_model = base_model or _hub_id(provenance.get("model_name")) or _hub_id(((recipe or {}).get("data") or {}).get("model"))
     eval_results = [
         EvalResult(task_type="feature-extraction", task_name="Sparse coding", dataset_type=dataset_type,
                    dataset_name=dataset_name, dataset_split="test", metric_type=METRICS.get(k, (k, k))[0],
