@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .iterative import IterativeHead, gram_product, gram_product_flops, keep_topk, lipschitz_constant
+from .iterative import IterativeHead, gram_is_cheaper, gram_product_flops, keep_topk, lipschitz_constant
 from .registry import register_encoder
 
 
@@ -41,13 +41,21 @@ class ISTAEncoder(IterativeHead):
         step, threshold = 1.0 / lipschitz, self.l1_coeff / self.n_latents / lipschitz
         codes = torch.zeros(x.shape[0], self.n_latents, dtype=x.dtype, device=x.device) if init is None else init.clone()
         momentum_point, t = codes, 1.0
-        times_gram, xdt = gram_product(atoms), x @ atoms.T  # (s D - x) D^T = s (D D^T) - x D^T
+        # step * gradient = scale * s (D D^T) - scale * x D^T, one fused product per iteration; the
+        # element-wise work runs in place (at LLM widths it is a (batch x n_latents) pass each)
+        scale = step * 2.0 / self.d_model
+        scaled_xdt = (x @ atoms.T).mul_(scale)
+        gram = atoms @ atoms.T if gram_is_cheaper(*atoms.shape) else None
         for iteration in range(1, self.steps + 1):
-            grad = (2.0 / self.d_model) * (times_gram(momentum_point) - xdt)
-            new = keep_topk(torch.relu(momentum_point - step * grad - threshold), self.k)
+            if gram is not None:
+                step_grad = torch.addmm(scaled_xdt, momentum_point, gram, beta=-1, alpha=scale)
+            else:
+                step_grad = torch.addmm(scaled_xdt, momentum_point @ atoms, atoms.T, beta=-1, alpha=scale)
+            new = keep_topk(torch.sub(momentum_point, step_grad, out=step_grad).sub_(threshold).clamp_min_(0), self.k)
             if self.accelerated:
                 t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
-                momentum_point = new + ((t - 1) / t_next) * (new - codes)
+                momentum = (t - 1) / t_next
+                momentum_point = new.mul(1 + momentum).sub_(codes, alpha=momentum)  # new + momentum (new - codes)
                 t = t_next
             else:
                 momentum_point = new
