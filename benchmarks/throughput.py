@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import resource
 import statistics
 import time
@@ -95,6 +96,11 @@ def make_heads(d_model: int, k: int) -> dict[str, Callable[[], SparseCoder]]:
     }
 
 
+def mixed_precision(device: str, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``--dtype bf16``, else nothing."""
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
 def peak_memory(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
@@ -103,8 +109,7 @@ def peak_memory(device: str) -> str:
 
 def benchmark(d_model: int, batch: int, k: int, fista_steps: int, device: str, dtype: str, repeats: int,
               speeds: dict[str, float]) -> list[list[str]]:
-    autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bf16"
-                else contextlib.nullcontext())
+    autocast = functools.partial(mixed_precision, device, dtype)
     matmul_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     x = torch.randn(batch, d_model, device=device)
     rows = []
@@ -114,7 +119,7 @@ def benchmark(d_model: int, batch: int, k: int, fista_steps: int, device: str, d
         optimizer = model.configure_optimizers()
 
         def train_step() -> None:
-            with autocast:
+            with autocast():
                 loss = model.training_losses(x)["loss"]
             loss.backward()
             optimizer.step()
@@ -136,7 +141,7 @@ def benchmark(d_model: int, batch: int, k: int, fista_steps: int, device: str, d
         model = build().to(device).eval()
 
         def encode() -> None:
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), autocast():
                 model.encode(x)
 
         seconds = seconds_per_call(encode, device, repeats)
@@ -194,13 +199,12 @@ def _torch_step(module: nn.Module, loss: Callable[[], torch.Tensor], after_backw
 
 def compare_with_the_field(d_model: int, batch: int, k: int, device: str, dtype: str, repeats: int,
                            ours: dict[str, float]) -> list[list[str]]:
-    autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bf16"
-                else contextlib.nullcontext())
+    autocast = functools.partial(mixed_precision, device, dtype)
     x = torch.randn(batch, d_model, device=device)
     rows = []
     for label, step in field_steps(d_model, batch, k, device, x).items():
         def run(step=step) -> None:
-            with autocast:
+            with autocast():
                 step()
 
         speed = batch / seconds_per_call(run, device, repeats)
