@@ -357,7 +357,6 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True) -> 
 
 def _train_and_test(cfg: DictConfig, datamodule: L.LightningDataModule, model: SparseCoder, run_dir: Path,
                     progress: bool) -> tuple[Path, dict[str, Any]]:
-
     trainer_kwargs = {**TRAINER_DEFAULTS, "enable_progress_bar": progress, **_plain(cfg.trainer)}
     callbacks = [TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)] if trainer_kwargs["enable_progress_bar"] else []
     trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, default_root_dir=run_dir,
