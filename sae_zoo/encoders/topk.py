@@ -36,6 +36,10 @@ class TopKEncoder(EncoderHead):
         self.check_input(x)
         return SparseTopKLinear.apply(self.centre(x, dictionary), self.linear.weight, self.linear.bias, self.k)
 
+    def encode_flops(self) -> tuple[float, float]:
+        # ReLU and the top-k selection (and the decoder-bias subtraction)
+        return 2 * self.d_model * self.n_latents, 2 * self.n_latents + self.subtract_decoder_bias * self.d_model
+
 
 class SparseTopKLinear(torch.autograd.Function):
     """``ReLU(TopK_k(x W^T + b))`` as ``(values, indices)``. The forward is the dense product; the
@@ -67,7 +71,3 @@ class SparseTopKLinear(torch.autograd.Function):
             grad_bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device).index_add_(
                 0, rows.flatten(), grad.flatten())
         return grad_x, grad_weight, grad_bias, None
-
-    def encode_flops(self) -> tuple[float, float]:
-        # ReLU and the top-k selection (and the decoder-bias subtraction)
-        return 2 * self.d_model * self.n_latents, 2 * self.n_latents + self.subtract_decoder_bias * self.d_model
