@@ -25,7 +25,7 @@ import yaml
 from . import flops
 from ._io import atomic_write, atomic_write_text
 from .metrics import functional
-from .recipe import RecipeError, build, make_recipe
+from .recipe import RecipeError, build, recipe_from_content
 
 COLUMNS = ["panel", "setting", "method", "seed", "budget", "train_steps", "train_flops", "inference_flops", "total_flops",
            "mcc", "dictionary_mcc", "fvu", "l0"]
@@ -91,8 +91,8 @@ def panels(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], list[di
 def run_point(panel: str, data: dict, setting: str, encoder: dict, seed: int, train_steps: list[int],
               model_kwargs: dict, method: str, budget_of) -> list[dict[str, Any]]:
     """Train one (method, seed) and score it after each of ``train_steps`` (or once, untrained)."""
-    cfg = make_recipe({"setting": setting, "seed": seed, "data": {"name": "synthetic", **data}, "encoder": encoder,
-                       "model": model_kwargs})
+    cfg = recipe_from_content({"setting": setting, "seed": seed, "data": {"name": "synthetic", **data},
+                               "encoder": encoder, "model": model_kwargs}, source=f"frontier method {method!r}")
     datamodule, model = build(cfg)
     learn_dictionary = setting == "unknown"
     n_train, n_test = len(datamodule.train_x), len(datamodule.test_x)

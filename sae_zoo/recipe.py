@@ -8,6 +8,7 @@ before any work starts, so a misspelt key fails at once with its name.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -169,16 +170,6 @@ def _with_defaults(content: dict[str, Any]) -> DictConfig:
     return cfg
 
 
-def make_recipe(values: dict[str, Any]) -> DictConfig:
-    """A validated recipe from a plain dict (the Python twin of a YAML file)."""
-    try:
-        cfg = _with_defaults(values)
-        validate(cfg)
-    except (OmegaConfBaseException, ValueError) as e:
-        raise RecipeError(f"recipe {values!r}: {str(e).splitlines()[0]}") from None
-    return cfg
-
-
 def _delete(cfg: DictConfig, key: str, source: str) -> None:
     """Remove ``key`` (dotted) from a section such as ``encoder``; top-level keys cannot be removed."""
     parent_key, _, leaf = key.rpartition(".")
@@ -274,9 +265,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, SparseCoder]:
     d_model = datamodule.d_model
     dictionary_kwargs = _plain(cfg.dictionary)
     pretrained = dictionary_kwargs.pop("pretrained", None)
+    loaded = functools.cache(load_sae)  # the dictionary and a warm start often come from the same SAE
     pretrained_dictionary = None
     if pretrained is not None:
-        pretrained_dictionary = load_sae(pretrained, trainable=cfg.setting == "unknown").dictionary.train()
+        pretrained_dictionary = loaded(pretrained).dictionary.requires_grad_(cfg.setting == "unknown").train()
         if pretrained_dictionary.d_model != d_model:
             raise RecipeError(f"dictionary.pretrained: {pretrained} has atoms of width {pretrained_dictionary.d_model}, "
                               f"but the data's inputs are {d_model} wide")
@@ -290,7 +282,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, SparseCoder]:
         warm_start = encoder_kwargs.get("warm_start")
         if isinstance(warm_start, dict) and "pretrained" in warm_start:  # a trained head, e.g. the SAE's own
             source = warm_start["pretrained"]
-            head = load_sae(source).encoder
+            head = loaded(source).encoder
             if head is None:
                 raise RecipeError(f"encoder.warm_start.pretrained: {source} has no encoder head to start from")
             encoder_kwargs["warm_start"] = head.requires_grad_(False)  # used as trained, not trained further
