@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .iterative import IterativeHead, gram_is_cheaper, gram_product_flops, keep_topk, lipschitz_constant
+from .iterative import IterativeHead, gram_product, gram_product_flops, keep_topk, lipschitz_constant
 from .registry import register_encoder
 
 
@@ -44,13 +44,9 @@ class ISTAEncoder(IterativeHead):
         # step * gradient = scale * s (D D^T) - scale * x D^T, one fused product per iteration; the
         # element-wise work runs in place (at LLM widths it is a (batch x n_latents) pass each)
         scale = step * 2.0 / self.d_model
-        scaled_xdt = (x @ atoms.T).mul_(scale)
-        gram = atoms @ atoms.T if gram_is_cheaper(*atoms.shape) else None
+        scaled_xdt, times_gram = (x @ atoms.T).mul_(scale), gram_product(atoms)
         for iteration in range(1, self.steps + 1):
-            if gram is not None:
-                step_grad = torch.addmm(scaled_xdt, momentum_point, gram, beta=-1, alpha=scale)
-            else:
-                step_grad = torch.addmm(scaled_xdt, momentum_point @ atoms, atoms.T, beta=-1, alpha=scale)
+            step_grad = times_gram(momentum_point, scaled_xdt, scale)
             new = keep_topk(torch.sub(momentum_point, step_grad, out=step_grad).sub_(threshold).clamp_min_(0), self.k)
             if self.accelerated:
                 t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2

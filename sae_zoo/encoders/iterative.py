@@ -30,14 +30,19 @@ def lipschitz_constant(atoms: Tensor) -> Tensor:
     return torch.linalg.matrix_norm(atoms.detach().double(), ord=2).square().to(atoms.dtype)
 
 
-def gram_product(atoms: Tensor) -> Callable[[Tensor], Tensor]:
-    """``s -> s (D D^T)``, the way that costs less: through the N x N Gram matrix when ``N < 2M``,
-    else as ``(s D) D^T`` (at LLM widths the Gram matrix would be far larger than the dictionary)."""
-    n_latents, d_model = atoms.shape
-    if gram_is_cheaper(n_latents, d_model):
-        gram = atoms @ atoms.T
-        return lambda s: s @ gram
-    return lambda s: (s @ atoms) @ atoms.T
+def gram_product(atoms: Tensor) -> Callable[..., Tensor]:
+    """``s -> s (D D^T)``, or ``alpha s (D D^T) - minus`` fused into one product, the way that costs
+    less: through the N x N Gram matrix when ``N < 2M``, else as ``(s D) D^T`` (at LLM widths the Gram
+    matrix would be far larger than the dictionary)."""
+    gram = atoms @ atoms.T if gram_is_cheaper(*atoms.shape) else None
+
+    def times_gram(s: Tensor, minus: Tensor | None = None, alpha: float = 1.0) -> Tensor:
+        left, right = (s, gram) if gram is not None else (s @ atoms, atoms.T)
+        if minus is None:
+            return left @ right
+        return torch.addmm(minus, left, right, beta=-1, alpha=alpha)
+
+    return times_gram
 
 
 def gram_is_cheaper(n_latents: int, d_model: int) -> bool:
