@@ -367,9 +367,8 @@ class ActivationDataModule(L.LightningDataModule):
         """CE-loss recovered on ``ce_contexts`` held-out contexts: the LM's next-token loss with the
         hook's activations replaced by ``coder``'s reconstruction, against the clean loss and the loss
         with them zeroed: ``1 - (CE_recon - CE_clean) / (CE_zero - CE_clean)``."""
-        self._checked_manifest()
-        lm, _, hook = self.language_model()
         shards = self._checked_manifest()["splits"]["test"]["shards"]
+        lm, _, hook = self.language_model()
         tokens = torch.from_numpy(np.concatenate([np.load(self.cache_dir / s["token_ids"]) for s in shards]))
         tokens = tokens[: self.hparams.ce_contexts]
         keep_first = self.hparams.prepend_bos and self.hparams.drop_bos

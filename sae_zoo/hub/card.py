@@ -72,10 +72,8 @@ def _decoder_source(provenance: dict[str, Any]) -> str:
 
 
 def _training(model: "SparseCoder", recipe: dict[str, Any] | None) -> str:
-    text = (f"Setting: {SETTINGS.get(model.setting, model.setting)}. Loss: MSE + {model.l1_coeff} x mean |code| "
-            f"(the paper's), Adam with learning rate {model.lr}.")
-    if model.supervised:
-        text = f"Setting: {SETTINGS['known_codes']}. Adam with learning rate {model.lr}."
+    loss = "" if model.supervised else f" Loss: MSE + {model.l1_coeff} x mean |code| (the paper's),"
+    text = f"Setting: {SETTINGS.get(model.setting, model.setting)}.{loss} Adam with learning rate {model.lr}."
     if recipe:
         text += ("\n\nThe resolved recipe (`sae-zoo fit` reproduces the run from it):\n\n```yaml\n"
                  + yaml.safe_dump(recipe, sort_keys=False).rstrip() + "\n```")
