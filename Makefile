@@ -21,6 +21,7 @@ demo: install
 	$(BIN)/sae-zoo demo
 
 test: install
+	$(BIN)/lint-imports  # the import layers of pyproject.toml's [tool.importlinter]
 	$(BIN)/python -m pytest -q
 
 clean:

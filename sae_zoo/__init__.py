@@ -5,11 +5,13 @@ One :class:`Dictionary` (the decoder) is paired with an interchangeable encoder 
 :func:`create_encoder`, :func:`register_encoder`.
 """
 
+from importlib.metadata import version
+
 from .dictionary import Dictionary
 from .encoders import EncoderHead, create_encoder, list_encoders, register_encoder
 from .model import SparseCoder
 
-__version__ = "0.1.0"
+__version__ = version("sae_zoo")
 
 __all__ = ["Dictionary", "EncoderHead", "SparseCoder", "create_encoder", "list_encoders", "register_encoder",
            "__version__"]

@@ -1,7 +1,9 @@
-"""Atomic file writes: write beside the target, then rename, so a failure never leaves half a file."""
+"""Files: atomic writes (write beside the target, then rename, so a failure never leaves half a file),
+atomic folder replacement, and readers whose errors name the file at fault."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -11,6 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file in ``path``'s folder, then rename it to ``path``."""
@@ -35,19 +41,106 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Remove the staging folders that killed saves to ``target`` left beside it: each is named after the
+    process that made it (``.NAME.PID.XXXX.staging``), and is stale once that process is gone."""
+    for leftover in target.parent.glob(f".{target.name}.*.staging"):
+        pid = leftover.name[len(target.name) + 2:].split(".", 1)[0]
+        if leftover.is_dir() and (not pid.isdigit() or not _pid_alive(int(pid))):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _staging_folder(target: Path) -> Path:
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".staging"))
+
+
 @contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty staging folder beside ``path``; when the block succeeds, move what it holds into
-    ``path`` (the whole folder in one rename when ``path`` does not exist yet). On failure nothing moves."""
+def atomic_directory(path: str | os.PathLike, replaces: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``path``; when the block succeeds, it replaces ``path`` whole.
+
+    A new ``path`` appears in one rename. An existing folder is swapped with the staging folder in one
+    atomic exchange (Linux), so a reader sees either the old files or the new ones, never a mix; where
+    the kernel cannot exchange, the old folder is renamed aside first and removed after. On failure
+    nothing changes, and the staging folders of saves that were killed are removed by the next save.
+    ``replaces``: an existing non-empty folder is only replaced if it holds one of these files (an
+    earlier save of the same kind), so that a mistyped path never wipes an unrelated folder.
+    """
     target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a folder")
+    if replaces and target.is_dir() and any(target.iterdir()) and not any((target / n).exists() for n in replaces):
+        raise FileExistsError(f"{target} is a non-empty folder without {' or '.join(replaces)}; refusing to replace "
+                              "it: choose a new or empty folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    _remove_stale_staging(target)
+    staging = _staging_folder(target)
     try:
         yield staging
         if not target.exists():
             os.replace(staging, target)
-        else:
-            for file in staging.iterdir():
-                os.replace(file, target / file.name)
+        elif not _exchange(staging, target):
+            aside = _staging_folder(target)
+            os.replace(target, aside / "old")
+            os.replace(staging, target)
+            shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_torch_state(path: Path) -> dict[str, Tensor]:
+    """A ``torch.save``d state dict, loaded without unpickling arbitrary objects."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for a corrupt file
+        raise ValueError(f"{path}: not a readable torch state dict ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def require_keys(path: Path, mapping: dict[str, Any], keys: list[str], what: str = "key") -> None:
+    missing = [k for k in keys if k not in mapping]
+    if missing:
+        raise ValueError(f"{path}: missing {what}{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                         f"(found: {', '.join(sorted(map(str, mapping))) or 'none'})")
+
+
+def check_shape(path: Path, name: str, tensor: Tensor, shape: tuple[int, ...], because: str) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)} ({because})")

@@ -1,10 +1,14 @@
-"""Checks keyword arguments against a callable's signature, with errors that list the valid ones."""
+"""Checks keyword arguments against a callable's signature (names and annotated types), with errors
+that name the argument or recipe key and list the valid ones."""
 
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from typeguard import CollectionCheckStrategy, TypeCheckError, check_type
 
 
 def keyword_parameters(fn: Callable, skip: Iterable[str] = ()) -> dict[str, inspect.Parameter]:
@@ -23,7 +27,8 @@ class UnknownArgumentError(ValueError):
 
 def check_kwargs(fn: Callable, kwargs: dict[str, Any], *, what: str, skip: Iterable[str] = (),
                  key_prefix: str = "") -> None:
-    """Raise ``ValueError`` if ``kwargs`` holds a name ``fn`` does not take, or lacks one it requires.
+    """Raise ``ValueError`` if ``kwargs`` holds a name ``fn`` does not take, lacks one it requires, or
+    gives a value of a type its annotation excludes.
 
     ``what`` names the thing being configured (``"encoder 'mlp'"``) and ``key_prefix`` the recipe
     section (``"encoder."``), so that the message names the offending key as the user wrote it.
@@ -38,3 +43,27 @@ def check_kwargs(fn: Callable, kwargs: dict[str, Any], *, what: str, skip: Itera
     missing = [k for k, p in params.items() if p.default is p.empty and k not in kwargs]
     if missing:
         raise ValueError(f"missing {noun}(s) {', '.join(key_prefix + k for k in missing)} for {what}; valid: {valid}")
+    check_types(fn, kwargs, what=what, key_prefix=key_prefix)
+
+
+def _hints(fn: Callable) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # an annotation that cannot be resolved here: nothing to check against
+        return {}
+
+
+def check_types(fn: Callable, kwargs: dict[str, Any], *, what: str, key_prefix: str = "") -> None:
+    """Raise ``ValueError`` naming the first argument whose value does not fit ``fn``'s annotation
+    (an int accepts no string or float; a float accepts an int; ``list[int]`` checks every item)."""
+    hints = _hints(fn)
+    noun = "key" if key_prefix else "argument"
+    for name, value in kwargs.items():
+        if name not in hints:
+            continue
+        try:
+            check_type(value, hints[name], collection_check_strategy=CollectionCheckStrategy.ALL_ITEMS)
+        except TypeCheckError:
+            expected = getattr(hints[name], "__name__", None) or str(hints[name]).replace("typing.", "")
+            raise ValueError(f"{noun} {key_prefix}{name}={value!r} for {what} is a {type(value).__name__}; "
+                             f"expected {expected}") from None

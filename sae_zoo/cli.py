@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .encoders import get_encoder_class, list_encoders
+from .report import print_table
 
 #: The paper's known-dictionary test MCC (N=16, M=8, K=3; mean and std over five model seeds) by
 #: (head, MLP hidden width).
@@ -28,15 +29,6 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def print_table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("{:<%d}" % w for w in widths)
-    print(line.format(*header))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line.format(*row))
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -73,7 +65,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The paper's amortisation gap: a linear SAE and an MLP head against the known dictionary."""
-    from .plots import plot_curves
+    from .report import plot_curves
     from .recipe import fit, load_recipe
 
     demo_dir = Path(args.out) / datetime.now().strftime("demo-%Y%m%d-%H%M%S")
@@ -125,18 +117,9 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from huggingface_hub import constants
-
     from .hub import push_run
 
-    try:
-        commit = push_run(args.run_dir, args.repo_id, private=args.private or None, branch=args.revision)
-    except Exception as e:
-        # a transport error of the HTTP client (no route, DNS, refused): say where we tried to go
-        if type(e).__module__.split(".")[0] in {"httpx", "httpx2", "requests", "urllib3"} and not hasattr(e, "response"):
-            raise ConnectionError(f"cannot reach the Hub at {constants.ENDPOINT} ({type(e).__name__}: {e}); "
-                                    "check the network, or set HF_ENDPOINT") from None
-        raise
+    commit = push_run(args.run_dir, args.repo_id, private=args.private or None, branch=args.revision)
     print(f"pushed {args.run_dir} to {args.repo_id}: {commit}")
     print(f"pin this version with SparseCoder.from_pretrained({args.repo_id!r}, revision={commit.oid!r})")
     return 0
@@ -150,6 +133,16 @@ def cmd_export(args: argparse.Namespace) -> int:
                          decoder_only=args.decoder_only)
     print(f"wrote a SAELens SAE to {out} (cfg.json, sae_weights.safetensors)")
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,10 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=cmd_list)
 
     demo = sub.add_parser("demo", help="SAE vs MLP on the paper's known-dictionary data")
-    demo.add_argument("--steps", type=int, default=20_000, help="full-batch training steps (paper: 20000)")
+    demo.add_argument("--steps", type=_positive, default=20_000, help="full-batch training steps (paper: 20000)")
     demo.add_argument("--seed", type=int, default=20240625, help="model seed")
-    demo.add_argument("--seeds", type=int, default=1, help="model seeds from --seed on (the paper: 5)")
-    demo.add_argument("--hidden", type=int, default=256, help="MLP hidden width")
+    demo.add_argument("--seeds", type=_positive, default=1, help="model seeds from --seed on (the paper: 5)")
+    demo.add_argument("--hidden", type=_positive, default=256, help="MLP hidden width")
     demo.add_argument("--out", default="runs", help="folder for the demo's runs and plot")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(func=cmd_demo)
@@ -218,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_lightning()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ConnectionError) as e:  # RecipeError is a ValueError
+    except (ValueError, TypeError, OSError, FloatingPointError) as e:  # a user's mistake: no traceback
+        # (RecipeError is a ValueError; FileNotFoundError, ConnectionError and IsADirectoryError are OSErrors)
         print(f"sae-zoo: error: {e}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._signature import check_types
+
 
 class Dictionary(nn.Module):
     """A dictionary of ``n_latents`` atoms in ``d_model`` dimensions.
@@ -23,6 +25,7 @@ class Dictionary(nn.Module):
 
     def __init__(self, n_latents: int, d_model: int, *, trainable: bool = True, bias: bool = False) -> None:
         super().__init__()
+        check_types(Dictionary.__init__, {"n_latents": n_latents, "d_model": d_model}, what="the dictionary")
         if n_latents < 1 or d_model < 1:
             raise ValueError(f"Dictionary needs n_latents >= 1 and d_model >= 1, got ({n_latents}, {d_model})")
         self.n_latents = int(n_latents)
@@ -56,6 +59,10 @@ class Dictionary(nn.Module):
         """Copy ``atoms`` (and ``bias``) into the dictionary, renormalising each atom to unit norm."""
         if tuple(atoms.shape) != tuple(self.weight.shape):
             raise ValueError(f"atoms have shape {tuple(atoms.shape)}, dictionary expects {tuple(self.weight.shape)}")
+        if not atoms.is_floating_point() or not torch.isfinite(atoms).all():
+            bad = torch.nonzero(~torch.isfinite(atoms).all(dim=1)).flatten().tolist() if atoms.is_floating_point() else []
+            raise ValueError(f"atoms must be finite floating-point values; got dtype {atoms.dtype}"
+                             + (f", with NaN or Inf in atoms {bad[:10]}" if bad else ""))
         norms = atoms.norm(dim=1)
         if not torch.all(norms > 0):
             raise ValueError(f"atoms {torch.nonzero(norms == 0).flatten().tolist()} have zero norm")
@@ -72,8 +79,9 @@ class Dictionary(nn.Module):
         self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     def decode(self, codes: Tensor) -> Tensor:
-        if codes.shape[-1] != self.n_latents:
-            raise ValueError(f"codes have {codes.shape[-1]} latents, dictionary has {self.n_latents}")
+        if codes.ndim == 0 or codes.shape[-1] != self.n_latents:
+            raise ValueError(f"codes have {codes.shape[-1] if codes.ndim else 0} latents, dictionary has "
+                             f"{self.n_latents} (codes of shape {tuple(codes.shape)})")
         x_hat = codes @ self.weight
         return x_hat if self.bias is None else x_hat + self.bias
 

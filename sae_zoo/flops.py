@@ -12,7 +12,11 @@ which gives the paper's SAE figures exactly. ``M = d_model``, ``N = n_latents``.
 
 from __future__ import annotations
 
-from .encoders.base import EncoderHead
+from typing import Any
+
+# This module imports nothing from sae_zoo, so that every head can count its FLOPs with it. A
+# ``head`` below is any EncoderHead: it has ``d_model``, ``n_latents``, ``encode_flops()``,
+# ``training_encode_flops()`` and ``trained_part()``.
 
 
 def sae_inference(d_model: int, n_latents: int) -> int:
@@ -40,26 +44,23 @@ def decode_flops(d_model: int, n_latents: int) -> int:
     return 2 * d_model * n_latents
 
 
-def inference_flops(head: EncoderHead) -> float:
+def inference_flops(head: Any) -> float:
     """FLOPs to encode and decode one sample with ``head``."""
-    override = getattr(head, "inference_flops", None)
-    if override is not None:
-        return float(override())
     matmul, elementwise = head.encode_flops()
     return float(matmul + elementwise + decode_flops(head.d_model, head.n_latents))
 
 
-def training_step_flops(head: EncoderHead, learn_dictionary: bool = False) -> float:
+def training_step_flops(head: Any, learn_dictionary: bool = False) -> float:
     """FLOPs of one training step per sample (0 for a head with nothing to train and a fixed dictionary)."""
     m, n = head.d_model, head.n_latents
     dictionary_update = 3 * m * n if learn_dictionary else 0
     trained = head.trained_part()
     if trained is None or not any(p.requires_grad for p in trained.parameters()):
         return float(dictionary_update + (inference_flops(head) if learn_dictionary else 0))
-    matmul, elementwise = trained.encode_flops()
+    matmul, elementwise = trained.training_encode_flops()
     return float(2.5 * (matmul + decode_flops(m, n)) + 5 * elementwise + dictionary_update)
 
 
-def total_flops(head: EncoderHead, n_train: int, steps: int, n_test: int, learn_dictionary: bool = False) -> float:
+def total_flops(head: Any, n_train: int, steps: int, n_test: int, learn_dictionary: bool = False) -> float:
     """Training (``steps`` full-batch steps over ``n_train`` samples) plus inference on ``n_test`` samples."""
     return n_train * steps * training_step_flops(head, learn_dictionary) + n_test * inference_flops(head)

@@ -3,29 +3,28 @@
 A frontier recipe (``recipes/synthetic/frontier.yaml``) lists, per panel (a setting, optionally
 with its own data), methods: an encoder head, the training steps at which to evaluate it
 (amortised heads train once and are scored after each), and optionally a ``sweep`` of one head
-argument (an iterative head's ``steps``). Every
-(method, budget, seed) point is trained and tested through the same recipe machinery as
-``sae-zoo fit``; FLOPs come from :mod:`sae_zoo.flops`. Outputs: ``frontier.csv``, ``frontier.png``
+argument (an iterative head's ``steps``). Every (method, budget, seed) point is planned, built,
+trained (with the recipe's Trainer, on any accelerator) and evaluated
+(:func:`sae_zoo.evaluation.evaluate`) exactly as ``sae-zoo fit`` does; FLOPs come from
+:mod:`sae_zoo.flops`. ``--quick`` merges the ``quick:`` preset over the recipe, as for every recipe
+(a panel set to ``null`` there is dropped). Outputs: ``frontier.csv``, ``frontier.png``
 and ``report.md`` (each method's best figure beside the paper's).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
-import yaml
 
 from . import flops
-from ._io import atomic_write, atomic_write_text
-from .metrics import functional
-from .recipe import RecipeError, build, recipe_from_content
+from ._io import atomic_write_text
+from .evaluation import evaluate
+from .recipe import RecipeError, apply_quick, build, make_trainer, plan, read_recipe_file, recipe_from_content
+from .report import format_table, plot_frontier, write_csv
 
 COLUMNS = ["panel", "setting", "method", "seed", "budget", "train_steps", "train_flops", "inference_flops", "total_flops",
            "mcc", "dictionary_mcc", "fvu", "l0"]
@@ -43,35 +42,16 @@ class _ScoreAt(L.Callback):
 
 
 def load_frontier(path: str | Path, quick: bool = False) -> dict[str, Any]:
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise RecipeError(f"{path}: cannot read the frontier recipe: {e}") from None
-    if not isinstance(spec, dict) or "settings" not in spec:
+    spec = apply_quick(read_recipe_file(path), quick, str(path))
+    if not isinstance(spec.get("settings"), dict):
         raise RecipeError(f"{path}: a frontier recipe needs a 'settings' mapping")
-    quick_spec = spec.pop("quick", None) or {}
-    if quick:
-        spec.update(quick_spec)  # each key the quick preset gives replaces the recipe's whole
     return spec
 
 
-def _score(model, datamodule, setting: str) -> dict[str, float]:
-    model.eval()
-    with torch.no_grad():
-        x_hat, codes = model(datamodule.test_x)
-    model.train()
-    row = {"mcc": functional.mcc(codes, datamodule.test_codes).item(),
-           "fvu": functional.fraction_of_variance_unexplained(x_hat, datamodule.test_x).item(),
-           "l0": functional.l0(codes).item(), "dictionary_mcc": float("nan")}
-    if setting == "unknown":
-        row["dictionary_mcc"] = functional.dictionary_mcc(model.dictionary.atoms, datamodule.dictionary).item()
-    return row
-
-
-def _trainer(max_steps: int, callbacks: list) -> L.Trainer:
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                     num_sanity_val_steps=0, callbacks=callbacks)
+def _score(model, datamodule) -> dict[str, float]:
+    scores = evaluate(model, datamodule)
+    return {"mcc": scores["mcc"], "fvu": scores["fvu"], "l0": scores["l0"],
+            "dictionary_mcc": scores.get("dictionary_mcc", float("nan"))}
 
 
 def panels(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], list[dict[str, Any]]]]:
@@ -80,6 +60,8 @@ def panels(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], list[di
     ``data`` overrides the recipe's (e.g. the scaling sweep's M, N, K)."""
     out = []
     for name, entry in spec["settings"].items():
+        if entry is None:  # dropped by a quick preset
+            continue
         if isinstance(entry, list):
             out.append((name, name, dict(spec.get("data", {})), entry))
         else:
@@ -89,16 +71,18 @@ def panels(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], list[di
 
 
 def run_point(panel: str, data: dict, setting: str, encoder: dict, seed: int, train_steps: list[int],
-              model_kwargs: dict, method: str, budget_of) -> list[dict[str, Any]]:
+              model_kwargs: dict, method: str, budget_of, trainer_kwargs: dict | None = None) -> list[dict[str, Any]]:
     """Train one (method, seed) and score it after each of ``train_steps`` (or once, untrained)."""
     cfg = recipe_from_content({"setting": setting, "seed": seed, "data": {"name": "synthetic", **data},
-                               "encoder": encoder, "model": model_kwargs}, source=f"frontier method {method!r}")
-    datamodule, model = build(cfg)
+                               "encoder": encoder, "model": model_kwargs, "trainer": trainer_kwargs},
+                              source=f"frontier method {method!r}")
+    p = plan(cfg)
+    datamodule, model = build(p)
     learn_dictionary = setting == "unknown"
     n_train, n_test = len(datamodule.train_x), len(datamodule.test_x)
 
     def row(steps: int) -> dict[str, Any]:
-        scores = _score(model, datamodule, setting)
+        scores = _score(model, datamodule)
         train = n_train * steps * flops.training_step_flops(model.encoder, learn_dictionary)
         inference = n_test * flops.inference_flops(model.encoder)
         return {"panel": panel, "setting": setting, "method": method, "seed": seed, "budget": budget_of(steps),
@@ -108,13 +92,15 @@ def run_point(panel: str, data: dict, setting: str, encoder: dict, seed: int, tr
     if not train_steps or not any(p.requires_grad for p in model.parameters()):
         return [row(0)]
     scorer = _ScoreAt(train_steps, row)
-    _trainer(max(train_steps), [scorer]).fit(model, datamodule)
+    trainer = make_trainer(p, callbacks=[scorer], progress=False, max_steps=max(train_steps), limit_val_batches=0,
+                           num_sanity_val_steps=0)
+    trainer.fit(model, datamodule)
     return scorer.rows
 
 
 def run_frontier(spec: dict[str, Any], progress: bool = True) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    seeds, model_kwargs = spec.get("seeds", [20240625]), spec.get("model", {})
+    seeds, model_kwargs, trainer_kwargs = spec.get("seeds", [20240625]), spec.get("model", {}), spec.get("trainer", {})
     points = [(panel, setting, data, method, seed) for panel, setting, data, methods in panels(spec)
               for method in methods for seed in seeds]
     start = time.perf_counter()
@@ -126,10 +112,10 @@ def run_frontier(spec: dict[str, Any], progress: bool = True) -> list[dict[str, 
             (key, values), = sweep.items()
             for value in values:
                 rows += run_point(panel, data, setting, {**encoder, key: value}, seed, train_steps, model_kwargs,
-                                  label, lambda steps, value=value: value)
+                                  label, lambda steps, value=value: value, trainer_kwargs)
         else:
             rows += run_point(panel, data, setting, encoder, seed, train_steps, model_kwargs, label,
-                              lambda steps: steps)
+                              lambda steps: steps, trainer_kwargs)
         if progress:
             best = max(r["mcc"] for r in rows if r["method"] == label and r["panel"] == panel)
             print(f"[{i}/{len(points)} {time.perf_counter() - start:6.0f}s] {panel:<16} {label:<22} seed {seed}: "
@@ -163,53 +149,17 @@ def write_report(summary: dict[str, list[dict[str, Any]]], path: Path, title: st
              "Test MCC (mean +- std over seeds) against total FLOPs (training + inference on the test set).",
              "'MCC at largest budget' is at the method's largest budget (the paper's setting where the paper "
              "gives a figure); 'best MCC' is at its best budget.", ""]
+    header = ["method", "MCC at largest budget", "paper", "total FLOPs", "best MCC", "at FLOPs", "seeds"]
     for panel, methods in summary.items():
-        lines += [f"## {panel.replace('_', ' ')}", "",
-                  "| method | MCC at largest budget | paper | total FLOPs | best MCC | at FLOPs | seeds |",
-                  "|---|---|---|---|---|---|---|"]
+        rows = []
         for m in methods:
             last, best = m["last"], m["best"]
             extra = f" (dict. MCC {last['dictionary_mcc']:.3f})" if not np.isnan(last["dictionary_mcc"]) else ""
-            paper = "-" if m["paper"] is None else str(m["paper"])
-            lines.append(f"| {m['label']} | {last['mcc']:.3f} +- {last['std']:.3f}{extra} | {paper} | "
-                         f"{last['flops']:.2e} | {best['mcc']:.4f} | {best['flops']:.2e} | {m['seeds']} |")
-        lines.append("")
+            rows.append([m["label"], f"{last['mcc']:.3f} +- {last['std']:.3f}{extra}",
+                         "-" if m["paper"] is None else str(m["paper"]), f"{last['flops']:.2e}",
+                         f"{best['mcc']:.4f}", f"{best['flops']:.2e}", str(m["seeds"])])
+        lines += [f"## {panel.replace('_', ' ')}", "", format_table(rows, header, markdown=True), ""]
     atomic_write_text(path, "\n".join(lines))
-
-
-def plot_frontier(summary: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(summary), figsize=(8.5 * len(summary), 5.0), squeeze=False)
-    for ax, (panel, methods) in zip(axes[0], summary.items()):
-        for i, m in enumerate(methods):
-            x = [c["flops"] for c in m["curve"]]
-            y = np.array([c["mcc"] for c in m["curve"]])
-            s = np.array([c["std"] for c in m["curve"]])
-            marker = "o" if len(x) > 1 else "s"
-            ax.plot(x, y, marker=marker, markersize=4, color=f"C{i % 10}", linestyle="-" if i < 10 else "--",
-                    label=m["label"])
-            ax.fill_between(x, y - s, y + s, color=f"C{i % 10}", alpha=0.15)
-        ax.set_xscale("log")
-        ax.set_xlabel("total FLOPs (training + inference)")
-        ax.set_ylabel("test MCC")
-        ax.set_title(panel.replace("_", " "))
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
 
 
 def frontier(recipe: str | Path, out_dir: str | Path | None = None, quick: bool = False,
@@ -225,7 +175,7 @@ def frontier(recipe: str | Path, out_dir: str | Path | None = None, quick: bool 
     rows = run_frontier(spec, progress)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows, spec)
-    write_csv(rows, out / "frontier.csv")
+    write_csv(rows, out / "frontier.csv", COLUMNS)
     plot_frontier(summary, out / "frontier.png")
     write_report(summary, out / "report.md", spec.get("title", "Compute frontier"))
     return out

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
-import tempfile
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from huggingface_hub import HfApi, ModelCard, ModelHubMixin
+from huggingface_hub import ModelCard, ModelHubMixin
 from torch import Tensor
-from torchmetrics import MeanSquaredError, MetricCollection
 
-from ._io import atomic_directory
+from ._io import atomic_directory, read_safetensors
+from .data.base import Batch
 from .dictionary import Dictionary
 from .encoders import EncoderHead, create_encoder
-from .metrics import MCC, L0, L1, DeadLatents, DictionaryMCC, FractionOfVarianceUnexplained
+from .metrics import SparseCodingMetrics
+from .pretrained import model_card
+from .pretrained.config import (CONFIG_NAME, WEIGHTS_NAME, build_dictionary, build_encoder, load_state, model_config,
+                                read_model_config, save_weights)
+from .pretrained.files import resolve_file
 
-Batch = Tensor | tuple[Tensor, ...] | list[Tensor]
+
+class Reconstruction(NamedTuple):
+    """What :class:`SparseCoder` returns: the reconstruction and the codes it decodes from."""
+
+    x_hat: Tensor
+    codes: Tensor
 
 
 def unpack_batch(batch: Batch) -> tuple[Tensor, Tensor | None]:
@@ -77,6 +86,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                  true_dictionary: Tensor | None = None, sparse_decode: bool = True,
                  code_recovery: bool = True) -> None:
         super().__init__()
+        if not lr > 0 or not l1_coeff >= 0:
+            raise ValueError(f"SparseCoder needs lr > 0 and l1_coeff >= 0, got lr={lr!r}, l1_coeff={l1_coeff!r}")
         encoder = create_encoder(**encoder) if isinstance(encoder, dict) else encoder
         dictionary = Dictionary(**dictionary) if isinstance(dictionary, dict) else dictionary
         if (encoder.d_model, encoder.n_latents) != (dictionary.d_model, dictionary.n_latents):
@@ -95,17 +106,17 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             raise ValueError(f"true_dictionary must have shape (n, {dictionary.d_model}), got {tuple(true_dictionary.shape)}")
         self.register_buffer("true_dictionary", true_dictionary, persistent=False)
 
-        n_latents, d_model = dictionary.n_latents, dictionary.d_model
+        self.val_metrics, self.test_metrics = self.new_metrics(), self.new_metrics()
+
+    def new_metrics(self, sync_on_compute: bool = True) -> SparseCodingMetrics:
+        """The metrics an evaluation of this model reports (fresh state); see :meth:`update_metrics`.
+        ``sync_on_compute=False``: computed by one process on what it saw, without the other ranks."""
         # an over- or under-complete dictionary is scored against the true latents it should recover
-        n_true = n_latents if true_dictionary is None else true_dictionary.shape[0]
-        for stage in ("val", "test"):
-            setattr(self, f"{stage}_metrics", MetricCollection({
-                "fvu": FractionOfVarianceUnexplained(d_model), "mse": MeanSquaredError(), "l0": L0(), "l1": L1(),
-                "dead_latents": DeadLatents(n_latents)}, prefix=f"{stage}/"))
-            if self.code_recovery:  # its state is n_latents x n_true: skip it where there are no true codes
-                setattr(self, f"{stage}_mcc", MCC(n_latents, n_true))
-            if true_dictionary is not None:
-                setattr(self, f"{stage}_dictionary_mcc", DictionaryMCC(n_latents, n_true))
+        n_true = None if self.true_dictionary is None else self.true_dictionary.shape[0]
+        return SparseCodingMetrics(self.dictionary.d_model, self.dictionary.n_latents, num_true_latents=n_true,
+                                   code_recovery=self.code_recovery,
+                                   dictionary_recovery=self.true_dictionary is not None,
+                                   sync_on_compute=sync_on_compute).to(self.device)
 
     @property
     def setting(self) -> str:
@@ -120,10 +131,10 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     def decode(self, codes: Tensor) -> Tensor:
         return self.dictionary.decode(codes)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x -> (x_hat, codes)``."""
+    def forward(self, x: Tensor) -> Reconstruction:
+        """``x -> Reconstruction(x_hat, codes)``."""
         codes = self.encode(x)
-        return self.decode(codes), codes
+        return Reconstruction(self.decode(codes), codes)
 
     def loss(self, x: Tensor, x_hat: Tensor, codes: Tensor, true_codes: Tensor | None) -> dict[str, Tensor]:
         if self.supervised:
@@ -148,7 +159,10 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         losses = self.training_losses(batch)
-        if self._logging_step():
+        if self._logging_step():  # the values are read for the log anyway, so checking them costs no extra sync
+            if not torch.isfinite(losses["loss"]):
+                raise FloatingPointError(f"the training loss is {losses['loss'].item()} at step {self.global_step}: "
+                                         "check the inputs for NaN/Inf, or lower the learning rate")
             self.log_dict({f"train/{k}": v for k, v in losses.items()})
             self.log("loss", losses["loss"], prog_bar=True, logger=False)
         return losses["loss"]
@@ -163,25 +177,28 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         if self.dictionary.trainable:
             self.dictionary.normalize_()
 
-    def _evaluate(self, stage: str, batch: Batch) -> None:
+    def update_metrics(self, metrics: SparseCodingMetrics, batch: Batch) -> None:
+        """Add one held-out batch to ``metrics`` (the one way every evaluation scores a model)."""
         x, true_codes = unpack_batch(batch)
         x_hat, codes = self(x)
+        metrics.update(x_hat, x, codes, true_codes if self.code_recovery else None)
+
+    def update_dictionary_metrics(self, metrics: SparseCodingMetrics) -> None:
+        if self.true_dictionary is not None:
+            metrics.update_dictionary(self.dictionary.atoms, self.true_dictionary)
+
+    def _evaluate(self, stage: str, batch: Batch) -> None:
         metrics = getattr(self, f"{stage}_metrics")
-        metrics["fvu"].update(x_hat, x)
-        metrics["mse"].update(x_hat, x)
-        for name in ("l0", "l1", "dead_latents"):
-            metrics[name].update(codes)
-        self.log_dict(metrics)
-        if true_codes is not None and self.code_recovery:
-            mcc = getattr(self, f"{stage}_mcc")
-            mcc.update(codes, true_codes)
-            self.log(f"{stage}/mcc", mcc, prog_bar=True)
+        self.update_metrics(metrics, batch)
+        for name, metric in metrics.updated().items():
+            if name != "dictionary_mcc":
+                self.log(f"{stage}/{name}", metric, prog_bar=name == "mcc")
 
     def _log_dictionary_mcc(self, stage: str) -> None:
+        metrics = getattr(self, f"{stage}_metrics")
         if self.true_dictionary is not None:
-            metric = getattr(self, f"{stage}_dictionary_mcc")
-            metric.update(self.dictionary.atoms, self.true_dictionary)
-            self.log(f"{stage}/dictionary_mcc", metric)
+            self.update_dictionary_metrics(metrics)
+            self.log(f"{stage}/dictionary_mcc", metrics.metrics["dictionary_mcc"])
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate("val", batch)
@@ -207,75 +224,67 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             raise ValueError("nothing to train: the encoder has no parameters and the dictionary is frozen")
         return torch.optim.Adam(params, lr=self.lr)
 
-    # ---- Hugging Face Hub: save_pretrained / from_pretrained / push_to_hub (ModelHubMixin) ----
+    # ---- Hugging Face Hub (ModelHubMixin): sae_zoo's files in sae_zoo.pretrained, transport in sae_zoo.hub ----
 
     def save_pretrained(self, save_directory: str | Path, *, config: dict | None = None, repo_id: str | None = None,
                         push_to_hub: bool = False, model_card_kwargs: dict[str, Any] | None = None,
                         **push_to_hub_kwargs: Any) -> str | None:
-        """Write ``config.json``, ``model.safetensors`` and ``README.md`` (the model card) to
-        ``save_directory``. Files are written beside it first and moved in only when all succeeded."""
-        from .hub.serialization import model_config
-
+        """The mixin's ``save_pretrained`` (``config.json``, ``model.safetensors``, ``README.md``), made
+        atomic: the files are written into a staging folder that then replaces ``save_directory`` whole."""
         if config is not None:
             raise TypeError("config.json is built from the model itself; save_pretrained takes no config")
-        with atomic_directory(save_directory) as staging:
-            super().save_pretrained(staging, config=model_config(self), model_card_kwargs=model_card_kwargs)
+        with atomic_directory(save_directory, replaces=(CONFIG_NAME,)) as staging:
+            super().save_pretrained(staging, model_card_kwargs=model_card_kwargs)
         if push_to_hub:
-            return self.push_to_hub(repo_id or Path(save_directory).name, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+            return self.push_to_hub(repo_id or Path(save_directory).name, model_card_kwargs=model_card_kwargs,
+                                    **push_to_hub_kwargs)
         return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        from .hub.serialization import WEIGHTS_NAME, save_weights
-
         save_weights(self, save_directory / WEIGHTS_NAME)
-
-    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload sae_zoo model", private: bool | None = None,
-                    token: str | None = None, branch: str | None = None, create_pr: bool | None = None,
-                    model_card_kwargs: dict[str, Any] | None = None, **upload_kwargs: Any) -> str:
-        """Save, then upload in one commit to ``repo_id`` (created if needed) on ``branch`` (created from
-        main if needed). Returns the commit URL; its ``.oid`` pins this version for ``from_pretrained``.
-        Nothing reaches the Hub unless the whole model saved."""
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(Path(tmp) / "model", model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})})
-            api = HfApi(token=token)
-            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-            if branch not in (None, "main"):
-                api.create_branch(repo_id, branch=branch, exist_ok=True)
-            return api.upload_folder(repo_id=repo_id, folder_path=Path(tmp) / "model", commit_message=commit_message,
-                                     revision=branch, create_pr=create_pr, **upload_kwargs)
+        (save_directory / CONFIG_NAME).write_text(json.dumps(model_config(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, revision: str | None = None,
-                        cache_dir: str | Path | None = None, force_download: bool = False,
-                        token: str | bool | None = None, local_files_only: bool = False,
-                        map_location: str | torch.device = "cpu", **overrides: Any) -> "SparseCoder":
-        """Load a model saved by ``save_pretrained`` or pushed by ``push_to_hub``: a local directory or
-        a Hub repo id, at ``revision`` (branch, tag or commit). ``overrides`` may set ``l1_coeff``,
-        ``lr``, ``true_dictionary`` and ``sparse_decode`` for further training; the head and dictionary come from
-        ``config.json``. Returns the model in eval mode."""
-        from .hub.serialization import (build_dictionary, build_encoder, check_config, load_state, read_json,
-                                        read_safetensors, resolve_model_files)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "SparseCoder":
+        """The mixin's ``from_pretrained``: a folder or Hub repo (``revision=`` a branch, tag or commit)
+        written by ``save_pretrained``/``push_to_hub``. ``config.json`` is read and checked first, so a
+        missing, corrupt or foreign one is reported by name before the mixin reads it. Further keyword
+        arguments may set ``l1_coeff``, ``lr``, ``true_dictionary``, ``sparse_decode`` and ``map_location``;
+        the head and dictionary come from ``config.json``. Returns the model in eval mode."""
+        download = {k: kwargs[k] for k in ("revision", "cache_dir", "force_download", "token", "local_files_only")
+                    if k in kwargs}
+        read_model_config(pretrained_model_name_or_path, **download)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
-        unknown = sorted(set(overrides) - {"l1_coeff", "lr", "true_dictionary", "sparse_decode"})
-        if unknown:
-            raise TypeError(f"from_pretrained got unexpected arguments {', '.join(unknown)}; the head and dictionary "
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, local_files_only: bool, token: str | bool | None,
+                         map_location: str | torch.device = "cpu", **model_kwargs: Any) -> "SparseCoder":
+        download = {"revision": revision, "cache_dir": cache_dir, "force_download": force_download, "token": token,
+                    "local_files_only": local_files_only}
+        config, config_path = read_model_config(model_id, **download)
+        overrides = {k: v for k, v in model_kwargs.items() if k in PRETRAINED_OVERRIDES}
+        # the mixin passes config.json's values for the __init__ arguments it names: those are not overrides
+        unexpected = sorted(k for k, v in model_kwargs.items()
+                            if k not in PRETRAINED_OVERRIDES and not (k in config and config[k] == v)
+                            and k not in ("proxies", "resume_download"))
+        if unexpected:
+            raise TypeError(f"from_pretrained got unexpected arguments {', '.join(unexpected)}; the head and dictionary "
                             "come from config.json (to pair a pretrained head with another dictionary, use "
-                            "sae_zoo.hub.load_encoder)")
-        config_path, weights_path = resolve_model_files(
-            pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, force_download=force_download,
-            token=token, local_files_only=local_files_only)
-        config = check_config(read_json(config_path), config_path)
+                            "sae_zoo.pretrained.load_encoder)")
         model = cls(build_encoder(config, config_path), build_dictionary(config, config_path),
                     supervised=bool(config.get("supervised", False)), code_recovery=bool(config.get("code_recovery", True)),
                     **{"l1_coeff": config.get("l1_coeff", 0.01), "lr": config.get("lr", 1e-3), **overrides})
         model.to(getattr(torch, config["dtype"]))
+        weights_path = resolve_file(model_id, WEIGHTS_NAME, **download)
         load_state(model, read_safetensors(weights_path), weights_path, config_path)
         return model.to(map_location).eval()
 
     def generate_model_card(self, **card_kwargs: Any) -> ModelCard:
         """The model card (``README.md``), rendered from ``model_cards/sae_zoo.md``; ``card_kwargs`` are
-        those of :func:`sae_zoo.hub.card.model_card` (test ``metrics``, the ``recipe``, ``repo_id``)."""
-        from .hub.card import model_card
-
+        those of :func:`sae_zoo.pretrained.model_card` (test ``metrics``, the ``recipe``, ``repo_id``)."""
         return model_card(self, **card_kwargs)
 
+
+#: what ``from_pretrained`` may set beside config.json (for further training, or the device)
+PRETRAINED_OVERRIDES = ("l1_coeff", "lr", "true_dictionary", "sparse_decode")

@@ -1,9 +1,14 @@
 """Recipes: omegaconf YAML (plus ``key=value`` overrides) -> datamodule + SparseCoder -> a run directory.
 
 A recipe has the sections of :class:`Recipe`. ``data``, ``encoder``, ``dictionary``, ``model`` and
-``trainer`` hold keyword arguments, checked against what they configure (the datamodule, the
-encoder head, :class:`~sae_zoo.Dictionary`, :class:`~sae_zoo.SparseCoder`, ``lightning.Trainer``)
-before any work starts, so a misspelt key fails at once with its name.
+``trainer`` hold keyword arguments, checked (names and types) against what they configure (the
+datamodule, the encoder head, :class:`~sae_zoo.Dictionary`, :class:`~sae_zoo.SparseCoder`,
+``lightning.Trainer``) before any work starts, so a misspelt key or a wrong value fails at once with
+its name.
+
+One way through: :func:`plan` resolves a recipe once into a :class:`Plan`; :func:`build` makes its
+datamodule and model, :func:`make_trainer` its Trainer, and :func:`fit` trains and evaluates through
+:mod:`sae_zoo.evaluation`. ``sae-zoo fit``, suites, the frontier and the demo all go this way.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,11 +34,12 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ._io import atomic_write_json, atomic_write_text
+from ._io import atomic_write, atomic_write_json, atomic_write_text
 from ._signature import UnknownArgumentError, check_kwargs
-from .data import DATAMODULES, PAPER_SEED
+from .data import DATAMODULES, PAPER_SEED, SparseCodingData
 from .dictionary import Dictionary
 from .encoders import create_encoder, get_encoder_class
+from .evaluation import downstream_metrics, evaluate
 from .hub import load_sae
 from .model import SparseCoder
 
@@ -68,11 +75,14 @@ class Recipe:
     matmul_precision: str = "highest"
 
 
-#: A recipe may hold a ``quick:`` mapping: the keys ``--quick`` replaces, for a run of minutes.
+#: A recipe may hold a ``quick:`` mapping, merged over the recipe by ``--quick`` for a run of minutes.
 QUICK_KEY = "quick"
+#: an override's key: names joined by single dots
+DOTTED_KEY = re.compile(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*")
 
 
-#: Trainer arguments a recipe starts from; any ``lightning.Trainer`` argument may be set under ``trainer``.
+#: Trainer arguments every recipe starts from (fit, suites, frontier, demo); any ``lightning.Trainer``
+#: argument may be set under ``trainer``.
 TRAINER_DEFAULTS: dict[str, Any] = {"accelerator": "auto", "devices": 1, "log_every_n_steps": 100,
                                     "enable_model_summary": False, "enable_checkpointing": False}
 
@@ -95,6 +105,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    if Path(path).is_dir():
+        raise RecipeError(f"{path}: is a folder, not a recipe file (e.g. {Path(path) / 'recipe.yaml'})")
     try:
         content = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
@@ -111,12 +123,13 @@ def recipe_from_content(content: dict[str, Any], overrides: list[str] | tuple[st
     """The validated recipe of ``content`` (a recipe file's mapping) with ``key=value`` overrides."""
     assignments, deletions = [], []
     for item in overrides:
-        if item.startswith("~"):
-            deletions.append(item[1:])
-        elif "=" in item:
-            assignments.append(item)
-        else:
+        key = item[1:] if item.startswith("~") else item.split("=", 1)[0]
+        if not item.startswith("~") and "=" not in item:
             raise RecipeError(f"override {item!r} is not of the form key=value (or ~key to delete a key)")
+        if not DOTTED_KEY.fullmatch(key):
+            raise RecipeError(f"override {item!r}: {key!r} is not a key (names joined by single dots, "
+                              "e.g. encoder.name)")
+        (deletions if item.startswith("~") else assignments).append(item[1:] if item.startswith("~") else item)
     try:
         cfg = _with_defaults(content)
     except ValueError as e:
@@ -131,6 +144,10 @@ def recipe_from_content(content: dict[str, Any], overrides: list[str] | tuple[st
         valid = ", ".join(Recipe.__dataclass_fields__)
         reason = str(e).splitlines()[0]
         raise RecipeError(f"{source}: bad key {key!r}: {reason} (top-level keys: {valid})") from None
+    except yaml.YAMLError as e:  # a value the override parser cannot read, e.g. trainer.max_steps=[5
+        reason = str(e).splitlines()[0]
+        raise RecipeError(f"{source}: an override's value is not valid YAML ({reason}); quote it, or close the "
+                          f"bracket: {', '.join(assignments)}") from None
     try:
         validate(cfg)
     except UnknownArgumentError as e:
@@ -149,14 +166,28 @@ KWARG_SECTIONS = ("data", "encoder", "dictionary", "model", "trainer")
 
 
 def apply_quick(content: dict[str, Any], quick: bool, source: str) -> dict[str, Any]:
-    """``content`` without its ``quick`` preset, or (``quick=True``) with the preset merged over it."""
+    """``content`` without its ``quick`` preset, or (``quick=True``) with the preset merged over it:
+    the one meaning of ``--quick`` for recipes, suites and frontiers. Mappings merge key by key, any
+    other value (a list, a number) replaces the recipe's, and a key set to ``null`` is removed."""
     content = dict(content)
     preset = content.pop(QUICK_KEY, None)
     if not quick:
         return content
     if not isinstance(preset, dict):
         raise RecipeError(f"{source}: --quick needs a '{QUICK_KEY}:' mapping in the recipe")
-    return OmegaConf.to_container(OmegaConf.merge(content, preset))
+    return _merge(content, preset)
+
+
+def _merge(base: dict[str, Any], preset: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in preset.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _with_defaults(content: dict[str, Any]) -> DictConfig:
@@ -210,8 +241,26 @@ def import_modules(modules: list[str]) -> None:
                 raise ValueError(f"imports: cannot import {module!r}: {e}") from None
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check every section against what it configures; raises ``ValueError`` naming the key."""
+@dataclass
+class Plan:
+    """A recipe resolved once: what :func:`build` makes and :func:`make_trainer` runs."""
+
+    cfg: DictConfig
+    data_class: type[SparseCodingData]
+    data_kwargs: dict[str, Any]
+    encoder_name: str
+    encoder_kwargs: dict[str, Any]
+    #: a pretrained dictionary's source (``load_sae``), or None
+    pretrained: str | None
+    #: the learned dictionary's arguments (``setting=unknown``), ``n_latents`` included when given
+    dictionary_kwargs: dict[str, Any]
+    model_kwargs: dict[str, Any]
+    trainer_kwargs: dict[str, Any]
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """Check every section against what it configures and resolve the recipe; raises ``ValueError``
+    naming the key."""
     if cfg.matmul_precision not in ("highest", "high", "medium"):
         raise ValueError(f"matmul_precision: {cfg.matmul_precision!r} is not one of highest, high, medium")
     if cfg.setting not in SETTINGS:
@@ -220,16 +269,20 @@ def validate(cfg: DictConfig) -> None:
     data_name, data_kwargs = _named(cfg.data, "data")
     if data_name not in DATAMODULES:
         raise ValueError(f"data.name: unknown datamodule {data_name!r}; choices: {', '.join(DATAMODULES)}")
-    check_kwargs(DATAMODULES[data_name].__init__, data_kwargs, what=f"data {data_name!r}", key_prefix="data.")
+    data_class = DATAMODULES[data_name]
+    check_kwargs(data_class.__init__, data_kwargs, what=f"data {data_name!r}", key_prefix="data.")
     encoder_name, encoder_kwargs = _named(cfg.encoder, "encoder")
     try:
         encoder_cls = get_encoder_class(encoder_name)
     except ValueError as e:
         raise ValueError(f"encoder.name: {e}") from None
-    check_kwargs(encoder_cls.__init__, encoder_kwargs, what=f"encoder {encoder_name!r}",
-                 skip=("d_model", "n_latents"), key_prefix="encoder.")
+    warm_start = encoder_kwargs.get("warm_start")
+    pretrained_warm_start = isinstance(warm_start, dict) and "pretrained" in warm_start
+    check_kwargs(encoder_cls.__init__, {k: v for k, v in encoder_kwargs.items()
+                                        if not (k == "warm_start" and pretrained_warm_start)},
+                 what=f"encoder {encoder_name!r}", skip=("d_model", "n_latents"), key_prefix="encoder.")
     dictionary_kwargs = _plain(cfg.dictionary)
-    ground_truth = DATAMODULES[data_name].ground_truth
+    ground_truth = data_class.ground_truth
     pretrained = dictionary_kwargs.pop("pretrained", None)
     if cfg.setting == "known_codes" and not ground_truth:
         raise ValueError(f"setting: data {data_name!r} has no true codes to train on; use unknown or known_dictionary")
@@ -245,40 +298,50 @@ def validate(cfg: DictConfig) -> None:
         if dictionary_kwargs:
             raise ValueError(f"dictionary.{next(iter(dictionary_kwargs))}: the {cfg.setting} setting uses the data's "
                              "true dictionary; dictionary keys apply to setting=unknown only")
-    n_latents = dictionary_kwargs.pop("n_latents", 1 if ground_truth or pretrained or cfg.setting != "unknown" else None)
-    if not isinstance(n_latents, int) or n_latents < 1:
-        raise ValueError(f"dictionary.n_latents must be a positive integer, got {n_latents!r}"
-                         + ("" if ground_truth else f" (data {data_name!r} has no true latent count to default to)"))
-    check_kwargs(Dictionary.__init__, dictionary_kwargs, what="the dictionary",
-                 skip=("n_latents", "d_model", "trainable"), key_prefix="dictionary.")
-    check_kwargs(SparseCoder.__init__, _plain(cfg.model), what="SparseCoder",
+    elif not ground_truth and "n_latents" not in dictionary_kwargs:
+        raise ValueError(f"dictionary.n_latents must be given: data {data_name!r} has no true latent count to "
+                         "default to")
+    n_latents = dictionary_kwargs.get("n_latents", 1)
+    if not isinstance(n_latents, int) or isinstance(n_latents, bool) or n_latents < 1:
+        raise ValueError(f"dictionary.n_latents must be a positive integer, got {n_latents!r}")
+    check_kwargs(Dictionary.__init__, {k: v for k, v in dictionary_kwargs.items() if k != "n_latents"},
+                 what="the dictionary", skip=("n_latents", "d_model", "trainable"), key_prefix="dictionary.")
+    model_kwargs = _plain(cfg.model)
+    check_kwargs(SparseCoder.__init__, model_kwargs, what="SparseCoder",
                  skip=("encoder", "dictionary", "supervised", "true_dictionary", "code_recovery"), key_prefix="model.")
-    check_kwargs(L.Trainer.__init__, _plain(cfg.trainer), what="lightning.Trainer",
+    trainer_kwargs = _plain(cfg.trainer)
+    check_kwargs(L.Trainer.__init__, trainer_kwargs, what="lightning.Trainer",
                  skip=("logger", "default_root_dir", "callbacks"), key_prefix="trainer.")
+    return Plan(cfg, data_class, data_kwargs, encoder_name, encoder_kwargs, pretrained, dictionary_kwargs,
+                model_kwargs, {**TRAINER_DEFAULTS, **trainer_kwargs})
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, SparseCoder]:
-    """The datamodule and the SparseCoder a validated recipe describes."""
-    import_modules(list(cfg.imports))
-    data_name, data_kwargs = _named(cfg.data, "data")
-    datamodule = DATAMODULES[data_name](**data_kwargs)
+def validate(cfg: DictConfig) -> None:
+    """Check the recipe (see :func:`plan`)."""
+    plan(cfg)
+
+
+def build(cfg: DictConfig | Plan) -> tuple[SparseCodingData, SparseCoder]:
+    """The datamodule and the SparseCoder a recipe (or its plan) describes."""
+    p = cfg if isinstance(cfg, Plan) else plan(cfg)
+    cfg = p.cfg
+    datamodule = p.data_class(**p.data_kwargs)
     d_model = datamodule.d_model
-    dictionary_kwargs = _plain(cfg.dictionary)
-    pretrained = dictionary_kwargs.pop("pretrained", None)
     loaded = functools.cache(load_sae)  # the dictionary and a warm start often come from the same SAE
     pretrained_dictionary = None
-    if pretrained is not None:
-        pretrained_dictionary = loaded(pretrained).dictionary.requires_grad_(cfg.setting == "unknown").train()
+    if p.pretrained is not None:
+        pretrained_dictionary = loaded(p.pretrained).dictionary.requires_grad_(cfg.setting == "unknown").train()
         if pretrained_dictionary.d_model != d_model:
-            raise RecipeError(f"dictionary.pretrained: {pretrained} has atoms of width {pretrained_dictionary.d_model}, "
+            raise RecipeError(f"dictionary.pretrained: {p.pretrained} has atoms of width {pretrained_dictionary.d_model}, "
                               f"but the data's inputs are {d_model} wide")
+    dictionary_kwargs = dict(p.dictionary_kwargs)
     n_latents = (pretrained_dictionary.n_latents if pretrained_dictionary is not None
                  else dictionary_kwargs.pop("n_latents", datamodule.n_latents))
 
     L.seed_everything(cfg.seed, verbose=False)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed + INIT_SEED_OFFSET)
-        encoder_name, encoder_kwargs = _named(cfg.encoder, "encoder")
+        encoder_kwargs = dict(p.encoder_kwargs)
         warm_start = encoder_kwargs.get("warm_start")
         if isinstance(warm_start, dict) and "pretrained" in warm_start:  # a trained head, e.g. the SAE's own
             source = warm_start["pretrained"]
@@ -286,7 +349,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, SparseCoder]:
             if head is None:
                 raise RecipeError(f"encoder.warm_start.pretrained: {source} has no encoder head to start from")
             encoder_kwargs["warm_start"] = head.requires_grad_(False)  # used as trained, not trained further
-        encoder = create_encoder(encoder_name, d_model=d_model, n_latents=n_latents, **encoder_kwargs)
+        encoder = create_encoder(p.encoder_name, d_model=d_model, n_latents=n_latents, **encoder_kwargs)
         if pretrained_dictionary is not None:
             dictionary = pretrained_dictionary
         elif cfg.setting == "unknown":
@@ -297,8 +360,26 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, SparseCoder]:
                                                 provenance={"source": "the data's true dictionary"})
     model = SparseCoder(encoder, dictionary, supervised=cfg.setting == "known_codes",
                         true_dictionary=datamodule.dictionary if cfg.setting == "unknown" else None,
-                        code_recovery=datamodule.ground_truth, **_plain(cfg.model))
+                        code_recovery=datamodule.ground_truth, **p.model_kwargs)
     return datamodule, model
+
+
+def make_trainer(p: Plan, *, callbacks: list[L.Callback] = (), logger: Any = False, progress: bool = True,
+                 root_dir: Path | None = None, **overrides: Any) -> L.Trainer:
+    """The recipe's Trainer (any accelerator): :data:`TRAINER_DEFAULTS`, then ``trainer:``, then
+    ``overrides``. A Trainer that cannot be built (no such accelerator, a bad precision or step count)
+    raises :class:`RecipeError` naming the ``trainer`` section."""
+    kwargs = {**p.trainer_kwargs, "enable_progress_bar": progress and p.trainer_kwargs.get("enable_progress_bar", True),
+              **overrides}
+    if kwargs["enable_progress_bar"]:
+        callbacks = [*callbacks, TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)]
+    try:
+        return L.Trainer(**kwargs, callbacks=list(callbacks), logger=logger, default_root_dir=root_dir)
+    except Exception as e:  # Lightning raises MisconfigurationException, ValueError, RuntimeError, ...
+        given = ", ".join(f"trainer.{k}={v!r}" for k, v in p.trainer_kwargs.items() if k not in TRAINER_DEFAULTS
+                          or TRAINER_DEFAULTS[k] != v)
+        raise RecipeError(f"trainer: lightning.Trainer cannot be built from {given or 'the defaults'}: "
+                          f"{str(e).splitlines()[0]}") from None
 
 
 #: Set by rank 0 before Lightning starts the other ranks of a multi-device run, so they all write
@@ -319,18 +400,21 @@ def default_run_dir(cfg: DictConfig, recipe_name: str) -> Path:
 
 
 def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Train and test the recipe's model; write the run directory. Returns ``(run_dir, metrics)``.
+    """Train and evaluate the recipe's model; write the run directory. Returns ``(run_dir, metrics)``.
 
     The run directory holds ``config.yaml`` (the resolved recipe), ``model.ckpt`` (a Lightning
     checkpoint: ``SparseCoder.load_from_checkpoint``), ``logs/metrics.csv`` and ``metrics.json``.
-    With several devices (``trainer.devices``, ``trainer.strategy``) every rank trains and only rank
-    zero writes.
+    Everything is checked and built before anything is written, and a run directory without a
+    checkpoint (a run that failed) may be reused. With several devices (``trainer.devices``,
+    ``trainer.strategy``) every rank trains and rank zero evaluates and writes.
     """
     rank_zero = rank_zero_only.rank == 0
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, recipe_name)
-    if rank_zero and run_dir.exists() and any(run_dir.iterdir()):
-        raise RecipeError(f"run_dir: {run_dir} already exists and is not empty; choose another run_dir")
-    datamodule, model = build(cfg)
+    if rank_zero:
+        check_run_dir(run_dir)
+    p = plan(cfg)
+    datamodule, model = build(p)
+    trainer = make_trainer(p, progress=progress, root_dir=run_dir, logger=CSVLogger(run_dir, name="logs", version=""))
     if rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
@@ -338,7 +422,7 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True) -> 
     os.environ[RUN_DIR_ENV] = str(run_dir)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     try:
-        return _train_and_test(cfg, datamodule, model, run_dir, progress)
+        return _train_and_evaluate(cfg, trainer, datamodule, model, run_dir)
     finally:
         torch.set_float32_matmul_precision(precision)
         if previous is None:
@@ -347,33 +431,48 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True) -> 
             os.environ[RUN_DIR_ENV] = previous
 
 
-def _train_and_test(cfg: DictConfig, datamodule: L.LightningDataModule, model: SparseCoder, run_dir: Path,
-                    progress: bool) -> tuple[Path, dict[str, Any]]:
-    trainer_kwargs = {**TRAINER_DEFAULTS, "enable_progress_bar": progress, **_plain(cfg.trainer)}
-    callbacks = [TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)] if trainer_kwargs["enable_progress_bar"] else []
-    trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, default_root_dir=run_dir,
-                        logger=CSVLogger(run_dir, name="logs", version=""))
+def check_run_dir(run_dir: Path) -> None:
+    """A run directory must be new, empty, or left by a run that wrote no checkpoint."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecipeError(f"run_dir: {run_dir} exists and is not a folder; choose another run_dir")
+    if (run_dir / "model.ckpt").exists():
+        raise RecipeError(f"run_dir: {run_dir} already exists and holds a finished run; choose another run_dir")
+
+
+def _train_and_evaluate(cfg: DictConfig, trainer: L.Trainer, datamodule: SparseCodingData, model: SparseCoder,
+                        run_dir: Path) -> tuple[Path, dict[str, Any]]:
     if trainer.is_global_zero:
         datamodule.prepare_data()  # e.g. collect activations, so that train_seconds counts training only
     start = time.perf_counter()
-    if any(p.requires_grad for p in model.parameters()):
+    trained = any(p.requires_grad for p in model.parameters())
+    if trained:
         trainer.fit(torch.compile(model) if cfg.compile else model, datamodule=datamodule)
     # else: a pure inference head (e.g. FISTA) on a frozen dictionary has nothing to train
     train_seconds = time.perf_counter() - start
-    tested = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     model.dictionary.provenance = {**datamodule.describe(), **model.dictionary.provenance}
-    # saving is collective (rank zero writes); only rank zero moves the file into place
     partial = run_dir / ".model.ckpt.partial"
-    trainer.save_checkpoint(partial, weights_only=False)
+    if trained:  # saving is collective (rank zero writes)
+        trainer.save_checkpoint(partial, weights_only=False)
     if not trainer.is_global_zero:
         return run_dir, {}
+    if not trained:
+        _save_untrained_checkpoint(model, partial)
+    test = evaluate(model, datamodule)
+    test.update(downstream_metrics(model, datamodule))
     os.replace(partial, run_dir / "model.ckpt")
     metrics = {
         "setting": cfg.setting, "encoder": cfg.encoder.name, "seed": cfg.seed,
         "data_seed": datamodule.hparams.get("seed"), "steps": trainer.global_step,
         "train_seconds": round(train_seconds, 3), "devices": trainer.world_size,
-        "test": {key.removeprefix("test/"): float(value) for key, value in sorted(tested.items())},
+        "test": dict(sorted(test.items())),
     }
-    metrics["test"].update(datamodule.downstream_metrics(model))
     atomic_write_json(run_dir / "metrics.json", metrics)
     return run_dir, metrics
+
+
+def _save_untrained_checkpoint(model: SparseCoder, path: Path) -> None:
+    """The Lightning checkpoint of a model that never trained (Lightning saves only what a fit attached)."""
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                  "pytorch-lightning_version": L.__version__, "epoch": 0, "global_step": 0}
+    model.on_save_checkpoint(checkpoint)
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))

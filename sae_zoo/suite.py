@@ -12,16 +12,15 @@ run) and writes ``comparison.csv``, ``comparison.md`` and ``comparison.png`` bes
 
 from __future__ import annotations
 
-import csv
-import io
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from ._io import atomic_write, atomic_write_text
+from ._io import atomic_write_text
 from .recipe import RecipeError, apply_quick, fit, read_recipe_file, recipe_from_content
+from .report import format_table, plot_comparison, print_table, write_csv
 
 REPLACED_SECTIONS = ("encoder", "dictionary")
 RUN_REFERENCE = "run:"
@@ -86,7 +85,8 @@ def run_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, 
     return out, rows
 
 
-def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def comparison_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)`` of the comparison: the metrics any run reported, training time and speed."""
     columns = [c for c in COLUMNS if any(c[0] in r for r in rows)]
     header = ["method", *(h for _, h, _ in columns), "train s", "train tok/s"]
     body = [[r["label"], *(f.format(r[k]) if k in r else "-" for k, _, f in columns), f"{r['train_seconds']:.0f}",
@@ -95,52 +95,15 @@ def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 
 
 def write_comparison(out: Path, title: str, rows: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
-    header, body = _table(rows)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=sorted({k for r in rows for k in r}))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "comparison.csv", text.getvalue())
-    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    atomic_write_text(out / "comparison.md", "\n".join(lines) + "\n")
-
-    has_ce = all("ce_loss_recovered" in r for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_ce else 1, figsize=(12 if has_ce else 6, 4.2), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    ax = axes[0][0]
-    for i, r in enumerate(rows):
-        ax.scatter(r["l0"], r["fvu"], s=50, color=colors[i % len(colors)], label=r["label"],
-                   marker="os^Dv<>"[i % 7], alpha=0.85)
-    ax.set(xlabel="L0 (active latents per token)", ylabel="FVU (held-out)", title="Reconstruction against sparsity")
-    ax.legend(fontsize=8)
-    if has_ce:
-        ax = axes[0][1]
-        values = [r["ce_loss_recovered"] for r in rows]
-        ax.barh(range(len(rows)), values, color=[colors[i % len(colors)] for i in range(len(rows))])
-        ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
-        for i, v in enumerate(values):
-            ax.annotate(f"{v:.3f}", (v, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
-        low = min(values)
-        ax.set_xlim(max(0.0, low - 0.5 * (1 - low) - 0.02) if low < 1 else 0.0, 1.0 + 0.15 * (1 - min(low, 0.99)))
-        ax.set(xlabel="CE-loss recovered", title="LM loss with the reconstruction spliced in")
-        ax.invert_yaxis()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    atomic_write(out / "comparison.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    header, body = comparison_table(rows)
+    write_csv(rows, out / "comparison.csv")
+    atomic_write_text(out / "comparison.md", f"# {title}\n\n{format_table(body, header, markdown=True)}\n")
+    plot_comparison(rows, out / "comparison.png", title)
 
 
 def print_comparison(out: Path, rows: list[dict[str, Any]]) -> None:
-    from .cli import print_table
-
-    header, body = _table(rows)
+    header, body = comparison_table(rows)
     print()
     print_table(body, header)
     print(f"\nruns, comparison.csv/.md and comparison.png: {out}")

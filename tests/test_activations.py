@@ -10,6 +10,7 @@ from lm_fixtures import write_corpus, write_tiny_llama
 
 import sae_zoo.data.activations as activations
 from sae_zoo.data import ActivationDataModule, ShardedActivations
+from sae_zoo.evaluation import ce_loss_recovered
 from sae_zoo.lm import load_language_model, resolve_hook
 from sae_zoo.recipe import RecipeError, fit, recipe_from_content
 
@@ -52,7 +53,7 @@ def test_cached_activations_are_the_models_hidden_states(lm_files, tmp_path):
     cached = np.load(tmp_path / "cache" / shard["file"])
     torch.testing.assert_close(torch.from_numpy(cached), hidden[:, 1:].reshape(-1, 16), atol=1e-5, rtol=1e-5)
     # served data are scaled so that the mean norm is sqrt(d_model)
-    x = dm.test_x()
+    x = dm.test_x
     assert x.shape == (300, 16)
     train = torch.cat(list(dm._dataset("train", shuffle=False)))
     assert train.norm(dim=-1)[:390].mean().item() == pytest.approx(16 ** 0.5, rel=1e-4)  # the first shard
@@ -103,7 +104,7 @@ def test_ce_loss_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zero
         def forward(self, x):
             return torch.zeros_like(x), x
 
-    perfect, zero = dm.downstream_metrics(Identity()), dm.downstream_metrics(Zero())
+    perfect, zero = ce_loss_recovered(Identity(), dm), ce_loss_recovered(Zero(), dm)
     assert perfect["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)
     assert zero["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
     assert perfect["ce_spliced"] == pytest.approx(perfect["ce_clean"], abs=1e-6)

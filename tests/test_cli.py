@@ -54,7 +54,7 @@ def test_demo_prints_both_heads_beside_the_paper(tmp_path, capsys, monkeypatch):
 
 
 def test_plot_reads_the_logged_curve(tmp_path):
-    from sae_zoo.plots import read_curve
+    from sae_zoo.report import read_curve
 
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "metrics.csv").write_text("epoch,step,train/loss,val/mcc\n0,9,0.5,\n0,9,,0.61\n1,19,,0.65\n")

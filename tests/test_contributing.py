@@ -1,7 +1,11 @@
-"""A head written outside the package, exactly as CONTRIBUTING.md shows, trains through a recipe by name."""
+"""CONTRIBUTING.md, followed as written: its head, as an outside module, trains through a recipe by name;
+and, added to a scratch copy of the package as its own file beside its own test, it passes the shared
+checks of every head and its test with no other file touched."""
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +19,14 @@ from sae_zoo.metrics import functional
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def guide_blocks() -> list[str]:
+    """The guide's Python code blocks: the head's file, then its test."""
+    return re.findall(r"```python\n(.*?)```", (ROOT / "CONTRIBUTING.md").read_text(), re.S)
+
+
 def contributed_head(tmp_path: Path) -> Path:
-    code = re.search(r"```python\n(.*?)```", (ROOT / "CONTRIBUTING.md").read_text(), re.S).group(1)
     path = tmp_path / "tied_head.py"
-    path.write_text(code)
+    path.write_text(guide_blocks()[0])
     return path
 
 
@@ -47,6 +55,28 @@ def test_external_head_trains_through_a_recipe_by_name(tmp_path):
         expected = torch.relu(dm.test_x @ model.dictionary.atoms.T + model.encoder.bias)
     torch.testing.assert_close(codes, expected)
     assert abs(metrics["test"]["mcc"] - functional.mcc(codes, dm.test_codes).item()) < 1e-6
+
+
+def test_a_new_head_is_its_file_and_its_test(tmp_path):
+    """The guide's two files in a scratch copy: the shared checks find the head by themselves."""
+    scratch = tmp_path / "scratch"
+    shutil.copytree(ROOT / "sae_zoo", scratch / "sae_zoo", ignore=shutil.ignore_patterns("__pycache__"))
+    (scratch / "tests").mkdir()
+    for name in ("conftest.py", "hub_server.py", "test_every_head.py"):
+        shutil.copy(ROOT / "tests" / name, scratch / "tests" / name)
+    head, test = guide_blocks()[:2]
+    (scratch / "sae_zoo" / "encoders" / "tied.py").write_text(head)  # the two files the guide asks for
+    (scratch / "tests" / "test_tied.py").write_text(test)
+
+    env = {**os.environ, "PYTHONPATH": str(scratch)}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "tied",
+                             "tests/test_every_head.py", "tests/test_tied.py"],
+                            cwd=scratch, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"\b5 passed\b", result.stdout), result.stdout  # the 4 shared checks of every head + its own
+    where = subprocess.run([sys.executable, "-c", "import sae_zoo; print(sae_zoo.__file__)"], cwd=scratch, env=env,
+                           capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(scratch))
 
 
 def test_tied_head_uses_the_dictionary_it_is_given(tmp_path):

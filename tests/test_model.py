@@ -70,12 +70,12 @@ def test_known_codes_training_follows_the_true_codes():
     torch.manual_seed(0)
     model = SparseCoder(create_encoder("mlp", d_model=8, n_latents=16, hidden=64),
                         Dictionary.from_tensor(dm.dictionary), supervised=True, lr=3e-3)
-    before = functional.correlation_matrix(dm.test_codes, model.encode(dm.test_x)).diagonal().mean().item()
+    before = functional.correlation_matrix(model.encode(dm.test_x), dm.test_codes).diagonal().mean().item()
     t = trainer(400)
     t.fit(model, dm)
     results = t.test(model, dm, verbose=False)[0]
     # supervised training aligns latent i with true latent i: the unmatched per-latent correlation rises
-    corr = functional.correlation_matrix(dm.test_codes, model.encode(dm.test_x))
+    corr = functional.correlation_matrix(model.encode(dm.test_x), dm.test_codes)
     assert corr.diagonal().mean().item() > max(0.7, before + 0.4)
     assert results["test/mcc"] >= corr.diagonal().mean().item() - 1e-6
 

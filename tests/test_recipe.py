@@ -11,7 +11,7 @@ from sae_zoo import SparseCoder
 from sae_zoo.encoders import EncoderHead, registry
 from sae_zoo.data import SyntheticSparseDataModule
 from sae_zoo.metrics import functional
-from sae_zoo.plots import read_curve
+from sae_zoo.report import read_curve
 from sae_zoo.recipe import RecipeError, build, fit, load_recipe
 
 class BiaslessHead(EncoderHead):

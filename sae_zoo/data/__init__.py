@@ -1,10 +1,11 @@
 """Datamodules: the paper's synthetic data, and activations of a language model."""
 
 from .activations import ActivationDataModule, ShardedActivations
+from .base import Batch, SparseCodingData
 from .synthetic import PAPER_SEED, SyntheticSparseDataModule, generate_sparse_data
 
-#: recipe ``data.name`` -> datamodule
-DATAMODULES = {"synthetic": SyntheticSparseDataModule, "activations": ActivationDataModule}
+#: recipe ``data.name`` -> datamodule (each a :class:`SparseCodingData`)
+DATAMODULES: dict[str, type[SparseCodingData]] = {"synthetic": SyntheticSparseDataModule, "activations": ActivationDataModule}
 
-__all__ = ["DATAMODULES", "PAPER_SEED", "ActivationDataModule", "ShardedActivations", "SyntheticSparseDataModule",
+__all__ = ["Batch", "DATAMODULES", "SparseCodingData", "PAPER_SEED", "ActivationDataModule", "ShardedActivations", "SyntheticSparseDataModule",
            "generate_sparse_data"]

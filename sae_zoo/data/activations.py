@@ -12,13 +12,15 @@ hook point to shards of a cache folder:
 
 Each shard is written to a temporary file and renamed, then the manifest is updated the same way;
 an interrupted collection resumes after the last shard the manifest lists, so nothing is lost or
-written twice. A cache whose manifest describes other data is refused. Training reads the shards
+written twice. A cache whose manifest describes other data is refused. Collection holds a lock file
+(``cache_dir/.lock``), so two processes pointed at one cache take turns instead of interleaving shards. Training reads the shards
 memory-mapped, mixing rows across a shuffle buffer of many contexts; each rank of a multi-device
 run reads only its slice of every global batch, so N devices see exactly the batches one device would.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -27,16 +29,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
+from filelock import FileLock
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from .._io import atomic_write, atomic_write_json
-from ..lm import (HookPoint, load_language_model, max_context, next_token_loss, read_activations, resolve_hook,
-                  resolve_package_path)
+from ..lm import HookPoint, load_language_model, max_context, read_activations, resolve_hook, resolve_package_path
+from .base import SparseCodingData
 
 MANIFEST = "manifest.json"
 CACHE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 kept as raw bits
@@ -114,7 +116,7 @@ class ShardedActivations(IterableDataset):
             yield self.rows(batch[self.rank * per_rank:(self.rank + 1) * per_rank])
 
 
-class ActivationDataModule(L.LightningDataModule):
+class ActivationDataModule(SparseCodingData):
     """Activations of ``model`` at ``hook`` on a text dataset; see the module docstring.
 
     ``model``: a Hub id, a local directory or ``package:NAME`` (``gguf_file`` for GGUF checkpoints).
@@ -189,6 +191,9 @@ class ActivationDataModule(L.LightningDataModule):
         files = h.data_files
         if files is not None:
             files = [resolve_package_path(f) for f in ([files] if isinstance(files, str) else files)]
+            for pattern in files:
+                if "://" not in pattern and not glob.glob(pattern):
+                    raise ValueError(f"data.data_files: {pattern!r} matches no file")
         # the "text" builder reads a line per row unless told that each file is one document
         extra = {"sample_by": "document"} if h.dataset == "text" else {}
         ds = datasets.load_dataset(h.dataset, h.dataset_config, data_files=files, split=h.split, streaming=h.streaming,
@@ -251,6 +256,12 @@ class ActivationDataModule(L.LightningDataModule):
         """Collect whatever the cache lacks (resuming after the last shard written)."""
         if self.complete:
             return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.cache_dir / ".lock"):
+            if not self.complete:  # another process may have finished it while this one waited
+                self._collect()
+
+    def _collect(self) -> None:
         lm, _, hook = self.language_model()
         h = self.hparams
         manifest = self.manifest() or {"identity": self.identity, "splits": {
@@ -334,14 +345,16 @@ class ActivationDataModule(L.LightningDataModule):
     def scale(self) -> float:
         return float(self._checked_manifest()["scale"]) if self.hparams.normalize else 1.0
 
-    def _dataset(self, split: str, shuffle: bool) -> ShardedActivations:
+    def _dataset(self, split: str, shuffle: bool, rank: int | None = None,
+                 world_size: int | None = None) -> ShardedActivations:
         manifest = self._checked_manifest()
         files = [self.cache_dir / s["file"] for s in manifest["splits"][split]["shards"]]
-        trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if rank is None or world_size is None:  # the trainer's slice of every batch
+            trainer = getattr(self, "trainer", None)
+            rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return ShardedActivations(files, self.hparams.cache_dtype, self.hparams.batch_size, scale=self.scale,
                                   shuffle=shuffle, shuffle_buffer=self.hparams.shuffle_buffer, seed=self.hparams.seed,
-                                  rank=rank, world_size=world)
+                                  rank=rank, world_size=world_size)
 
     def _loader(self, dataset: ShardedActivations) -> DataLoader:
         return DataLoader(dataset, batch_size=None, pin_memory=torch.cuda.is_available())
@@ -355,50 +368,19 @@ class ActivationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("test", shuffle=False))
 
+    def held_out_batches(self) -> Iterator[Tensor]:
+        """Every held-out batch (scaled), in order, on this process alone."""
+        return iter(self._dataset("test", shuffle=False, rank=0, world_size=1))
+
+    @property
     def test_x(self) -> Tensor:
         """All held-out activations (scaled), in order."""
-        ds = self._dataset("test", shuffle=False)
+        ds = self._dataset("test", shuffle=False, rank=0, world_size=1)
         return ds.rows(np.arange(int(ds.offsets[-1])))
 
-    # ---- what matters for a language model ----
-
-    @torch.no_grad()
-    def downstream_metrics(self, coder: torch.nn.Module) -> dict[str, float]:
-        """CE-loss recovered on ``ce_contexts`` held-out contexts: the LM's next-token loss with the
-        hook's activations replaced by ``coder``'s reconstruction, against the clean loss and the loss
-        with them zeroed: ``1 - (CE_recon - CE_clean) / (CE_zero - CE_clean)``."""
+    def ce_batches(self) -> tuple[Tensor, float, bool]:
+        """``(token ids (n, context_len), input scale, whether position 0 was left out of the data)`` of
+        the ``ce_contexts`` held-out contexts on which the LM's loss is measured (:mod:`sae_zoo.evaluation`)."""
         shards = self._checked_manifest()["splits"]["test"]["shards"]
-        lm, _, hook = self.language_model()
         tokens = torch.from_numpy(np.concatenate([np.load(self.cache_dir / s["token_ids"]) for s in shards]))
-        tokens = tokens[: self.hparams.ce_contexts]
-        keep_first = self.hparams.prepend_bos and self.hparams.drop_bos
-        scale = self.scale
-        device = next(coder.parameters(), torch.empty(0)).device
-
-        def spliced(fn):
-            def replace(acts: Tensor) -> Tensor:
-                new = fn(acts)
-                if keep_first:  # BOS positions were not in the data: leave them as they were
-                    new = torch.cat([acts[:, :1], new[:, 1:]], dim=1)
-                return new
-            return replace
-
-        def reconstruct(acts: Tensor) -> Tensor:
-            x_hat, _ = coder((acts.float() * scale).to(device))
-            return (x_hat / scale).to(acts.dtype).to(acts.device)
-
-        losses = {"ce_clean": [], "ce_zero_ablation": [], "ce_spliced": []}
-        was_training = coder.training
-        coder.eval()  # inference behaviour (an iterative head solves instead of returning its warm start)
-        try:
-            for chunk in tokens.split(self.hparams.model_batch_size):
-                losses["ce_clean"].append(next_token_loss(lm, chunk))
-                losses["ce_zero_ablation"].append(next_token_loss(lm, chunk, hook, spliced(torch.zeros_like)))
-                losses["ce_spliced"].append(next_token_loss(lm, chunk, hook, spliced(reconstruct)))
-        finally:
-            coder.train(was_training)
-        weights = torch.tensor([len(c) for c in tokens.split(self.hparams.model_batch_size)], dtype=torch.float64)
-        means = {k: float((torch.stack(v).double().cpu() * weights).sum() / weights.sum()) for k, v in losses.items()}
-        gap = means["ce_zero_ablation"] - means["ce_clean"]
-        means["ce_loss_recovered"] = 1 - (means["ce_spliced"] - means["ce_clean"]) / gap if gap else float("nan")
-        return means
+        return tokens[: self.hparams.ce_contexts], self.scale, self.hparams.prepend_bos and self.hparams.drop_bos

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from .._signature import check_types
+from .base import Batch, SparseCodingData
 
 PAPER_SEED = 20240625
 
@@ -50,7 +54,7 @@ class RepeatedBatch(Dataset):
         return self.tensors
 
 
-class SyntheticSparseDataModule(L.LightningDataModule):
+class SyntheticSparseDataModule(SparseCodingData):
     """The paper's synthetic data: one draw of ``n_train + n_test`` samples, split in that order.
 
     Batches are ``(x, true_codes)``. ``batch_size=None`` trains full-batch, as the paper does,
@@ -65,13 +69,27 @@ class SyntheticSparseDataModule(L.LightningDataModule):
                  seed: int = PAPER_SEED, batch_size: int | None = None, steps_per_epoch: int = 1000) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if n_train < 1 or n_test < 1:
-            raise ValueError(f"need n_train >= 1 and n_test >= 1, got {n_train}, {n_test}")
-        self.n_latents, self.d_model, self.k = n_latents, d_model, k
+        check_types(type(self).__init__, dict(self.hparams), what="the synthetic data", key_prefix="data.")
+        for name in ("n_latents", "d_model", "k", "n_train", "n_test", "steps_per_epoch", "batch_size"):
+            if self.hparams[name] is not None and self.hparams[name] < 1:
+                raise ValueError(f"data.{name} must be at least 1, got {self.hparams[name]!r}")
+        self.n_latents, self._d_model, self.k = n_latents, d_model, k
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         codes, x, self.dictionary = generate_sparse_data(n_train + n_test, n_latents, d_model, k, seed)
-        self.train_codes, self.test_codes = codes[:n_train], codes[n_train:]
-        self.train_x, self.test_x = x[:n_train], x[n_train:]
+        self.train_codes, self._test_codes = codes[:n_train], codes[n_train:]
+        self.train_x, self._test_x = x[:n_train], x[n_train:]
+
+    @property
+    def d_model(self) -> int:
+        return self._d_model
+
+    @property
+    def test_x(self) -> Tensor:
+        return self._test_x
+
+    @property
+    def test_codes(self) -> Tensor:
+        return self._test_codes
 
     def train_dataloader(self) -> DataLoader:
         if self.batch_size is None:
@@ -94,6 +112,5 @@ class SyntheticSparseDataModule(L.LightningDataModule):
         """Where the data came from, for the decoder's provenance and the model card."""
         return {"data": "synthetic", "data_seed": self.hparams.seed}
 
-    def downstream_metrics(self, coder: torch.nn.Module) -> dict[str, float]:
-        """Metrics beyond the test step's; synthetic data has none (language-model data has CE loss)."""
-        return {}
+    def held_out_batches(self) -> Iterator[Batch]:
+        return iter(self._held_out())

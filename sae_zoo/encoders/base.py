@@ -3,24 +3,52 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar
+from abc import ABCMeta, abstractmethod
+from typing import Any, ClassVar, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
+from .._signature import check_types
+from .interop import ForeignSAE, UnsupportedConversion
 
-class EncoderHead(nn.Module):
-    """Maps inputs ``x`` of shape ``(..., d_model)`` to non-negative codes ``(..., n_latents)``.
+
+class SparseCodes(NamedTuple):
+    """The non-zero codes of a head with a fixed number of active slots: ``(..., k)`` each."""
+
+    values: Tensor
+    indices: Tensor
+
+
+def require_at_least(head: str, minimum: float, **values: float | None) -> None:
+    """Raise ``ValueError`` naming the first of ``values`` below ``minimum`` (None is skipped)."""
+    for name, value in values.items():
+        if value is not None and value < minimum:
+            raise ValueError(f"{head} needs {name} >= {minimum}, got {name}={value!r}")
+
+
+class EncoderHead(nn.Module, metaclass=ABCMeta):
+    """Maps inputs ``x`` of shape ``(..., d_model)`` to codes ``(..., n_latents)``.
 
     ``forward(x, dictionary)`` receives the decoder so that iterative heads (which optimise codes
     against the dictionary) and amortised heads (which ignore it) share one interface.
 
-    A subclass declares its hyper-parameters as keyword arguments of ``__init__`` after
-    ``d_model`` and ``n_latents``; they are recorded automatically, so :meth:`config` can rebuild
-    the head through :func:`~sae_zoo.create_encoder`.
+    A subclass implements ``forward`` and ``encode_flops``, declares its hyper-parameters as keyword
+    arguments of ``__init__`` after ``d_model`` and ``n_latents`` (their annotated types are checked
+    when a head is built), and gives ``example_kwargs``: small hyper-parameters with which the tests
+    build, save, reload, count and train every registered head. They are recorded automatically, so
+    :meth:`config` rebuilds the head through :func:`~sae_zoo.create_encoder`.
+
+    A head that reproduces other libraries' encoders names their ``architectures`` and implements
+    :meth:`from_foreign` (and :meth:`to_foreign` for export).
     """
 
     #: Registry name, set by :func:`~sae_zoo.encoders.register_encoder`.
     name: ClassVar[str] = ""
+    #: Hyper-parameters for a small example (``d_model=6, n_latents=12``), used by the tests of every head.
+    example_kwargs: ClassVar[dict[str, Any]] = {}
+    #: Other libraries' architectures this head reproduces (see :mod:`sae_zoo.encoders.interop`).
+    architectures: ClassVar[tuple[str, ...]] = ()
     #: Whether the head encodes ``x - dictionary.bias`` (SAELens, sparsify and dictionary_learning
     #: subtract the decoder bias before encoding); such a head needs a dictionary with a bias.
     subtract_decoder_bias: bool = False
@@ -37,35 +65,51 @@ class EncoderHead(nn.Module):
             # a real call with bad arguments fails in __init__ with Python's own message.
             return self
         bound.apply_defaults()
-        object.__setattr__(self, "_init_args", dict(list(bound.arguments.items())[1:]))
+        arguments = dict(list(bound.arguments.items())[1:])
+        check_types(cls.__init__, arguments, what=f"encoder {cls.name or cls.__name__!r}")
+        object.__setattr__(self, "_init_args", arguments)
         return self
 
     def __init__(self, d_model: int, n_latents: int) -> None:
         super().__init__()
-        if d_model < 1 or n_latents < 1:
-            raise ValueError(f"{type(self).__name__} needs d_model >= 1 and n_latents >= 1, got ({d_model}, {n_latents})")
+        require_at_least(type(self).name or type(self).__name__, 1, d_model=d_model, n_latents=n_latents)
         self.d_model = int(d_model)
         self.n_latents = int(n_latents)
 
+    @abstractmethod
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
-        raise NotImplementedError
+        """Codes ``(..., n_latents)`` of inputs ``x`` ``(..., d_model)``."""
 
-    def sparse_forward(self, x: Tensor, dictionary: nn.Module | None = None) -> tuple[Tensor, Tensor] | None:
-        """``(values, indices)`` of the non-zero codes, ``(..., k)`` each, for heads whose codes have a
-        fixed number of slots (top-k): training then decodes only those atoms. ``None``: no such form."""
+    @abstractmethod
+    def encode_flops(self) -> tuple[float, float]:
+        """``(matmul, element-wise)`` FLOPs to encode one sample (see :mod:`sae_zoo.flops`)."""
+
+    def training_encode_flops(self) -> tuple[float, float]:
+        """``encode_flops`` of the forward pass in training, where it differs from inference (free codes)."""
+        return self.encode_flops()
+
+    def sparse_forward(self, x: Tensor, dictionary: nn.Module | None = None) -> SparseCodes | None:
+        """The non-zero codes as :class:`SparseCodes`, for heads whose codes have a fixed number of
+        slots (top-k): training then decodes only those atoms. ``None``: no such form."""
         return None
 
     def trained_part(self) -> "EncoderHead | None":
         """The part whose training costs FLOPs (see :mod:`sae_zoo.flops`): the head itself by default."""
         return self
 
-    def encode_flops(self) -> tuple[float, float]:
-        """``(matmul, element-wise)`` FLOPs to encode one sample (see :mod:`sae_zoo.flops`)."""
-        raise NotImplementedError(f"{self.name or type(self).__name__} does not count its FLOPs (encode_flops)")
-
     def config(self) -> dict[str, Any]:
         """``{"name": ..., "d_model": ..., "n_latents": ..., **hyper-parameters}``."""
         return {"name": self.name, **self._init_args}
+
+    @classmethod
+    def from_foreign(cls, sae: ForeignSAE) -> "EncoderHead":
+        """The head that gives ``sae``'s codes on the dictionary of its unit-normalised decoder rows.
+        Raises :class:`~sae_zoo.encoders.interop.UnsupportedConversion` (with the reason) when it cannot."""
+        raise UnsupportedConversion(f"the {cls.name or cls.__name__} head converts no other library's SAE")
+
+    def to_foreign(self, dictionary: nn.Module) -> ForeignSAE:
+        """This head and ``dictionary`` as another library's architecture (for export)."""
+        raise UnsupportedConversion(f"no other library has an encoder like sae_zoo's {self.name!r} head")
 
     def centre(self, x: Tensor, dictionary: nn.Module | None) -> Tensor:
         """``x - dictionary.bias`` when the head subtracts the decoder bias, else ``x``."""
@@ -77,7 +121,25 @@ class EncoderHead(nn.Module):
                              "(subtract_decoder_bias=True), so it needs a dictionary built with bias=True")
         return x - bias
 
-    def check_input(self, x: Tensor) -> None:
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"{self.name or type(self).__name__} head expects inputs of width {self.d_model}, "
-                             f"got shape {tuple(x.shape)}")
+    def compute_dtype(self, dictionary: nn.Module | None) -> torch.dtype:
+        """The dtype the head computes in: its parameters', else the dictionary's."""
+        reference = next(self.parameters(), None)
+        if reference is None:
+            reference = getattr(dictionary, "weight", None)
+        return reference.dtype if reference is not None else torch.get_default_dtype()
+
+    def check_input(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
+        """``x`` checked and cast to the head's dtype: its width must be ``d_model`` and its dtype a
+        floating one; outside training every value must be finite (training leaves that to the loss,
+        whose check costs no extra synchronisation)."""
+        head = self.name or type(self).__name__
+        if x.ndim == 0 or x.shape[-1] != self.d_model:
+            raise ValueError(f"{head} head expects inputs of width {self.d_model}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{head} head expects floating-point inputs, got {x.dtype}; convert with x.float()")
+        if not self.training and x.numel() and not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"{head} head got {bad} NaN or infinite input value(s) in a batch of shape "
+                             f"{tuple(x.shape)}")
+        dtype = self.compute_dtype(dictionary)
+        return x if x.dtype == dtype else x.to(dtype)

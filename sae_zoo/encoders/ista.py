@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .iterative import IterativeHead, gram_product, gram_product_flops, keep_topk, lipschitz_constant
+from .base import require_at_least
+from .iterative import IterativeHead, WarmStart, gram_product, gram_product_flops, keep_topk, lipschitz_constant
 from .registry import register_encoder
 
 
@@ -20,10 +19,13 @@ class ISTAEncoder(IterativeHead):
     more than ``tol`` (checked every ``check_every`` iterations)."""
 
     accelerated = False
+    example_kwargs = {"steps": 20}
 
     def __init__(self, d_model: int, n_latents: int, steps: int = 300, tol: float = 0.0, check_every: int = 10,
-                 l1_coeff: float = 0.01, warm_start: dict[str, Any] | None = None, k: int | None = None) -> None:
+                 l1_coeff: float = 0.01, warm_start: WarmStart = None, k: int | None = None) -> None:
         super().__init__(d_model, n_latents, l1_coeff=l1_coeff, warm_start=warm_start, k=k)
+        require_at_least(self.name, 1, steps=steps, check_every=check_every)
+        require_at_least(self.name, 0, tol=tol)
         self.steps, self.tol, self.check_every = int(steps), float(tol), int(check_every)
 
     def solve(self, x: Tensor, atoms: Tensor, init: Tensor | None) -> tuple[Tensor, int]:
@@ -33,7 +35,7 @@ class ISTAEncoder(IterativeHead):
         # x D^T once; per iteration s (D D^T), gradient and step (4N), threshold (2N), momentum (4N)
         m, n = self.d_model, self.n_latents
         per_iteration = gram_product_flops(n, m) + 6 * n + (4 * n if self.accelerated else 0)
-        return 2 * m * n + self.iterations * per_iteration + 2 * m * n
+        return 2 * m * n + self.iterations * per_iteration
 
     def proximal_gradient(self, x: Tensor, atoms: Tensor, init: Tensor | None) -> tuple[Tensor, int]:
         # f_smooth(s) = ||s D - x||^2 / M has gradient (2/M)(s D - x) D^T and Lipschitz constant (2/M) ||D||_2^2
@@ -78,12 +80,14 @@ class FISTAEncoder(ISTAEncoder):
     """
 
     accelerated = True
+    example_kwargs = {"steps": 20}
 
     def __init__(self, d_model: int, n_latents: int, steps: int = 300, tol: float = 0.0, check_every: int = 10,
-                 l1_coeff: float = 0.01, warm_start: dict[str, Any] | None = None, k: int | None = None,
+                 l1_coeff: float = 0.01, warm_start: WarmStart = None, k: int | None = None,
                  refine_rounds: int = 0, refine_max_support: int | None = None, refine_tol: float = 1e-6) -> None:
         super().__init__(d_model, n_latents, steps=steps, tol=tol, check_every=check_every, l1_coeff=l1_coeff,
                          warm_start=warm_start, k=k)
+        require_at_least("fista", 0, refine_rounds=refine_rounds, refine_tol=refine_tol)
         self.refine_rounds, self.refine_tol = int(refine_rounds), float(refine_tol)
         if self.refine_rounds and n_latents > MAX_REFINE_LATENTS:
             raise ValueError(f"fista: support refinement solves an N x N system per sample; it is meant for small "

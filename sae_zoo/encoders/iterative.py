@@ -16,12 +16,14 @@ the paper's "SAE+ITO").
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from abc import abstractmethod
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .base import EncoderHead
+from ..flops import decode_flops
+from .base import EncoderHead, require_at_least
 from .registry import create_encoder
 
 
@@ -62,14 +64,20 @@ def keep_topk(codes: Tensor, k: int | None) -> Tensor:
     return torch.zeros_like(codes).scatter(-1, indices, values)
 
 
-class IterativeHead(EncoderHead):
-    """Base of the heads that solve for the codes. Subclasses implement :meth:`solve`."""
+#: what a recipe or config may give as a warm start: a head's config, or a trained head
+WarmStart = Optional[Union[dict[str, Any], EncoderHead]]
 
-    def __init__(self, d_model: int, n_latents: int, l1_coeff: float = 0.01,
-                 warm_start: dict[str, Any] | EncoderHead | None = None, k: int | None = None) -> None:
+
+class IterativeHead(EncoderHead):
+    """Base of the heads that solve for the codes. Subclasses implement :meth:`solve` and :meth:`solver_flops`."""
+
+    def __init__(self, d_model: int, n_latents: int, l1_coeff: float = 0.01, warm_start: WarmStart = None,
+                 k: int | None = None) -> None:
         super().__init__(d_model, n_latents)
-        if k is not None and not 1 <= k <= n_latents:
-            raise ValueError(f"{type(self).__name__}: need 1 <= k <= n_latents ({n_latents}), got k={k}")
+        require_at_least(type(self).name, 0, l1_coeff=l1_coeff)
+        require_at_least(type(self).name, 1, k=k)
+        if k is not None and k > n_latents:
+            raise ValueError(f"{type(self).name}: need k <= n_latents ({n_latents}), got k={k}")
         self.l1_coeff, self.k = float(l1_coeff), k
         if isinstance(warm_start, EncoderHead):  # a trained head, e.g. a pretrained SAE's own encoder
             if (warm_start.d_model, warm_start.n_latents) != (d_model, n_latents):
@@ -84,9 +92,11 @@ class IterativeHead(EncoderHead):
         self.last_iterations = 0
 
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
-        self.check_input(x)
         if dictionary is None:
             raise ValueError(f"{self.name} is an iterative head: forward(x, dictionary) needs the dictionary")
+        x = self.check_input(x, dictionary)
+        if x.numel() == 0:  # an empty batch has empty codes, as with every other head
+            return x.new_zeros(*x.shape[:-1], self.n_latents)
         init = self.warm_start(x, dictionary) if self.warm_start is not None else None
         if self.training and init is not None:
             return init
@@ -107,17 +117,21 @@ class IterativeHead(EncoderHead):
         """Iterations to count: those the last call ran, or the full budget before any call."""
         return self.last_iterations or getattr(self, "steps", 1)
 
+    @abstractmethod
     def solver_flops(self) -> float:
-        """FLOPs of the solve for one sample, decoding included (see :mod:`sae_zoo.flops`)."""
-        raise NotImplementedError
+        """FLOPs of the solve for one sample, the final decode excluded (see :mod:`sae_zoo.flops`)."""
 
-    def inference_flops(self) -> float:
-        warm = sum(self.warm_start.encode_flops()) if self.warm_start is not None else 0
-        return warm + self.solver_flops()
+    def encode_flops(self) -> tuple[float, float]:
+        """The warm start's encoding, then the solve (counted as matmul FLOPs)."""
+        matmul, elementwise = self.warm_start.encode_flops() if self.warm_start is not None else (0, 0)
+        return matmul + self.solver_flops(), elementwise
 
+    def decode_flops(self) -> float:
+        return decode_flops(self.d_model, self.n_latents)
+
+    @abstractmethod
     def solve(self, x: Tensor, atoms: Tensor, init: Tensor | None) -> tuple[Tensor, int]:
         """Codes ``(B, N)`` for inputs ``x`` ``(B, M)`` and atoms ``(N, M)``; returns ``(codes, iterations)``."""
-        raise NotImplementedError
 
     def objective(self, codes: Tensor, x: Tensor, atoms: Tensor) -> Tensor:
         """The per-sample objective f(s), shape ``(B,)``."""

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from ..flops import ito_inference
-from .iterative import IterativeHead
+from .base import require_at_least
+from .iterative import IterativeHead, WarmStart
 from .registry import register_encoder
 
 
@@ -30,16 +29,23 @@ class ITOEncoder(IterativeHead):
     (MCC 0.967 after 20k steps on 1024 samples, against about 0.99 per sample).
     """
 
+    example_kwargs = {"steps": 30}
+
     def __init__(self, d_model: int, n_latents: int, steps: int = 10_000, lr: float = 1e-3,
                  init_log: float = -10.0, warm_floor: float = 1e-2, tol: float = 0.0, check_every: int = 100,
-                 batch_mean: bool = False, l1_coeff: float = 0.01, warm_start: dict[str, Any] | None = None,
+                 batch_mean: bool = False, l1_coeff: float = 0.01, warm_start: WarmStart = None,
                  k: int | None = None) -> None:
         super().__init__(d_model, n_latents, l1_coeff=l1_coeff, warm_start=warm_start, k=k)
+        require_at_least(self.name, 1, steps=steps, check_every=check_every)
+        require_at_least(self.name, 0, tol=tol)
+        if not lr > 0 or not warm_floor > 0:
+            raise ValueError(f"{self.name} needs lr > 0 and warm_floor > 0, got lr={lr!r}, warm_floor={warm_floor!r}")
         self.steps, self.lr, self.init_log, self.batch_mean = int(steps), float(lr), float(init_log), bool(batch_mean)
         self.warm_floor, self.tol, self.check_every = float(warm_floor), float(tol), int(check_every)
 
     def solver_flops(self) -> float:
-        return ito_inference(self.d_model, self.n_latents, self.iterations)
+        # the paper's count includes decoding the final codes, which flops.inference_flops adds itself
+        return ito_inference(self.d_model, self.n_latents, self.iterations) - self.decode_flops()
 
     def initial_log_codes(self, x: Tensor, init: Tensor | None) -> Tensor:
         if init is None:

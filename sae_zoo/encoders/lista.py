@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import EncoderHead
+from .base import EncoderHead, require_at_least
 from .iterative import lipschitz_constant
 from .registry import register_encoder
 
@@ -23,11 +23,12 @@ class LISTAEncoder(EncoderHead):
     """
 
     nonnegative_codes = True
+    example_kwargs = {"layers": 3}
 
     def __init__(self, d_model: int, n_latents: int, layers: int = 16, l1_coeff: float = 0.01) -> None:
         super().__init__(d_model, n_latents)
-        if layers < 1:
-            raise ValueError(f"lista needs layers >= 1, got {layers}")
+        require_at_least("lista", 1, layers=layers)
+        require_at_least("lista", 0, l1_coeff=l1_coeff)
         self.layers, self.l1_coeff = int(layers), float(l1_coeff)
         self.input_weight = nn.Parameter(torch.randn(n_latents, d_model) / d_model**0.5)
         self.lateral = nn.Parameter(torch.eye(n_latents))
@@ -43,7 +44,7 @@ class LISTAEncoder(EncoderHead):
         self.initialised.fill_(True)
 
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
-        self.check_input(x)
+        x = self.check_input(x, dictionary)
         if not self.initialised and dictionary is not None:
             self.init_from_dictionary(dictionary.atoms.detach())
         drive = x @ self.input_weight.T

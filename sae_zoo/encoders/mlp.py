@@ -18,6 +18,7 @@ class MLPEncoder(EncoderHead):
     """
 
     nonnegative_codes = True
+    example_kwargs = {"hidden": 8}
 
     def __init__(self, d_model: int, n_latents: int, hidden: int | Sequence[int] = 256, bias: bool = True) -> None:
         super().__init__(d_model, n_latents)
@@ -30,8 +31,7 @@ class MLPEncoder(EncoderHead):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
-        self.check_input(x)
-        return self.net(x)
+        return self.net(self.check_input(x, dictionary))
 
     def encode_flops(self) -> tuple[float, float]:
         layers = [m for m in self.net if isinstance(m, nn.Linear)]

@@ -12,6 +12,7 @@ from typing import Any, Callable, TypeVar
 
 from .._signature import check_kwargs
 from .base import EncoderHead
+from .interop import register_architectures
 
 ENTRY_POINT_GROUP = "sae_zoo.encoders"
 
@@ -31,6 +32,7 @@ def register_encoder(name: str) -> Callable[[H], H]:
         if existing is not None and existing.__qualname__ != cls.__qualname__:
             raise ValueError(f"encoder name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
         cls.name = name
+        register_architectures(cls)
         _REGISTRY[name] = cls
         return cls
 

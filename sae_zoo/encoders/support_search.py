@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from itertools import combinations
 from math import comb
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from .iterative import IterativeHead
+from .base import require_at_least
+from .iterative import IterativeHead, WarmStart
 from .registry import register_encoder
 
 
@@ -31,8 +31,10 @@ class SupportSearchEncoder(IterativeHead):
 
     def __init__(self, d_model: int, n_latents: int, max_support: int = 3, tol: float = 1e-8,
                  max_subsets: int = 1_000_000, chunk_size: int = 256, l1_coeff: float = 0.01,
-                 warm_start: dict[str, Any] | None = None) -> None:
+                 warm_start: WarmStart = None) -> None:
         super().__init__(d_model, n_latents, l1_coeff=l1_coeff, warm_start=warm_start)
+        require_at_least("support_search", 1, chunk_size=chunk_size)
+        require_at_least("support_search", 0, tol=tol)
         if not 1 <= max_support <= min(d_model, n_latents):
             raise ValueError(f"support_search needs 1 <= max_support <= min(d_model, n_latents), got {max_support}")
         n_subsets = sum(comb(n_latents, k) for k in range(1, max_support + 1))
@@ -46,7 +48,7 @@ class SupportSearchEncoder(IterativeHead):
         # the Gram inverses depend only on the dictionary and are not counted per sample
         m, n = self.d_model, self.n_latents
         per_sample = sum(comb(n, k) * (2 * k * k + 3 * k + 2) for k in range(1, self.max_support + 1))
-        return 2 * m * n + per_sample + 2 * m * n
+        return 2 * m * n + per_sample
 
     def solve(self, x: Tensor, atoms: Tensor, init: Tensor | None) -> tuple[Tensor, int]:
         atoms64, x64 = atoms.double(), x.double()

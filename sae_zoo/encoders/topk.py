@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import EncoderHead
+from .base import EncoderHead, SparseCodes, require_at_least
+from .interop import ForeignSAE, UnsupportedConversion
+from .linear import linear_export, load_linear
 from .registry import register_encoder
+
+#: a top-k encoder's decoder must be unit-norm to this tolerance: rescaling would change the selection
+UNIT_NORM_ATOL = 1e-4
 
 
 @register_encoder("topk")
@@ -15,15 +20,19 @@ class TopKEncoder(EncoderHead):
     """``codes = ReLU(TopK_k(W x + b))``: every other latent is set to zero.
 
     ``subtract_decoder_bias=True`` encodes ``x - b_dec``, as SAELens, sparsify and dictionary_learning do.
+    Reproduces SAELens's ``topk`` SAE (and sparsify's and dictionary_learning's top-k SAEs).
     """
 
     nonnegative_codes = True
+    example_kwargs = {"k": 3}
+    architectures = ("topk",)
 
     def __init__(self, d_model: int, n_latents: int, k: int, bias: bool = True,
                  subtract_decoder_bias: bool = False) -> None:
         super().__init__(d_model, n_latents)
-        if not 1 <= k <= n_latents:
-            raise ValueError(f"topk needs 1 <= k <= n_latents ({n_latents}), got k={k}")
+        require_at_least("topk", 1, k=k)
+        if k > n_latents:
+            raise ValueError(f"topk needs k <= n_latents ({n_latents}), got k={k}")
         self.k = int(k)
         self.subtract_decoder_bias = bool(subtract_decoder_bias)
         self.linear = nn.Linear(d_model, n_latents, bias=bias)
@@ -32,13 +41,36 @@ class TopKEncoder(EncoderHead):
         values, indices = self.sparse_forward(x, dictionary)
         return values.new_zeros(*values.shape[:-1], self.n_latents).scatter(-1, indices, values)
 
-    def sparse_forward(self, x: Tensor, dictionary: nn.Module | None = None) -> tuple[Tensor, Tensor]:
-        self.check_input(x)
-        return SparseTopKLinear.apply(self.centre(x, dictionary), self.linear.weight, self.linear.bias, self.k)
+    def sparse_forward(self, x: Tensor, dictionary: nn.Module | None = None) -> SparseCodes:
+        x = self.check_input(x, dictionary)
+        return SparseCodes(*SparseTopKLinear.apply(self.centre(x, dictionary), self.linear.weight, self.linear.bias,
+                                                   self.k))
 
     def encode_flops(self) -> tuple[float, float]:
         # ReLU and the top-k selection (and the decoder-bias subtraction)
         return 2 * self.d_model * self.n_latents, 2 * self.n_latents + self.subtract_decoder_bias * self.d_model
+
+    @classmethod
+    def from_foreign(cls, sae: ForeignSAE) -> "TopKEncoder":
+        """Folds the decoder norms into the encoder only where the source selects on codes times
+        norms (SAELens's ``rescale_acts_by_decoder_norm``); elsewhere folding would change the selection,
+        so the decoder must be unit-norm."""
+        if sae.config.get("k") is None:
+            raise ValueError(f"{sae.source}: a top-k SAE needs 'k'")
+        tensors, norms = sae.require("W_enc", "b_enc"), sae.decoder_norms
+        rescale = bool(sae.config.get("rescale_acts_by_decoder_norm", False))
+        if not rescale and not torch.allclose(norms, torch.ones_like(norms), rtol=0, atol=UNIT_NORM_ATOL):
+            raise UnsupportedConversion(
+                f"its decoder atoms are not unit-norm (norms {norms.min():.4g}..{norms.max():.4g}), and folding "
+                "the norms into a top-k encoder would change which latents it selects")
+        head = cls(sae.d_model, sae.n_latents, k=int(sae.config["k"]),
+                   subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", True)))
+        weight, bias = tensors["W_enc"], tensors["b_enc"]
+        load_linear(head.linear, weight * norms[:, None] if rescale else weight, bias * norms if rescale else bias)
+        return head
+
+    def to_foreign(self, dictionary: nn.Module) -> ForeignSAE:
+        return linear_export(self, dictionary, "topk", k=self.k, rescale_acts_by_decoder_norm=False)
 
 
 class SparseTopKLinear(torch.autograd.Function):

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from .._io import atomic_write_text
-
-if TYPE_CHECKING:
-    from ..model import SparseCoder
+from ..model import SparseCoder
+from .transport import push_model
 
 RUN_FILES = ("config.yaml", "model.ckpt", "metrics.json")
 
 
-def load_run(run_dir: str | Path) -> tuple["SparseCoder", dict[str, Any], dict[str, Any]]:
+def load_run(run_dir: str | Path) -> tuple[SparseCoder, dict[str, Any], dict[str, Any]]:
     """``(model, resolved recipe, metrics)`` of a run directory."""
-    from ..model import SparseCoder
-
     run_dir = Path(run_dir)
     missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
     if missing:
@@ -29,7 +26,10 @@ def load_run(run_dir: str | Path) -> tuple["SparseCoder", dict[str, Any], dict[s
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except Exception as e:
         raise ValueError(f"{run_dir}: cannot read config.yaml or metrics.json ({e})") from None
-    model = SparseCoder.load_from_checkpoint(run_dir / "model.ckpt", map_location="cpu")
+    try:
+        model = SparseCoder.load_from_checkpoint(run_dir / "model.ckpt", map_location="cpu")
+    except (RuntimeError, EOFError, OSError, KeyError) as e:  # torch's zip reader, a truncated pickle, ...
+        raise ValueError(f"{run_dir / 'model.ckpt'}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     return model.eval(), recipe, metrics
 
 
@@ -45,9 +45,9 @@ def write_card(run_dir: str | Path, repo_id: str | None = None) -> Path:
 
 
 def push_run(run_dir: str | Path, repo_id: str, *, private: bool | None = None, branch: str | None = None,
-             token: str | None = None, commit_message: str | None = None) -> str:
+             token: str | None = None, commit_message: str | None = None) -> Any:
     """Push a run's model with its card to ``repo_id``; returns the commit URL (``.oid`` is the commit)."""
     model, recipe, metrics = load_run(run_dir)
-    return model.push_to_hub(repo_id, private=private, branch=branch, token=token,
-                             commit_message=commit_message or f"Upload {Path(run_dir).name}",
-                             model_card_kwargs=card_kwargs(recipe, metrics, repo_id))
+    return push_model(model, repo_id, private=private, branch=branch, token=token,
+                      commit_message=commit_message or f"Upload {Path(run_dir).name}",
+                      model_card_kwargs=card_kwargs(recipe, metrics, repo_id))

@@ -1,4 +1,5 @@
-"""torchmetrics ``Metric``s for sparse coding, each with a functional twin in ``sae_zoo.metrics.functional``.
+"""torchmetrics ``Metric``s for sparse coding, each with a functional twin in ``sae_zoo.metrics.functional``
+that shares its update and compute helpers.
 
 Every metric keeps summed sufficient statistics (``dist_reduce_fx="sum"``), so results streamed over
 batches or gathered over DDP ranks equal the one-shot result.
@@ -6,8 +7,9 @@ batches or gathered over DDP ranks equal the one-shot result.
 
 from . import functional
 from .code_recovery import MCC, DictionaryMCC
+from .collection import SparseCodingMetrics
 from .reconstruction import FractionOfVarianceExplained, FractionOfVarianceUnexplained, ReconstructionMSE
 from .sparsity import L0, L1, DeadLatents
 
 __all__ = ["MCC", "DictionaryMCC", "FractionOfVarianceUnexplained", "FractionOfVarianceExplained",
-           "ReconstructionMSE", "L0", "L1", "DeadLatents", "functional"]
+           "ReconstructionMSE", "L0", "L1", "DeadLatents", "SparseCodingMetrics", "functional"]

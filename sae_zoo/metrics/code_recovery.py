@@ -6,11 +6,11 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from .functional import atom_similarity, correlation_from_moments, matched_mean
+from .functional import _mcc_compute, _mcc_update, atom_similarity, correlation_from_moments, matched_mean
 
 
 class MCC(Metric):
-    """Mean correlation coefficient between true and inferred codes.
+    """Mean correlation coefficient between inferred and true codes.
 
     Accumulates the sufficient statistics of every (true latent, inferred latent) Pearson
     correlation (sums of x, y, x^2, y^2, x y^T and the sample count, in float64) so the result over
@@ -40,24 +40,23 @@ class MCC(Metric):
         self.add_state("sum_xy", default=torch.zeros(n_true, n_pred, **f64), dist_reduce_fx="sum")
 
     def update(self, codes: Tensor, true_codes: Tensor) -> None:
-        y = codes.detach().reshape(-1, codes.shape[-1]).double()
-        x = true_codes.detach().reshape(-1, true_codes.shape[-1]).double()
-        if x.shape[1] != self.num_true_latents or y.shape[1] != self.num_latents or x.shape[0] != y.shape[0]:
+        if codes.shape[-1] != self.num_latents or true_codes.shape[-1] != self.num_true_latents:
             raise ValueError(f"MCC expects codes (n, {self.num_latents}) and true codes (n, {self.num_true_latents}), "
                              f"got {tuple(codes.shape)} and {tuple(true_codes.shape)}")
-        self.n += x.shape[0]
-        self.sum_x += x.sum(0)
-        self.sum_y += y.sum(0)
-        self.sum_xx += (x * x).sum(0)
-        self.sum_yy += (y * y).sum(0)
-        self.sum_xy += x.T @ y
+        n, sum_x, sum_y, sum_xx, sum_yy, sum_xy = _mcc_update(codes, true_codes)
+        self.n += n
+        self.sum_x += sum_x
+        self.sum_y += sum_y
+        self.sum_xx += sum_xx
+        self.sum_yy += sum_yy
+        self.sum_xy += sum_xy
 
     def correlation(self) -> Tensor:
         """The ``(num_true_latents, num_latents)`` Pearson correlation matrix of what was seen."""
         return correlation_from_moments(self.n, self.sum_x, self.sum_y, self.sum_xx, self.sum_yy, self.sum_xy)
 
     def compute(self) -> Tensor:
-        return matched_mean(self.correlation())
+        return _mcc_compute(self.n, self.sum_x, self.sum_y, self.sum_xx, self.sum_yy, self.sum_xy)
 
 
 class DictionaryMCC(Metric):
@@ -83,10 +82,12 @@ class DictionaryMCC(Metric):
         if atoms.shape[0] != self.num_latents or true_atoms.shape[0] != self.num_true_latents:
             raise ValueError(f"DictionaryMCC expects atoms ({self.num_latents}, d) and true atoms "
                              f"({self.num_true_latents}, d), got {tuple(atoms.shape)} and {tuple(true_atoms.shape)}")
-        self.similarity_sum += atom_similarity(true_atoms, atoms).abs()
+        self.similarity_sum += atom_similarity(atoms, true_atoms).abs()
         self.snapshots += 1
 
     def compute(self) -> Tensor:
+        if float(self.snapshots) == 0:
+            raise ValueError("DictionaryMCC of no dictionary: call update(atoms, true_atoms) first")
         return matched_mean(self.similarity_sum / self.snapshots)
 
 

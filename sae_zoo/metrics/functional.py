@@ -1,7 +1,11 @@
-"""Functional forms of the metrics, and the helpers the streaming ``Metric`` classes share.
+"""Functional forms of the metrics, and the update/compute helpers they share with the streaming
+``Metric`` classes (as torchmetrics does): ``_x_update`` turns one batch into summed sufficient
+statistics, ``_x_compute`` turns summed statistics into the value. A class adds up the updates of
+every batch (and every DDP rank); the function computes from one update. So both give one answer.
 
-All functions take tensors whose last dimension is the feature (latent or model) dimension and
-whose leading dimensions are samples.
+Arguments come in torchmetrics' order, prediction first: ``(codes, true_codes)``, ``(atoms,
+true_atoms)``, ``(x_hat, x)``. Tensors have the feature (latent or model) dimension last and samples
+in the leading dimensions.
 """
 
 from __future__ import annotations
@@ -15,8 +19,15 @@ VARIANCE_TOL = 1e-12
 
 
 def _flat(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1])
+    return t.detach().reshape(-1, t.shape[-1])
 
+
+def _require_samples(n: Tensor, what: str) -> None:
+    if float(n) == 0:
+        raise ValueError(f"{what} of no samples is undefined: every batch given to it was empty")
+
+
+# ---- code recovery ----
 
 def correlation_from_moments(n: Tensor, sum_x: Tensor, sum_y: Tensor, sum_xx: Tensor, sum_yy: Tensor,
                              sum_xy: Tensor, variance_tol: float = VARIANCE_TOL) -> Tensor:
@@ -44,21 +55,34 @@ def matched_mean(similarity: Tensor) -> Tensor:
     return torch.tensor(score[rows, cols].sum() / score.shape[0], dtype=torch.float64)
 
 
-def correlation_matrix(true_codes: Tensor, codes: Tensor) -> Tensor:
-    """``|true| x |inferred|`` Pearson correlations over samples (float64)."""
-    x, y = _flat(true_codes).double(), _flat(codes).double()
+def _mcc_update(codes: Tensor, true_codes: Tensor) -> tuple[Tensor, ...]:
+    """``(n, sum_x, sum_y, sum_xx, sum_yy, sum_xy)`` in float64, ``x`` the true codes, ``y`` the codes."""
+    y, x = _flat(codes).double(), _flat(true_codes).double()
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"true codes have {x.shape[0]} samples, codes have {y.shape[0]}")
-    n = torch.tensor(float(x.shape[0]), dtype=torch.float64)
-    return correlation_from_moments(n, x.sum(0), y.sum(0), (x * x).sum(0), (y * y).sum(0), x.T @ y)
+        raise ValueError(f"codes have {y.shape[0]} samples ({tuple(codes.shape)}), true codes have {x.shape[0]} "
+                         f"({tuple(true_codes.shape)})")
+    n = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
+    return n, x.sum(0), y.sum(0), (x * x).sum(0), (y * y).sum(0), x.T @ y
+
+
+def _mcc_compute(n: Tensor, sum_x: Tensor, sum_y: Tensor, sum_xx: Tensor, sum_yy: Tensor, sum_xy: Tensor) -> Tensor:
+    _require_samples(n, "MCC")
+    return matched_mean(correlation_from_moments(n, sum_x, sum_y, sum_xx, sum_yy, sum_xy))
+
+
+def correlation_matrix(codes: Tensor, true_codes: Tensor) -> Tensor:
+    """``|true| x |inferred|`` Pearson correlations over samples (float64)."""
+    n, *moments = _mcc_update(codes, true_codes)
+    _require_samples(n, "a correlation")
+    return correlation_from_moments(n, *moments)
 
 
 def mcc(codes: Tensor, true_codes: Tensor) -> Tensor:
     """Mean correlation coefficient: mean ``|corr|`` between each true latent and its Hungarian match."""
-    return matched_mean(correlation_matrix(true_codes, codes))
+    return _mcc_compute(*_mcc_update(codes, true_codes))
 
 
-def atom_similarity(true_atoms: Tensor, atoms: Tensor) -> Tensor:
+def atom_similarity(atoms: Tensor, true_atoms: Tensor) -> Tensor:
     """``|true| x |learned|`` cosine similarities between dictionary atoms (rows), in float64."""
     if atoms.shape[-1] != true_atoms.shape[-1]:
         raise ValueError(f"atoms have width {atoms.shape[-1]}, true atoms have width {true_atoms.shape[-1]}")
@@ -69,25 +93,69 @@ def atom_similarity(true_atoms: Tensor, atoms: Tensor) -> Tensor:
 
 def dictionary_mcc(atoms: Tensor, true_atoms: Tensor) -> Tensor:
     """Mean ``|cosine similarity|`` between each true atom and its Hungarian match among ``atoms``."""
-    return matched_mean(atom_similarity(true_atoms, atoms))
+    return matched_mean(atom_similarity(atoms, true_atoms))
+
+
+# ---- reconstruction ----
+
+def _fvu_update(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(sum of squared errors, per-feature sum of x, sum of ||x||^2, n)`` in float64."""
+    if x_hat.shape != x.shape:
+        raise ValueError(f"x_hat and x must have the same shape, got {tuple(x_hat.shape)} and {tuple(x.shape)}")
+    x64, x_hat64 = _flat(x).double(), _flat(x_hat).double()
+    n = torch.tensor(float(x64.shape[0]), dtype=torch.float64, device=x64.device)
+    return (x64 - x_hat64).pow(2).sum(), x64.sum(0), x64.pow(2).sum(), n
+
+
+def _fvu_compute(sum_squared_error: Tensor, sum_x: Tensor, sum_squared_x: Tensor, n: Tensor) -> Tensor:
+    _require_samples(n, "FVU")
+    return sum_squared_error / (sum_squared_x - sum_x.pow(2).sum() / n)
 
 
 def fraction_of_variance_unexplained(x_hat: Tensor, x: Tensor) -> Tensor:
     """``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over all samples."""
-    x, x_hat = _flat(x).double(), _flat(x_hat).double()
-    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    return _fvu_compute(*_fvu_update(x_hat, x))
+
+
+# ---- sparsity ----
+
+def _l0_update(codes: Tensor) -> tuple[Tensor, Tensor]:
+    """``(summed count of non-zero codes, n)``."""
+    flat = _flat(codes)
+    return (flat != 0).sum().double(), torch.tensor(float(flat.shape[0]), dtype=torch.float64, device=flat.device)
+
+
+def _l1_update(codes: Tensor) -> tuple[Tensor, Tensor]:
+    """``(summed |codes|, n)``."""
+    flat = _flat(codes)
+    return flat.double().abs().sum(), torch.tensor(float(flat.shape[0]), dtype=torch.float64, device=flat.device)
+
+
+def _per_sample_mean_compute(total: Tensor, n: Tensor) -> Tensor:
+    _require_samples(n, "a per-sample mean")
+    return total / n
+
+
+def _dead_latents_update(codes: Tensor) -> Tensor:
+    """How often each latent fired."""
+    return (_flat(codes) != 0).sum(0).double()
+
+
+def _dead_latents_compute(fire_count: Tensor) -> Tensor:
+    return (fire_count == 0).double().mean()
 
 
 def l0(codes: Tensor) -> Tensor:
     """Mean number of non-zero latents per sample."""
-    return (_flat(codes) != 0).sum(-1).double().mean()
+    return _per_sample_mean_compute(*_l0_update(codes))
 
 
 def l1(codes: Tensor) -> Tensor:
     """Mean L1 norm of the codes per sample."""
-    return _flat(codes).double().abs().sum(-1).mean()
+    return _per_sample_mean_compute(*_l1_update(codes))
 
 
 def dead_latents(codes: Tensor) -> Tensor:
     """Fraction of latents that are zero on every sample."""
-    return ((_flat(codes) != 0).sum(0) == 0).double().mean()
+    _require_samples(torch.tensor(float(_flat(codes).shape[0])), "the dead-latent fraction")
+    return _dead_latents_compute(_dead_latents_update(codes))

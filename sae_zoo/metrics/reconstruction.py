@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanSquaredError, Metric
 
+from .functional import _fvu_compute, _fvu_update
+
 
 class FractionOfVarianceUnexplained(Metric):
     """``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over every sample seen.
@@ -28,18 +30,17 @@ class FractionOfVarianceUnexplained(Metric):
         self.add_state("n", default=torch.tensor(0.0, **f64), dist_reduce_fx="sum")
 
     def update(self, x_hat: Tensor, x: Tensor) -> None:
-        if x_hat.shape != x.shape or x.shape[-1] != self.d_model:
+        if x.shape[-1] != self.d_model:
             raise ValueError(f"{type(self).__name__} expects x_hat and x of shape (n, {self.d_model}), "
                              f"got {tuple(x_hat.shape)} and {tuple(x.shape)}")
-        x64 = x.detach().reshape(-1, self.d_model).double()
-        self.sum_squared_error += (x64 - x_hat.detach().reshape(-1, self.d_model).double()).pow(2).sum()
-        self.sum_x += x64.sum(0)
-        self.sum_squared_x += x64.pow(2).sum()
-        self.n += x64.shape[0]
+        sum_squared_error, sum_x, sum_squared_x, n = _fvu_update(x_hat, x)
+        self.sum_squared_error += sum_squared_error
+        self.sum_x += sum_x
+        self.sum_squared_x += sum_squared_x
+        self.n += n
 
     def compute(self) -> Tensor:
-        total_variance = self.sum_squared_x - self.sum_x.pow(2).sum() / self.n
-        return self.sum_squared_error / total_variance
+        return _fvu_compute(self.sum_squared_error, self.sum_x, self.sum_squared_x, self.n)
 
 
 class FractionOfVarianceExplained(FractionOfVarianceUnexplained):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import re
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..encoders import IterativeHead
 
-if TYPE_CHECKING:
-    from ..model import SparseCoder
+# ``model`` below is a SparseCoder (this module sits below sae_zoo.model, which renders its card with it)
 
 TEMPLATE = "sae_zoo.md"
 PAPER_URL = "https://arxiv.org/abs/2411.13117"
@@ -71,7 +70,7 @@ def _decoder_source(provenance: dict[str, Any]) -> str:
     return "; ".join(parts) or "not recorded"
 
 
-def _training(model: "SparseCoder", recipe: dict[str, Any] | None) -> str:
+def _training(model: Any, recipe: dict[str, Any] | None) -> str:
     loss = "" if model.supervised else f" Loss: MSE + {model.l1_coeff} x mean |code| (the paper's),"
     text = f"Setting: {SETTINGS.get(model.setting, model.setting)}.{loss} Adam with learning rate {model.lr}."
     if recipe:
@@ -87,7 +86,7 @@ def _evaluation(metrics: dict[str, float] | None, dataset_name: str) -> str:
     return f"On held-out samples of {dataset_name}:\n\n| metric | value |\n|---|---|\n" + "\n".join(rows)
 
 
-def _limitations(model: "SparseCoder", recipe: dict[str, Any] | None) -> str:
+def _limitations(model: Any, recipe: dict[str, Any] | None) -> str:
     notes = ["Codes are measured against unit-norm atoms: latent i contributes `code_i * atom_i` to the "
              "reconstruction. Checkpoints converted from other libraries carry their decoder norms in the codes."]
     if ((recipe or {}).get("data") or {}).get("name") == "synthetic":
@@ -102,7 +101,7 @@ def _limitations(model: "SparseCoder", recipe: dict[str, Any] | None) -> str:
     return "\n".join(f"- {n}" for n in notes)
 
 
-def model_card(model: "SparseCoder", *, metrics: dict[str, float] | None = None,
+def model_card(model: Any, *, metrics: dict[str, float] | None = None,
                recipe: dict[str, Any] | None = None, repo_id: str | None = None,
                base_model: str | None = None, license: str = "apache-2.0") -> ModelCard:
     """The card of ``model``: Hub metadata (``library_name: sae_zoo``, tags, ``model-index`` from the

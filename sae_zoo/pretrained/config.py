@@ -14,19 +14,18 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .._io import check_shape, read_json, read_safetensors, require_keys
 from ..dictionary import Dictionary
 from ..encoders import EncoderHead, create_encoder
-from .files import check_shape, read_json, read_safetensors, require_keys, resolve_file
-
-if TYPE_CHECKING:
-    from ..model import SparseCoder
+from .files import resolve_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -35,10 +34,9 @@ REQUIRED_KEYS = ["library", "format_version", "encoder", "dictionary", "dtype"]
 ENCODER_PREFIX = "encoder."
 
 
-def model_config(model: "SparseCoder") -> dict[str, Any]:
-    from .. import __version__
-
-    return {"library": "sae_zoo", "format_version": FORMAT_VERSION, "sae_zoo_version": __version__,
+def model_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The ``config.json`` of a :class:`~sae_zoo.SparseCoder`."""
+    return {"library": "sae_zoo", "format_version": FORMAT_VERSION, "sae_zoo_version": version("sae_zoo"),
             "encoder": model.encoder.config(), "dictionary": model.dictionary.config(),
             "decoder_provenance": model.dictionary.provenance, "setting": model.setting,
             "supervised": model.supervised, "code_recovery": model.code_recovery, "l1_coeff": model.l1_coeff,
@@ -98,17 +96,17 @@ def load_state(module: torch.nn.Module, tensors: dict[str, Tensor], path: Path, 
     module.load_state_dict(tensors)
 
 
-def resolve_model_files(source: str | Path, **download: Any) -> tuple[Path, Path]:
-    """``(config.json, model.safetensors)`` of a local directory or Hub repo."""
-    config_path = resolve_file(source, CONFIG_NAME, **download)
-    return config_path, resolve_file(source, WEIGHTS_NAME, **download)
+def read_model_config(source: str | Path, **download: Any) -> tuple[dict[str, Any], Path]:
+    """``(config, path)`` of the ``config.json`` of a local folder or Hub repo, read and checked."""
+    path = resolve_file(source, CONFIG_NAME, **download)
+    return check_config(read_json(path), path), path
 
 
 def load_encoder(source: str | Path, **download: Any) -> EncoderHead:
     """The encoder head alone (in eval mode), from a saved or pushed :class:`~sae_zoo.SparseCoder`, ready
     to be paired with another dictionary of the same width (``SparseCoder(load_encoder(repo), dictionary)``)."""
-    config_path, weights_path = resolve_model_files(source, **download)
-    config = check_config(read_json(config_path), config_path)
+    config, config_path = read_model_config(source, **download)
+    weights_path = resolve_file(source, WEIGHTS_NAME, **download)
     encoder = build_encoder(config, config_path).to(getattr(torch, config["dtype"]))
     tensors = read_safetensors(weights_path)
     load_state(encoder, {k[len(ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)},

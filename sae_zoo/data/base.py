@@ -1,0 +1,55 @@
+"""The contract every recipe datamodule satisfies: what the recipe, the evaluation and the model card
+read from the data, declared once."""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import lightning as L
+from torch import Tensor
+
+#: a batch: inputs ``x``, or ``(x, true_codes)`` where the data know their codes
+Batch = Tensor | tuple[Tensor, ...] | list[Tensor]
+
+
+class SparseCodingData(L.LightningDataModule, metaclass=ABCMeta):
+    """A LightningDataModule of inputs to encode, with what is known about them.
+
+    * ``ground_truth``: whether the data carry true codes and a true dictionary, so that recovery
+      (MCC, dictionary MCC) can be scored; then ``n_latents`` is the true latent count and
+      ``dictionary`` the true atoms ``(n_latents, d_model)``, else both are None.
+    * ``d_model``: the input width (it may load a model or read a cache to find it).
+    * ``describe()``: where the data came from, for the decoder's provenance and the model card.
+    * ``held_out_batches()``: every held-out batch, in order, on the calling process alone (the
+      evaluation of a trained model reads them; a multi-device test loader splits them).
+    * ``test_x``: all held-out inputs as one tensor; ``test_codes`` their true codes (or None).
+    """
+
+    ground_truth: ClassVar[bool]
+    n_latents: int | None
+    dictionary: Tensor | None
+
+    @property
+    @abstractmethod
+    def d_model(self) -> int:
+        """The width of the inputs."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Where the data came from: ``{"data": name, ...}``."""
+
+    @abstractmethod
+    def held_out_batches(self) -> Iterator[Batch]:
+        """Every held-out batch, in order, on this process alone."""
+
+    @property
+    @abstractmethod
+    def test_x(self) -> Tensor:
+        """All held-out inputs, ``(n, d_model)``."""
+
+    @property
+    def test_codes(self) -> Tensor | None:
+        """The held-out inputs' true codes, where the data know them."""
+        return None

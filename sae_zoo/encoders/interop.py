@@ -1,0 +1,81 @@
+"""Other libraries' SAEs, as heads see them: one layout for every checkpoint, and the table of which
+head converts which architecture.
+
+A format reader (:mod:`sae_zoo.hub.formats`) reads a checkpoint's files into a :class:`ForeignSAE`
+and looks its ``architecture`` up in this table; a head declares the architectures it reproduces
+(``EncoderHead.architectures``), and :func:`~sae_zoo.encoders.register_encoder` enters them here. So
+a new head takes part in loading and export without any edit to the readers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+class UnsupportedConversion(ValueError):
+    """A checkpoint (or head) that no head converts; the message says why. Readers then load the decoder alone."""
+
+
+@dataclass
+class ForeignSAE:
+    """Another library's SAE in one layout, whatever its files looked like.
+
+    ``architecture`` is the field's name for the encoder (SAELens's: ``standard``, ``topk``,
+    ``jumprelu``, ``gated``, ...). Matrices use sae_zoo's orientation, ``(n_latents, d_model)``, and the
+    decoder rows keep the norms they were saved with. ``config`` holds the hyper-parameters a head needs
+    (``k``, ``apply_b_dec_to_input``, ``rescale_acts_by_decoder_norm``, ...), ``params`` any further
+    tensors (``threshold``, ...), and ``source`` names the file, for errors.
+    """
+
+    architecture: str
+    W_dec: Tensor
+    b_dec: Tensor | None = None
+    W_enc: Tensor | None = None
+    b_enc: Tensor | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Tensor] = field(default_factory=dict)
+    source: str = "<checkpoint>"
+
+    @property
+    def n_latents(self) -> int:
+        return int(self.W_dec.shape[0])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.W_dec.shape[1])
+
+    @property
+    def decoder_norms(self) -> Tensor:
+        return self.W_dec.detach().float().norm(dim=1)
+
+    def require(self, *names: str) -> dict[str, Tensor]:
+        """The encoder tensors ``names`` (``W_enc``, ``b_enc`` or a ``params`` key), checked to be present."""
+        found = {"W_enc": self.W_enc, "b_enc": self.b_enc, **self.params}
+        missing = [n for n in names if found.get(n) is None]
+        if missing:
+            raise ValueError(f"{self.source}: missing tensor{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(map(repr, missing))} (a {self.architecture} SAE's encoder needs them)")
+        return {n: found[n].detach().float() for n in names}
+
+
+_CONVERTERS: dict[str, type] = {}
+
+
+def register_architectures(cls: type) -> None:
+    for architecture in cls.architectures:
+        existing = _CONVERTERS.get(architecture)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"architecture {architecture!r} is already converted by {existing.__qualname__}")
+        _CONVERTERS[architecture] = cls
+
+
+def converter_for(architecture: str) -> type | None:
+    """The head class that reproduces ``architecture``, or None."""
+    return _CONVERTERS.get(architecture)
+
+
+def list_architectures() -> list[str]:
+    return sorted(_CONVERTERS)

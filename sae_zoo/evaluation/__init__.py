@@ -1,0 +1,42 @@
+"""Evaluating a trained model: the held-out metrics every method reports (one path, for ``fit``, suites
+and the frontier alike), and the downstream metrics a kind of data adds (CE-loss recovered for
+language-model activations)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..data.activations import ActivationDataModule
+from ..data.base import SparseCodingData
+from ..model import SparseCoder
+from .language_model import ce_loss_recovered
+
+
+@torch.no_grad()
+def evaluate(model: SparseCoder, datamodule: SparseCodingData) -> dict[str, float]:
+    """The model's held-out metrics (FVU, MSE, L0, L1, dead fraction; MCC and dictionary MCC where the
+    data know the truth), computed on this process over every held-out batch, in eval mode, with the
+    metrics and update the model's own test step uses."""
+    metrics = model.new_metrics(sync_on_compute=False)  # every held-out batch is seen here
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in datamodule.held_out_batches():
+            batch = batch.to(model.device) if isinstance(batch, torch.Tensor) else [t.to(model.device) for t in batch]
+            model.update_metrics(metrics, batch)
+        model.update_dictionary_metrics(metrics)
+        return metrics.compute()
+    finally:
+        model.train(was_training)
+
+
+def downstream_metrics(model: SparseCoder, datamodule: SparseCodingData) -> dict[str, Any]:
+    """Metrics beyond the held-out reconstruction that the data make possible (none for synthetic data)."""
+    if isinstance(datamodule, ActivationDataModule):
+        return ce_loss_recovered(model, datamodule)
+    return {}
+
+
+__all__ = ["ce_loss_recovered", "downstream_metrics", "evaluate"]
