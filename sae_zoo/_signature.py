@@ -64,6 +64,7 @@ def check_types(fn: Callable, kwargs: dict[str, Any], *, what: str, key_prefix: 
         try:
             check_type(value, hints[name], collection_check_strategy=CollectionCheckStrategy.ALL_ITEMS)
         except TypeCheckError:
-            expected = getattr(hints[name], "__name__", None) or str(hints[name]).replace("typing.", "")
-            raise ValueError(f"{noun} {key_prefix}{name}={value!r} for {what} is a {type(value).__name__}; "
+            hint = hints[name]
+            expected = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise ValueError(f"{noun} {key_prefix}{name}={value!r} for {what} has type {type(value).__name__}; "
                              f"expected {expected}") from None

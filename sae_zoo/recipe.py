@@ -309,6 +309,10 @@ def plan(cfg: DictConfig) -> Plan:
     model_kwargs = _plain(cfg.model)
     check_kwargs(SparseCoder.__init__, model_kwargs, what="SparseCoder",
                  skip=("encoder", "dictionary", "supervised", "true_dictionary", "code_recovery"), key_prefix="model.")
+    if not model_kwargs.get("lr", 1.0) > 0:
+        raise ValueError(f"model.lr must be positive, got {model_kwargs['lr']!r}")
+    if not model_kwargs.get("l1_coeff", 0.0) >= 0:
+        raise ValueError(f"model.l1_coeff must be at least 0, got {model_kwargs['l1_coeff']!r}")
     trainer_kwargs = _plain(cfg.trainer)
     check_kwargs(L.Trainer.__init__, trainer_kwargs, what="lightning.Trainer",
                  skip=("logger", "default_root_dir", "callbacks"), key_prefix="trainer.")
