@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from lm_fixtures import write_corpus, write_tiny_llama
+from safetensors.torch import load_file, save_file
 
 import sae_zoo.data.activations as activations
 from sae_zoo.data import ActivationDataModule, ShardedActivations
@@ -46,12 +47,12 @@ def test_cached_activations_are_the_models_hidden_states(lm_files, tmp_path):
 
     lm, tokenizer = load_language_model(lm_files[0])
     shard = manifest["splits"]["test"]["shards"][0]
-    tokens = torch.from_numpy(np.load(tmp_path / "cache" / shard["token_ids"]))
+    tokens = load_file(tmp_path / "cache" / shard["token_ids"])["token_ids"]
     assert (tokens[:, 0] == tokenizer.bos_token_id).all()
     with torch.no_grad():
         hidden = lm(tokens, output_hidden_states=True).hidden_states[2]  # the output of block 1
-    cached = np.load(tmp_path / "cache" / shard["file"])
-    torch.testing.assert_close(torch.from_numpy(cached), hidden[:, 1:].reshape(-1, 16), atol=1e-5, rtol=1e-5)
+    cached = load_file(tmp_path / "cache" / shard["file"])["activations"]
+    torch.testing.assert_close(cached, hidden[:, 1:].reshape(-1, 16), atol=1e-5, rtol=1e-5)
     # served data are scaled so that the mean norm is sqrt(d_model)
     x = dm.test_x
     assert x.shape == (300, 16)
@@ -81,8 +82,8 @@ def test_an_interrupted_collection_resumes_without_losing_or_repeating_anything(
     whole, resumed = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("whole", "resumed"))
     assert resumed == whole
     assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
-    for path in (tmp_path / "whole").glob("*.npy"):
-        assert np.array_equal(np.load(path), np.load(tmp_path / "resumed" / path.name)), path.name
+    for path in (tmp_path / "whole").glob("*.safetensors"):
+        assert path.read_bytes() == (tmp_path / "resumed" / path.name).read_bytes(), path.name
 
 
 def test_a_cache_of_other_activations_is_refused(lm_files, tmp_path):
@@ -115,10 +116,10 @@ def test_sharded_batches_split_across_ranks_are_the_single_device_batches(tmp_pa
     rows = np.arange(1000 * 4, dtype=np.float32).reshape(1000, 4)
     files = []
     for i, part in enumerate(np.array_split(rows, 3)):
-        files.append(tmp_path / f"s{i}.npy")
-        np.save(files[-1], part)
-    one = list(ShardedActivations(files, "float32", 100, shuffle=True, shuffle_buffer=400, seed=3))
-    two = [list(ShardedActivations(files, "float32", 100, shuffle=True, shuffle_buffer=400, seed=3, rank=r,
+        files.append(tmp_path / f"s{i}.safetensors")
+        save_file({"activations": torch.from_numpy(part)}, str(files[-1]))
+    one = list(ShardedActivations(files, 100, shuffle=True, shuffle_buffer=400, seed=3))
+    two = [list(ShardedActivations(files, 100, shuffle=True, shuffle_buffer=400, seed=3, rank=r,
                                    world_size=2)) for r in (0, 1)]
     assert len(one) == len(two[0]) == len(two[1]) == 10
     for batch, a, b in zip(one, *two):

@@ -6,16 +6,19 @@ hook point to shards of a cache folder:
 
 * ``manifest.json``: what was collected (model, revision, hook, dataset, context length, BOS
   handling, dtype, token counts), the activation width, the scale factor and the shards done.
-* ``test-00000.npy``, ...: held-out activations, one row per token, whole contexts per shard;
-  ``test-tokens-00000.npy``, ...: their token ids (for the CE-loss evaluation).
-* ``train-00000.npy``, ...: training activations.
+* ``test-00000.safetensors``, ...: held-out activations (tensor ``activations``, one row per token, in
+  ``cache_dtype``, bfloat16 included), whole contexts per shard; ``test-tokens-00000.safetensors``, ...:
+  their token ids (tensor ``token_ids``, for the CE-loss evaluation).
+* ``train-00000.safetensors``, ...: training activations.
 
 Each shard is written to a temporary file and renamed, then the manifest is updated the same way;
 an interrupted collection resumes after the last shard the manifest lists, so nothing is lost or
 written twice. A cache whose manifest describes other data is refused. Collection holds a lock file
-(``cache_dir/.lock``), so two processes pointed at one cache take turns instead of interleaving shards. Training reads the shards
-memory-mapped, mixing rows across a shuffle buffer of many contexts; each rank of a multi-device
-run reads only its slice of every global batch, so N devices see exactly the batches one device would.
+(``cache_dir/.lock``), so two processes pointed at one cache take turns instead of interleaving shards.
+Training loads each shard whole when first needed (``benchmarks/cache_read.py``: at least as fast as
+memory-mapped ``.npy`` shards with this access pattern, and bfloat16 needs no bit-casting), mixing rows
+across a shuffle buffer of many contexts; each rank of a multi-device run reads only its slice of every
+global batch, so N devices see exactly the batches one device would.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import hashlib
 import json
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 from filelock import FileLock
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
@@ -41,47 +47,59 @@ from ..lm import HookPoint, load_language_model, max_context, read_activations, 
 from .base import SparseCodingData
 
 MANIFEST = "manifest.json"
-CACHE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 kept as raw bits
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+#: the cache's file layout; a cache written in another layout is refused (its manifest identity differs)
+CACHE_FORMAT = "safetensors-1"
+ACTIVATIONS, TOKEN_IDS = "activations", "token_ids"
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    atomic_write(path, write)
+def save_shard(path: Path, name: str, tensor: Tensor) -> None:
+    """One tensor in a safetensors file, written to a temporary file and renamed."""
+    atomic_write(path, lambda tmp: save_file({name: tensor.contiguous()}, str(tmp)))
 
 
-def _to_numpy(x: Tensor, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return x.to(getattr(torch, dtype)).numpy()
+def load_shard(path: Path, name: str) -> Tensor:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor(name)
 
 
-def _from_numpy(a: np.ndarray, dtype: str) -> Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.view(torch.int16).view(torch.bfloat16).float() if dtype == "bfloat16" else t.float()
+def shard_rows(path: Path, name: str = ACTIVATIONS) -> int:
+    with safe_open(str(path), framework="pt") as handle:
+        return int(handle.get_slice(name).get_shape()[0])
 
 
 class ShardedActivations(IterableDataset):
-    """Batches of rows of memory-mapped shards.
+    """Batches of rows of safetensors shards (tensor ``activations``), as float32, scaled.
 
     ``shuffle=True``: rows are permuted within consecutive windows of ``shuffle_buffer`` rows (fresh
     permutations every pass, seeded), grouped into global batches of ``batch_size`` (an incomplete
     last one is dropped), and this rank yields rows ``[rank * b / world, (rank + 1) * b / world)`` of
-    each. ``shuffle=False``: rows in order, every batch split across ranks, nothing dropped.
+    each. ``shuffle=False``: rows in order, every batch split across ranks, nothing dropped. A shard is
+    loaded whole when first needed; only the shards a window can touch stay in memory.
     """
 
-    def __init__(self, files: list[Path], dtype: str, batch_size: int, *, scale: float = 1.0, shuffle: bool = False,
+    def __init__(self, files: list[Path], batch_size: int, *, scale: float = 1.0, shuffle: bool = False,
                  shuffle_buffer: int = 65536, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if shuffle and batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} must divide evenly across {world_size} devices")
-        self.files, self.dtype, self.batch_size, self.scale = files, dtype, batch_size, scale
+        self.files, self.batch_size, self.scale = files, batch_size, scale
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, max(shuffle_buffer, batch_size), seed
         self.rank, self.world_size = rank, world_size
-        self.arrays = [np.load(f, mmap_mode="r") for f in files]
-        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+        lengths = [shard_rows(f) for f in files]
+        self.offsets = np.cumsum([0] + lengths)
+        # a window of shuffle_buffer rows (or a batch) touches at most this many consecutive shards
+        self.keep = 1 + math.ceil(max(self.shuffle_buffer, batch_size) / max(1, min(lengths, default=1)))
+        self._loaded: OrderedDict[int, Tensor] = OrderedDict()
         self.epoch = 0
+
+    def _shard(self, index: int) -> Tensor:
+        if index in self._loaded:
+            self._loaded.move_to_end(index)
+        else:
+            self._loaded[index] = load_shard(self.files[index], ACTIVATIONS)
+            while len(self._loaded) > self.keep:
+                self._loaded.popitem(last=False)
+        return self._loaded[index]
 
     def __len__(self) -> int:
         n = int(self.offsets[-1])
@@ -90,13 +108,16 @@ class ShardedActivations(IterableDataset):
     def rows(self, index: np.ndarray) -> Tensor:
         """The rows at global ``index`` (in that order), as float32, scaled."""
         shard = np.searchsorted(self.offsets, index, side="right") - 1
-        out = np.empty((len(index), self.arrays[0].shape[1]), dtype=self.arrays[0].dtype)
-        for s in np.unique(shard):
-            where = shard == s
-            local = index[where] - self.offsets[s]
-            order = np.argsort(local)  # read each shard front to back
-            out[np.flatnonzero(where)[order]] = self.arrays[s][local[order]]
-        return _from_numpy(out, self.dtype) * self.scale
+        first, last = int(shard.min(initial=0)), int(shard.max(initial=0))
+        if first == last:  # most batches of a window lie in one shard
+            out = self._shard(first).index_select(0, torch.from_numpy(index - self.offsets[first])).float()
+        else:
+            out = torch.empty(len(index), self._shard(first).shape[1])
+            for s in np.unique(shard):
+                where = np.flatnonzero(shard == s)
+                part = self._shard(int(s)).index_select(0, torch.from_numpy(index[where] - self.offsets[s]))
+                out.index_copy_(0, torch.from_numpy(where), part.float())
+        return out.mul_(self.scale) if self.scale != 1.0 else out
 
     def __iter__(self) -> Iterator[Tensor]:
         n = int(self.offsets[-1])
@@ -157,7 +178,7 @@ class ActivationDataModule(SparseCodingData):
                          "split": split, "text_column": text_column, "context_len": context_len,
                          "prepend_bos": prepend_bos, "drop_bos": drop_bos, "cache_dtype": cache_dtype,
                          "n_train_tokens": n_train_tokens, "n_test_tokens": n_test_tokens,
-                         "test_stride": test_stride, "shard_tokens": shard_tokens}
+                         "test_stride": test_stride, "shard_tokens": shard_tokens, "cache_format": CACHE_FORMAT}
         key = hashlib.sha1(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:12]
         self.cache_dir = Path(cache_dir) if cache_dir else Path("runs") / "activation_cache" / key
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -292,19 +313,19 @@ class ActivationDataModule(SparseCodingData):
                 if h.prepend_bos and h.drop_bos:
                     acts = acts[:, 1:]
                 index = len(state["shards"])
-                name = f"{split}-{index:05d}.npy"
-                rows = _to_numpy(acts.reshape(-1, acts.shape[-1]), h.cache_dtype)
+                name = f"{split}-{index:05d}.safetensors"
+                rows = acts.reshape(-1, acts.shape[-1]).to(getattr(torch, h.cache_dtype))
                 shard = {"file": name, "tokens": int(rows.shape[0])}
-                _save_npy(self.cache_dir / name, rows)
+                save_shard(self.cache_dir / name, ACTIVATIONS, rows)
                 if split == "test":  # the token ids too, for the CE-loss evaluation
-                    shard["token_ids"] = f"test-tokens-{index:05d}.npy"
-                    _save_npy(self.cache_dir / shard["token_ids"], tokens.numpy().astype(np.int64))
+                    shard["token_ids"] = f"test-tokens-{index:05d}.safetensors"
+                    save_shard(self.cache_dir / shard["token_ids"], TOKEN_IDS, tokens.to(torch.int64))
                 state["shards"].append(shard)
                 state["contexts_done"] += count
                 done += count
                 state["complete"] = state["contexts_done"] >= total
                 if split == "train" and "scale" not in manifest:
-                    norms = _from_numpy(rows, h.cache_dtype).norm(dim=-1).mean().item()
+                    norms = rows.float().norm(dim=-1).mean().item()
                     manifest["scale"] = math.sqrt(rows.shape[1]) / norms if norms > 0 else 1.0
                 self._save_manifest(manifest)
                 progress.update(count * self.tokens_per_context)
@@ -352,7 +373,7 @@ class ActivationDataModule(SparseCodingData):
         if rank is None or world_size is None:  # the trainer's slice of every batch
             trainer = getattr(self, "trainer", None)
             rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return ShardedActivations(files, self.hparams.cache_dtype, self.hparams.batch_size, scale=self.scale,
+        return ShardedActivations(files, self.hparams.batch_size, scale=self.scale,
                                   shuffle=shuffle, shuffle_buffer=self.hparams.shuffle_buffer, seed=self.hparams.seed,
                                   rank=rank, world_size=world_size)
 
@@ -382,5 +403,5 @@ class ActivationDataModule(SparseCodingData):
         """``(token ids (n, context_len), input scale, whether position 0 was left out of the data)`` of
         the ``ce_contexts`` held-out contexts on which the LM's loss is measured (:mod:`sae_zoo.evaluation`)."""
         shards = self._checked_manifest()["splits"]["test"]["shards"]
-        tokens = torch.from_numpy(np.concatenate([np.load(self.cache_dir / s["token_ids"]) for s in shards]))
+        tokens = torch.cat([load_shard(self.cache_dir / s["token_ids"], TOKEN_IDS) for s in shards])
         return tokens[: self.hparams.ce_contexts], self.scale, self.hparams.prepend_bos and self.hparams.drop_bos
