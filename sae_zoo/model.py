@@ -78,7 +78,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
 
     ``save_pretrained(dir)``, ``push_to_hub(repo_id)`` and ``SparseCoder.from_pretrained(repo_or_dir,
     revision=...)`` (Hugging Face's ``ModelHubMixin``) store ``config.json``, ``model.safetensors`` and a
-    model card ``README.md`` (see :mod:`sae_zoo.hub`).
+    model card ``README.md``, written and read by :mod:`sae_zoo.pretrained`; pushing to a branch, other
+    libraries' formats and run directories are in :mod:`sae_zoo.hub`.
     """
 
     def __init__(self, encoder: EncoderHead | dict[str, Any], dictionary: Dictionary | dict[str, Any], *,
