@@ -18,8 +18,11 @@ from ._io import atomic_write, atomic_write_text
 
 
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str], markdown: bool = False) -> str:
-    """``rows`` under ``header``, aligned for a terminal or as a GitHub markdown table."""
-    return tabulate(rows, headers=header, tablefmt="github" if markdown else "simple", disable_numparse=True)
+    """``rows`` under ``header``, aligned for a terminal or as a GitHub markdown table: the first column
+    (the names) to the left, the figures to the right, printed as given."""
+    align = ("left",) + ("right",) * (len(header) - 1)
+    return tabulate(rows, headers=header, tablefmt="github" if markdown else "simple", disable_numparse=True,
+                    colalign=align)
 
 
 def print_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
