@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -123,13 +124,17 @@ def recipe_from_content(content: dict[str, Any], overrides: list[str] | tuple[st
     """The validated recipe of ``content`` (a recipe file's mapping) with ``key=value`` overrides."""
     assignments, deletions = [], []
     for item in overrides:
-        key = item[1:] if item.startswith("~") else item.split("=", 1)[0]
-        if not item.startswith("~") and "=" not in item:
+        deleting = item.startswith("~")
+        if not deleting and "=" not in item:
             raise RecipeError(f"override {item!r} is not of the form key=value (or ~key to delete a key)")
+        key = item[1:] if deleting else item.split("=", 1)[0]
         if not DOTTED_KEY.fullmatch(key):
             raise RecipeError(f"override {item!r}: {key!r} is not a key (names joined by single dots, "
                               "e.g. encoder.name)")
-        (deletions if item.startswith("~") else assignments).append(item[1:] if item.startswith("~") else item)
+        if deleting:
+            deletions.append(key)
+        else:
+            assignments.append(item)
     try:
         cfg = _with_defaults(content)
     except ValueError as e:
@@ -368,7 +373,7 @@ def build(cfg: DictConfig | Plan) -> tuple[SparseCodingData, SparseCoder]:
     return datamodule, model
 
 
-def make_trainer(p: Plan, *, callbacks: list[L.Callback] = (), logger: Any = False, progress: bool = True,
+def make_trainer(p: Plan, *, callbacks: Sequence[L.Callback] = (), logger: Any = False, progress: bool = True,
                  root_dir: Path | None = None, **overrides: Any) -> L.Trainer:
     """The recipe's Trainer (any accelerator): :data:`TRAINER_DEFAULTS`, then ``trainer:``, then
     ``overrides``. A Trainer that cannot be built (no such accelerator, a bad precision or step count)
