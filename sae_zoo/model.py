@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelHubMixin
 from torch import Tensor
 
-from ._io import atomic_directory, read_safetensors
+from ._io import atomic_directory, atomic_write_json, read_safetensors
 from .data.base import Batch
 from .dictionary import Dictionary
 from .encoders import EncoderHead, create_encoder
@@ -243,7 +242,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
 
     def _save_pretrained(self, save_directory: Path) -> None:
         save_weights(self, save_directory / WEIGHTS_NAME)
-        (save_directory / CONFIG_NAME).write_text(json.dumps(model_config(self), indent=2, sort_keys=True) + "\n")
+        atomic_write_json(save_directory / CONFIG_NAME, model_config(self))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "SparseCoder":

@@ -5,7 +5,8 @@ from .base import Batch, SparseCodingData
 from .synthetic import PAPER_SEED, SyntheticSparseDataModule, generate_sparse_data
 
 #: recipe ``data.name`` -> datamodule (each a :class:`SparseCodingData`)
-DATAMODULES: dict[str, type[SparseCodingData]] = {"synthetic": SyntheticSparseDataModule, "activations": ActivationDataModule}
+DATAMODULES: dict[str, type[SparseCodingData]] = {"synthetic": SyntheticSparseDataModule,
+                                                  "activations": ActivationDataModule}
 
-__all__ = ["Batch", "DATAMODULES", "SparseCodingData", "PAPER_SEED", "ActivationDataModule", "ShardedActivations", "SyntheticSparseDataModule",
-           "generate_sparse_data"]
+__all__ = ["Batch", "DATAMODULES", "SparseCodingData", "PAPER_SEED", "ActivationDataModule", "ShardedActivations",
+           "SyntheticSparseDataModule", "generate_sparse_data"]

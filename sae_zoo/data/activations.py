@@ -389,14 +389,18 @@ class ActivationDataModule(SparseCodingData):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("test", shuffle=False))
 
+    def _held_out(self) -> ShardedActivations:
+        """The whole held-out split, in order, for this process alone (not the trainer's slice)."""
+        return self._dataset("test", shuffle=False, rank=0, world_size=1)
+
     def held_out_batches(self) -> Iterator[Tensor]:
         """Every held-out batch (scaled), in order, on this process alone."""
-        return iter(self._dataset("test", shuffle=False, rank=0, world_size=1))
+        return iter(self._held_out())
 
     @property
     def test_x(self) -> Tensor:
         """All held-out activations (scaled), in order."""
-        ds = self._dataset("test", shuffle=False, rank=0, world_size=1)
+        ds = self._held_out()
         return ds.rows(np.arange(int(ds.offsets[-1])))
 
     def ce_batches(self) -> tuple[Tensor, float, bool]:

@@ -22,7 +22,6 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..flops import decode_flops
 from .base import EncoderHead, require_at_least
 from .registry import create_encoder
 
@@ -125,9 +124,6 @@ class IterativeHead(EncoderHead):
         """The warm start's encoding, then the solve (counted as matmul FLOPs)."""
         matmul, elementwise = self.warm_start.encode_flops() if self.warm_start is not None else (0, 0)
         return matmul + self.solver_flops(), elementwise
-
-    def decode_flops(self) -> float:
-        return decode_flops(self.d_model, self.n_latents)
 
     @abstractmethod
     def solve(self, x: Tensor, atoms: Tensor, init: Tensor | None) -> tuple[Tensor, int]:

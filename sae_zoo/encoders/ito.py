@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..flops import ito_inference
+from ..flops import decode_flops, ito_inference
 from .base import require_at_least
 from .iterative import IterativeHead, WarmStart
 from .registry import register_encoder
@@ -45,7 +45,7 @@ class ITOEncoder(IterativeHead):
 
     def solver_flops(self) -> float:
         # the paper's count includes decoding the final codes, which flops.inference_flops adds itself
-        return ito_inference(self.d_model, self.n_latents, self.iterations) - self.decode_flops()
+        return ito_inference(self.d_model, self.n_latents, self.iterations) - decode_flops(self.d_model, self.n_latents)
 
     def initial_log_codes(self, x: Tensor, init: Tensor | None) -> Tensor:
         if init is None:
