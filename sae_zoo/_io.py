@@ -135,6 +135,17 @@ def read_torch_state(path: Path) -> dict[str, Tensor]:
     return state
 
 
+def read_npz(path: Path) -> dict[str, Tensor]:
+    """The arrays of a numpy ``.npz`` archive as float tensors (no pickled objects)."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: torch.from_numpy(np.asarray(archive[name], dtype=np.float32)) for name in archive.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from None
+
+
 def require_keys(path: Path, mapping: dict[str, Any], keys: list[str], what: str = "key") -> None:
     missing = [k for k in keys if k not in mapping]
     if missing:

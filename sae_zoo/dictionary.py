@@ -19,30 +19,41 @@ class Dictionary(nn.Module):
     ``codes @ weight (+ bias)``. A trainable dictionary is renormalised after every optimiser step
     by :class:`~sae_zoo.SparseCoder`; a frozen one keeps the atoms it was given.
 
+    ``atom_norms=True`` keeps a fixed norm per atom (a buffer, ``atom_norms``) beside the unit
+    directions, and decodes ``codes @ (atom_norms * weight)``: another library's decoder whose rows are
+    not unit-norm then keeps its own units, so a head loaded with it gives that library's codes exactly.
+    :attr:`atoms` is the matrix a code multiplies: the directions scaled by the norms.
+
     ``provenance`` says where the atoms came from (e.g. the SAELens checkpoint they were loaded from);
     it travels into ``config.json`` and the model card when the model is saved.
     """
 
-    def __init__(self, n_latents: int, d_model: int, *, trainable: bool = True, bias: bool = False) -> None:
+    def __init__(self, n_latents: int, d_model: int, *, trainable: bool = True, bias: bool = False,
+                 atom_norms: bool = False) -> None:
         super().__init__()
-        check_types(Dictionary.__init__, {"n_latents": n_latents, "d_model": d_model}, what="the dictionary")
+        check_types(Dictionary.__init__, {"n_latents": n_latents, "d_model": d_model, "atom_norms": atom_norms},
+                    what="the dictionary")
         if n_latents < 1 or d_model < 1:
             raise ValueError(f"Dictionary needs n_latents >= 1 and d_model >= 1, got ({n_latents}, {d_model})")
         self.n_latents = int(n_latents)
         self.d_model = int(d_model)
         self.weight = nn.Parameter(torch.randn(n_latents, d_model), requires_grad=trainable)
         self.bias = nn.Parameter(torch.zeros(d_model), requires_grad=trainable) if bias else None
+        self.register_buffer("atom_norms", torch.ones(n_latents) if atom_norms else None)
         self.provenance: dict[str, Any] = {}
         self.normalize_()
 
     @classmethod
     def from_tensor(cls, atoms: Tensor, *, trainable: bool = False, bias: Tensor | None = None,
-                    provenance: dict[str, Any] | None = None) -> "Dictionary":
-        """A dictionary whose atoms are the rows of ``atoms`` (renormalised to unit norm)."""
+                    provenance: dict[str, Any] | None = None, keep_norms: bool = False) -> "Dictionary":
+        """A dictionary whose atoms are the rows of ``atoms``: renormalised to unit norm, or, with
+        ``keep_norms``, split into unit directions and fixed ``atom_norms`` (decoding is then unchanged)."""
         if atoms.ndim != 2:
             raise ValueError(f"atoms must have shape (n_latents, d_model), got {tuple(atoms.shape)}")
-        dictionary = cls(*atoms.shape, trainable=trainable, bias=bias is not None)
+        dictionary = cls(*atoms.shape, trainable=trainable, bias=bias is not None, atom_norms=keep_norms)
         dictionary.set_atoms(atoms, bias=bias)
+        if keep_norms:
+            dictionary.atom_norms.copy_(atoms.detach().norm(dim=1))
         dictionary.provenance = dict(provenance or {})
         return dictionary
 
@@ -52,7 +63,8 @@ class Dictionary(nn.Module):
 
     @property
     def atoms(self) -> Tensor:
-        return self.weight
+        """The ``(n_latents, d_model)`` matrix a code multiplies: unit rows, times ``atom_norms`` if kept."""
+        return self.weight if self.atom_norms is None else self.weight * self.atom_norms[:, None]
 
     @torch.no_grad()
     def set_atoms(self, atoms: Tensor, *, bias: Tensor | None = None) -> None:
@@ -82,13 +94,15 @@ class Dictionary(nn.Module):
         if codes.ndim == 0 or codes.shape[-1] != self.n_latents:
             raise ValueError(f"codes have {codes.shape[-1] if codes.ndim else 0} latents, dictionary has "
                              f"{self.n_latents} (codes of shape {tuple(codes.shape)})")
-        x_hat = codes @ self.weight
+        x_hat = codes @ self.atoms
         return x_hat if self.bias is None else x_hat + self.bias
 
     def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
         """``decode`` of codes given by their non-zero ``values`` at ``indices`` (``(..., k)`` each):
         gathers the k atoms per sample instead of a dense ``n_latents``-wide product, forward and backward."""
         lead, k = values.shape[:-1], values.shape[-1]
+        if self.atom_norms is not None:
+            values = values * self.atom_norms[indices]
         x_hat = F.embedding_bag(indices.reshape(-1, k), self.weight, per_sample_weights=values.reshape(-1, k).to(
             self.weight.dtype), mode="sum").reshape(*lead, self.d_model)
         return x_hat if self.bias is None else x_hat + self.bias
@@ -98,8 +112,10 @@ class Dictionary(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """The arguments that rebuild this dictionary's shape (weights travel separately)."""
-        return {"n_latents": self.n_latents, "d_model": self.d_model, "trainable": self.trainable,
-                "bias": self.bias is not None}
+        config = {"n_latents": self.n_latents, "d_model": self.d_model, "trainable": self.trainable,
+                  "bias": self.bias is not None}
+        return {**config, "atom_norms": True} if self.atom_norms is not None else config
 
     def extra_repr(self) -> str:
-        return f"n_latents={self.n_latents}, d_model={self.d_model}, trainable={self.trainable}, bias={self.bias is not None}"
+        return (f"n_latents={self.n_latents}, d_model={self.d_model}, trainable={self.trainable}, "
+                f"bias={self.bias is not None}" + (", atom_norms=True" if self.atom_norms is not None else ""))

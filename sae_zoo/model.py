@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -14,8 +14,10 @@ from torch import Tensor
 from ._io import atomic_directory, atomic_write_json, read_safetensors
 from .data.base import Batch
 from .dictionary import Dictionary
-from .encoders import EncoderHead, create_encoder
+from .encoders import EncoderHead, SparseCodes, create_encoder
 from .metrics import SparseCodingMetrics
+from .objectives import (auxk_loss, check_matryoshka_widths, fired_latents, geometric_median, lr_factor,
+                         reconstruction_loss)
 from .pretrained import model_card
 from .pretrained.config import (CONFIG_NAME, WEIGHTS_NAME, build_dictionary, build_encoder, load_state, model_config,
                                 read_model_config, save_weights)
@@ -36,15 +38,6 @@ def unpack_batch(batch: Batch) -> tuple[Tensor, Tensor | None]:
     if len(batch) == 1:
         return batch[0], None
     return batch[0], batch[1]
-
-
-def sparse_coding_loss(x_hat: Tensor, x: Tensor, codes: Tensor, l1_coeff: float,
-                       nonnegative: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """The paper's loss, ``MSE(x_hat, x) + l1_coeff * mean|codes|`` (both element means); returns
-    ``(loss, mse, l1)``. ``nonnegative``: the codes are known to be >= 0, so ``|codes| = codes``."""
-    mse = F.mse_loss(x_hat, x)
-    l1 = codes.mean() if nonnegative else codes.abs().mean()
-    return mse + l1_coeff * l1, mse, l1
 
 
 def latent_cosine_loss(codes: Tensor, true_codes: Tensor) -> Tensor:
@@ -84,10 +77,29 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     def __init__(self, encoder: EncoderHead | dict[str, Any], dictionary: Dictionary | dict[str, Any], *,
                  l1_coeff: float = 0.01, lr: float = 1e-3, supervised: bool = False,
                  true_dictionary: Tensor | None = None, sparse_decode: bool = True,
-                 code_recovery: bool = True) -> None:
+                 code_recovery: bool = True, matryoshka_widths: list[int] | None = None,
+                 auxk_coeff: float = 0.0, auxk_k: int | None = None, dead_tokens: int = 10_000_000,
+                 resample_every: int = 0, target_l0: float | None = None, target_l0_rate: float = 0.02,
+                 sparsity_warmup_steps: int = 0, lr_warmup_steps: int = 0, lr_decay_steps: int = 0,
+                 decoder_bias_init: Literal["mean", "geometric_median"] | None = None,
+                 bias_init_samples: int = 32768) -> None:
         super().__init__()
         if not lr > 0 or not l1_coeff >= 0:
             raise ValueError(f"SparseCoder needs lr > 0 and l1_coeff >= 0, got lr={lr!r}, l1_coeff={l1_coeff!r}")
+        for name, value in {"auxk_coeff": auxk_coeff, "resample_every": resample_every,
+                            "sparsity_warmup_steps": sparsity_warmup_steps, "lr_warmup_steps": lr_warmup_steps,
+                            "lr_decay_steps": lr_decay_steps}.items():
+            if not value >= 0:
+                raise ValueError(f"SparseCoder needs {name} >= 0, got {name}={value!r}")
+        for name, value in {"dead_tokens": dead_tokens, "auxk_k": auxk_k, "bias_init_samples": bias_init_samples,
+                            "target_l0": target_l0, "target_l0_rate": target_l0_rate}.items():
+            if value is not None and not value > 0:
+                raise ValueError(f"SparseCoder needs {name} > 0, got {name}={value!r}")
+        if target_l0 is not None and not l1_coeff > 0:
+            raise ValueError("target_l0 tunes the sparsity coefficient multiplicatively, so it needs a starting "
+                             f"l1_coeff > 0, got l1_coeff={l1_coeff!r}")
+        if decoder_bias_init not in (None, "mean", "geometric_median"):
+            raise ValueError(f"decoder_bias_init must be 'mean', 'geometric_median' or None, got {decoder_bias_init!r}")
         encoder = create_encoder(**encoder) if isinstance(encoder, dict) else encoder
         dictionary = Dictionary(**dictionary) if isinstance(dictionary, dict) else dictionary
         if (encoder.d_model, encoder.n_latents) != (dictionary.d_model, dictionary.n_latents):
@@ -99,9 +111,27 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.encoder, self.dictionary = encoder, dictionary
         self.l1_coeff, self.lr, self.supervised = float(l1_coeff), float(lr), bool(supervised)
         self.sparse_decode, self.code_recovery = bool(sparse_decode), bool(code_recovery)
+        if decoder_bias_init is not None and dictionary.bias is None:
+            raise ValueError(f"decoder_bias_init={decoder_bias_init!r} needs a dictionary with a bias (bias=True)")
+        self.matryoshka_widths = (None if matryoshka_widths is None
+                                  else check_matryoshka_widths(matryoshka_widths, dictionary.n_latents))
+        training = {"matryoshka_widths": self.matryoshka_widths, "auxk_coeff": float(auxk_coeff), "auxk_k": auxk_k,
+                    "dead_tokens": int(dead_tokens), "resample_every": int(resample_every), "target_l0": target_l0,
+                    "target_l0_rate": float(target_l0_rate), "sparsity_warmup_steps": int(sparsity_warmup_steps),
+                    "lr_warmup_steps": int(lr_warmup_steps), "lr_decay_steps": int(lr_decay_steps),
+                    "decoder_bias_init": decoder_bias_init, "bias_init_samples": int(bias_init_samples)}
+        self.training_options = training
+        self.auxk_k = auxk_k or max(1, dictionary.d_model // 2)
         self.save_hyperparameters({"encoder": encoder.config(), "dictionary": dictionary.config(),
                                    "l1_coeff": self.l1_coeff, "lr": self.lr, "supervised": self.supervised,
-                                   "sparse_decode": self.sparse_decode, "code_recovery": self.code_recovery})
+                                   "sparse_decode": self.sparse_decode, "code_recovery": self.code_recovery,
+                                   **training})
+        # the coefficient the loss uses now (target_l0 tunes it); a tensor, so tuning costs no synchronisation
+        self.register_buffer("sparsity_coeff", torch.tensor(self.l1_coeff), persistent=False)
+        # tokens since each latent last fired, for AuxK and resampling ("dead": at least dead_tokens)
+        tracks = auxk_coeff > 0 or resample_every > 0
+        self.register_buffer("tokens_since_fired", torch.zeros(dictionary.n_latents) if tracks else None,
+                             persistent=False)
         if true_dictionary is not None and tuple(true_dictionary.shape[1:]) != (dictionary.d_model,):
             raise ValueError(f"true_dictionary must have shape (n, {dictionary.d_model}), got {tuple(true_dictionary.shape)}")
         self.register_buffer("true_dictionary", true_dictionary, persistent=False)
@@ -136,34 +166,71 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         codes = self.encode(x)
         return Reconstruction(self.decode(codes), codes)
 
-    def loss(self, x: Tensor, x_hat: Tensor, codes: Tensor, true_codes: Tensor | None) -> dict[str, Tensor]:
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
+        """The objective of one training batch: ``loss``; in the paper's unsupervised settings ``MSE +
+        coeff * sparsity`` (both means over elements) and further terms. Its parts: ``mse`` (summed
+        over the Matryoshka prefixes, if any), ``sparsity`` (the head's penalty: the L1 of the codes
+        unless the head has its own), the head's ``aux`` term and ``auxk``, with the batch's ``l0``. A head
+        with a sparse form (top-k) is decoded from its k atoms per sample when ``sparse_decode``."""
+        x, true_codes = unpack_batch(batch)
         if self.supervised:
             if true_codes is None:
                 raise ValueError("supervised (known-codes) training needs (x, true_codes) batches")
-            return {"loss": latent_cosine_loss(codes, true_codes)}
-        loss, mse, l1 = sparse_coding_loss(x_hat, x, codes, self.l1_coeff, self.encoder.nonnegative_codes)
-        return {"loss": loss, "mse": mse, "l1": l1}
+            return {"loss": latent_cosine_loss(self.encode(x), true_codes)}
+        out = self.encoder.training_codes(x, self.dictionary, sparse=self.sparse_decode)
+        codes = out.codes
+        mse, x_hat = reconstruction_loss(self.dictionary, codes, x, self.matryoshka_widths)
+        values = codes.values if isinstance(codes, SparseCodes) else codes
+        if out.sparsity is not None:
+            sparsity = out.sparsity
+        else:  # the mean |code| over all (samples x n_latents) codes
+            total = values.abs().sum() if isinstance(codes, SparseCodes) or not self.encoder.nonnegative_codes \
+                else values.sum()
+            sparsity = total / (values[..., 0].numel() * self.dictionary.n_latents)
+        losses = {"mse": mse, "sparsity": sparsity,
+                  "l0": (values.detach() != 0).sum(-1).float().mean()}
+        loss = mse + self._coefficient() * sparsity
+        if out.aux_loss is not None:
+            losses["aux"] = out.aux_loss
+            loss = loss + out.aux_loss
+        if self.tokens_since_fired is not None:
+            fired = fired_latents(codes, self.dictionary.n_latents)
+            n_tokens = values[..., 0].numel()
+            self.tokens_since_fired.copy_(torch.where(fired, 0, self.tokens_since_fired + n_tokens))
+        if self.training_options["auxk_coeff"] > 0:
+            dead = self.tokens_since_fired >= self.training_options["dead_tokens"]
+            losses["auxk"] = auxk_loss(self.encoder, self.dictionary, x, x_hat, dead, self.auxk_k)
+            loss = loss + self.training_options["auxk_coeff"] * losses["auxk"]
+        return {"loss": loss, **losses}
 
-    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
-        """The objective of one training batch (``loss``, and ``mse``/``l1`` when unsupervised). A head
-        with a sparse form (top-k) is decoded from its k atoms per sample when ``sparse_decode``."""
-        x, true_codes = unpack_batch(batch)
-        sparse = None if self.supervised or not self.sparse_decode else self.encoder.sparse_forward(x, self.dictionary)
-        if sparse is None:
-            x_hat, codes = self(x)
-            return self.loss(x, x_hat, codes, true_codes)
-        values, indices = sparse
-        mse = F.mse_loss(self.dictionary.decode_sparse(values, indices), x)
-        l1 = values.abs().sum() / (values[..., 0].numel() * self.dictionary.n_latents)  # mean over all codes
-        return {"loss": mse + self.l1_coeff * l1, "mse": mse, "l1": l1}
+    def _coefficient(self) -> Tensor:
+        """The sparsity coefficient now: tuned towards ``target_l0``, ramped up over ``sparsity_warmup_steps``."""
+        warmup = self.training_options["sparsity_warmup_steps"]
+        if warmup and self._trainer is not None and self.global_step < warmup:
+            return self.sparsity_coeff * ((self.global_step + 1) / warmup)
+        return self.sparsity_coeff.clone()  # target_l0 tunes the buffer in place before the backward pass
+
+    @torch.no_grad()
+    def _tune_towards_target_l0(self, l0: Tensor) -> None:
+        """Multiply the coefficient by ``exp(rate * (L0 - target) / target)`` (the ratio clipped to +-1):
+        an integral controller that settles where the batches' L0 averages ``target_l0``."""
+        target, rate = self.training_options["target_l0"], self.training_options["target_l0_rate"]
+        self.sparsity_coeff.mul_(torch.exp(rate * ((l0 - target) / target).clamp(-1, 1)))
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         losses = self.training_losses(batch)
+        if self.training_options["target_l0"] is not None and "l0" in losses:
+            self._tune_towards_target_l0(losses["l0"])
         if self._logging_step():  # the values are read for the log anyway, so checking them costs no extra sync
             if not torch.isfinite(losses["loss"]):
                 raise FloatingPointError(f"the training loss is {losses['loss'].item()} at step {self.global_step}: "
                                          "check the inputs for NaN/Inf, or lower the learning rate")
             self.log_dict({f"train/{k}": v for k, v in losses.items()})
+            if self.tokens_since_fired is not None:
+                dead = (self.tokens_since_fired >= self.training_options["dead_tokens"]).float().mean()
+                self.log("train/dead_fraction", dead)
+            if self.training_options["target_l0"] is not None:
+                self.log("train/sparsity_coeff", self.sparsity_coeff)
             self.log("loss", losses["loss"], prog_bar=True, logger=False)
         return losses["loss"]
 
@@ -176,6 +243,63 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         if self.dictionary.trainable:
             self.dictionary.normalize_()
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        every = self.training_options["resample_every"]
+        if every and self.global_step and self.global_step % every == 0:
+            self.resample_dead_latents(unpack_batch(batch)[0])
+
+    @torch.no_grad()
+    def resample_dead_latents(self, x: Tensor) -> int:
+        """Anthropic's resampling (2023): every dead latent gets the direction of an input of ``x`` drawn
+        with probability proportional to its squared reconstruction error, as its atom (if the dictionary
+        trains) and encoder row; its optimiser state is cleared. Returns how many were resampled."""
+        dead = (self.tokens_since_fired >= self.training_options["dead_tokens"]).nonzero().squeeze(-1)
+        x = x.reshape(-1, x.shape[-1])
+        if dead.numel() == 0 or x.shape[0] == 0:
+            return 0
+        error = (self(x).x_hat - x).square().sum(-1).double()
+        if not error.sum() > 0:
+            return 0
+        picks = torch.multinomial(error / error.sum(), dead.numel(), replacement=dead.numel() > x.shape[0])
+        centred = x[picks] - (self.dictionary.bias if self.dictionary.bias is not None else 0)
+        directions = F.normalize(centred.to(self.dictionary.weight.dtype), dim=-1)
+        self.encoder.reset_latents(dead, directions)
+        touched = [p for p in self.encoder.parameters() if p.ndim and p.shape[0] == self.dictionary.n_latents]
+        if self.dictionary.trainable:
+            self.dictionary.weight[dead] = directions
+            touched.append(self.dictionary.weight)
+        optimizer = self.optimizers().optimizer if self._trainer is not None else None
+        for parameter in touched if optimizer is not None else ():
+            for value in optimizer.state.get(parameter, {}).values():
+                if isinstance(value, Tensor) and value.shape[:1] == parameter.shape[:1]:
+                    value[dead] = 0
+        self.tokens_since_fired[dead] = 0
+        return dead.numel()
+
+    def on_fit_start(self) -> None:
+        how = self.training_options["decoder_bias_init"]
+        if how is not None:
+            datamodule = self.trainer.datamodule
+            if datamodule is None:
+                raise ValueError(f"decoder_bias_init={how!r} reads training data: fit with a datamodule")
+            samples, wanted = [], self.training_options["bias_init_samples"]
+            for batch in datamodule.train_dataloader():
+                samples.append(unpack_batch(batch)[0].reshape(-1, self.dictionary.d_model).float())
+                if sum(len(s) for s in samples) >= wanted:
+                    break
+            if not samples:
+                raise ValueError(f"decoder_bias_init={how!r}: the training data is empty")
+            points = torch.cat(samples)[:wanted]
+            centre = points.mean(0) if how == "mean" else geometric_median(points)
+            centre = self.trainer.strategy.broadcast(centre.to(self.device), src=0)
+            with torch.no_grad():
+                self.dictionary.bias.copy_(centre)
+
+    def on_train_end(self) -> None:
+        # the coefficient target_l0 settled on is the model's l1_coeff from now on (config.json, the card)
+        if self.training_options["target_l0"] is not None:
+            self.l1_coeff = self.hparams["l1_coeff"] = float(self.sparsity_coeff)
 
     def update_metrics(self, metrics: SparseCodingMetrics, batch: Batch) -> None:
         """Add one held-out batch to ``metrics`` (the one way every evaluation scores a model)."""
@@ -214,15 +338,30 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["decoder_provenance"] = self.dictionary.provenance
+        checkpoint["sparsity_coeff"] = float(self.sparsity_coeff)
+        if self.tokens_since_fired is not None:
+            checkpoint["tokens_since_fired"] = self.tokens_since_fired.cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.dictionary.provenance = dict(checkpoint.get("decoder_provenance") or {})
+        self.sparsity_coeff.fill_(checkpoint.get("sparsity_coeff", self.l1_coeff))
+        if self.tokens_since_fired is not None and "tokens_since_fired" in checkpoint:
+            self.tokens_since_fired.copy_(checkpoint["tokens_since_fired"])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
+        """Adam; with ``lr_warmup_steps``/``lr_decay_steps``, a per-step linear warm-up and final decay."""
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: the encoder has no parameters and the dictionary is frozen")
-        return torch.optim.Adam(params, lr=self.lr)
+        optimizer = torch.optim.Adam(params, lr=self.lr)
+        warmup, decay = self.training_options["lr_warmup_steps"], self.training_options["lr_decay_steps"]
+        if not (warmup or decay):
+            return optimizer
+        total = self.trainer.estimated_stepping_batches
+        if decay and not 0 < total < float("inf"):
+            raise ValueError("lr_decay_steps needs a known number of training steps: set trainer.max_steps")
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, int(total), warmup, decay))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- Hugging Face Hub (ModelHubMixin): sae_zoo's files in sae_zoo.pretrained, transport in sae_zoo.hub ----
 

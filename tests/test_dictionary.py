@@ -40,3 +40,24 @@ def test_set_atoms_rejects_bad_tensors(bad, match):
 def test_decode_rejects_wrong_width():
     with pytest.raises(ValueError, match="5 latents, dictionary has 4"):
         Dictionary(4, 3).decode(torch.rand(2, 5))
+
+
+def test_kept_atom_norms_decode_like_the_rows_and_survive_save_and_load(tmp_path):
+    from sae_zoo import SparseCoder, create_encoder
+
+    rows = torch.randn(7, 5) * torch.linspace(0.2, 3.0, 7)[:, None]
+    dictionary = Dictionary.from_tensor(rows, bias=torch.randn(5), keep_norms=True)
+    torch.testing.assert_close(dictionary.weight.norm(dim=1), torch.ones(7))
+    torch.testing.assert_close(dictionary.atoms, rows)
+    codes = torch.relu(torch.randn(4, 7))
+    torch.testing.assert_close(dictionary.decode(codes), codes @ rows + dictionary.bias)
+    values, indices = codes.topk(3, dim=-1)
+    torch.testing.assert_close(dictionary.decode_sparse(values, indices),
+                               torch.zeros_like(codes).scatter(-1, indices, values) @ rows + dictionary.bias)
+    assert dictionary.config()["atom_norms"] is True
+    model = SparseCoder(create_encoder("linear", d_model=5, n_latents=7), dictionary)
+    model.save_pretrained(tmp_path / "m")
+    reloaded = SparseCoder.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(reloaded.dictionary.atoms, rows)
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(reloaded(x).x_hat, model(x).x_hat)

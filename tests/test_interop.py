@@ -4,6 +4,7 @@ written here as those libraries write them, and their encode/decode formulas com
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
 from sae_zoo import Dictionary, SparseCoder, create_encoder
+from sae_zoo.encoders import get_encoder_class, list_encoders
 from sae_zoo.hub import export_saelens, load_sae
 
 D_IN, D_SAE, K = 12, 40, 4
@@ -75,27 +77,27 @@ def test_saelens_standard_unit_norm_decoder_gives_the_same_codes_and_reconstruct
     assert not model.dictionary.trainable and torch.equal(model.dictionary.bias, weights["b_dec"])
 
 
-def test_saelens_decoder_norms_move_into_the_codes(tmp_path, weights, x):
+def test_saelens_standard_with_any_decoder_norms_gives_its_codes_exactly(tmp_path, weights, x):
     sae = load_sae(write_saelens(tmp_path / "sae", weights, apply_b_dec_to_input=False))
     assert not sae.encoder.subtract_decoder_bias
     codes, x_hat = saelens_standard(weights, x, apply_b_dec=False)
-    norms = weights["W_dec"].norm(dim=1)
     with torch.no_grad():
         ours_hat, ours = sae.model()(x)
-    torch.testing.assert_close(ours, codes * norms, atol=ATOL, rtol=1e-5)  # code_i * unit atom_i
+    torch.testing.assert_close(ours, codes, atol=ATOL, rtol=1e-5)  # the source's values, not times the norms
     torch.testing.assert_close(ours_hat, x_hat, atol=ATOL, rtol=1e-5)
-    torch.testing.assert_close(sae.dictionary.atoms, unit_rows(weights["W_dec"]))
+    torch.testing.assert_close(sae.dictionary.weight, unit_rows(weights["W_dec"]))  # unit directions ...
+    torch.testing.assert_close(sae.dictionary.atom_norms, weights["W_dec"].norm(dim=1))  # ... and the norms kept
+    torch.testing.assert_close(sae.dictionary.atoms, weights["W_dec"])
 
 
-def test_saelens_topk_and_its_rescaled_selection(tmp_path, weights, x):
-    unit = dict(weights, W_dec=unit_rows(weights["W_dec"]))
-    sae = load_sae(write_saelens(tmp_path / "topk", unit, architecture="topk", k=K))
-    codes = topk_dense(F.relu((x - unit["b_dec"]) @ unit["W_enc"] + unit["b_enc"]), K)
+def test_saelens_topk_with_any_decoder_norms_and_its_rescaled_selection(tmp_path, weights, x):
+    sae = load_sae(write_saelens(tmp_path / "topk", weights, architecture="topk", k=K))
+    codes = topk_dense(F.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]), K)
     with torch.no_grad():
         ours_hat, ours = sae.model()(x)
     assert sae.encoder.name == "topk" and sae.encoder.k == K
     torch.testing.assert_close(ours, codes, atol=ATOL, rtol=1e-5)
-    torch.testing.assert_close(ours_hat, codes @ unit["W_dec"] + unit["b_dec"], atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(ours_hat, codes @ weights["W_dec"] + weights["b_dec"], atol=ATOL, rtol=1e-5)
 
     # rescale_acts_by_decoder_norm: SAELens selects on pre-activations times decoder norms and divides
     # the codes by the norms again when decoding
@@ -108,10 +110,51 @@ def test_saelens_topk_and_its_rescaled_selection(tmp_path, weights, x):
         ours_hat, ours = sae.model()(x)
     torch.testing.assert_close(ours, codes, atol=ATOL, rtol=1e-5)
     torch.testing.assert_close(ours_hat, x_hat, atol=ATOL, rtol=1e-5)
+    assert sae.dictionary.atom_norms is None  # its codes are those of unit atoms
 
-    # without the rescaling, a non-unit decoder cannot be reproduced by a top-k head: decoder only
-    sae = load_sae(write_saelens(tmp_path / "plain", weights, architecture="topk", k=K))
-    assert sae.encoder is None and "not unit-norm" in sae.encoder_unavailable
+
+def saelens_jumprelu(w, x, apply_b_dec=False):
+    """SAELens JumpReLUSAE: hidden_pre = (x - b_dec*apply) @ W_enc + b_enc; ReLU(hidden_pre) * (hidden_pre >
+    threshold); decode codes @ W_dec + b_dec."""
+    pre = (x - w["b_dec"] * apply_b_dec) @ w["W_enc"] + w["b_enc"]
+    codes = F.relu(pre) * (pre > w["threshold"])
+    return codes, codes @ w["W_dec"] + w["b_dec"]
+
+
+def thresholds():
+    return torch.rand(D_SAE, generator=torch.Generator().manual_seed(2)) * 0.4
+
+
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+def test_saelens_jumprelu_and_batchtopk_saved_for_inference(tmp_path, weights, x, apply_b_dec):
+    """SAELens saves BatchTopK and Matryoshka SAEs for inference as ``jumprelu`` (one threshold on every latent)."""
+    for name, threshold in {"jumprelu": thresholds(), "batchtopk": torch.full((D_SAE,), 0.15)}.items():
+        tensors = dict(weights, threshold=threshold)
+        sae = load_sae(write_saelens(tmp_path / name, tensors, architecture="jumprelu", apply_b_dec_to_input=apply_b_dec))
+        assert sae.encoder.name == "jumprelu" and sae.encoder.subtract_decoder_bias == apply_b_dec
+        codes, x_hat = saelens_jumprelu(tensors, x, apply_b_dec)
+        assert 0 < (codes > 0).float().mean() < 0.9  # the thresholds do cut
+        with torch.no_grad():
+            ours_hat, ours = sae.model()(x)
+        torch.testing.assert_close(ours, codes, atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(ours_hat, x_hat, atol=ATOL, rtol=1e-5)
+
+
+def test_saelens_gated(tmp_path, weights, x):
+    g = torch.Generator().manual_seed(3)
+    tensors = {k: v for k, v in weights.items() if k != "b_enc"}
+    tensors.update(b_gate=torch.randn(D_SAE, generator=g) * 0.1, r_mag=torch.randn(D_SAE, generator=g) * 0.2,
+                   b_mag=torch.randn(D_SAE, generator=g) * 0.1)
+    sae = load_sae(write_saelens(tmp_path / "gated", tensors, architecture="gated"))
+    assert sae.encoder.name == "gated"
+    # SAELens GatedSAE.encode
+    sae_in = x - tensors["b_dec"]
+    active = (sae_in @ tensors["W_enc"] + tensors["b_gate"] > 0).float()
+    codes = active * F.relu(sae_in @ (tensors["W_enc"] * tensors["r_mag"].exp()) + tensors["b_mag"])
+    with torch.no_grad():
+        ours_hat, ours = sae.model()(x)
+    torch.testing.assert_close(ours, codes, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(ours_hat, codes @ tensors["W_dec"] + tensors["b_dec"], atol=ATOL, rtol=1e-5)
 
 
 def test_saelens_before_version_6(tmp_path, weights, x):
@@ -131,15 +174,15 @@ def test_saelens_before_version_6(tmp_path, weights, x):
 
 
 def test_an_encoder_without_a_matching_head_loads_its_decoder(tmp_path, weights, x):
-    tensors = dict(weights, threshold=torch.full((D_SAE,), 0.1))
-    sae = load_sae(write_saelens(tmp_path / "jumprelu", tensors, architecture="jumprelu"))
-    assert sae.encoder is None and "'jumprelu'" in sae.encoder_unavailable
-    torch.testing.assert_close(sae.dictionary.atoms, unit_rows(weights["W_dec"]))
+    sae = load_sae(write_saelens(tmp_path / "abstopk", weights, architecture="abstopk", k=K))
+    assert sae.encoder is None and "'abstopk'" in sae.encoder_unavailable
+    torch.testing.assert_close(sae.dictionary.atoms, weights["W_dec"])
     with pytest.raises(ValueError, match="no sae_zoo head reproduces this saelens SAE's encoder"):
         sae.model()
     fista = create_encoder("fista", d_model=D_IN, n_latents=D_SAE, steps=30)
     x_hat, codes = sae.model(encoder=fista)(x)  # a better head on the pretrained decoder
     assert codes.shape == (64, D_SAE) and (codes >= 0).all()
+    torch.testing.assert_close(x_hat, codes @ weights["W_dec"] + weights["b_dec"], atol=ATOL, rtol=1e-5)
 
 
 def test_saelens_bad_input_is_named(tmp_path, weights):
@@ -152,6 +195,12 @@ def test_saelens_bad_input_is_named(tmp_path, weights):
         load_sae(path)
     (path / "cfg.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"cfg.json: expected a JSON object"):
+        load_sae(path)
+    path = write_saelens(tmp_path / "nothreshold", weights, architecture="jumprelu")
+    with pytest.raises(ValueError, match=r"sae_weights.safetensors: missing tensor 'threshold' \(a jumprelu SAE"):
+        load_sae(path)
+    path = write_saelens(tmp_path / "badthreshold", dict(weights, threshold=torch.ones(D_SAE - 1)), architecture="jumprelu")
+    with pytest.raises(ValueError, match=r"tensor 'threshold' has shape \(39,\), expected \(40,\)"):
         load_sae(path)
 
 
@@ -211,7 +260,7 @@ def test_dictionary_learning_autoencoder(tmp_path, weights, x):
     # dictionary_learning: encode ReLU(encoder(x - bias)); decode decoder(f) + bias
     f = F.relu(F.linear(x - state["bias"], state["encoder.weight"], state["encoder.bias"]))
     x_hat = F.linear(f, state["decoder.weight"]) + state["bias"]
-    norms = state["decoder.weight"].norm(dim=0)  # what its own from_pretrained folds in by default
+    norms = state["decoder.weight"].norm(dim=0)  # its own from_pretrained normalises the decoder into the codes
     with torch.no_grad():
         ours_hat, ours = sae.model()(x)
     torch.testing.assert_close(ours, f * norms, atol=ATOL, rtol=1e-5)
@@ -230,47 +279,145 @@ def test_dictionary_learning_topk_and_other_classes(tmp_path, weights, x):
     torch.testing.assert_close(ours, f, atol=ATOL, rtol=1e-5)
     torch.testing.assert_close(ours_hat, F.linear(f, decoder) + state["b_dec"], atol=ATOL, rtol=1e-5)
 
-    jump = {"W_enc": weights["W_enc"], "b_enc": weights["b_enc"], "W_dec": weights["W_dec"],
-            "b_dec": weights["b_dec"], "threshold": torch.full((D_SAE,), 0.01)}
-    sae = load_sae(write_dictionary_learning(tmp_path / "jump", jump, {"dict_class": "JumpReluAutoEncoder"}))
-    assert sae.encoder is None and "JumpReluAutoEncoder" in sae.encoder_unavailable
-    torch.testing.assert_close(sae.dictionary.bias, weights["b_dec"])
-
     with pytest.raises(ValueError, match=r"config.json: missing key 'trainer.dict_class'"):
         load_sae(write_dictionary_learning(tmp_path / "noclass", state, {"k": K}))
     (tmp_path / "topk" / "ae.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"ae.pt: not a readable torch state dict"):
         load_sae(tmp_path / "topk")
+    with pytest.raises(ValueError, match=r"config.json: trainer.dict_class 'CrossCoder' is not a dictionary_learning "
+                                         r"class sae_zoo reads \(known: AutoEncoder, AutoEncoderTopK, BatchTopKSAE"):
+        load_sae(write_dictionary_learning(tmp_path / "crosscoder", state, {"dict_class": "CrossCoder"}))
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.2])
+def test_dictionary_learning_batchtopk_and_matryoshka(tmp_path, weights, x, threshold):
+    """BatchTopKSAE (encoder/decoder Linears) and MatryoshkaBatchTopKSAE (W_enc/W_dec parameters) encode with
+    their threshold at inference: ReLU(pre) * (ReLU(pre) > threshold), pre = (x - b_dec) W_enc + b_enc;
+    a threshold of -1 (never updated) keeps every positive value."""
+    common = {"k": torch.tensor(K, dtype=torch.int), "threshold": torch.tensor(threshold), "b_dec": weights["b_dec"]}
+    batch = {**common, "encoder.weight": weights["W_enc"].T.contiguous(), "encoder.bias": weights["b_enc"],
+             "decoder.weight": weights["W_dec"].T.contiguous()}
+    matryoshka = {**common, "group_sizes": torch.tensor([10, 30]), "W_enc": weights["W_enc"], "b_enc": weights["b_enc"],
+                  "W_dec": weights["W_dec"]}
+    post = F.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"])
+    codes = post * (post > threshold)
+    for name, state in {"BatchTopKSAE": batch, "MatryoshkaBatchTopKSAE": matryoshka}.items():
+        sae = load_sae(write_dictionary_learning(tmp_path / name, state, {"dict_class": name, "k": K}))
+        assert sae.encoder.name == "batchtopk" and sae.encoder.k == K
+        with torch.no_grad():
+            ours_hat, ours = sae.model()(x)
+        torch.testing.assert_close(ours, codes, atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(ours_hat, codes @ weights["W_dec"] + weights["b_dec"], atol=ATOL, rtol=1e-5)
+    assert sae.metadata["group_sizes"] == [10, 30]
+
+
+def test_dictionary_learning_jumprelu_and_gated(tmp_path, weights, x):
+    jump = {"W_enc": weights["W_enc"], "b_enc": weights["b_enc"], "W_dec": weights["W_dec"],
+            "b_dec": weights["b_dec"], "threshold": thresholds()}
+    sae = load_sae(write_dictionary_learning(tmp_path / "jump", jump, {"dict_class": "JumpReluAutoEncoder"}))
+    pre = x @ jump["W_enc"] + jump["b_enc"]  # apply_b_dec_to_input is False
+    f = F.relu(pre * (pre > jump["threshold"]))
+    with torch.no_grad():
+        ours_hat, ours = sae.model()(x)
+    torch.testing.assert_close(ours, f, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(ours_hat, f @ jump["W_dec"] + jump["b_dec"], atol=ATOL, rtol=1e-5)
+
+    g = torch.Generator().manual_seed(4)
+    gated = {"decoder_bias": weights["b_dec"], "encoder.weight": weights["W_enc"].T.contiguous(),
+             "r_mag": torch.randn(D_SAE, generator=g) * 0.2, "gate_bias": torch.randn(D_SAE, generator=g) * 0.1,
+             "mag_bias": torch.randn(D_SAE, generator=g) * 0.1, "decoder.weight": weights["W_dec"].T.contiguous()}
+    sae = load_sae(write_dictionary_learning(tmp_path / "gated", gated, {"dict_class": "GatedAutoEncoder"}))
+    x_enc = F.linear(x - gated["decoder_bias"], gated["encoder.weight"])
+    f = (x_enc + gated["gate_bias"] > 0) * F.relu(gated["r_mag"].exp() * x_enc + gated["mag_bias"])
+    with torch.no_grad():
+        ours_hat, ours = sae.model()(x)
+    torch.testing.assert_close(ours, f, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(ours_hat, F.linear(f, gated["decoder.weight"]) + gated["decoder_bias"], atol=ATOL,
+                               rtol=1e-5)
+
+
+# ---- Gemma Scope ----
+
+def write_gemma_scope(path: Path, arrays: dict) -> Path:
+    """As Gemma Scope's repos hold them: ``np.savez(params.npz, **params)``, W_enc (d, n) and W_dec (n, d)."""
+    path.mkdir(parents=True, exist_ok=True)
+    np.savez(path / "params.npz", **{k: v.numpy() for k, v in arrays.items()})
+    return path
+
+
+def test_gemma_scope_params_npz(tmp_path, weights, x):
+    arrays = dict(weights, threshold=thresholds())
+    sae = load_sae(write_gemma_scope(tmp_path / "layer_20" / "width_16k" / "average_l0_71", arrays))
+    assert sae.format == "gemma_scope" and sae.encoder.name == "jumprelu" and sae.metadata["layer"] == 20
+    # Gemma Scope's JumpReLUSAE: pre = x @ W_enc + b_enc; acts = (pre > threshold) * ReLU(pre); acts @ W_dec + b_dec
+    pre = x @ arrays["W_enc"] + arrays["b_enc"]
+    acts = (pre > arrays["threshold"]) * F.relu(pre)
+    with torch.no_grad():
+        ours_hat, ours = sae.model()(x)
+    torch.testing.assert_close(ours, acts, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(ours_hat, acts @ arrays["W_dec"] + arrays["b_dec"], atol=ATOL, rtol=1e-5)
+
+    with pytest.raises(ValueError, match=r"params.npz: missing array 'threshold'"):
+        load_sae(write_gemma_scope(tmp_path / "missing", weights))
+    with pytest.raises(ValueError, match=r"params.npz: tensor 'b_enc' has shape \(39,\), expected \(40,\)"):
+        load_sae(write_gemma_scope(tmp_path / "misshaped", dict(arrays, b_enc=torch.zeros(D_SAE - 1))))
+    (tmp_path / "missing" / "params.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"params.npz: not a readable .npz archive"):
+        load_sae(tmp_path / "missing")
 
 
 # ---- export to SAELens, format detection, the Hub ----
 
-@pytest.mark.parametrize("name", ["linear", "topk"])
-def test_export_to_saelens_round_trips_and_matches_saelens_formulas(tmp_path, name, x):
+def saelens_codes(architecture: str, w: dict, cfg: dict, x):
+    """What SAELens computes from an exported cfg.json and weights, architecture by architecture."""
+    sae_in = x - w["b_dec"] * cfg["apply_b_dec_to_input"]
+    if architecture == "gated":
+        active = (sae_in @ w["W_enc"] + w["b_gate"] > 0).float()
+        return active * F.relu(sae_in @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"])
+    pre = sae_in @ w["W_enc"] + w["b_enc"]
+    if architecture == "jumprelu":
+        return F.relu(pre) * (pre > w["threshold"])
+    if architecture == "topk":
+        assert not cfg["rescale_acts_by_decoder_norm"]
+        return topk_dense(pre, cfg["k"]).relu()
+    assert architecture == "standard"
+    return F.relu(pre)
+
+
+EXPORTABLE = [name for name in list_encoders() if get_encoder_class(name).architectures]
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
+@pytest.mark.parametrize("norms", ["unit", "kept"])
+def test_export_to_saelens_round_trips_and_matches_saelens_formulas(tmp_path, name, norms, x):
+    """Every head that names an architecture exports, with unit atoms or kept decoder norms, to files whose
+    SAELens codes and reconstructions are the model's."""
     torch.manual_seed(0)
-    kwargs = {"k": K} if name == "topk" else {}
-    head = create_encoder(name, d_model=D_IN, n_latents=D_SAE, subtract_decoder_bias=True, **kwargs)
-    dictionary = Dictionary(D_SAE, D_IN, bias=True)
+    head = create_encoder(name, d_model=D_IN, n_latents=D_SAE, **{**get_encoder_class(name).example_kwargs,
+                                                                  "subtract_decoder_bias": True})
     with torch.no_grad():
-        dictionary.bias.normal_()
-    model = SparseCoder(head, dictionary)
+        for parameter in head.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)  # biases, thresholds and r_mag away from their init
+        if name == "batchtopk":
+            head.threshold.fill_(0.05)
+    atoms = torch.randn(D_SAE, D_IN) * (1 if norms == "unit" else 0.3 + torch.rand(D_SAE, 1))
+    dictionary = Dictionary.from_tensor(atoms, bias=torch.randn(D_IN), keep_norms=norms == "kept")
+    model = SparseCoder(head, dictionary).eval()
     out = export_saelens(model, tmp_path / "exported", hook_name="blocks.0.hook_resid_post", model_name="gpt2")
     cfg = json.loads((out / "cfg.json").read_text())
-    assert cfg["architecture"] == ("topk" if name == "topk" else "standard") and cfg["apply_b_dec_to_input"]
-    assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post"
+    assert cfg["architecture"] in ("standard", "topk", "jumprelu", "gated") and cfg["apply_b_dec_to_input"]
+    assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post" and cfg["metadata"]["sae_zoo_encoder"] == name
     w = load_file(str(out / "sae_weights.safetensors"))
-    codes, x_hat = saelens_standard(w, x)
-    if name == "topk":
-        codes = topk_dense(codes, K)
-        x_hat = codes @ w["W_dec"] + w["b_dec"]
+    codes = saelens_codes(cfg["architecture"], w, cfg, x)
     with torch.no_grad():
         ours_hat, ours = model(x)
         back_hat, back = load_sae(out).model()(x)
+    assert 0 < (codes > 0).float().mean() < 1
     torch.testing.assert_close(codes, ours, atol=ATOL, rtol=1e-5)  # what SAELens computes from the export
-    torch.testing.assert_close(x_hat, ours_hat, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(codes @ w["W_dec"] + w["b_dec"], ours_hat, atol=ATOL, rtol=1e-5)
     # reading it back: the atoms are renormalised on load, which moves them by float32 rounding only
-    torch.testing.assert_close(back, ours, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(back_hat, ours_hat, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(back, ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(back_hat, ours_hat, atol=1e-5, rtol=1e-5)
 
 
 def test_export_of_a_head_saelens_lacks(tmp_path):

@@ -20,8 +20,9 @@ def test_forward_and_loss_are_the_papers():
     x_hat, codes = model(x)
     torch.testing.assert_close(codes, torch.relu(model.encoder.linear(x)))
     torch.testing.assert_close(x_hat, codes @ model.dictionary.weight)
-    loss = model.loss(x, x_hat, codes, None)["loss"]
-    torch.testing.assert_close(loss, F.mse_loss(x_hat, x) + 0.3 * codes.abs().mean())
+    losses = model.training_losses(x)
+    torch.testing.assert_close(losses["loss"], F.mse_loss(x_hat, x) + 0.3 * codes.abs().mean())
+    torch.testing.assert_close(losses["l0"], (codes != 0).sum(-1).float().mean())
 
 
 def test_shapes_must_agree():

@@ -20,6 +20,19 @@ class SparseCodes(NamedTuple):
     indices: Tensor
 
 
+class TrainingCodes(NamedTuple):
+    """A head's codes in training, with what its objective needs beyond them (see ``SparseCoder``).
+
+    ``codes`` are dense ``(..., n_latents)`` or :class:`SparseCodes`. ``sparsity`` is the head's own
+    sparsity penalty, a mean over samples and latents (JumpReLU: the L0 through its straight-through
+    estimator); None means the L1 of the codes. ``aux_loss`` is a further term the head's objective
+    adds (gated: the gate path's reconstruction)."""
+
+    codes: "Tensor | SparseCodes"
+    sparsity: Tensor | None = None
+    aux_loss: Tensor | None = None
+
+
 def require_at_least(head: str, minimum: float, **values: float | None) -> None:
     """Raise ``ValueError`` naming the first of ``values`` below ``minimum`` (None is skipped)."""
     for name, value in values.items():
@@ -92,6 +105,25 @@ class EncoderHead(nn.Module, metaclass=ABCMeta):
         """The non-zero codes as :class:`SparseCodes`, for heads whose codes have a fixed number of
         slots (top-k): training then decodes only those atoms. ``None``: no such form."""
         return None
+
+    def training_codes(self, x: Tensor, dictionary: nn.Module | None = None, sparse: bool = True) -> TrainingCodes:
+        """The codes the training loss sees (the sparse form when ``sparse`` and the head has one)."""
+        codes = self.sparse_forward(x, dictionary) if sparse else None
+        return TrainingCodes(self(x, dictionary) if codes is None else codes)
+
+    def pre_activations(self, x: Tensor, dictionary: nn.Module | None, latents: Tensor) -> Tensor:
+        """Differentiable pre-activations ``(..., len(latents))`` of the given latents, for the AuxK loss
+        and dead-latent resampling. Heads built on one linear map have them."""
+        raise ValueError(self._no_linear_map("AuxK"))
+
+    def reset_latents(self, latents: Tensor, directions: Tensor) -> None:
+        """Point the encoder rows of ``latents`` along ``directions`` ``(len(latents), d_model)`` (unit
+        rows) and zero their biases: dead-latent resampling. Heads built on one linear map implement it."""
+        raise ValueError(self._no_linear_map("dead-latent resampling"))
+
+    def _no_linear_map(self, what: str) -> str:
+        return (f"the {self.name or type(self).__name__} head has no linear pre-activations, which {what} needs "
+                "(heads built on one linear map have them: linear, topk, batchtopk, jumprelu)")
 
     def trained_part(self) -> "EncoderHead | None":
         """The part whose training costs FLOPs (see :mod:`sae_zoo.flops`): the head itself by default."""

@@ -51,13 +51,38 @@ class ForeignSAE:
     def decoder_norms(self) -> Tensor:
         return self.W_dec.detach().float().norm(dim=1)
 
+    @property
+    def keeps_norms(self) -> bool:
+        """Whether the source's codes decode through the saved rows ``W_dec`` (the dictionary then keeps
+        their norms), rather than through unit atoms: ``config["unit_atom_codes"]``, set where the source
+        multiplies its pre-activations by the norms (SAELens's ``rescale_acts_by_decoder_norm``) or its own
+        loader folds them into the encoder (dictionary_learning's ``AutoEncoder``)."""
+        return not self.config.get("unit_atom_codes", False)
+
+    def folded_encoder(self, bias: str = "b_enc") -> tuple[Tensor, Tensor]:
+        """``(W_enc, b_enc)`` whose codes are the source's: times the decoder norms when the codes are
+        those of unit atoms (see :attr:`keeps_norms`)."""
+        tensors = self.require("W_enc", bias)
+        if self.keeps_norms:
+            return tensors["W_enc"], tensors[bias]
+        norms = self.decoder_norms
+        return tensors["W_enc"] * norms[:, None], tensors[bias] * norms
+
     def require(self, *names: str) -> dict[str, Tensor]:
-        """The encoder tensors ``names`` (``W_enc``, ``b_enc`` or a ``params`` key), checked to be present."""
+        """The encoder tensors ``names`` (``W_enc``, ``b_enc`` or a ``params`` key), checked to be present
+        and shaped: ``W_enc`` ``(n_latents, d_model)``, the others one value per latent (a ``threshold``
+        may be one value for all)."""
         found = {"W_enc": self.W_enc, "b_enc": self.b_enc, **self.params}
         missing = [n for n in names if found.get(n) is None]
         if missing:
             raise ValueError(f"{self.source}: missing tensor{'s' if len(missing) > 1 else ''} "
                              f"{', '.join(map(repr, missing))} (a {self.architecture} SAE's encoder needs them)")
+        for name in names:
+            shape = tuple(found[name].shape)
+            expected = (self.n_latents, self.d_model) if name == "W_enc" else (self.n_latents,)
+            if shape != expected and not (name == "threshold" and found[name].numel() == 1):
+                raise ValueError(f"{self.source}: tensor {name!r} has shape {shape}, expected {expected} "
+                                 f"(the decoder has {self.n_latents} latents of width {self.d_model})")
         return {n: found[n].detach().float() for n in names}
 
 

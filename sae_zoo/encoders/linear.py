@@ -11,8 +11,29 @@ from .interop import ForeignSAE
 from .registry import register_encoder
 
 
+class LinearPreActivations:
+    """For heads whose pre-activations are one linear map, ``self.linear`` of the centred input: the
+    pre-activations of chosen latents (AuxK) and resetting latents' encoder rows (resampling)."""
+
+    def pre_activations(self, x: Tensor, dictionary: nn.Module | None, latents: Tensor) -> Tensor:
+        x = self.centre(self.check_input(x, dictionary), dictionary)
+        bias = None if self.linear.bias is None else self.linear.bias[latents]
+        return F.linear(x, self.linear.weight[latents], bias)
+
+    @torch.no_grad()
+    def reset_latents(self, latents: Tensor, directions: Tensor) -> None:
+        # Anthropic's resampling: the new encoder row is the direction at 0.2 x the mean norm of the live rows
+        weight = self.linear.weight
+        live = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        live[latents] = False
+        scale = 0.2 * (weight[live].norm(dim=1).mean() if live.any() else weight.norm(dim=1).mean())
+        weight[latents] = directions.to(weight.dtype) * scale
+        if self.linear.bias is not None:
+            self.linear.bias[latents] = 0
+
+
 @register_encoder("linear")
-class LinearEncoder(EncoderHead):
+class LinearEncoder(LinearPreActivations, EncoderHead):
     """``codes = ReLU(W x + b)``: the standard SAE encoder (the paper's "L-NL" encoder).
 
     With ``subtract_decoder_bias=True`` it encodes ``x - b_dec`` (the dictionary's bias), as
@@ -37,11 +58,8 @@ class LinearEncoder(EncoderHead):
 
     @classmethod
     def from_foreign(cls, sae: ForeignSAE) -> "LinearEncoder":
-        # ReLU(n z) = n ReLU(z) for n > 0: scaling latent i's encoder row by its atom's norm makes
-        # code_i * unit_atom_i equal the source's code_i * W_dec_i
-        tensors, norms = sae.require("W_enc", "b_enc"), sae.decoder_norms
         head = cls(sae.d_model, sae.n_latents, subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", True)))
-        load_linear(head.linear, tensors["W_enc"] * norms[:, None], tensors["b_enc"] * norms)
+        load_linear(head.linear, *sae.folded_encoder())
         return head
 
     def to_foreign(self, dictionary: nn.Module) -> ForeignSAE:
@@ -54,10 +72,12 @@ def load_linear(linear: nn.Linear, weight: Tensor, bias: Tensor) -> None:
         linear.bias.copy_(bias)
 
 
-def linear_export(head: EncoderHead, dictionary: nn.Module, architecture: str, **config) -> ForeignSAE:
+def linear_export(head: EncoderHead, dictionary: nn.Module, architecture: str, params: dict[str, Tensor] | None = None,
+                  **config) -> ForeignSAE:
     """A head built on one ``nn.Linear`` (``head.linear``) with the dictionary, as ``architecture``."""
     weight, bias = head.linear.weight.detach().float().cpu(), head.linear.bias
-    return ForeignSAE(architecture, W_dec=dictionary.weight.detach().float().cpu(),
+    return ForeignSAE(architecture, W_dec=dictionary.atoms.detach().float().cpu(),
                       b_dec=None if dictionary.bias is None else dictionary.bias.detach().float().cpu(),
                       W_enc=weight, b_enc=torch.zeros(head.n_latents) if bias is None else bias.detach().float().cpu(),
-                      config={"apply_b_dec_to_input": head.subtract_decoder_bias, **config})
+                      config={"apply_b_dec_to_input": head.subtract_decoder_bias, **config},
+                      params={k: v.detach().float().cpu() for k, v in (params or {}).items()})

@@ -7,16 +7,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import EncoderHead, SparseCodes, require_at_least
-from .interop import ForeignSAE, UnsupportedConversion
-from .linear import linear_export, load_linear
+from .interop import ForeignSAE
+from .linear import LinearPreActivations, linear_export, load_linear
 from .registry import register_encoder
 
-#: a top-k encoder's decoder must be unit-norm to this tolerance: rescaling would change the selection
-UNIT_NORM_ATOL = 1e-4
+
+def require_k(head: str, k: int, n_latents: int) -> None:
+    require_at_least(head, 1, k=k)
+    if k > n_latents:
+        raise ValueError(f"{head} needs k <= n_latents ({n_latents}), got k={k}")
 
 
 @register_encoder("topk")
-class TopKEncoder(EncoderHead):
+class TopKEncoder(LinearPreActivations, EncoderHead):
     """``codes = ReLU(TopK_k(W x + b))``: every other latent is set to zero.
 
     ``subtract_decoder_bias=True`` encodes ``x - b_dec``, as SAELens, sparsify and dictionary_learning do.
@@ -30,9 +33,7 @@ class TopKEncoder(EncoderHead):
     def __init__(self, d_model: int, n_latents: int, k: int, bias: bool = True,
                  subtract_decoder_bias: bool = False) -> None:
         super().__init__(d_model, n_latents)
-        require_at_least("topk", 1, k=k)
-        if k > n_latents:
-            raise ValueError(f"topk needs k <= n_latents ({n_latents}), got k={k}")
+        require_k("topk", k, n_latents)
         self.k = int(k)
         self.subtract_decoder_bias = bool(subtract_decoder_bias)
         self.linear = nn.Linear(d_model, n_latents, bias=bias)
@@ -52,21 +53,13 @@ class TopKEncoder(EncoderHead):
 
     @classmethod
     def from_foreign(cls, sae: ForeignSAE) -> "TopKEncoder":
-        """Folds the decoder norms into the encoder only where the source selects on codes times
-        norms (SAELens's ``rescale_acts_by_decoder_norm``); elsewhere folding would change the selection,
-        so the decoder must be unit-norm."""
+        """SAELens's ``rescale_acts_by_decoder_norm`` selects on pre-activations times the decoder norms
+        and decodes through unit atoms: the norms fold into the encoder (see :attr:`ForeignSAE.keeps_norms`)."""
         if sae.config.get("k") is None:
             raise ValueError(f"{sae.source}: a top-k SAE needs 'k'")
-        tensors, norms = sae.require("W_enc", "b_enc"), sae.decoder_norms
-        rescale = bool(sae.config.get("rescale_acts_by_decoder_norm", False))
-        if not rescale and not torch.allclose(norms, torch.ones_like(norms), rtol=0, atol=UNIT_NORM_ATOL):
-            raise UnsupportedConversion(
-                f"its decoder atoms are not unit-norm (norms {norms.min():.4g}..{norms.max():.4g}), and folding "
-                "the norms into a top-k encoder would change which latents it selects")
         head = cls(sae.d_model, sae.n_latents, k=int(sae.config["k"]),
                    subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", True)))
-        weight, bias = tensors["W_enc"], tensors["b_enc"]
-        load_linear(head.linear, weight * norms[:, None] if rescale else weight, bias * norms if rescale else bias)
+        load_linear(head.linear, *sae.folded_encoder())
         return head
 
     def to_foreign(self, dictionary: nn.Module) -> ForeignSAE:

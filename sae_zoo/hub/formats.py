@@ -1,21 +1,30 @@
-"""Other libraries' SAEs as pretrained dictionaries (and, where one matches, encoder heads), and export
-to SAELens.
+"""Other libraries' SAEs as pretrained dictionaries with their own encoders, and export to SAELens.
 
-=====================  ==========================================  =====================================
-format                 files                                       encoder reproduced as
-=====================  ==========================================  =====================================
-``saelens``            ``cfg.json`` + ``sae_weights.safetensors``  ``standard`` -> ``linear``, ``topk`` -> ``topk``
-``sparsify``           ``cfg.json`` + ``sae.safetensors``          ``topk`` activation -> ``topk``
-``dictionary_learning``  ``config.json`` + ``ae.pt``               ``AutoEncoder`` -> ``linear``, ``AutoEncoderTopK`` -> ``topk``
-``sae_zoo``            ``config.json`` + ``model.safetensors``     the saved head
-``sae_zoo_run``        ``config.yaml`` + ``model.ckpt``            the run's head (a ``sae-zoo fit`` run)
-=====================  ==========================================  =====================================
+=======================  ==========================================  ===========================================
+format                   files                                       encoder reproduced as
+=======================  ==========================================  ===========================================
+``saelens``              ``cfg.json`` + ``sae_weights.safetensors``  ``standard`` -> ``linear``, ``topk`` -> ``topk``,
+                                                                     ``jumprelu`` -> ``jumprelu`` (also BatchTopK and
+                                                                     Matryoshka SAEs saved for inference),
+                                                                     ``gated`` -> ``gated``
+``sparsify``             ``cfg.json`` + ``sae.safetensors``          ``topk`` activation -> ``topk``
+``dictionary_learning``  ``config.json`` + ``ae.pt``                 ``AutoEncoder`` -> ``linear``, ``AutoEncoderTopK``
+                                                                     -> ``topk``, ``BatchTopKSAE`` and
+                                                                     ``MatryoshkaBatchTopKSAE`` -> ``batchtopk``,
+                                                                     ``JumpReluAutoEncoder`` -> ``jumprelu``,
+                                                                     ``GatedAutoEncoder`` -> ``gated``
+``gemma_scope``          ``params.npz``                              ``jumprelu``
+``sae_zoo``              ``config.json`` + ``model.safetensors``     the saved head
+``sae_zoo_run``          ``config.yaml`` + ``model.ckpt``            the run's head (a ``sae-zoo fit`` run)
+=======================  ==========================================  ===========================================
 
-The three libraries encode ``x - b_dec`` (SAELens when ``apply_b_dec_to_input``), which the heads
-reproduce with ``subtract_decoder_bias=True``; ``b_dec`` becomes the dictionary's bias. sae_zoo keeps
-atoms at unit norm, so a decoder with other row norms is renormalised and, for ReLU encoders, the norms
-are folded into the encoder (as dictionary_learning's own loader does): reconstructions stay the
-same and each code is the source's code times its atom's norm.
+The heads give the source's codes exactly, and the reconstructions too. SAELens, sparsify and
+dictionary_learning encode ``x - b_dec`` (SAELens when ``apply_b_dec_to_input``), which the heads
+reproduce with ``subtract_decoder_bias=True``; ``b_dec`` becomes the dictionary's bias. A decoder whose
+rows are not unit-norm keeps its norms (``Dictionary(atom_norms=True)``), so the codes stay in the
+source's units, as Neuronpedia shows them and as thresholds are set. Where the source's codes are those
+of unit atoms (SAELens's ``rescale_acts_by_decoder_norm``; dictionary_learning's ``AutoEncoder``, whose own
+loader folds the norms into the encoder), the dictionary holds unit atoms and the head the folded encoder.
 
 Each reader turns its library's files into one layout, a :class:`~sae_zoo.encoders.ForeignSAE` named by
 the field's architecture (``standard``, ``topk``, ...), and the head registered for that architecture
@@ -27,6 +36,7 @@ says why.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -35,24 +45,26 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from .._io import (atomic_directory, atomic_write_json, check_shape, read_json, read_safetensors, read_torch_state,
-                   require_keys)
+from .._io import (atomic_directory, atomic_write_json, check_shape, read_json, read_npz, read_safetensors,
+                   read_torch_state, require_keys)
 from ..dictionary import Dictionary
 from ..encoders import EncoderHead, ForeignSAE, UnsupportedConversion, converter_for
 from ..model import SparseCoder
 from ..pretrained.files import list_files, resolve_file
 from .run import load_run
 
-#: format -> (config file, weights file); load_sae recognises a format by these two files
+#: format -> its files (config, then weights); load_sae recognises a format by them
 FORMAT_FILES = {
     "sae_zoo": ("config.json", "model.safetensors"),
     "sae_zoo_run": ("config.yaml", "model.ckpt"),  # a run directory written by sae-zoo fit
     "saelens": ("cfg.json", "sae_weights.safetensors"),
     "sparsify": ("cfg.json", "sae.safetensors"),
     "dictionary_learning": ("config.json", "ae.pt"),
+    "gemma_scope": ("params.npz",),
 }
 #: how each library is named in messages
-LIBRARY_NAMES = {"saelens": "SAELens", "sparsify": "sparsify", "dictionary_learning": "dictionary_learning"}
+LIBRARY_NAMES = {"saelens": "SAELens", "sparsify": "sparsify", "dictionary_learning": "dictionary_learning",
+                 "gemma_scope": "Gemma Scope"}
 #: the SAELens cfg.json layout export_saelens writes (SAELens >= 6 reads it as its own)
 SAELENS_FORMAT_VERSION = "6.0.0"
 
@@ -69,12 +81,13 @@ class PretrainedSAE:
     encoder_unavailable: str | None = None
 
     def model(self, encoder: EncoderHead | None = None, **kwargs: Any) -> SparseCoder:
-        """A :class:`~sae_zoo.SparseCoder` of ``encoder`` (default: the source's own) and this dictionary."""
+        """A :class:`~sae_zoo.SparseCoder` of ``encoder`` (default: the source's own) and this dictionary, in
+        eval mode (as ``from_pretrained`` returns models: a BatchTopK head then applies its threshold)."""
         encoder = encoder if encoder is not None else self.encoder
         if encoder is None:
             raise ValueError(f"no sae_zoo head reproduces this {self.format} SAE's encoder ({self.encoder_unavailable}); "
                              "pass encoder=create_encoder(...) to pair another head with its dictionary")
-        return SparseCoder(encoder, self.dictionary, **kwargs)
+        return SparseCoder(encoder, self.dictionary, **kwargs).eval()
 
 
 def detect_format(names: list[str], where: str) -> str:
@@ -108,24 +121,25 @@ def load_sae(source: str | Path, *, format: str | None = None, subfolder: str | 
                  SparseCoder.from_pretrained(source, **{k: v for k, v in download.items() if k != "subfolder"}))
         model.dictionary.requires_grad_(trainable)
         return PretrainedSAE(model.dictionary, model.encoder, format, dict(model.dictionary.provenance))
-    config_path, weights_path = (resolve_file(source, name, **download) for name in FORMAT_FILES[format])
+    paths = [resolve_file(source, name, **download) for name in FORMAT_FILES[format]]
     provenance = {k: v for k, v in {"format": format, "source": str(source), "subfolder": subfolder,
                                     "revision": revision}.items() if v is not None}
-    sae, unavailable = READERS[format](config_path, weights_path, provenance)
+    sae, unavailable = READERS[format](*paths, provenance)
     return _assemble(format, sae, trainable, provenance, unavailable)
 
 
 def _assemble(fmt: str, sae: ForeignSAE, trainable: bool, provenance: dict[str, Any],
               unavailable: str | None) -> PretrainedSAE:
-    """The dictionary of ``sae``'s unit-normalised decoder rows and, where a registered head converts
-    its architecture, that head (whose codes decode through the dictionary exactly)."""
+    """The dictionary of ``sae``'s decoder (its row norms kept where the codes need them) and, where a
+    registered head converts its architecture, that head, whose codes are the source's."""
     norms = sae.decoder_norms
     if not torch.all(norms > 0):
         raise ValueError(f"{sae.source}: decoder atoms {torch.nonzero(norms == 0).flatten().tolist()[:10]} have zero "
                          "norm, so they have no direction")
     b_dec = None if sae.b_dec is None else sae.b_dec.detach().float()
+    unit = torch.allclose(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
     dictionary = Dictionary.from_tensor(sae.W_dec.detach().float(), trainable=trainable, bias=b_dec,
-                                        provenance=provenance)
+                                        provenance=provenance, keep_norms=sae.keeps_norms and not unit)
     encoder = None
     if unavailable is None:
         head_class = converter_for(sae.architecture)
@@ -141,7 +155,8 @@ def _assemble(fmt: str, sae: ForeignSAE, trainable: bool, provenance: dict[str, 
 
 # ---- readers: one library's files -> ForeignSAE (and why its encoder cannot be reproduced, if so) ----
 
-Reader = Callable[[Path, Path, dict[str, Any]], tuple[ForeignSAE, "str | None"]]
+#: a reader takes the format's files (FORMAT_FILES order) and the provenance to fill in
+Reader = Callable[..., tuple[ForeignSAE, "str | None"]]
 
 
 def _saelens(cfg_path: Path, weights_path: Path, provenance: dict[str, Any]) -> tuple[ForeignSAE, str | None]:
@@ -168,7 +183,7 @@ def _saelens(cfg_path: Path, weights_path: Path, provenance: dict[str, Any]) -> 
     unavailable = None
     if activation not in ("relu", "topk"):
         unavailable = f"no sae_zoo head reproduces the activation_fn {activation!r}"
-    elif normalize in ("constant_norm_rescale", "layer_norm"):
+    elif normalize in ("constant_norm_rescale", "layer_norm", "covariance_whitening"):
         unavailable = (f"normalize_activations={normalize!r} rescales every input and output, which an encoder "
                        "head and a dictionary cannot reproduce")
     elif scaling is not None and not torch.all(scaling == 1):
@@ -182,7 +197,7 @@ def _saelens(cfg_path: Path, weights_path: Path, provenance: dict[str, Any]) -> 
                               "disk, the loaded model applies no scaling")
     params = {name: t for name, t in tensors.items() if name not in ("W_enc", "b_enc", "W_dec", "b_dec")}
     config = {"k": k, "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
-              "rescale_acts_by_decoder_norm": bool(cfg.get("rescale_acts_by_decoder_norm", False))}
+              "unit_atom_codes": bool(cfg.get("rescale_acts_by_decoder_norm", False))}
     W_enc = tensors["W_enc"].T if "W_enc" in tensors else None
     return ForeignSAE(architecture, W_dec=tensors["W_dec"], b_dec=tensors["b_dec"], W_enc=W_enc,
                       b_enc=tensors.get("b_enc"), config=config, params=params, source=str(weights_path)), unavailable
@@ -211,51 +226,98 @@ def _sparsify(cfg_path: Path, weights_path: Path, provenance: dict[str, Any]) ->
     return sae, unavailable
 
 
-#: dictionary_learning's classes under the field's architecture names
-DICTIONARY_LEARNING_ARCHITECTURES = {"AutoEncoder": "standard", "AutoEncoderTopK": "topk"}
+#: dictionary_learning's classes -> (the field's architecture, its state-dict names -> ForeignSAE names)
+DICTIONARY_LEARNING_CLASSES: dict[str, tuple[str, dict[str, str]]] = {
+    "AutoEncoder": ("standard", {"bias": "b_dec"}),
+    "AutoEncoderTopK": ("topk", {}),
+    "BatchTopKSAE": ("batchtopk", {}),
+    "MatryoshkaBatchTopKSAE": ("matryoshka_batchtopk", {}),
+    "JumpReluAutoEncoder": ("jumprelu", {}),
+    "GatedAutoEncoder": ("gated", {"decoder_bias": "b_dec", "gate_bias": "b_gate", "mag_bias": "b_mag"}),
+}
 
 
 def _dictionary_learning(cfg_path: Path, weights_path: Path,
                          provenance: dict[str, Any]) -> tuple[ForeignSAE, str | None]:
+    """Its classes keep the encoder as ``encoder.weight`` ``(n, d)`` or ``W_enc`` ``(d, n)``, the decoder as
+    ``decoder.weight`` ``(d, n)`` or ``W_dec`` ``(n, d)``. Each class's own ``encode``/``decode`` is reproduced;
+    for ``AutoEncoder`` that is what its ``from_pretrained`` gives (the decoder normalised, the norms folded
+    into the encoder)."""
     config = read_json(cfg_path)
     trainer = config.get("trainer")
     if not isinstance(trainer, dict) or "dict_class" not in trainer:
         raise ValueError(f"{cfg_path}: missing key 'trainer.dict_class' (dictionary_learning writes it)")
     dict_class = trainer["dict_class"]
+    if dict_class not in DICTIONARY_LEARNING_CLASSES:
+        raise ValueError(f"{cfg_path}: trainer.dict_class {dict_class!r} is not a dictionary_learning class sae_zoo "
+                         f"reads (known: {', '.join(DICTIONARY_LEARNING_CLASSES)})")
+    architecture, renames = DICTIONARY_LEARNING_CLASSES[dict_class]
     state = read_torch_state(weights_path)
     if isinstance(state.get("ae"), dict):  # a mid-training backup: {"step", "ae", "optimizer", ...}
         state = state["ae"]
+    state = {renames.get(name, name): value for name, value in state.items()}
     if "W_dec" in state:
         W_dec = state["W_dec"]
     elif "decoder.weight" in state:
         W_dec = state["decoder.weight"].T
     else:
         raise ValueError(f"{weights_path}: no decoder ('W_dec' or 'decoder.weight'); found {', '.join(sorted(state))}")
-    bias_key = next((k for k in ("b_dec", "bias", "decoder_bias", "decoder.bias") if k in state), None)
     n, d = W_dec.shape
     for name, shape in {"dict_size": n, "activation_dim": d}.items():
         if name in trainer and int(trainer[name]) != shape:
             raise ValueError(f"{weights_path}: the decoder has {name} {shape}, but {cfg_path.name} says "
                              f"trainer.{name}={trainer[name]}")
-    architecture = DICTIONARY_LEARNING_ARCHITECTURES.get(dict_class, dict_class)
-    if "encoder.weight" in state:
-        check_shape(weights_path, "encoder.weight", state["encoder.weight"], (n, d), "the decoder's shape")
-    if converter_for(architecture) is not None and bias_key is None:
-        raise ValueError(f"{weights_path}: {dict_class} needs its decoder bias ('bias' or 'b_dec')")
+    if "W_enc" in state:
+        check_shape(weights_path, "W_enc", state["W_enc"], (d, n), "the decoder's shape, transposed")
+        W_enc, b_enc = state["W_enc"].T, state.get("b_enc")
+    else:
+        W_enc, b_enc = state.get("encoder.weight"), state.get("encoder.bias")
+    if W_enc is not None:
+        check_shape(weights_path, "encoder", W_enc, (n, d), "the decoder's shape")
+    if "b_dec" not in state:
+        raise ValueError(f"{weights_path}: {dict_class} needs its decoder bias ('b_dec', 'bias' or 'decoder_bias')")
     k = int(state["k"]) if "k" in state else trainer.get("k")
-    if architecture == "topk" and k is None:
-        raise ValueError(f"{cfg_path}: an AutoEncoderTopK needs 'trainer.k'")
+    if architecture in ("topk", "batchtopk", "matryoshka_batchtopk") and k is None:
+        raise ValueError(f"{cfg_path}: a {dict_class} needs 'k' (in the state dict or trainer.k)")
     provenance.update({key: trainer.get(key) for key in ("dict_class", "trainer_class", "lm_name", "layer",
                                                           "submodule_name", "norm_factor") if trainer.get(key) is not None})
+    if "group_sizes" in state:
+        provenance["group_sizes"] = [int(g) for g in state["group_sizes"]]
     if trainer.get("lm_name"):
         provenance["model_name"] = trainer["lm_name"]
-    sae = ForeignSAE(architecture, W_dec=W_dec, b_dec=state.get(bias_key) if bias_key else None,
-                     W_enc=state.get("encoder.weight"), b_enc=state.get("encoder.bias"),
-                     config={"k": k, "apply_b_dec_to_input": True}, source=str(weights_path))
+    params = {name: state[name] for name in ("threshold", "b_gate", "r_mag", "b_mag") if name in state}
+    sae = ForeignSAE(architecture, W_dec=W_dec, b_dec=state["b_dec"], W_enc=W_enc, b_enc=b_enc, params=params,
+                     config={"k": k, "apply_b_dec_to_input": architecture != "jumprelu",
+                             "unit_atom_codes": dict_class == "AutoEncoder"},
+                     source=str(weights_path))
     return sae, None
 
 
-READERS: dict[str, Reader] = {"saelens": _saelens, "sparsify": _sparsify, "dictionary_learning": _dictionary_learning}
+#: the arrays of a Gemma Scope ``params.npz``: name -> shape in terms of (n_latents, d_model)
+GEMMA_SCOPE_ARRAYS = {"W_enc": ("d", "n"), "W_dec": ("n", "d"), "b_enc": ("n",), "b_dec": ("d",), "threshold": ("n",)}
+
+
+def _gemma_scope(params_path: Path, provenance: dict[str, Any]) -> tuple[ForeignSAE, str | None]:
+    """Google DeepMind's own layout: JumpReLU SAEs, ``codes = ReLU(z) * (z > threshold)`` with
+    ``z = x @ W_enc + b_enc`` (no decoder bias subtracted), ``x_hat = codes @ W_dec + b_dec``."""
+    arrays = read_npz(params_path)
+    require_keys(params_path, arrays, list(GEMMA_SCOPE_ARRAYS), what="array")
+    n, d = arrays["W_dec"].shape if arrays["W_dec"].ndim == 2 else (0, 0)
+    sizes = {"n": n, "d": d}
+    for name, dims in GEMMA_SCOPE_ARRAYS.items():
+        check_shape(params_path, name, arrays[name], tuple(sizes[dim] for dim in dims),
+                    f"W_dec has shape {tuple(arrays['W_dec'].shape)}: (n_latents, d_model)")
+    # Gemma Scope's repos name each SAE's folder layer_L/width_W/average_l0_N
+    layer = re.search(r"layer_(\d+)", provenance.get("subfolder") or str(params_path.parent))
+    provenance.update({"architecture": "jumprelu", **({"layer": int(layer.group(1))} if layer else {})})
+    sae = ForeignSAE("jumprelu", W_dec=arrays["W_dec"], b_dec=arrays["b_dec"], W_enc=arrays["W_enc"].T,
+                     b_enc=arrays["b_enc"], params={"threshold": arrays["threshold"]},
+                     config={"apply_b_dec_to_input": False}, source=str(params_path))
+    return sae, None
+
+
+READERS: dict[str, Reader] = {"saelens": _saelens, "sparsify": _sparsify, "dictionary_learning": _dictionary_learning,
+                              "gemma_scope": _gemma_scope}
 
 
 def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | None = None,
@@ -267,7 +329,7 @@ def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | 
     MLP encoders)."""
     encoder, dictionary = model.encoder, model.dictionary
     if decoder_only:
-        W_dec = dictionary.weight.detach().float().cpu()
+        W_dec = dictionary.atoms.detach().float().cpu()
         sae = ForeignSAE("standard", W_dec=W_dec, b_dec=None if dictionary.bias is None else dictionary.bias.detach().float().cpu(),
                          W_enc=W_dec, b_enc=torch.zeros(dictionary.n_latents),
                          config={"apply_b_dec_to_input": dictionary.bias is not None})
@@ -288,8 +350,10 @@ def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | 
                      "exported_by": f"sae_zoo {version('sae_zoo')}",
                      "sae_zoo_encoder": "tied (decoder only)" if decoder_only else encoder.name}}
     cfg.update({k: v for k, v in sae.config.items() if k != "apply_b_dec_to_input"})
-    tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec,
+    tensors = {"W_enc": sae.W_enc.T, "W_dec": sae.W_dec,
                "b_dec": torch.zeros(sae.d_model) if sae.b_dec is None else sae.b_dec, **sae.params}
+    if sae.b_enc is not None:  # a gated SAE has b_gate and b_mag instead
+        tensors["b_enc"] = sae.b_enc
     with atomic_directory(out_dir, replaces=FORMAT_FILES["saelens"]) as staging:
         save_file({k: v.detach().float().cpu().contiguous().clone() for k, v in tensors.items()},
                   str(staging / FORMAT_FILES["saelens"][1]))

@@ -1,0 +1,86 @@
+"""BatchTopK SAE encoder (Bussmann et al. 2024): top-k over the whole batch in training, a threshold after."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import EncoderHead, TrainingCodes
+from .interop import ForeignSAE
+from .linear import LinearPreActivations, linear_export, load_linear
+from .registry import register_encoder
+from .topk import require_k
+
+
+@register_encoder("batchtopk")
+class BatchTopKEncoder(LinearPreActivations, EncoderHead):
+    """In training, ``ReLU(W x + b)`` keeps the ``k x batch`` largest values of the whole batch, so
+    samples share a budget of ``k`` latents on average. Like SAELens and dictionary_learning, it keeps a
+    running estimate of the smallest kept value (``threshold``, an exponential moving average with rate
+    ``threshold_lr``), and outside training each sample keeps the latents above it: a JumpReLU with one
+    threshold, whose codes do not depend on the batch.
+
+    Reproduces dictionary_learning's ``BatchTopKSAE`` and ``MatryoshkaBatchTopKSAE``, whose inference is
+    that threshold (SAELens saves its BatchTopK SAEs as ``jumprelu`` ones, which the jumprelu head loads).
+    """
+
+    nonnegative_codes = True
+    example_kwargs: dict[str, Any] = {"k": 3}
+    architectures = ("batchtopk", "matryoshka_batchtopk")
+
+    def __init__(self, d_model: int, n_latents: int, k: int, threshold_lr: float = 0.01,
+                 subtract_decoder_bias: bool = False) -> None:
+        super().__init__(d_model, n_latents)
+        require_k("batchtopk", k, n_latents)
+        if not 0 < threshold_lr <= 1:
+            raise ValueError(f"batchtopk needs 0 < threshold_lr <= 1, got threshold_lr={threshold_lr!r}")
+        self.k, self.threshold_lr = int(k), float(threshold_lr)
+        self.subtract_decoder_bias = bool(subtract_decoder_bias)
+        self.linear = nn.Linear(d_model, n_latents)
+        #: the running smallest kept activation; negative until the first training batch sets it
+        self.register_buffer("threshold", torch.tensor(-1.0))
+
+    def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
+        if self.training:
+            return self.training_codes(x, dictionary).codes
+        acts = self.linear(self.centre(self.check_input(x, dictionary), dictionary)).relu()
+        return acts * (acts > self.threshold)
+
+    def training_codes(self, x: Tensor, dictionary: nn.Module | None = None, sparse: bool = True) -> TrainingCodes:
+        acts = self.linear(self.centre(self.check_input(x, dictionary), dictionary)).relu()
+        flat = acts.reshape(-1)
+        kept = flat.topk(min(self.k * (flat.numel() // self.n_latents), flat.numel()), sorted=False)
+        codes = torch.zeros_like(flat).scatter(0, kept.indices, kept.values).reshape(acts.shape)
+        self._update_threshold(kept.values.detach())
+        return TrainingCodes(codes)
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: Tensor) -> None:
+        # on the device, without a synchronisation: a batch with no positive value leaves it unchanged
+        smallest = torch.where(kept > 0, kept, torch.inf).min() if kept.numel() else kept.new_tensor(torch.inf)
+        moved = torch.where(self.threshold < 0, smallest, torch.lerp(self.threshold, smallest, self.threshold_lr))
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), moved, self.threshold))
+
+    def encode_flops(self) -> tuple[float, float]:
+        # inference: ReLU, the comparison and the mask (and the decoder-bias subtraction)
+        return 2 * self.d_model * self.n_latents, 3 * self.n_latents + self.subtract_decoder_bias * self.d_model
+
+    @classmethod
+    def from_foreign(cls, sae: ForeignSAE) -> "BatchTopKEncoder":
+        if sae.config.get("k") is None:
+            raise ValueError(f"{sae.source}: a BatchTopK SAE needs 'k'")
+        threshold = sae.require("threshold")["threshold"]
+        if threshold.numel() != 1:
+            raise ValueError(f"{sae.source}: a BatchTopK SAE keeps one 'threshold', got shape {tuple(threshold.shape)}")
+        head = cls(sae.d_model, sae.n_latents, k=int(sae.config["k"]),
+                   subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", True)))
+        load_linear(head.linear, *sae.folded_encoder())
+        head.threshold.fill_(float(threshold))
+        return head
+
+    def to_foreign(self, dictionary: nn.Module) -> ForeignSAE:
+        # SAELens saves a BatchTopK SAE for inference as a JumpReLU SAE with the threshold on every latent
+        return linear_export(self, dictionary, "jumprelu",
+                             params={"threshold": self.threshold.clamp_min(0).expand(self.n_latents)})

@@ -1,0 +1,120 @@
+"""JumpReLU SAE encoder (Rajamanoharan et al. 2024): a ReLU that only fires above a learned threshold."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .base import EncoderHead, TrainingCodes
+from .interop import ForeignSAE
+from .linear import LinearPreActivations, linear_export, load_linear
+from .registry import register_encoder
+
+
+def rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """``z * (z > threshold)``: the gradient to ``z`` is the step's, and the threshold's comes from the
+    straight-through estimator with a rectangle kernel of width ``bandwidth``."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        z, threshold = ctx.saved_tensors
+        kernel = rectangle((z - threshold) / ctx.bandwidth) * (threshold / ctx.bandwidth)
+        return (z > threshold) * grad, -(kernel * grad).reshape(-1, z.shape[-1]).sum(0), None
+
+
+class StepFunction(torch.autograd.Function):
+    """``z > threshold`` as 0/1, with the threshold's straight-through gradient (none to ``z``)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None]:
+        z, threshold = ctx.saved_tensors
+        kernel = rectangle((z - threshold) / ctx.bandwidth) / ctx.bandwidth
+        return None, -(kernel * grad).reshape(-1, z.shape[-1]).sum(0), None
+
+
+@register_encoder("jumprelu")
+class JumpReLUEncoder(LinearPreActivations, EncoderHead):
+    """``codes = ReLU(z) * (z > threshold)`` with ``z = W x + b`` and one learned threshold per latent.
+
+    Trained as in Rajamanoharan et al. (2024) and SAELens: the threshold learns through a
+    straight-through estimator (rectangle kernel of width ``bandwidth``), and the sparsity penalty is
+    the L0 itself (``sparsity_loss="step"``), or Anthropic's ``tanh(tanh_scale * code)`` (``"tanh"``).
+    The model's ``l1_coeff`` weighs that penalty, a mean over samples and latents (L0 / n_latents).
+    The threshold is kept >= 0 in training, as SAELens does.
+
+    Reproduces SAELens's and Gemma Scope's ``jumprelu`` SAEs (and BatchTopK and Matryoshka SAEs that
+    SAELens saved for inference), and dictionary_learning's ``JumpReluAutoEncoder``.
+    """
+
+    nonnegative_codes = True
+    example_kwargs: dict[str, Any] = {"threshold_init": 0.01}
+    architectures = ("jumprelu",)
+
+    def __init__(self, d_model: int, n_latents: int, threshold_init: float = 0.001, bandwidth: float = 0.05,
+                 sparsity_loss: Literal["step", "tanh"] = "step", tanh_scale: float = 4.0,
+                 subtract_decoder_bias: bool = False) -> None:
+        super().__init__(d_model, n_latents)
+        if not bandwidth > 0:
+            raise ValueError(f"jumprelu needs bandwidth > 0, got bandwidth={bandwidth!r}")
+        if sparsity_loss not in ("step", "tanh"):
+            raise ValueError(f"jumprelu sparsity_loss must be 'step' or 'tanh', got {sparsity_loss!r}")
+        self.bandwidth, self.sparsity_loss, self.tanh_scale = float(bandwidth), sparsity_loss, float(tanh_scale)
+        self.subtract_decoder_bias = bool(subtract_decoder_bias)
+        self.linear = nn.Linear(d_model, n_latents)
+        self.threshold = nn.Parameter(torch.full((n_latents,), float(threshold_init)))
+
+    def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
+        z = self.linear(self.centre(self.check_input(x, dictionary), dictionary))
+        return z.relu() * (z > self.threshold)
+
+    def training_codes(self, x: Tensor, dictionary: nn.Module | None = None, sparse: bool = True) -> TrainingCodes:
+        with torch.no_grad():
+            self.threshold.clamp_(min=0)
+        z = self.linear(self.centre(self.check_input(x, dictionary), dictionary))
+        codes = JumpReLUFunction.apply(z, self.threshold, self.bandwidth)
+        if self.sparsity_loss == "tanh":
+            sparsity = torch.tanh(self.tanh_scale * codes).mean()
+        else:
+            sparsity = StepFunction.apply(z, self.threshold, self.bandwidth).mean()
+        return TrainingCodes(codes, sparsity=sparsity)
+
+    def encode_flops(self) -> tuple[float, float]:
+        # ReLU, the comparison and the mask (and the decoder-bias subtraction)
+        return 2 * self.d_model * self.n_latents, 3 * self.n_latents + self.subtract_decoder_bias * self.d_model
+
+    @classmethod
+    def from_foreign(cls, sae: ForeignSAE) -> "JumpReLUEncoder":
+        threshold = sae.require("threshold")["threshold"]
+        if threshold.numel() == 1:  # dictionary_learning's BatchTopK keeps one threshold for every latent
+            threshold = threshold.reshape(1).expand(sae.n_latents)
+        if threshold.shape != (sae.n_latents,):
+            raise ValueError(f"{sae.source}: 'threshold' has shape {tuple(threshold.shape)}, expected "
+                             f"({sae.n_latents},) (one per latent)")
+        head = cls(sae.d_model, sae.n_latents, subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", False)))
+        weight, bias = sae.folded_encoder()
+        scale = 1 if sae.keeps_norms else sae.decoder_norms
+        load_linear(head.linear, weight, bias)
+        with torch.no_grad():
+            head.threshold.copy_(threshold * scale)
+        return head
+
+    def to_foreign(self, dictionary: nn.Module) -> ForeignSAE:
+        return linear_export(self, dictionary, "jumprelu", params={"threshold": self.threshold})
