@@ -92,6 +92,13 @@ def make_heads(d_model: int, k: int) -> dict[str, Callable[[], SparseCoder]]:
         f"top-k SAE (k={k}), dense decode": lambda: coder({"name": "topk", "k": k, "subtract_decoder_bias": True},
                                                           sparse_decode=False),
         f"top-k SAE (k={k}), sparse decode": lambda: coder({"name": "topk", "k": k, "subtract_decoder_bias": True}),
+        f"top-k SAE (k={k}) + AuxK": lambda: coder({"name": "topk", "k": k, "subtract_decoder_bias": True},
+                                                   auxk_coeff=1 / 32, dead_tokens=1),  # unfired latents are dead
+        f"BatchTopK SAE (k={k})": lambda: coder({"name": "batchtopk", "k": k, "subtract_decoder_bias": True}),
+        f"Matryoshka BatchTopK (k={k})": lambda: coder({"name": "batchtopk", "k": k, "subtract_decoder_bias": True},
+                                                       matryoshka_widths=[n // 16, n // 4, n]),
+        "JumpReLU SAE": lambda: coder({"name": "jumprelu", "subtract_decoder_bias": True}),
+        "gated SAE": lambda: coder({"name": "gated", "subtract_decoder_bias": True}),
         f"MLP head (hidden {4 * d_model})": lambda: coder({"name": "mlp", "hidden": 4 * d_model}),
     }
 

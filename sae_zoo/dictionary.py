@@ -52,8 +52,6 @@ class Dictionary(nn.Module):
             raise ValueError(f"atoms must have shape (n_latents, d_model), got {tuple(atoms.shape)}")
         dictionary = cls(*atoms.shape, trainable=trainable, bias=bias is not None, atom_norms=keep_norms)
         dictionary.set_atoms(atoms, bias=bias)
-        if keep_norms:
-            dictionary.atom_norms.copy_(atoms.detach().norm(dim=1))
         dictionary.provenance = dict(provenance or {})
         return dictionary
 
@@ -68,7 +66,8 @@ class Dictionary(nn.Module):
 
     @torch.no_grad()
     def set_atoms(self, atoms: Tensor, *, bias: Tensor | None = None) -> None:
-        """Copy ``atoms`` (and ``bias``) into the dictionary, renormalising each atom to unit norm."""
+        """Copy ``atoms`` (and ``bias``) into the dictionary, renormalising each atom to unit norm (and
+        keeping its norm in ``atom_norms`` when the dictionary has them)."""
         if tuple(atoms.shape) != tuple(self.weight.shape):
             raise ValueError(f"atoms have shape {tuple(atoms.shape)}, dictionary expects {tuple(self.weight.shape)}")
         if not atoms.is_floating_point() or not torch.isfinite(atoms).all():
@@ -79,6 +78,8 @@ class Dictionary(nn.Module):
         if not torch.all(norms > 0):
             raise ValueError(f"atoms {torch.nonzero(norms == 0).flatten().tolist()} have zero norm")
         self.weight.copy_(atoms)
+        if self.atom_norms is not None:
+            self.atom_norms.copy_(norms)
         if bias is not None:
             if self.bias is None or tuple(bias.shape) != (self.d_model,):
                 raise ValueError(f"bias must have shape ({self.d_model},) on a dictionary built with bias=True")

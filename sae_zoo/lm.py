@@ -166,12 +166,13 @@ def read_activations(lm: nn.Module, hook: HookPoint, tokens: Tensor) -> Tensor:
 @torch.no_grad()
 def next_token_loss(lm: nn.Module, tokens: Tensor, hook: HookPoint | None = None,
                     replace: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """Mean next-token cross-entropy over ``tokens``, with the hook's activations replaced by
-    ``replace(activations)`` when given."""
+    """Next-token cross-entropy of each context of ``tokens`` ``(n, len)``, a mean over its positions
+    (shape ``(n,)``), with the hook's activations replaced by ``replace(activations)`` when given."""
     tokens = tokens.to(lm.device)
     if replace is None:
         logits = lm(tokens).logits
     else:
         with intercept(hook, replace):
             logits = lm(tokens).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+    return losses.reshape(tokens.shape[0], -1).mean(-1)

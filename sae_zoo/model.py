@@ -46,6 +46,19 @@ def latent_cosine_loss(codes: Tensor, true_codes: Tensor) -> Tensor:
     return -F.cosine_similarity(codes.T, true_codes.T, dim=-1).mean()
 
 
+@torch.no_grad()
+def tie_encoder_to_decoder(encoder: EncoderHead, dictionary: Dictionary) -> None:
+    """Start the encoder's linear map as the decoder's transpose, with zero bias (Gao et al. 2024;
+    dictionary_learning does the same): every latent starts out reading its own atom, so few start dead."""
+    linear = getattr(encoder, "linear", None)
+    if not isinstance(linear, torch.nn.Linear) or tuple(linear.weight.shape) != tuple(dictionary.weight.shape):
+        raise ValueError(f"tied_init needs a head built on one linear map of shape (n_latents, d_model); the "
+                         f"{encoder.name!r} head has none")
+    linear.weight.copy_(dictionary.weight)
+    if linear.bias is not None:
+        linear.bias.zero_()
+
+
 class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", license="apache-2.0",
                   tags=["sparse-autoencoder", "sparse-coding", "interpretability"],
                   paper_url="https://arxiv.org/abs/2411.13117"):
@@ -65,6 +78,17 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     fraction; dictionary MCC too when ``true_dictionary`` is given. ``sparse_decode`` lets a top-k head
     decode from its k atoms per sample in training.
 
+    The loss is ``MSE + coeff * sparsity`` (element means), where the sparsity penalty is the head's own
+    (:meth:`EncoderHead.training_codes`: the L1 of the codes unless the head has another, as JumpReLU's
+    L0) and ``coeff`` starts at ``l1_coeff``. The field's training aids are arguments:
+    ``matryoshka_widths`` (every prefix of the latents reconstructs on its own, the losses summed),
+    ``auxk_coeff``/``auxk_k``/``dead_tokens`` (AuxK on the latents that have not fired for
+    ``dead_tokens`` tokens), ``resample_every`` (Anthropic's dead-latent resampling), ``target_l0``/
+    ``target_l0_rate`` (``coeff`` tuned until the batches' L0 averages the target),
+    ``sparsity_warmup_steps``, ``lr_warmup_steps``/``lr_decay_steps``, ``decoder_bias_init`` (the data's
+    ``mean`` or ``geometric_median``, from ``bias_init_samples`` training rows) and ``tied_init`` (the
+    encoder starts as the decoder's transpose).
+
     ``encoder`` and ``dictionary`` may also be given as their ``config()`` dicts, which is how
     ``SparseCoder.load_from_checkpoint`` rebuilds them.
 
@@ -82,7 +106,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                  resample_every: int = 0, target_l0: float | None = None, target_l0_rate: float = 0.02,
                  sparsity_warmup_steps: int = 0, lr_warmup_steps: int = 0, lr_decay_steps: int = 0,
                  decoder_bias_init: Literal["mean", "geometric_median"] | None = None,
-                 bias_init_samples: int = 32768) -> None:
+                 bias_init_samples: int = 32768, tied_init: bool = False) -> None:
         super().__init__()
         if not lr > 0 or not l1_coeff >= 0:
             raise ValueError(f"SparseCoder needs lr > 0 and l1_coeff >= 0, got lr={lr!r}, l1_coeff={l1_coeff!r}")
@@ -113,13 +137,16 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.sparse_decode, self.code_recovery = bool(sparse_decode), bool(code_recovery)
         if decoder_bias_init is not None and dictionary.bias is None:
             raise ValueError(f"decoder_bias_init={decoder_bias_init!r} needs a dictionary with a bias (bias=True)")
+        if tied_init:
+            tie_encoder_to_decoder(encoder, dictionary)
         self.matryoshka_widths = (None if matryoshka_widths is None
                                   else check_matryoshka_widths(matryoshka_widths, dictionary.n_latents))
         training = {"matryoshka_widths": self.matryoshka_widths, "auxk_coeff": float(auxk_coeff), "auxk_k": auxk_k,
                     "dead_tokens": int(dead_tokens), "resample_every": int(resample_every), "target_l0": target_l0,
                     "target_l0_rate": float(target_l0_rate), "sparsity_warmup_steps": int(sparsity_warmup_steps),
                     "lr_warmup_steps": int(lr_warmup_steps), "lr_decay_steps": int(lr_decay_steps),
-                    "decoder_bias_init": decoder_bias_init, "bias_init_samples": int(bias_init_samples)}
+                    "decoder_bias_init": decoder_bias_init, "bias_init_samples": int(bias_init_samples),
+                    "tied_init": bool(tied_init)}
         self.training_options = training
         self.auxk_k = auxk_k or max(1, dictionary.d_model // 2)
         self.save_hyperparameters({"encoder": encoder.config(), "dictionary": dictionary.config(),
@@ -279,7 +306,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
 
     def on_fit_start(self) -> None:
         how = self.training_options["decoder_bias_init"]
-        if how is not None:
+        if how is not None and self.global_step == 0:  # not when resuming
             datamodule = self.trainer.datamodule
             if datamodule is None:
                 raise ValueError(f"decoder_bias_init={how!r} reads training data: fit with a datamodule")

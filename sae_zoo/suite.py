@@ -24,10 +24,11 @@ from .report import format_table, plot_comparison, print_table, write_csv
 
 REPLACED_SECTIONS = ("encoder", "dictionary")
 RUN_REFERENCE = "run:"
-#: comparison columns: (metrics.json test key, header, format)
-COLUMNS = [("fvu", "FVU", "{:.4f}"), ("l0", "L0", "{:.1f}"), ("dead_latents", "dead", "{:.3f}"),
-           ("ce_loss_recovered", "CE recovered", "{:.3f}"), ("ce_spliced", "CE spliced", "{:.3f}"),
-           ("mcc", "MCC", "{:.3f}")]
+#: comparison columns: (metrics.json test key, header, format); a key's standard error, ``KEY_se``, is shown
+#: beside it when the run reports one
+COLUMNS = [("fvu", "FVU", "{:.4f}"), ("fvu_with_outliers", "FVU, all tokens", "{:.4f}"), ("l0", "L0", "{:.1f}"),
+           ("dead_latents", "dead", "{:.3f}"), ("ce_loss_recovered", "CE recovered", "{:.3f}"),
+           ("ce_spliced", "CE spliced", "{:.3f}"), ("mcc", "MCC", "{:.3f}")]
 
 
 def is_suite(path: str | Path) -> bool:
@@ -89,16 +90,42 @@ def comparison_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[s
     """``(header, rows)`` of the comparison: the metrics any run reported, training time and speed."""
     columns = [c for c in COLUMNS if any(c[0] in r for r in rows)]
     header = ["method", *(h for _, h, _ in columns), "train s", "train tok/s"]
-    body = [[r["label"], *(f.format(r[k]) if k in r else "-" for k, _, f in columns), f"{r['train_seconds']:.0f}",
+    body = [[r["label"], *(_cell(r, k, f) for k, _, f in columns), f"{r['train_seconds']:.0f}",
              f"{r['train_tokens_per_s']:,.0f}" if r.get("train_tokens_per_s") else "-"] for r in rows]
     return header, body
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    if key not in row:
+        return "-"
+    se = row.get(f"{key}_se")
+    return fmt.format(row[key]) + (f" ± {fmt.format(se)}" if se is not None and se == se else "")
+
+
+def comparison_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """What a reader needs beside the table: the outlier tokens left out, the standard errors' source, and
+    whether the methods sit at different L0s."""
+    notes = []
+    counted = next((r for r in rows if "outlier_tokens" in r), None)
+    if counted is not None:
+        notes.append(f"{counted['outlier_tokens']} of {counted['held_out_tokens']} held-out tokens are outliers "
+                     f"(norm above {counted.get('outlier_norm', float('nan')):.4g}, a multiple of the median) and "
+                     "are left out of FVU, L0, dead and CE recovered; 'FVU, all tokens' keeps them.")
+    if any(f"{k}_se" in r for r in rows for k, _, _ in COLUMNS):
+        notes.append("± is one standard error, by bootstrap over held-out contexts.")
+    l0s = [r["l0"] for r in rows if "l0" in r]
+    if len(l0s) > 1 and max(l0s) > 1.1 * min(l0s):
+        notes.append(f"The methods sit at different L0s ({min(l0s):.1f} to {max(l0s):.1f}): compare them at "
+                     "equal sparsity (sae-zoo frontier) before ranking them.")
+    return notes
 
 
 def write_comparison(out: Path, title: str, rows: list[dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     header, body = comparison_table(rows)
     write_csv(rows, out / "comparison.csv")
-    atomic_write_text(out / "comparison.md", f"# {title}\n\n{format_table(body, header, markdown=True)}\n")
+    notes = "".join(f"\n{line}\n" for line in comparison_notes(rows))
+    atomic_write_text(out / "comparison.md", f"# {title}\n\n{format_table(body, header, markdown=True)}\n{notes}")
     plot_comparison(rows, out / "comparison.png", title)
 
 
@@ -106,4 +133,6 @@ def print_comparison(out: Path, rows: list[dict[str, Any]]) -> None:
     header, body = comparison_table(rows)
     print()
     print_table(body, header)
+    for line in comparison_notes(rows):
+        print(line)
     print(f"\nruns, comparison.csv/.md and comparison.png: {out}")

@@ -212,3 +212,51 @@ def test_an_activation_width_that_does_not_match_the_dictionary(lm_files, tmp_pa
     with pytest.raises(RecipeError, match=r"data 'activations' has no true dictionary; the known_dictionary setting "
                                           r"needs dictionary.pretrained"):
         recipe_from_content(recipe)
+
+
+def test_outlier_tokens_are_left_out_counted_and_reported_with_standard_errors(lm_files, tmp_path):
+    from sae_zoo import Dictionary, SparseCoder, create_encoder
+    from sae_zoo.evaluation import evaluate, held_out_statistics
+    from sae_zoo.metrics.functional import fraction_of_variance_unexplained
+
+    dm = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache"))
+    dm.prepare_data()
+    # make massive activations, as some LMs put on their first tokens: rows 3 and 40 of each split's first shard
+    for split in ("train", "test"):
+        path = dm.cache_dir / dm.manifest()["splits"][split]["shards"][0]["file"]
+        rows = load_file(str(path))["activations"]
+        rows[[3, 40]] *= 200
+        save_file({"activations": rows}, str(path))
+    dm = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache"))
+    first = load_file(str(dm.cache_dir / dm.manifest()["splits"]["train"]["shards"][0]["file"]))["activations"]
+    assert dm.outlier_norm == pytest.approx(10 * float(first.norm(dim=-1).median()) * dm.scale)
+    train = torch.cat(list(dm.train_dataloader()))
+    assert float(train.norm(dim=-1).max()) < dm.outlier_norm
+    every = torch.cat(list(dm.held_out_rows()))
+    outlier = every.norm(dim=-1) > dm.outlier_norm
+    assert int(outlier.sum()) == 2 and torch.equal(dm.test_x, every[~outlier])
+
+    torch.manual_seed(0)
+    model = SparseCoder(create_encoder("linear", d_model=16, n_latents=32), Dictionary(32, 16, bias=True)).eval()
+    stats = held_out_statistics(model, dm)
+    assert stats["outlier_tokens"] == 2 and stats["held_out_tokens"] == len(every)
+    assert stats["fvu"] == pytest.approx(evaluate(model, dm)["fvu"], rel=1e-5)  # the same tokens as every metric
+    with torch.no_grad():
+        expected = fraction_of_variance_unexplained(model(every).x_hat, every)
+    assert stats["fvu_with_outliers"] == pytest.approx(float(expected), rel=1e-5)
+    assert 0 < stats["fvu_se"] < 0.5 * stats["fvu"] and stats["fvu_with_outliers_se"] > 0
+
+    ce = ce_loss_recovered(model, dm)
+    assert ce["ce_contexts"] == 8 and 0 < ce["ce_loss_recovered_se"] < float("inf")
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return x, x
+
+    perfect = ce_loss_recovered(Identity(), dm)  # 1 in every resample of the contexts
+    assert perfect["ce_loss_recovered"] == pytest.approx(1) and perfect["ce_loss_recovered_se"] == pytest.approx(0, abs=1e-9)
+
+    kept = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache", outlier_factor=None))
+    assert kept.outlier_norm is None and held_out_statistics(model, kept)["outlier_tokens"] == 0
+    with pytest.raises(ValueError, match="data.outlier_factor must be above 1"):
+        ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache", outlier_factor=0.5))

@@ -71,7 +71,9 @@ def shard_rows(path: Path, name: str = ACTIVATIONS) -> int:
 class ShardedActivations(IterableDataset):
     """Batches of rows of safetensors shards (tensor ``activations``), as float32, scaled.
 
-    ``shuffle=True``: rows are permuted within consecutive windows of ``shuffle_buffer`` rows (fresh
+    ``max_norm``: rows whose (scaled) norm exceeds it are left out of the batches (outlier tokens), so a
+    batch may hold a few rows fewer. ``shuffle=True``: rows are permuted within consecutive windows of
+    ``shuffle_buffer`` rows (fresh
     permutations every pass, seeded), grouped into global batches of ``batch_size`` (an incomplete
     last one is dropped), and this rank yields rows ``[rank * b / world, (rank + 1) * b / world)`` of
     each. ``shuffle=False``: rows in order, every batch split across ranks, nothing dropped. A shard is
@@ -79,10 +81,11 @@ class ShardedActivations(IterableDataset):
     """
 
     def __init__(self, files: list[Path], batch_size: int, *, scale: float = 1.0, shuffle: bool = False,
-                 shuffle_buffer: int = 65536, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+                 shuffle_buffer: int = 65536, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 max_norm: float | None = None) -> None:
         if shuffle and batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} must divide evenly across {world_size} devices")
-        self.files, self.batch_size, self.scale = files, batch_size, scale
+        self.files, self.batch_size, self.scale, self.max_norm = files, batch_size, scale, max_norm
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, max(shuffle_buffer, batch_size), seed
         self.rank, self.world_size = rank, world_size
         lengths = [shard_rows(f) for f in files]
@@ -120,6 +123,10 @@ class ShardedActivations(IterableDataset):
         return out.mul_(self.scale) if self.scale != 1.0 else out
 
     def __iter__(self) -> Iterator[Tensor]:
+        for batch in self._batches():
+            yield batch if self.max_norm is None else batch[batch.norm(dim=-1) <= self.max_norm]
+
+    def _batches(self) -> Iterator[Tensor]:
         n = int(self.offsets[-1])
         if not self.shuffle:
             for start in range(0, n, self.batch_size):
@@ -149,6 +156,10 @@ class ActivationDataModule(SparseCodingData):
     out of the data (their activations are outliers). ``normalize`` scales activations by one factor so
     that their mean norm is ``sqrt(d_model)`` (measured on the first training shard; kept in the
     manifest). Every ``test_stride``-th context is held out (``n_test_tokens`` of them), the rest train.
+    Outlier tokens, the "massive activations" some positions carry, whose norm exceeds ``outlier_factor``
+    times the median norm (measured on the first training shard), are left out of training and of the
+    held-out metrics, as BOS tokens are; :func:`sae_zoo.evaluation.held_out_statistics` counts them and
+    reports the FVU with them too. ``outlier_factor=None`` keeps every token.
     ``batch_size`` is in tokens; ``model_batch_size`` contexts go through the LM at once.
     """
 
@@ -163,13 +174,17 @@ class ActivationDataModule(SparseCodingData):
                  shard_tokens: int = 262_144,
                  cache_dir: str | None = None, cache_dtype: str = "float32", normalize: bool = True,
                  batch_size: int = 4096, model_batch_size: int = 32, shuffle_buffer: int = 262_144,
-                 ce_contexts: int = 32, device: str = "auto", seed: int = 0) -> None:
+                 ce_contexts: int = 32, outlier_factor: float | None = 10.0, device: str = "auto",
+                 seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         if cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"data.cache_dtype: {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
         if context_len < 2 + prepend_bos:
             raise ValueError(f"data.context_len must be at least {2 + prepend_bos}, got {context_len}")
+        if outlier_factor is not None and not outlier_factor > 1:
+            raise ValueError(f"data.outlier_factor must be above 1 (a multiple of the median norm) or null, "
+                             f"got {outlier_factor!r}")
         if min(n_train_tokens, n_test_tokens, batch_size, model_batch_size, test_stride) < 1:
             raise ValueError("data.n_train_tokens, n_test_tokens, test_stride, batch_size and model_batch_size must "
                              "be positive")
@@ -185,6 +200,7 @@ class ActivationDataModule(SparseCodingData):
         self.tokens_per_context = context_len - (prepend_bos and drop_bos)
         self._lm: tuple[torch.nn.Module, Any, HookPoint] | None = None
         self._manifest: dict[str, Any] | None = None
+        self._median_norm: float | None = None
         # no ground truth on real data: no true codes, no true dictionary
         self.n_latents, self.dictionary = None, None
 
@@ -360,14 +376,25 @@ class ActivationDataModule(SparseCodingData):
         """Where the activations came from, for the decoder's provenance and the model card."""
         h = self.hparams
         return {"data": "activations", "model_name": h.model, "hook_name": h.hook, "dataset": h.dataset,
-                "context_len": h.context_len, "input_scale": self.scale}
+                "context_len": h.context_len, "input_scale": self.scale, "outlier_factor": h.outlier_factor}
 
     @property
     def scale(self) -> float:
         return float(self._checked_manifest()["scale"]) if self.hparams.normalize else 1.0
 
+    @property
+    def outlier_norm(self) -> float | None:
+        """The (scaled) norm above which a token is an outlier: ``outlier_factor`` x the median norm of the
+        first training shard's tokens. None when ``outlier_factor`` is None."""
+        if self.hparams.outlier_factor is None:
+            return None
+        if self._median_norm is None:
+            first = self._checked_manifest()["splits"]["train"]["shards"][0]["file"]
+            self._median_norm = float(load_shard(self.cache_dir / first, ACTIVATIONS).float().norm(dim=-1).median())
+        return self.hparams.outlier_factor * self._median_norm * self.scale
+
     def _dataset(self, split: str, shuffle: bool, rank: int | None = None,
-                 world_size: int | None = None) -> ShardedActivations:
+                 world_size: int | None = None, drop_outliers: bool = True) -> ShardedActivations:
         manifest = self._checked_manifest()
         files = [self.cache_dir / s["file"] for s in manifest["splits"][split]["shards"]]
         if rank is None or world_size is None:  # the trainer's slice of every batch
@@ -375,7 +402,8 @@ class ActivationDataModule(SparseCodingData):
             rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return ShardedActivations(files, self.hparams.batch_size, scale=self.scale,
                                   shuffle=shuffle, shuffle_buffer=self.hparams.shuffle_buffer, seed=self.hparams.seed,
-                                  rank=rank, world_size=world_size)
+                                  rank=rank, world_size=world_size,
+                                  max_norm=self.outlier_norm if drop_outliers else None)
 
     def _loader(self, dataset: ShardedActivations) -> DataLoader:
         return DataLoader(dataset, batch_size=None, pin_memory=torch.cuda.is_available())
@@ -389,9 +417,14 @@ class ActivationDataModule(SparseCodingData):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("test", shuffle=False))
 
-    def _held_out(self) -> ShardedActivations:
+    def _held_out(self, drop_outliers: bool = True) -> ShardedActivations:
         """The whole held-out split, in order, for this process alone (not the trainer's slice)."""
-        return self._dataset("test", shuffle=False, rank=0, world_size=1)
+        return self._dataset("test", shuffle=False, rank=0, world_size=1, drop_outliers=drop_outliers)
+
+    def held_out_rows(self) -> ShardedActivations:
+        """Every held-out token, outliers included, in order: row ``i`` is position ``i % tokens_per_context``
+        of context ``i // tokens_per_context``."""
+        return self._held_out(drop_outliers=False)
 
     def held_out_batches(self) -> Iterator[Tensor]:
         """Every held-out batch (scaled), in order, on this process alone."""
@@ -399,9 +432,10 @@ class ActivationDataModule(SparseCodingData):
 
     @property
     def test_x(self) -> Tensor:
-        """All held-out activations (scaled), in order."""
+        """All held-out activations (scaled), in order, outlier tokens left out."""
         ds = self._held_out()
-        return ds.rows(np.arange(int(ds.offsets[-1])))
+        rows = ds.rows(np.arange(int(ds.offsets[-1])))
+        return rows if ds.max_norm is None else rows[rows.norm(dim=-1) <= ds.max_norm]
 
     def ce_batches(self) -> tuple[Tensor, float, bool]:
         """``(token ids (n, context_len), input scale, whether position 0 was left out of the data)`` of

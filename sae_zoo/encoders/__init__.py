@@ -7,7 +7,7 @@ its own file (and its test), with no line to add here.
 import importlib
 import pkgutil
 
-from .base import EncoderHead, SparseCodes
+from .base import EncoderHead, SparseCodes, TrainingCodes
 from .interop import ForeignSAE, UnsupportedConversion, converter_for, list_architectures
 from .ista import FISTAEncoder, ISTAEncoder
 from .ito import ITOEncoder
@@ -24,7 +24,7 @@ from .topk import TopKEncoder
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["EncoderHead", "IterativeHead", "SparseCodes", "ForeignSAE", "UnsupportedConversion", "FISTAEncoder",
+__all__ = ["EncoderHead", "IterativeHead", "SparseCodes", "TrainingCodes", "ForeignSAE", "UnsupportedConversion", "FISTAEncoder",
            "ISTAEncoder", "ITOEncoder", "LCAEncoder", "LISTAEncoder", "LinearEncoder", "MLPEncoder",
            "SparseCodingEncoder", "SupportSearchEncoder", "TopKEncoder", "converter_for", "create_encoder",
            "get_encoder_class", "list_architectures", "list_encoders", "register_encoder"]

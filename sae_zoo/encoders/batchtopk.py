@@ -59,6 +59,7 @@ class BatchTopKEncoder(LinearPreActivations, EncoderHead):
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:
         # on the device, without a synchronisation: a batch with no positive value leaves it unchanged
+        kept = kept.to(self.threshold.dtype)
         smallest = torch.where(kept > 0, kept, torch.inf).min() if kept.numel() else kept.new_tensor(torch.inf)
         moved = torch.where(self.threshold < 0, smallest, torch.lerp(self.threshold, smallest, self.threshold_lr))
         self.threshold.copy_(torch.where(torch.isfinite(smallest), moved, self.threshold))

@@ -11,6 +11,7 @@ import torch
 from ..data.activations import ActivationDataModule
 from ..data.base import SparseCodingData
 from ..model import SparseCoder
+from .held_out import held_out_statistics
 from .language_model import ce_loss_recovered
 
 
@@ -33,10 +34,12 @@ def evaluate(model: SparseCoder, datamodule: SparseCodingData) -> dict[str, floa
 
 
 def downstream_metrics(model: SparseCoder, datamodule: SparseCodingData) -> dict[str, Any]:
-    """Metrics beyond the held-out reconstruction that the data make possible (none for synthetic data)."""
+    """Metrics beyond the held-out reconstruction that the data make possible (none for synthetic data):
+    on language-model activations, FVU with and without the outlier tokens with standard errors
+    (:func:`held_out_statistics`) and CE-loss recovered (:func:`ce_loss_recovered`)."""
     if isinstance(datamodule, ActivationDataModule):
-        return ce_loss_recovered(model, datamodule)
+        return {**held_out_statistics(model, datamodule), **ce_loss_recovered(model, datamodule)}
     return {}
 
 
-__all__ = ["ce_loss_recovered", "downstream_metrics", "evaluate"]
+__all__ = ["ce_loss_recovered", "downstream_metrics", "evaluate", "held_out_statistics"]

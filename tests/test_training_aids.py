@@ -1,0 +1,228 @@
+"""The field's training aids: target L0, BatchTopK's threshold, Matryoshka prefixes, AuxK, resampling,
+warm-ups and the decoder bias's starting point. Each is checked on what it is for."""
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sae_zoo import Dictionary, SparseCoder, create_encoder
+from sae_zoo.data import SyntheticSparseDataModule
+from sae_zoo.encoders import SparseCodes
+from sae_zoo.evaluation import evaluate
+from sae_zoo.objectives import auxk_loss, check_matryoshka_widths, geometric_median, lr_factor, reconstruction_loss
+
+
+def fit(model, dm, steps):
+    L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu").fit(model, dm)
+    return evaluate(model, dm)
+
+
+def test_jumprelu_with_a_target_l0_of_8_ends_within_one_of_it():
+    torch.manual_seed(0)
+    dm = SyntheticSparseDataModule(n_latents=64, d_model=32, k=12, n_train=4096, n_test=2048, batch_size=256,
+                                   steps_per_epoch=1000)
+    model = SparseCoder(create_encoder("jumprelu", d_model=32, n_latents=64), Dictionary(64, 32, bias=True),
+                        l1_coeff=0.1, lr=3e-3, target_l0=8)
+    metrics = fit(model, dm, 1000)
+    print(f"jumprelu, target L0 8: held-out L0 {metrics['l0']:.2f}, FVU {metrics['fvu']:.3f}, "
+          f"coefficient {model.l1_coeff:.3g}")
+    assert abs(metrics["l0"] - 8) <= 1  # the data's own L0 is 12: the controller, not the data, set it
+    assert model.l1_coeff == pytest.approx(float(model.sparsity_coeff)) and model.l1_coeff != 0.1
+
+
+def test_batchtopk_keeps_k_per_sample_on_average_in_training_and_its_threshold_after():
+    torch.manual_seed(0)
+    dm = SyntheticSparseDataModule(n_latents=32, d_model=16, k=4, n_train=2048, n_test=1024, batch_size=128,
+                                   steps_per_epoch=300)
+    head = create_encoder("batchtopk", d_model=16, n_latents=32, k=4)
+    model = SparseCoder(head, Dictionary(32, 16), l1_coeff=0.0, lr=3e-3)
+    assert float(head.threshold) == -1
+    metrics = fit(model, dm, 300)
+    head.train()
+    codes = head(dm.train_x[:128]).detach()
+    assert int((codes > 0).sum()) == 4 * 128  # exactly k x batch kept in training (values are positive)
+    assert (codes > 0).sum(-1).float().std() > 0  # ... shared unevenly between samples
+    assert 0 < float(head.threshold) < float(codes[codes > 0].max())
+    assert metrics["l0"] == pytest.approx(4, rel=0.25)  # the threshold gives about k per sample at inference
+
+
+def test_matryoshka_prefixes_reconstruct_on_their_own():
+    widths = [4, 16, 64]
+    torch.manual_seed(0)
+    dm = SyntheticSparseDataModule(n_latents=64, d_model=32, k=6, n_train=4096, n_test=1024, batch_size=256,
+                                   steps_per_epoch=400)
+
+    def prefix_fvu(matryoshka):
+        torch.manual_seed(1)
+        model = SparseCoder(create_encoder("topk", d_model=32, n_latents=64, k=6), Dictionary(64, 32), l1_coeff=0.0,
+                            lr=3e-3, matryoshka_widths=widths if matryoshka else None)
+        fit(model, dm, 400)
+        with torch.no_grad():
+            codes = model.encode(dm.test_x)
+            prefix = codes[:, :16] @ model.dictionary.atoms[:16]
+        return float(F.mse_loss(prefix, dm.test_x) / dm.test_x.var(0).sum() * 32)
+
+    nested, plain = prefix_fvu(True), prefix_fvu(False)
+    assert nested < 0.7 * plain  # the first 16 latents alone explain far more with nested training
+
+
+def test_matryoshka_loss_is_the_sum_over_prefixes_dense_and_sparse():
+    torch.manual_seed(0)
+    dictionary = Dictionary(8, 5, bias=True, atom_norms=True)
+    with torch.no_grad():
+        dictionary.bias.normal_()
+        dictionary.atom_norms.uniform_(0.5, 2)
+    x, codes = torch.randn(6, 5), torch.relu(torch.randn(6, 8))
+    expected = sum(F.mse_loss(codes[:, :w] @ dictionary.atoms[:w] + dictionary.bias, x) for w in (2, 5, 8))
+    loss, x_hat = reconstruction_loss(dictionary, codes, x, [2, 5, 8])
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(x_hat, dictionary.decode(codes))
+    values, indices = codes.topk(3, dim=-1)
+    dense = torch.zeros_like(codes).scatter(-1, indices, values)
+    sparse_loss, _ = reconstruction_loss(dictionary, SparseCodes(values, indices), x, [2, 5, 8])
+    torch.testing.assert_close(sparse_loss, reconstruction_loss(dictionary, dense, x, [2, 5, 8])[0])
+
+
+@pytest.mark.parametrize("widths, problem", [([4, 4, 16], "strictly increasing"), ([8, 4, 16], "strictly increasing"),
+                                             ([4, 8], "must end at n_latents \\(16\\)"), ([], "must end at")])
+def test_matryoshka_widths_are_checked(widths, problem):
+    with pytest.raises(ValueError, match=problem):
+        check_matryoshka_widths(widths, 16)
+    with pytest.raises(ValueError, match=problem):
+        SparseCoder(create_encoder("topk", d_model=4, n_latents=16, k=2), Dictionary(16, 4), matryoshka_widths=widths)
+
+
+def test_auxk_loss_is_gao_et_als_and_trains_only_the_dead():
+    torch.manual_seed(0)
+    head = create_encoder("topk", d_model=6, n_latents=20, k=2, subtract_decoder_bias=True)
+    dictionary = Dictionary(20, 6, bias=True)
+    x = torch.randn(16, 6)
+    x_hat = dictionary.decode(head(x, dictionary))
+    dead = torch.zeros(20, dtype=torch.bool)
+    dead[[1, 5, 7, 11, 13]] = True
+    loss = auxk_loss(head, dictionary, x, x_hat, dead, k_aux=3)
+    # by hand: the 3 largest pre-activations among the dead latents reconstruct the residual, no bias
+    pre = F.linear(x - dictionary.bias, head.linear.weight, head.linear.bias)[:, dead]
+    top = pre.relu().topk(3, dim=-1)
+    aux = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+    expected = F.mse_loss(aux @ dictionary.atoms[dead], (x - x_hat).detach())  # 5 dead >= k_aux: scale 1
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    grad = head.linear.weight.grad.abs().sum(-1)
+    assert (grad[~dead] == 0).all() and (grad[dead] > 0).any()
+    assert float(auxk_loss(head, dictionary, x, x_hat, torch.zeros(20, dtype=torch.bool), 3)) == 0
+    few = auxk_loss(head, dictionary, x, x_hat, dead, k_aux=10)  # 5 dead of k_aux 10: scaled by 1/2
+    pre_all = pre.relu()
+    torch.testing.assert_close(few, 0.5 * F.mse_loss(pre_all @ dictionary.atoms[dead], (x - x_hat).detach()))
+
+
+def test_auxk_needs_a_head_with_pre_activations():
+    model = SparseCoder(create_encoder("mlp", d_model=4, n_latents=8, hidden=4), Dictionary(8, 4), auxk_coeff=0.1,
+                        dead_tokens=1)
+    model.tokens_since_fired.fill_(5)
+    with pytest.raises(ValueError, match="mlp head has no linear pre-activations, which AuxK needs"):
+        model.training_losses(torch.randn(3, 4))
+
+
+def test_dead_latents_are_counted_in_tokens_and_resampled():
+    torch.manual_seed(0)
+    head = create_encoder("topk", d_model=6, n_latents=12, k=2, subtract_decoder_bias=True)
+    model = SparseCoder(head, Dictionary(12, 6, bias=True), resample_every=10, dead_tokens=100)
+    x = torch.randn(32, 6)
+    losses = model.training_losses(x)
+    fired = torch.zeros(12, dtype=torch.bool)
+    fired[head(x, model.dictionary).nonzero()[:, 1]] = True
+    assert torch.equal(model.tokens_since_fired, torch.where(fired, 0.0, 32.0)) and losses["l0"] == 2
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.training_losses(x)["loss"].backward()
+    optimizer.step()
+    model.tokens_since_fired[:4] = 100  # latents 0-3 dead
+    model.optimizers = lambda: type("Wrapped", (), {"optimizer": optimizer})()
+    model._trainer = object()  # resampling runs inside a fit, where the optimizer exists
+    before = model.dictionary.weight.clone()
+    assert model.resample_dead_latents(x) == 4
+    model._trainer = None
+    atoms = model.dictionary.weight
+    assert torch.equal(atoms[4:], before[4:]) and not torch.allclose(atoms[:4], before[:4])
+    centred = F.normalize(x - model.dictionary.bias, dim=-1)
+    assert ((atoms[:4] @ centred.T).max(-1).values > 1 - 1e-5).all()  # each new atom is an input's direction
+    torch.testing.assert_close(F.normalize(head.linear.weight[:4], dim=-1), atoms[:4])
+    assert (head.linear.bias[:4] == 0).all() and (model.tokens_since_fired[:4] == 0).all()
+    for parameter in (head.linear.weight, model.dictionary.weight):
+        state = optimizer.state[parameter]
+        assert (state["exp_avg"][:4] == 0).all() and (state["exp_avg_sq"][:4] == 0).all()
+        assert (state["exp_avg"][4:] != 0).any()
+
+
+def test_learning_rate_and_sparsity_warm_up_and_decay():
+    assert [lr_factor(s, 10, 4, 0) for s in (0, 1, 3, 9)] == [0.25, 0.5, 1.0, 1.0]
+    assert [lr_factor(s, 10, 0, 4) for s in (5, 6, 8, 9)] == [1.0, 1.0, 0.5, 0.25]
+    torch.manual_seed(0)
+    dm = SyntheticSparseDataModule(n_latents=8, d_model=4, n_train=64, n_test=32, batch_size=16, steps_per_epoch=20)
+    model = SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), lr=1e-2,
+                        lr_warmup_steps=5, lr_decay_steps=5, sparsity_warmup_steps=10)
+    rates, coefficients = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+            coefficients.append(float(module._coefficient()))
+
+    L.Trainer(max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", callbacks=[Record()]).fit(model, dm)
+    assert rates[:6] == pytest.approx([2e-3, 4e-3, 6e-3, 8e-3, 1e-2, 1e-2])
+    assert rates[-2:] == pytest.approx([4e-3, 2e-3])
+    assert coefficients[:3] == pytest.approx([0.001, 0.002, 0.003]) and coefficients[-1] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="lr_warmup_steps >= 0"):
+        SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), lr_warmup_steps=-1)
+
+
+def test_geometric_median_resists_outliers_and_initialises_the_decoder_bias():
+    torch.manual_seed(0)
+    points = torch.randn(500, 3) + torch.tensor([1.0, -2.0, 0.5])
+    points[:20] += 1000  # a few massive activations
+    median = geometric_median(points)
+    assert (median - torch.tensor([1.0, -2.0, 0.5])).norm() < 0.2 < (points.mean(0) - median).norm()
+    distance = lambda c: (points - c).norm(dim=1).sum()  # noqa: E731
+    assert distance(median) <= min(distance(median + 0.01 * d) for d in torch.eye(3).unbind() + (-torch.eye(3)).unbind())
+
+    dm = SyntheticSparseDataModule(n_latents=8, d_model=4, n_train=256, n_test=32, batch_size=64, steps_per_epoch=1)
+    for how, expected in (("mean", dm.train_x.mean(0)), ("geometric_median", geometric_median(dm.train_x))):
+        model = SparseCoder(create_encoder("linear", d_model=4, n_latents=8, subtract_decoder_bias=True),
+                            Dictionary(8, 4, bias=True), lr=1e-9, decoder_bias_init=how, bias_init_samples=256)
+        fit(model, dm, 1)
+        torch.testing.assert_close(model.dictionary.bias.detach(), expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="needs a dictionary with a bias"):
+        SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), decoder_bias_init="mean")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: create_encoder("topk", d_model=4, n_latents=8, k=9), "topk needs k <= n_latents \\(8\\), got k=9"),
+    (lambda: create_encoder("batchtopk", d_model=4, n_latents=8, k=9), "batchtopk needs k <= n_latents \\(8\\)"),
+    (lambda: create_encoder("jumprelu", d_model=4, n_latents=8, bandwidth=-0.1), "bandwidth > 0, got bandwidth=-0.1"),
+    (lambda: create_encoder("jumprelu", d_model=4, n_latents=8, sparsity_loss="l1"), "sparsity_loss"),
+    (lambda: SparseCoder(create_encoder("jumprelu", d_model=4, n_latents=8), Dictionary(8, 4), l1_coeff=0.0,
+                         target_l0=3), "needs a starting l1_coeff > 0"),
+    (lambda: SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), target_l0=-2),
+     "target_l0 > 0, got target_l0=-2"),
+])
+def test_bad_settings_are_named(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
+
+
+def test_tanh_sparsity_and_the_gated_heads_auxiliary_terms():
+    torch.manual_seed(0)
+    x, dictionary = torch.randn(8, 4), Dictionary(6, 4, bias=True)
+    tanh = create_encoder("jumprelu", d_model=4, n_latents=6, sparsity_loss="tanh", tanh_scale=2.0)
+    out = tanh.training_codes(x, dictionary)
+    torch.testing.assert_close(out.sparsity, torch.tanh(2.0 * out.codes).mean())
+    gated = create_encoder("gated", d_model=4, n_latents=6)
+    out = gated.training_codes(x, dictionary)
+    gate = F.relu(gated.linear(x) + gated.b_gate)
+    torch.testing.assert_close(out.sparsity, gate.mean())
+    torch.testing.assert_close(out.aux_loss, F.mse_loss(gate @ dictionary.atoms + dictionary.bias, x))
+    out.aux_loss.backward()
+    assert dictionary.weight.grad is None and gated.b_gate.grad.abs().sum() > 0  # through a frozen decoder copy
