@@ -226,3 +226,24 @@ def test_tanh_sparsity_and_the_gated_heads_auxiliary_terms():
     torch.testing.assert_close(out.aux_loss, F.mse_loss(gate @ dictionary.atoms + dictionary.bias, x))
     out.aux_loss.backward()
     assert dictionary.weight.grad is None and gated.b_gate.grad.abs().sum() > 0  # through a frozen decoder copy
+
+
+def test_jumprelu_straight_through_gradients_are_saelens():
+    """SAELens's JumpReLU and Step: the codes pass the step's gradient to z; the threshold gets
+    -(threshold / bandwidth) K((z - threshold) / bandwidth) from the codes and -(1 / bandwidth) K(...) from
+    the L0, K the rectangle of width 1."""
+    from sae_zoo.encoders.jumprelu import JumpReLUFunction
+
+    torch.manual_seed(0)
+    z = torch.randn(5, 7, requires_grad=True)
+    threshold = (torch.rand(7) * 0.5).requires_grad_()
+    grad_codes, grad_l0, bandwidth = torch.randn(5, 7), 0.7, 0.3
+    codes, l0 = JumpReLUFunction.apply(z, threshold, bandwidth)
+    torch.testing.assert_close(codes, z * (z > threshold))
+    torch.testing.assert_close(l0, (z > threshold).float().mean())
+    torch.autograd.backward([codes, l0], [grad_codes, torch.tensor(grad_l0)])
+    kernel = (((z - threshold) / bandwidth).abs() < 0.5).float().detach()
+    expected = -(threshold.detach() / bandwidth * kernel * grad_codes).sum(0) \
+        - (kernel / bandwidth * grad_l0 / z.numel()).sum(0)
+    torch.testing.assert_close(threshold.grad, expected)
+    torch.testing.assert_close(z.grad, (z > threshold).float() * grad_codes)

@@ -18,36 +18,25 @@ def rectangle(u: Tensor) -> Tensor:
 
 
 class JumpReLUFunction(torch.autograd.Function):
-    """``z * (z > threshold)``: the gradient to ``z`` is the step's, and the threshold's comes from the
-    straight-through estimator with a rectangle kernel of width ``bandwidth``."""
+    """``(z * (z > threshold), mean(z > threshold))``: the codes and their L0 penalty (the mean of the step
+    over samples and latents), in one pass that saves ``z`` once. The codes' gradient to ``z`` is the
+    step's; the threshold's gradient, from both outputs, is the straight-through estimator with a
+    rectangle kernel of width ``bandwidth`` (Rajamanoharan et al. 2024; SAELens's ``JumpReLU`` and ``Step``)."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
+        fires = z > threshold
         ctx.save_for_backward(z, threshold)
         ctx.bandwidth = bandwidth
-        return z * (z > threshold)
+        return z * fires, fires.sum(dtype=torch.float32) / fires.numel()
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        z, threshold = ctx.saved_tensors
-        kernel = rectangle((z - threshold) / ctx.bandwidth) * (threshold / ctx.bandwidth)
-        return (z > threshold) * grad, -(kernel * grad).reshape(-1, z.shape[-1]).sum(0), None
-
-
-class StepFunction(torch.autograd.Function):
-    """``z > threshold`` as 0/1, with the threshold's straight-through gradient (none to ``z``)."""
-
-    @staticmethod
-    def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(z, threshold)
-        ctx.bandwidth = bandwidth
-        return (z > threshold).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None]:
+    def backward(ctx, grad_codes: Tensor, grad_l0: Tensor) -> tuple[Tensor, Tensor, None]:
         z, threshold = ctx.saved_tensors
         kernel = rectangle((z - threshold) / ctx.bandwidth) / ctx.bandwidth
-        return None, -(kernel * grad).reshape(-1, z.shape[-1]).sum(0), None
+        # d codes / d threshold = -threshold * kernel; d mean(step) / d threshold = -kernel / numel
+        per_element = kernel * (threshold * grad_codes + grad_l0 / z.numel())
+        return (z > threshold) * grad_codes, -per_element.reshape(-1, z.shape[-1]).sum(0).to(threshold.dtype), None
 
 
 @register_encoder("jumprelu")
@@ -89,11 +78,8 @@ class JumpReLUEncoder(LinearPreActivations, EncoderHead):
         with torch.no_grad():
             self.threshold.clamp_(min=0)
         z = self.linear(self.centre(self.check_input(x, dictionary), dictionary))
-        codes = JumpReLUFunction.apply(z, self.threshold, self.bandwidth)
-        if self.sparsity_loss == "tanh":
-            sparsity = torch.tanh(self.tanh_scale * codes).mean()
-        else:
-            sparsity = StepFunction.apply(z, self.threshold, self.bandwidth).mean()
+        codes, l0 = JumpReLUFunction.apply(z, self.threshold, self.bandwidth)
+        sparsity = torch.tanh(self.tanh_scale * codes).mean() if self.sparsity_loss == "tanh" else l0
         return TrainingCodes(codes, sparsity=sparsity)
 
     def encode_flops(self) -> tuple[float, float]:
