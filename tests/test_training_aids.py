@@ -45,6 +45,7 @@ def test_batchtopk_keeps_k_per_sample_on_average_in_training_and_its_threshold_a
     assert int((codes > 0).sum()) == 4 * 128  # exactly k x batch kept in training (values are positive)
     assert (codes > 0).sum(-1).float().std() > 0  # ... shared unevenly between samples
     assert 0 < float(head.threshold) < float(codes[codes > 0].max())
+    print(f"batchtopk, k 4: held-out L0 {metrics['l0']:.2f} with its threshold {float(head.threshold):.3f}")
     assert metrics["l0"] == pytest.approx(4, rel=0.25)  # the threshold gives about k per sample at inference
 
 
@@ -65,6 +66,7 @@ def test_matryoshka_prefixes_reconstruct_on_their_own():
         return float(F.mse_loss(prefix, dm.test_x) / dm.test_x.var(0).sum() * 32)
 
     nested, plain = prefix_fvu(True), prefix_fvu(False)
+    print(f"matryoshka: FVU of the first 16 latents alone {nested:.3f}, against {plain:.3f} without nesting")
     assert nested < 0.7 * plain  # the first 16 latents alone explain far more with nested training
 
 
