@@ -1,6 +1,7 @@
 """Side by side with the libraries themselves: SAEs built and saved by SAELens and dictionary_learning,
 loaded by sae_zoo, give those libraries' own codes and reconstructions; sae_zoo's exports, loaded by
-SAELens's own loader, give sae_zoo's. Every decoder has rows of random norms.
+SAELens's own loader, give sae_zoo's. Every decoder has rows of random norms (but matching pursuit's,
+whose codes are projections only on unit rows).
 
     pip install sae-lens dictionary-learning      # beside sae_zoo, in a separate environment
     python benchmarks/peer_parity.py
@@ -62,6 +63,17 @@ def saelens(tmp: Path, x: torch.Tensor) -> None:
         with torch.no_grad():
             codes = sae.encode(x)
             report(f"SAELens {label}", codes, sae.decode(codes), load_sae(tmp / label).model(), x)
+    from sae_lens.saes.matching_pursuit_sae import MatchingPursuitSAE, MatchingPursuitSAEConfig
+
+    pursuit = MatchingPursuitSAE(MatchingPursuitSAEConfig(d_in=D, d_sae=N, max_iterations=K, residual_threshold=0.5))
+    randomise(pursuit)
+    with torch.no_grad():
+        pursuit.W_dec.div_(pursuit.W_dec.norm(dim=1, keepdim=True))  # its codes are projections on unit rows
+    pursuit.save_model(tmp / "matching_pursuit")
+    with torch.no_grad():
+        codes = pursuit.encode(x)
+        report("SAELens matching_pursuit (unit rows)", codes, pursuit.decode(codes),
+               load_sae(tmp / "matching_pursuit").model(), x)
     for rescale in (False, True):  # trained as BatchTopK, saved for inference (as JumpReLU)
         train = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D, d_sae=N, k=K,
                                                                 rescale_acts_by_decoder_norm=rescale))
@@ -74,13 +86,15 @@ def saelens(tmp: Path, x: torch.Tensor) -> None:
             codes = sae.encode(x)
             report(f"SAELens batchtopk saved for inference, rescale={rescale}", codes, sae.decode(codes),
                    load_sae(path).model(), x)
-    for name, kwargs in [("linear", {}), ("topk", {"k": K}), ("jumprelu", {}), ("gated", {}), ("batchtopk", {"k": K})]:
-        head = create_encoder(name, d_model=D, n_latents=N, subtract_decoder_bias=True, **kwargs)
+    for name, kwargs in [("linear", {}), ("topk", {"k": K}), ("jumprelu", {}), ("gated", {}), ("batchtopk", {"k": K}),
+                         ("mp", {"k": K})]:
+        head = create_encoder(name, d_model=D, n_latents=N, **kwargs,
+                              **({} if name == "mp" else {"subtract_decoder_bias": True}))
         randomise(head)
         if name == "batchtopk":
             head.threshold.fill_(0.1)
         atoms = torch.randn(N, D) * (0.3 + torch.rand(N, 1))
-        model = SparseCoder(head, Dictionary.from_tensor(atoms, bias=torch.randn(D), keep_norms=True)).eval()
+        model = SparseCoder(head, Dictionary.from_tensor(atoms, bias=torch.randn(D), keep_norms=name != "mp")).eval()
         sae = SAE.load_from_disk(export_saelens(model, tmp / f"export-{name}"))
         with torch.no_grad():
             codes = sae.encode(x)

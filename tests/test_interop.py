@@ -204,6 +204,22 @@ def test_saelens_bad_input_is_named(tmp_path, weights):
         load_sae(path)
 
 
+@pytest.mark.parametrize("stop_on_duplicate_support", [True, False])
+def test_saelens_matching_pursuit(tmp_path, weights, x, stop_on_duplicate_support):
+    tensors = {"W_dec": unit_rows(weights["W_dec"]), "b_dec": weights["b_dec"]}  # tied: no W_enc
+    cfg = {"architecture": "matching_pursuit", "max_iterations": 6, "residual_threshold": 0.5,
+           "stop_on_duplicate_support": stop_on_duplicate_support, "apply_b_dec_to_input": True}
+    sae = load_sae(write_saelens(tmp_path / "mp", tensors, **cfg))
+    assert sae.encoder.name == "mp" and sae.encoder.k == 6
+    codes = saelens_codes("matching_pursuit", tensors, cfg, x)
+    with torch.no_grad():
+        ours_hat, ours = sae.model()(x)
+    torch.testing.assert_close(ours, codes, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(ours_hat, codes @ tensors["W_dec"] + tensors["b_dec"], atol=ATOL, rtol=1e-5)
+    plain = load_sae(write_saelens(tmp_path / "norms", dict(tensors, W_dec=weights["W_dec"]), **cfg))
+    assert plain.encoder is None and "not unit-norm" in plain.encoder_unavailable
+
+
 # ---- sparsify ----
 
 def write_sparsify(path: Path, tensors: dict, **cfg) -> Path:
@@ -371,6 +387,19 @@ def test_gemma_scope_params_npz(tmp_path, weights, x):
 def saelens_codes(architecture: str, w: dict, cfg: dict, x):
     """What SAELens computes from an exported cfg.json and weights, architecture by architecture."""
     sae_in = x - w["b_dec"] * cfg["apply_b_dec_to_input"]
+    if architecture == "matching_pursuit":  # SAELens's _encode_matching_pursuit, sample by sample
+        codes = torch.zeros(len(x), w["W_dec"].shape[0])
+        for i, residual in enumerate(sae_in.clone()):
+            for _ in range(cfg["max_iterations"]):
+                before = codes[i] != 0
+                j = int((w["W_dec"] @ residual).relu().argmax())
+                value = (residual @ w["W_dec"][j]).relu()
+                codes[i, j] += value
+                residual = residual - value * w["W_dec"][j]
+                if (cfg["stop_on_duplicate_support"] and torch.equal(codes[i] != 0, before)) or \
+                        (cfg["residual_threshold"] > 0 and residual.norm() < cfg["residual_threshold"]):
+                    break
+        return codes
     if architecture == "gated":
         active = (sae_in @ w["W_enc"] + w["b_gate"] > 0).float()
         return active * F.relu(sae_in @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"])
@@ -393,8 +422,9 @@ def test_export_to_saelens_round_trips_and_matches_saelens_formulas(tmp_path, na
     """Every head that names an architecture exports, with unit atoms or kept decoder norms, to files whose
     SAELens codes and reconstructions are the model's."""
     torch.manual_seed(0)
+    iterative = name == "mp"  # iterative heads always work on x - b_dec
     head = create_encoder(name, d_model=D_IN, n_latents=D_SAE, **{**get_encoder_class(name).example_kwargs,
-                                                                  "subtract_decoder_bias": True})
+                                                                  **({} if iterative else {"subtract_decoder_bias": True})})
     with torch.no_grad():
         for parameter in head.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)  # biases, thresholds and r_mag away from their init
@@ -403,9 +433,14 @@ def test_export_to_saelens_round_trips_and_matches_saelens_formulas(tmp_path, na
     atoms = torch.randn(D_SAE, D_IN) * (1 if norms == "unit" else 0.3 + torch.rand(D_SAE, 1))
     dictionary = Dictionary.from_tensor(atoms, bias=torch.randn(D_IN), keep_norms=norms == "kept")
     model = SparseCoder(head, dictionary).eval()
+    if name == "mp" and norms == "kept":  # SAELens's matching pursuit takes r . w as a code: unit rows only
+        with pytest.raises(ValueError, match="its rows must be unit-norm"):
+            export_saelens(model, tmp_path / "exported")
+        return
     out = export_saelens(model, tmp_path / "exported", hook_name="blocks.0.hook_resid_post", model_name="gpt2")
     cfg = json.loads((out / "cfg.json").read_text())
-    assert cfg["architecture"] in ("standard", "topk", "jumprelu", "gated") and cfg["apply_b_dec_to_input"]
+    assert cfg["architecture"] in ("standard", "topk", "jumprelu", "gated", "matching_pursuit")
+    assert cfg["apply_b_dec_to_input"]
     assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post" and cfg["metadata"]["sae_zoo_encoder"] == name
     w = load_file(str(out / "sae_weights.safetensors"))
     codes = saelens_codes(cfg["architecture"], w, cfg, x)

@@ -6,7 +6,8 @@ format                   files                                       encoder rep
 ``saelens``              ``cfg.json`` + ``sae_weights.safetensors``  ``standard`` -> ``linear``, ``topk`` -> ``topk``,
                                                                      ``jumprelu`` -> ``jumprelu`` (also BatchTopK and
                                                                      Matryoshka SAEs saved for inference),
-                                                                     ``gated`` -> ``gated``
+                                                                     ``gated`` -> ``gated``,
+                                                                     ``matching_pursuit`` -> ``mp``
 ``sparsify``             ``cfg.json`` + ``sae.safetensors``          ``topk`` activation -> ``topk``
 ``dictionary_learning``  ``config.json`` + ``ae.pt``                 ``AutoEncoder`` -> ``linear``, ``AutoEncoderTopK``
                                                                      -> ``topk``, ``BatchTopKSAE`` and
@@ -197,7 +198,9 @@ def _saelens(cfg_path: Path, weights_path: Path, provenance: dict[str, Any]) -> 
                               "disk, the loaded model applies no scaling")
     params = {name: t for name, t in tensors.items() if name not in ("W_enc", "b_enc", "W_dec", "b_dec")}
     config = {"k": k, "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
-              "unit_atom_codes": bool(cfg.get("rescale_acts_by_decoder_norm", False))}
+              "unit_atom_codes": bool(cfg.get("rescale_acts_by_decoder_norm", False)),
+              **{key: cfg[key] for key in ("max_iterations", "residual_threshold", "stop_on_duplicate_support")
+                 if key in cfg}}
     W_enc = tensors["W_enc"].T if "W_enc" in tensors else None
     return ForeignSAE(architecture, W_dec=tensors["W_dec"], b_dec=tensors["b_dec"], W_enc=W_enc,
                       b_enc=tensors.get("b_enc"), config=config, params=params, source=str(weights_path)), unavailable
@@ -323,10 +326,11 @@ READERS: dict[str, Reader] = {"saelens": _saelens, "sparsify": _sparsify, "dicti
 def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | None = None,
                    model_name: str | None = None, decoder_only: bool = False) -> Path:
     """Write ``model`` as a SAELens SAE (``cfg.json`` + ``sae_weights.safetensors``) that SAELens's
-    ``SAE.load_from_disk`` reads, through the head's ``to_foreign`` (``linear`` heads export as
-    ``standard`` SAEs, ``topk`` heads as ``topk`` ones, with identical codes). ``decoder_only=True``
-    exports any head's dictionary with a tied encoder ``W_enc = W_dec^T`` (SAELens has no iterative or
-    MLP encoders)."""
+    ``SAE.load_from_disk`` reads, through the head's ``to_foreign``, with identical codes: ``linear`` heads
+    export as ``standard`` SAEs, ``topk``, ``jumprelu`` and ``gated`` as themselves, ``mp`` as
+    ``matching_pursuit``, ``batchtopk`` as the ``jumprelu`` SAE SAELens saves for inference.
+    ``decoder_only=True`` exports any head's dictionary with a tied encoder ``W_enc = W_dec^T`` (SAELens
+    has no MLP or FISTA encoders)."""
     encoder, dictionary = model.encoder, model.dictionary
     if decoder_only:
         W_dec = dictionary.atoms.detach().float().cpu()
@@ -350,8 +354,9 @@ def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | 
                      "exported_by": f"sae_zoo {version('sae_zoo')}",
                      "sae_zoo_encoder": "tied (decoder only)" if decoder_only else encoder.name}}
     cfg.update({k: v for k, v in sae.config.items() if k != "apply_b_dec_to_input"})
-    tensors = {"W_enc": sae.W_enc.T, "W_dec": sae.W_dec,
-               "b_dec": torch.zeros(sae.d_model) if sae.b_dec is None else sae.b_dec, **sae.params}
+    tensors = {"W_dec": sae.W_dec, "b_dec": torch.zeros(sae.d_model) if sae.b_dec is None else sae.b_dec, **sae.params}
+    if sae.W_enc is not None:  # matching pursuit's encoder is its decoder
+        tensors["W_enc"] = sae.W_enc.T
     if sae.b_enc is not None:  # a gated SAE has b_gate and b_mag instead
         tensors["b_enc"] = sae.b_enc
     with atomic_directory(out_dir, replaces=FORMAT_FILES["saelens"]) as staging:
