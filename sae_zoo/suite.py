@@ -115,8 +115,8 @@ def comparison_notes(rows: list[dict[str, Any]]) -> list[str]:
         notes.append("± is one standard error, by bootstrap over held-out contexts.")
     l0s = [r["l0"] for r in rows if "l0" in r]
     if len(l0s) > 1 and max(l0s) > 1.1 * min(l0s):
-        notes.append(f"The methods sit at different L0s ({min(l0s):.1f} to {max(l0s):.1f}): compare them at "
-                     "equal sparsity (sae-zoo frontier) before ranking them.")
+        notes.append(f"The methods sit at different L0s ({min(l0s):.1f} to {max(l0s):.1f}): rank only rows at "
+                     "matching L0.")
     return notes
 
 

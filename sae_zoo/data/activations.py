@@ -71,13 +71,13 @@ def shard_rows(path: Path, name: str = ACTIVATIONS) -> int:
 class ShardedActivations(IterableDataset):
     """Batches of rows of safetensors shards (tensor ``activations``), as float32, scaled.
 
-    ``max_norm``: rows whose (scaled) norm exceeds it are left out of the batches (outlier tokens), so a
-    batch may hold a few rows fewer. ``shuffle=True``: rows are permuted within consecutive windows of
-    ``shuffle_buffer`` rows (fresh
-    permutations every pass, seeded), grouped into global batches of ``batch_size`` (an incomplete
-    last one is dropped), and this rank yields rows ``[rank * b / world, (rank + 1) * b / world)`` of
-    each. ``shuffle=False``: rows in order, every batch split across ranks, nothing dropped. A shard is
-    loaded whole when first needed; only the shards a window can touch stay in memory.
+    ``shuffle=True``: rows are permuted within consecutive windows of ``shuffle_buffer`` rows (fresh
+    permutations every pass, seeded), grouped into global batches of ``batch_size`` (an incomplete last
+    one is dropped), and this rank yields rows ``[rank * b / world, (rank + 1) * b / world)`` of each.
+    ``shuffle=False``: rows in order, every batch split across ranks, nothing dropped. ``max_norm``: rows
+    whose (scaled) norm exceeds it are left out of the batches (outlier tokens), so a batch may hold a
+    few rows fewer. A shard is loaded whole when first needed; only the shards a window can touch stay
+    in memory.
     """
 
     def __init__(self, files: list[Path], batch_size: int, *, scale: float = 1.0, shuffle: bool = False,
