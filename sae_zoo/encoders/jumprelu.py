@@ -88,12 +88,8 @@ class JumpReLUEncoder(LinearPreActivations, EncoderHead):
 
     @classmethod
     def from_foreign(cls, sae: ForeignSAE) -> "JumpReLUEncoder":
-        threshold = sae.require("threshold")["threshold"]
-        if threshold.numel() == 1:  # dictionary_learning's BatchTopK keeps one threshold for every latent
-            threshold = threshold.reshape(1).expand(sae.n_latents)
-        if threshold.shape != (sae.n_latents,):
-            raise ValueError(f"{sae.source}: 'threshold' has shape {tuple(threshold.shape)}, expected "
-                             f"({sae.n_latents},) (one per latent)")
+        # one per latent, or one for all (as dictionary_learning's BatchTopK keeps it); require checks the shape
+        threshold = sae.require("threshold")["threshold"].reshape(-1).expand(sae.n_latents)
         head = cls(sae.d_model, sae.n_latents, subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", False)))
         weight, bias = sae.folded_encoder()
         scale = 1 if sae.keeps_norms else sae.decoder_norms
