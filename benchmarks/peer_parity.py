@@ -7,7 +7,9 @@ whose codes are projections only on unit rows).
     python benchmarks/peer_parity.py
 
 Prints the largest absolute difference in codes and in reconstructions for each architecture (float32:
-differences of a few 1e-6 are rounding). A library that is not installed is skipped, with the reason.
+differences of a few 1e-6 are rounding), then the difference between SAELens's SynthSAEBench evaluator
+and sae_zoo's metrics on the same codes (in the "codes" column; the value in the "L0" column). A
+library that is not installed is skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -127,12 +129,43 @@ def dictionary_learning(tmp: Path, x: torch.Tensor) -> None:
             report(f"dictionary_learning {name}", codes, theirs.decode(codes), load_sae(path).model(), x)
 
 
+def synthetic_metrics(tmp: Path, x: torch.Tensor) -> None:
+    """SAELens's SynthSAEBench evaluator functions against sae_zoo's metrics, on the same codes."""
+    from sae_lens.evals import ExplainedVarianceCalculator
+    from sae_lens.synthetic.evals import (ShrinkageCalculator, compute_classification_metrics, feature_uniqueness,
+                                          mean_correlation_coefficient)
+
+    from sae_zoo.metrics import functional
+
+    g = torch.Generator().manual_seed(1)
+    true_atoms, atoms = torch.randn(3 * N, D, generator=g), torch.randn(N, D, generator=g)
+    atoms[: N // 2] = true_atoms[: N // 2] + 0.3 * torch.randn(N // 2, D, generator=g)
+    true_codes = torch.rand(2048, 3 * N, generator=g) * (torch.rand(2048, 3 * N, generator=g) < 0.05)
+    codes = torch.relu(true_codes[:, :N] + 0.05 * torch.randn(2048, N, generator=g) - 0.02)
+    x, x_hat = true_codes @ true_atoms, codes @ atoms
+    theirs = compute_classification_metrics(codes, true_codes, atoms, true_atoms)
+    ours = functional.latent_detection(codes, true_codes, atoms, true_atoms)
+    shrink, variance = ShrinkageCalculator(), ExplainedVarianceCalculator()
+    shrink.add_batch(x_hat, x)
+    variance.add_batch(x_hat, x)
+    decoder_mcc = functional.dictionary_mcc(atoms, true_atoms, over="matches")
+    pairs = {"precision": (theirs.precision, ours["precision"]), "recall": (theirs.recall, ours["recall"]),
+             "F1": (theirs.f1_score, ours["f1"]), "accuracy": (theirs.accuracy, ours["accuracy"]),
+             "MCC (decoder)": (mean_correlation_coefficient(atoms, true_atoms), decoder_mcc),
+             "uniqueness": (feature_uniqueness(atoms, true_atoms), functional.feature_uniqueness(atoms, true_atoms)),
+             "shrinkage": (shrink.compute(), functional.shrinkage(x_hat, x)),
+             "explained variance": (variance.compute(), 1 - functional.fraction_of_variance_unexplained(x_hat, x))}
+    for name, (a, b) in pairs.items():
+        print(f"{'SAELens synthetic evaluator: ' + name:58s} {'':9s} {abs(float(a) - float(b)):9.1e} "
+              f"{'':9s} {float(a):6.3f}")
+
+
 def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(256, D)
     print(f"{'checkpoint':58s} {'head':9s} {'codes':>9s} {'x_hat':>9s} {'L0':>6s}")
     with tempfile.TemporaryDirectory() as tmp:
-        for library in (saelens, dictionary_learning):
+        for library in (saelens, dictionary_learning, synthetic_metrics):
             try:
                 library(Path(tmp) / library.__name__, x)
             except ImportError as e:

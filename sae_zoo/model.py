@@ -332,7 +332,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         """Add one held-out batch to ``metrics`` (the one way every evaluation scores a model)."""
         x, true_codes = unpack_batch(batch)
         x_hat, codes = self(x)
-        metrics.update(x_hat, x, codes, true_codes if self.code_recovery else None)
+        metrics.update(x_hat, x, codes, true_codes if self.code_recovery else None, atoms=self.dictionary.atoms,
+                       true_atoms=self.true_dictionary)
 
     def update_dictionary_metrics(self, metrics: SparseCodingMetrics) -> None:
         if self.true_dictionary is not None:
@@ -342,14 +343,21 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         metrics = getattr(self, f"{stage}_metrics")
         self.update_metrics(metrics, batch)
         for name, metric in metrics.updated().items():
-            if name != "dictionary_mcc":
+            if name not in metrics.DICTIONARY_METRICS and name != "latent_detection":
                 self.log(f"{stage}/{name}", metric, prog_bar=name == "mcc")
 
-    def _log_dictionary_mcc(self, stage: str) -> None:
+    def _log_epoch_metrics(self, stage: str) -> None:
+        """The metrics of the whole epoch: the dictionary's (dictionary MCC, uniqueness) and the latents
+        as feature detectors (computed over every batch, then reset here)."""
         metrics = getattr(self, f"{stage}_metrics")
         if self.true_dictionary is not None:
             self.update_dictionary_metrics(metrics)
-            self.log(f"{stage}/dictionary_mcc", metrics.metrics["dictionary_mcc"])
+            for name in metrics.DICTIONARY_METRICS:
+                self.log(f"{stage}/{name}", metrics.metrics[name])
+        detection = metrics.metrics["latent_detection"] if "latent_detection" in metrics.metrics else None
+        if detection is not None and detection.update_count > 0:
+            self.log_dict({f"{stage}/latent_{key}": value for key, value in detection.compute().items()})
+            detection.reset()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate("val", batch)
@@ -358,10 +366,10 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self._evaluate("test", batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_dictionary_mcc("val")
+        self._log_epoch_metrics("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_dictionary_mcc("test")
+        self._log_epoch_metrics("test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["decoder_provenance"] = self.dictionary.provenance

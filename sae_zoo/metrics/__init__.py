@@ -8,8 +8,10 @@ batches or gathered over DDP ranks equal the one-shot result.
 from . import functional
 from .code_recovery import MCC, DictionaryMCC
 from .collection import SparseCodingMetrics
+from .detection import FeatureUniqueness, LatentDetection, Shrinkage
 from .reconstruction import FractionOfVarianceExplained, FractionOfVarianceUnexplained, ReconstructionMSE
 from .sparsity import L0, L1, DeadLatents
 
 __all__ = ["MCC", "DictionaryMCC", "FractionOfVarianceUnexplained", "FractionOfVarianceExplained",
-           "ReconstructionMSE", "L0", "L1", "DeadLatents", "SparseCodingMetrics", "functional"]
+           "ReconstructionMSE", "L0", "L1", "DeadLatents", "LatentDetection", "FeatureUniqueness", "Shrinkage",
+           "SparseCodingMetrics", "functional"]

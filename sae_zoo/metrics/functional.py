@@ -44,15 +44,19 @@ def correlation_from_moments(n: Tensor, sum_x: Tensor, sum_y: Tensor, sum_xx: Te
     return torch.where(alive, cov / denom.where(alive, torch.ones_like(denom)), torch.zeros_like(cov))
 
 
-def matched_mean(similarity: Tensor) -> Tensor:
+def matched_mean(similarity: Tensor, over: str = "rows") -> Tensor:
     """Mean of ``|similarity|`` over a Hungarian matching of rows to columns that maximises it.
 
-    The mean is over the rows (the reference side): rows left unmatched, when there are fewer
-    columns than rows, count as 0.
+    ``over="rows"``: the mean is over the rows (the reference side), and rows left unmatched, when there
+    are fewer columns than rows, count as 0. ``over="matches"``: the mean over the matched pairs only
+    (SynthSAEBench's MCC, where an SAE narrower than the true features is scored on what it has).
     """
+    if over not in ("rows", "matches"):
+        raise ValueError(f"over must be 'rows' or 'matches', got {over!r}")
     score = similarity.abs().detach().cpu().double().numpy()
     rows, cols = linear_sum_assignment(score, maximize=True)
-    return torch.tensor(score[rows, cols].sum() / score.shape[0], dtype=torch.float64)
+    return torch.tensor(score[rows, cols].sum() / (score.shape[0] if over == "rows" else len(rows)),
+                        dtype=torch.float64)
 
 
 def _mcc_update(codes: Tensor, true_codes: Tensor) -> tuple[Tensor, ...]:
@@ -91,9 +95,14 @@ def atom_similarity(atoms: Tensor, true_atoms: Tensor) -> Tensor:
     return t @ a.T
 
 
-def dictionary_mcc(atoms: Tensor, true_atoms: Tensor) -> Tensor:
-    """Mean ``|cosine similarity|`` between each true atom and its Hungarian match among ``atoms``."""
-    return matched_mean(atom_similarity(atoms, true_atoms))
+def dictionary_mcc(atoms: Tensor, true_atoms: Tensor, over: str = "true") -> Tensor:
+    """Mean ``|cosine similarity|`` between each true atom and its Hungarian match among ``atoms``
+    (``over="true"``: a true atom left without a match counts 0), or over the matched pairs alone
+    (``over="matches"``: SynthSAEBench's and SAELens's decoder MCC; they differ when there are fewer
+    atoms than true ones)."""
+    if over not in ("true", "matches"):
+        raise ValueError(f"over must be 'true' or 'matches', got {over!r}")
+    return matched_mean(atom_similarity(atoms, true_atoms), over="rows" if over == "true" else "matches")
 
 
 # ---- reconstruction ----
@@ -159,3 +168,55 @@ def dead_latents(codes: Tensor) -> Tensor:
     """Fraction of latents that are zero on every sample."""
     _require_samples(torch.tensor(float(_flat(codes).shape[0])), "the dead-latent fraction")
     return _dead_latents_compute(_dead_latents_update(codes))
+
+
+# ---- latents as feature detectors (SynthSAEBench's classification metrics) ----
+
+def best_matches(atoms: Tensor, true_atoms: Tensor) -> Tensor:
+    """For each learned atom, the index of the true atom with the largest ``|cosine similarity|``."""
+    return atom_similarity(atoms, true_atoms).abs().argmax(dim=0)
+
+
+def _detection_update(codes: Tensor, true_codes: Tensor, matches: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per latent, ``(TP, FP, FN, TN)`` of "the latent is non-zero" against "its matched true feature is
+    active" (``matches[i]`` for latent ``i``). Exact zeros only: a tiny non-zero code counts as firing."""
+    if codes.shape[-1] != matches.shape[0]:
+        raise ValueError(f"codes have {codes.shape[-1]} latents, the matches {matches.shape[0]}")
+    fires = _flat(codes) != 0
+    truth = _flat(true_codes)[:, matches] > 0
+    counts = [(fires & truth), (fires & ~truth), (~fires & truth), (~fires & ~truth)]
+    return tuple(c.sum(0).double() for c in counts)
+
+
+def _detection_compute(tp: Tensor, fp: Tensor, fn: Tensor, tn: Tensor) -> dict[str, Tensor]:
+    """Means over latents of precision, recall, F1 and accuracy (0 where a ratio is undefined)."""
+    precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), torch.zeros_like(tp))
+    recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp_min(1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-300),
+                     torch.zeros_like(tp))
+    accuracy = (tp + tn) / (tp + fp + fn + tn).clamp_min(1)
+    return {"precision": precision.mean(), "recall": recall.mean(), "f1": f1.mean(), "accuracy": accuracy.mean()}
+
+
+def latent_detection(codes: Tensor, true_codes: Tensor, atoms: Tensor, true_atoms: Tensor) -> dict[str, Tensor]:
+    """Each latent as a detector of the true feature its atom matches best: mean precision, recall, F1 and
+    accuracy over latents (SynthSAEBench's, Chanin & Garriga-Alonso 2026)."""
+    return _detection_compute(*_detection_update(codes, true_codes, best_matches(atoms, true_atoms)))
+
+
+def feature_uniqueness(atoms: Tensor, true_atoms: Tensor) -> Tensor:
+    """Distinct true features among the latents' best matches, over the number of latents (1: no two
+    latents track the same feature)."""
+    return torch.tensor(best_matches(atoms, true_atoms).unique().numel() / atoms.shape[0], dtype=torch.float64)
+
+
+def _shrinkage_update(x_hat: Tensor, x: Tensor, min_norm: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """``(summed ||x_hat|| / ||x||, n)`` over the samples whose ``||x||`` exceeds ``min_norm``."""
+    norms = _flat(x).double().norm(dim=-1)
+    valid = norms > min_norm
+    return (_flat(x_hat).double().norm(dim=-1)[valid] / norms[valid]).sum(), valid.sum().double()
+
+
+def shrinkage(x_hat: Tensor, x: Tensor) -> Tensor:
+    """Mean ratio of the reconstruction's norm to the input's (1: no shrinkage; an L1 penalty shrinks)."""
+    return _per_sample_mean_compute(*_shrinkage_update(x_hat, x))
