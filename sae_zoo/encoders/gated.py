@@ -68,8 +68,6 @@ class GatedEncoder(EncoderHead):
         return head
 
     def to_foreign(self, dictionary: nn.Module) -> ForeignSAE:
-        return ForeignSAE("gated", W_dec=dictionary.atoms.detach().float().cpu(),
-                          b_dec=None if dictionary.bias is None else dictionary.bias.detach().float().cpu(),
-                          W_enc=self.linear.weight.detach().float().cpu(),
-                          config={"apply_b_dec_to_input": self.subtract_decoder_bias},
-                          params={n: getattr(self, n).detach().float().cpu() for n in ("b_gate", "r_mag", "b_mag")})
+        return ForeignSAE.of_dictionary("gated", dictionary, W_enc=self.linear.weight,
+                                        config={"apply_b_dec_to_input": self.subtract_decoder_bias},
+                                        params={n: getattr(self, n) for n in ("b_gate", "r_mag", "b_mag")})

@@ -39,6 +39,19 @@ class ForeignSAE:
     params: dict[str, Tensor] = field(default_factory=dict)
     source: str = "<checkpoint>"
 
+    @classmethod
+    def of_dictionary(cls, architecture: str, dictionary: Any, *, W_enc: Tensor | None = None,
+                      b_enc: Tensor | None = None, config: dict[str, Any] | None = None,
+                      params: dict[str, Tensor] | None = None) -> "ForeignSAE":
+        """For export: ``dictionary``'s atoms (norms included) and bias as the decoder, beside the given
+        encoder tensors, each detached, float32 and on the CPU."""
+        def exported(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().float().cpu()
+
+        return cls(architecture, W_dec=exported(dictionary.atoms), b_dec=exported(dictionary.bias),
+                   W_enc=exported(W_enc), b_enc=exported(b_enc), config=dict(config or {}),
+                   params={name: exported(t) for name, t in (params or {}).items()})
+
     @property
     def n_latents(self) -> int:
         return int(self.W_dec.shape[0])

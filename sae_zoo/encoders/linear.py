@@ -75,9 +75,7 @@ def load_linear(linear: nn.Linear, weight: Tensor, bias: Tensor) -> None:
 def linear_export(head: EncoderHead, dictionary: nn.Module, architecture: str, params: dict[str, Tensor] | None = None,
                   **config) -> ForeignSAE:
     """A head built on one ``nn.Linear`` (``head.linear``) with the dictionary, as ``architecture``."""
-    weight, bias = head.linear.weight.detach().float().cpu(), head.linear.bias
-    return ForeignSAE(architecture, W_dec=dictionary.atoms.detach().float().cpu(),
-                      b_dec=None if dictionary.bias is None else dictionary.bias.detach().float().cpu(),
-                      W_enc=weight, b_enc=torch.zeros(head.n_latents) if bias is None else bias.detach().float().cpu(),
-                      config={"apply_b_dec_to_input": head.subtract_decoder_bias, **config},
-                      params={k: v.detach().float().cpu() for k, v in (params or {}).items()})
+    bias = head.linear.bias
+    return ForeignSAE.of_dictionary(architecture, dictionary, W_enc=head.linear.weight,
+                                    b_enc=torch.zeros(head.n_latents) if bias is None else bias,
+                                    config={"apply_b_dec_to_input": head.subtract_decoder_bias, **config}, params=params)

@@ -103,8 +103,7 @@ class MatchingPursuitEncoder(IterativeHead):
         if dictionary.atom_norms is not None and not torch.allclose(dictionary.atom_norms,
                                                                     torch.ones_like(dictionary.atom_norms)):
             raise UnsupportedConversion("SAELens's matching pursuit takes r . w as a code: its rows must be unit-norm")
-        return ForeignSAE("matching_pursuit", W_dec=dictionary.atoms.detach().float().cpu(),
-                          b_dec=None if dictionary.bias is None else dictionary.bias.detach().float().cpu(),
-                          config={"apply_b_dec_to_input": True, "max_iterations": self.k,
-                                  "residual_threshold": self.residual_threshold,
-                                  "stop_on_duplicate_support": self.stop_on_duplicate_support})
+        return ForeignSAE.of_dictionary("matching_pursuit", dictionary,
+                                        config={"apply_b_dec_to_input": True, "max_iterations": self.k,
+                                                "residual_threshold": self.residual_threshold,
+                                                "stop_on_duplicate_support": self.stop_on_duplicate_support})

@@ -333,10 +333,9 @@ def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | 
     has no MLP or FISTA encoders)."""
     encoder, dictionary = model.encoder, model.dictionary
     if decoder_only:
-        W_dec = dictionary.atoms.detach().float().cpu()
-        sae = ForeignSAE("standard", W_dec=W_dec, b_dec=None if dictionary.bias is None else dictionary.bias.detach().float().cpu(),
-                         W_enc=W_dec, b_enc=torch.zeros(dictionary.n_latents),
-                         config={"apply_b_dec_to_input": dictionary.bias is not None})
+        sae = ForeignSAE.of_dictionary("standard", dictionary, W_enc=dictionary.atoms,
+                                       b_enc=torch.zeros(dictionary.n_latents),
+                                       config={"apply_b_dec_to_input": dictionary.bias is not None})
     else:
         try:
             sae = encoder.to_foreign(dictionary)
