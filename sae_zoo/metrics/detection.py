@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from .functional import (_detection_compute, _detection_update, _per_sample_mean_compute, _shrinkage_update,
-                         best_matches, feature_uniqueness)
+from .functional import _detection_compute, _detection_update, _shrinkage_update, _uniqueness_update, best_matches
+from .sparsity import _PerSampleMean
 
 
 class LatentDetection(Metric):
@@ -46,46 +46,20 @@ class LatentDetection(Metric):
         return _detection_compute(self.tp, self.fp, self.fn, self.tn)
 
 
-class FeatureUniqueness(Metric):
+class FeatureUniqueness(_PerSampleMean):
     """Distinct true features among the latents' best matches over the number of latents; each
     ``update(atoms, true_atoms)`` adds one snapshot of the dictionary, ``compute`` is their mean."""
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("snapshots", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, atoms: Tensor, true_atoms: Tensor) -> None:
-        self.total += feature_uniqueness(atoms, true_atoms).to(self.total.device)
-        self.snapshots += 1
-
-    def compute(self) -> Tensor:
-        return _per_sample_mean_compute(self.total, self.snapshots)
+    _update = staticmethod(_uniqueness_update)
 
 
-class Shrinkage(Metric):
-    """Mean over samples of ``||x_hat|| / ||x||`` (samples with ``||x|| <= 1e-6`` left out)."""
+class Shrinkage(_PerSampleMean):
+    """Mean over samples of ``||x_hat|| / ||x||`` (samples with ``||x|| <= 1e-6`` left out):
+    ``update(x_hat, x)``."""
 
-    is_differentiable = False
     higher_is_better = None
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("n", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, x_hat: Tensor, x: Tensor) -> None:
-        total, n = _shrinkage_update(x_hat, x)
-        self.total += total
-        self.n += n
-
-    def compute(self) -> Tensor:
-        return _per_sample_mean_compute(self.total, self.n)
+    _update = staticmethod(_shrinkage_update)
 
 
 __all__ = ["FeatureUniqueness", "LatentDetection", "Shrinkage"]

@@ -204,10 +204,16 @@ def latent_detection(codes: Tensor, true_codes: Tensor, atoms: Tensor, true_atom
     return _detection_compute(*_detection_update(codes, true_codes, best_matches(atoms, true_atoms)))
 
 
+def _uniqueness_update(atoms: Tensor, true_atoms: Tensor) -> tuple[Tensor, Tensor]:
+    """``(uniqueness of this dictionary, 1)``: one snapshot."""
+    value = best_matches(atoms, true_atoms).unique().numel() / atoms.shape[0]
+    return torch.tensor(value, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+
+
 def feature_uniqueness(atoms: Tensor, true_atoms: Tensor) -> Tensor:
     """Distinct true features among the latents' best matches, over the number of latents (1: no two
     latents track the same feature)."""
-    return torch.tensor(best_matches(atoms, true_atoms).unique().numel() / atoms.shape[0], dtype=torch.float64)
+    return _per_sample_mean_compute(*_uniqueness_update(atoms, true_atoms))
 
 
 def _shrinkage_update(x_hat: Tensor, x: Tensor, min_norm: float = 1e-6) -> tuple[Tensor, Tensor]:

@@ -12,20 +12,21 @@ from .functional import _dead_latents_compute, _dead_latents_update, _l0_update,
 
 
 class _PerSampleMean(Metric):
-    """Mean over samples of a per-sample quantity, streamed as a summed total and a sample count."""
+    """Mean over samples of a per-sample quantity, streamed as a summed total and a sample count;
+    ``_update(*update's arguments) -> (total, n)`` is the subclass's functional update helper."""
 
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
-    _update: Callable[[Tensor], tuple[Tensor, Tensor]]
+    _update: Callable[..., tuple[Tensor, Tensor]]
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, codes: Tensor) -> None:
-        total, n = type(self)._update(codes)
+    def update(self, *args: Tensor) -> None:
+        total, n = type(self)._update(*args)
         self.total += total
         self.n += n
 
