@@ -193,11 +193,12 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         codes = self.encode(x)
         return Reconstruction(self.decode(codes), codes)
 
-    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
+    def training_losses(self, batch: Batch, measure_l0: bool = True) -> dict[str, Tensor]:
         """The objective of one training batch: ``loss``; in the paper's unsupervised settings ``MSE +
         coeff * sparsity`` (both means over elements) and further terms. Its parts: ``mse`` (summed
         over the Matryoshka prefixes, if any), ``sparsity`` (the head's penalty: the L1 of the codes
-        unless the head has its own), the head's ``aux`` term and ``auxk``, with the batch's ``l0``. A head
+        unless the head has its own), the head's ``aux`` term and ``auxk``, with the batch's ``l0`` (when
+        ``measure_l0``: one more pass over the codes, which a step that neither logs nor targets an L0 skips). A head
         with a sparse form (top-k) is decoded from its k atoms per sample when ``sparse_decode``."""
         x, true_codes = unpack_batch(batch)
         if self.supervised:
@@ -214,8 +215,9 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             total = values.abs().sum() if isinstance(codes, SparseCodes) or not self.encoder.nonnegative_codes \
                 else values.sum()
             sparsity = total / (values[..., 0].numel() * self.dictionary.n_latents)
-        losses = {"mse": mse, "sparsity": sparsity,
-                  "l0": (values.detach() != 0).sum(-1).float().mean()}
+        losses = {"mse": mse, "sparsity": sparsity}
+        if measure_l0:
+            losses["l0"] = (values.detach() != 0).sum(-1).float().mean()
         loss = mse + self._coefficient() * sparsity
         if out.aux_loss is not None:
             losses["aux"] = out.aux_loss
@@ -245,10 +247,11 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.sparsity_coeff.mul_(torch.exp(rate * ((l0 - target) / target).clamp(-1, 1)))
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        losses = self.training_losses(batch)
-        if self.training_options["target_l0"] is not None and "l0" in losses:
+        logging, targets_l0 = self._logging_step(), self.training_options["target_l0"] is not None
+        losses = self.training_losses(batch, measure_l0=logging or targets_l0)
+        if targets_l0 and "l0" in losses:
             self._tune_towards_target_l0(losses["l0"])
-        if self._logging_step():  # the values are read for the log anyway, so checking them costs no extra sync
+        if logging:  # the values are read for the log anyway, so checking them costs no extra sync
             if not torch.isfinite(losses["loss"]):
                 raise FloatingPointError(f"the training loss is {losses['loss'].item()} at step {self.global_step}: "
                                          "check the inputs for NaN/Inf, or lower the learning rate")
@@ -256,7 +259,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             if self.tokens_since_fired is not None:
                 dead = (self.tokens_since_fired >= self.training_options["dead_tokens"]).float().mean()
                 self.log("train/dead_fraction", dead)
-            if self.training_options["target_l0"] is not None:
+            if targets_l0:
                 self.log("train/sparsity_coeff", self.sparsity_coeff)
             self.log("loss", losses["loss"], prog_bar=True, logger=False)
         return losses["loss"]
