@@ -24,7 +24,7 @@ from .topk import TopKEncoder
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["EncoderHead", "IterativeHead", "SparseCodes", "TrainingCodes", "ForeignSAE", "UnsupportedConversion", "FISTAEncoder",
-           "ISTAEncoder", "ITOEncoder", "LCAEncoder", "LISTAEncoder", "LinearEncoder", "MLPEncoder",
+__all__ = ["EncoderHead", "IterativeHead", "SparseCodes", "TrainingCodes", "ForeignSAE", "UnsupportedConversion",
+           "FISTAEncoder", "ISTAEncoder", "ITOEncoder", "LCAEncoder", "LISTAEncoder", "LinearEncoder", "MLPEncoder",
            "SparseCodingEncoder", "SupportSearchEncoder", "TopKEncoder", "converter_for", "create_encoder",
            "get_encoder_class", "list_architectures", "list_encoders", "register_encoder"]

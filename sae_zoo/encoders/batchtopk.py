@@ -45,13 +45,13 @@ class BatchTopKEncoder(LinearPreActivations, EncoderHead):
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
         if self.training:
             return self.training_codes(x, dictionary).codes
-        acts = self.linear(self.centre(self.check_input(x, dictionary), dictionary)).relu()
+        acts = self.linear_map(x, dictionary).relu()
         return acts * (acts > self.threshold)
 
     def training_codes(self, x: Tensor, dictionary: nn.Module | None = None, sparse: bool = True) -> TrainingCodes:
-        acts = self.linear(self.centre(self.check_input(x, dictionary), dictionary)).relu()
+        acts = self.linear_map(x, dictionary).relu()
         flat = acts.reshape(-1)
-        kept = flat.topk(min(self.k * (flat.numel() // self.n_latents), flat.numel()), sorted=False)
+        kept = flat.topk(self.k * (flat.numel() // self.n_latents), sorted=False)  # k <= n_latents: never too many
         codes = torch.zeros_like(flat).scatter(0, kept.indices, kept.values).reshape(acts.shape)
         self._update_threshold(kept.values.detach())
         return TrainingCodes(codes)

@@ -71,13 +71,13 @@ class JumpReLUEncoder(LinearPreActivations, EncoderHead):
         self.threshold = nn.Parameter(torch.full((n_latents,), float(threshold_init)))
 
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
-        z = self.linear(self.centre(self.check_input(x, dictionary), dictionary))
+        z = self.linear_map(x, dictionary)
         return z.relu() * (z > self.threshold)
 
     def training_codes(self, x: Tensor, dictionary: nn.Module | None = None, sparse: bool = True) -> TrainingCodes:
         with torch.no_grad():
             self.threshold.clamp_(min=0)
-        z = self.linear(self.centre(self.check_input(x, dictionary), dictionary))
+        z = self.linear_map(x, dictionary)
         codes, l0 = JumpReLUFunction.apply(z, self.threshold, self.bandwidth)
         sparsity = torch.tanh(self.tanh_scale * codes).mean() if self.sparsity_loss == "tanh" else l0
         return TrainingCodes(codes, sparsity=sparsity)
@@ -90,7 +90,8 @@ class JumpReLUEncoder(LinearPreActivations, EncoderHead):
     def from_foreign(cls, sae: ForeignSAE) -> "JumpReLUEncoder":
         # one per latent, or one for all (as dictionary_learning's BatchTopK keeps it); require checks the shape
         threshold = sae.require("threshold")["threshold"].reshape(-1).expand(sae.n_latents)
-        head = cls(sae.d_model, sae.n_latents, subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", False)))
+        head = cls(sae.d_model, sae.n_latents,
+                   subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", False)))
         weight, bias = sae.folded_encoder()
         scale = 1 if sae.keeps_norms else sae.decoder_norms
         load_linear(head.linear, weight, bias)

@@ -15,6 +15,10 @@ class LinearPreActivations:
     """For heads whose pre-activations are one linear map, ``self.linear`` of the centred input: the
     pre-activations of chosen latents (AuxK) and resetting latents' encoder rows (resampling)."""
 
+    def linear_map(self, x: Tensor, dictionary: nn.Module | None) -> Tensor:
+        """Every latent's pre-activation: ``self.linear`` of the checked, centred input."""
+        return self.linear(self.centre(self.check_input(x, dictionary), dictionary))
+
     def pre_activations(self, x: Tensor, dictionary: nn.Module | None, latents: Tensor) -> Tensor:
         x = self.centre(self.check_input(x, dictionary), dictionary)
         bias = None if self.linear.bias is None else self.linear.bias[latents]
@@ -50,8 +54,7 @@ class LinearEncoder(LinearPreActivations, EncoderHead):
         self.linear = nn.Linear(d_model, n_latents, bias=bias)
 
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
-        x = self.check_input(x, dictionary)
-        return F.relu(self.linear(self.centre(x, dictionary)))
+        return F.relu(self.linear_map(x, dictionary))
 
     def encode_flops(self) -> tuple[float, float]:
         return 2 * self.d_model * self.n_latents, self.n_latents + self.subtract_decoder_bias * self.d_model
@@ -78,4 +81,5 @@ def linear_export(head: EncoderHead, dictionary: nn.Module, architecture: str, p
     bias = head.linear.bias
     return ForeignSAE.of_dictionary(architecture, dictionary, W_enc=head.linear.weight,
                                     b_enc=torch.zeros(head.n_latents) if bias is None else bias,
-                                    config={"apply_b_dec_to_input": head.subtract_decoder_bias, **config}, params=params)
+                                    config={"apply_b_dec_to_input": head.subtract_decoder_bias, **config},
+                                    params=params)

@@ -50,7 +50,8 @@ class SparseCodingMetrics(nn.Module):
             self.metrics["shrinkage"].update(x_hat, x)
         if true_codes is not None and "mcc" in self.metrics:
             self.metrics["mcc"].update(codes, true_codes)
-        if true_codes is not None and atoms is not None and true_atoms is not None and "latent_detection" in self.metrics:
+        scores_detection = atoms is not None and true_atoms is not None and "latent_detection" in self.metrics
+        if true_codes is not None and scores_detection:
             self.metrics["latent_detection"].update(codes, true_codes, atoms, true_atoms)
 
     def update_dictionary(self, atoms: Tensor, true_atoms: Tensor) -> None:
