@@ -74,7 +74,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
       (``(x, true_codes)`` batches) with a per-latent cosine loss.
 
     Validation and test log MCC (when the batch carries true codes; ``code_recovery=False`` drops it,
-    and its ``n_latents`` x ``n_latents`` state, for data without them), FVU, MSE, L0, L1 and the dead
+    and its ``n_latents`` x ``n_true`` state, for data without them or where it costs too much), FVU, MSE, L0, L1 and the dead
     fraction; dictionary MCC too when ``true_dictionary`` is given. ``sparse_decode`` lets a top-k head
     decode from its k atoms per sample in training.
 
@@ -335,8 +335,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         """Add one held-out batch to ``metrics`` (the one way every evaluation scores a model)."""
         x, true_codes = unpack_batch(batch)
         x_hat, codes = self(x)
-        metrics.update(x_hat, x, codes, true_codes if self.code_recovery else None, atoms=self.dictionary.atoms,
-                       true_atoms=self.true_dictionary)
+        metrics.update(x_hat, x, codes, true_codes, atoms=self.dictionary.atoms, true_atoms=self.true_dictionary)
 
     def update_dictionary_metrics(self, metrics: SparseCodingMetrics) -> None:
         if self.true_dictionary is not None:

@@ -86,8 +86,12 @@ def test_codes_of_the_wrong_width_are_named():
     codes, true_codes, atoms, true_atoms = example()
     with pytest.raises(ValueError, match="codes have 15 latents, the matches 16"):
         functional.latent_detection(codes[:, :15], true_codes, atoms, true_atoms)
-    with pytest.raises(ValueError, match=r"LatentDetection expects 16 atoms, got \(15, 10\)"):
+    with pytest.raises(ValueError, match=r"LatentDetection expects 16 latents.*atoms \(15, 10\)"):
         LatentDetection(16).update(codes, true_codes, atoms[:15], true_atoms)
+    with pytest.raises(ValueError, match=r"LatentDetection expects 16 latents.*got codes \(\d+, 15\)"):
+        LatentDetection(16).update(codes[:, :15], true_codes, atoms, true_atoms)
+    with pytest.raises(ValueError, match=r"true codes \(n, \d+\).*got true codes \(\d+, 7\)"):
+        LatentDetection(16).update(codes, true_codes[:, :7], atoms, true_atoms)
 
 
 def test_every_evaluation_with_the_truth_reports_them():

@@ -64,16 +64,20 @@ class DictionaryMCC(Metric):
 
     Each ``update(atoms, true_atoms)`` adds one snapshot of the dictionary; ``compute`` scores the
     mean similarity matrix of the snapshots (under DDP every rank holds the same dictionary, so the
-    result is the single-process one).
+    result is the single-process one). ``over="true"``: the mean over the true atoms, an unmatched one
+    counting 0; ``over="matches"``: over the matched pairs (SynthSAEBench's and SAELens's MCC). They
+    differ only when there are fewer learned atoms than true ones.
     """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, num_latents: int, num_true_latents: int | None = None, **kwargs) -> None:
+    def __init__(self, num_latents: int, num_true_latents: int | None = None, over: str = "true", **kwargs) -> None:
         super().__init__(**kwargs)
-        self.num_latents, self.num_true_latents = num_latents, num_true_latents or num_latents
+        if over not in ("true", "matches"):
+            raise ValueError(f"over must be 'true' or 'matches', got {over!r}")
+        self.num_latents, self.num_true_latents, self.over = num_latents, num_true_latents or num_latents, over
         self.add_state("similarity_sum", default=torch.zeros(self.num_true_latents, num_latents, dtype=torch.float64),
                        dist_reduce_fx="sum")
         self.add_state("snapshots", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -88,7 +92,7 @@ class DictionaryMCC(Metric):
     def compute(self) -> Tensor:
         if float(self.snapshots) == 0:
             raise ValueError("DictionaryMCC of no dictionary: call update(atoms, true_atoms) first")
-        return matched_mean(self.similarity_sum / self.snapshots)
+        return matched_mean(self.similarity_sum / self.snapshots, over="rows" if self.over == "true" else "matches")
 
 
 __all__ = ["MCC", "DictionaryMCC"]

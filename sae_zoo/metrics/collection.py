@@ -14,9 +14,10 @@ from .sparsity import L0, L1, DeadLatents
 
 class SparseCodingMetrics(nn.Module):
     """FVU, MSE, L0, L1 and the dead fraction; MCC when true codes are given (``code_recovery``; its
-    ``n_latents x n_true`` state is skipped for data without them); dictionary MCC, feature uniqueness
-    and shrinkage when true atoms are, and with both the latents as feature detectors (precision,
-    recall, F1 and accuracy: ``latent_f1`` and the others)."""
+    ``n_latents x n_true`` state is skipped for data without them, or where it costs too much);
+    dictionary MCC (over the matched pairs, as SynthSAEBench scores it), feature uniqueness and
+    shrinkage when true atoms are, and with true codes too the latents as feature detectors
+    (precision, recall, F1 and accuracy: ``latent_f1`` and the others)."""
 
     #: metrics updated from the dictionary alone, once per evaluation
     DICTIONARY_METRICS = ("dictionary_mcc", "uniqueness")
@@ -31,11 +32,10 @@ class SparseCodingMetrics(nn.Module):
         if code_recovery:
             metrics["mcc"] = MCC(n_latents, num_true_latents or n_latents, **sync)
         if dictionary_recovery:
-            metrics["dictionary_mcc"] = DictionaryMCC(n_latents, num_true_latents or n_latents, **sync)
+            metrics["dictionary_mcc"] = DictionaryMCC(n_latents, num_true_latents or n_latents, over="matches", **sync)
             metrics["uniqueness"] = FeatureUniqueness(**sync)
             metrics["shrinkage"] = Shrinkage(**sync)
-            if code_recovery:
-                metrics["latent_detection"] = LatentDetection(n_latents, **sync)
+            metrics["latent_detection"] = LatentDetection(n_latents, **sync)
         self.metrics = nn.ModuleDict(metrics)
 
     def update(self, x_hat: Tensor, x: Tensor, codes: Tensor, true_codes: Tensor | None = None,

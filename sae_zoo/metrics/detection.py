@@ -32,8 +32,13 @@ class LatentDetection(Metric):
         self.add_state("matches", default=torch.full((num_latents,), -1, dtype=torch.long), dist_reduce_fx="max")
 
     def update(self, codes: Tensor, true_codes: Tensor, atoms: Tensor, true_atoms: Tensor) -> None:
-        if atoms.shape[0] != self.num_latents:
-            raise ValueError(f"LatentDetection expects {self.num_latents} atoms, got {tuple(atoms.shape)}")
+        if atoms.shape[0] != self.num_latents or codes.shape[-1] != self.num_latents:
+            raise ValueError(f"LatentDetection expects {self.num_latents} latents: codes (n, {self.num_latents}) and "
+                             f"atoms ({self.num_latents}, d), got codes {tuple(codes.shape)} and atoms "
+                             f"{tuple(atoms.shape)}")
+        if true_codes.shape[-1] != true_atoms.shape[0] or true_codes.shape[0] != codes.shape[0]:
+            raise ValueError(f"LatentDetection expects true codes (n, {true_atoms.shape[0]}) for the {codes.shape[0]} "
+                             f"samples and {true_atoms.shape[0]} true atoms, got true codes {tuple(true_codes.shape)}")
         if int(self.matches[0]) < 0:
             self.matches = best_matches(atoms, true_atoms).to(self.matches.device)
         tp, fp, fn, tn = _detection_update(codes, true_codes, self.matches)
