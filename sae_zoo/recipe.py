@@ -35,6 +35,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import flops
 from ._io import atomic_write, atomic_write_json, atomic_write_text
 from ._signature import UnknownArgumentError, check_kwargs
 from .data import DATAMODULES, PAPER_SEED, SparseCodingData
@@ -276,6 +277,7 @@ def plan(cfg: DictConfig) -> Plan:
         raise ValueError(f"data.name: unknown datamodule {data_name!r}; choices: {', '.join(DATAMODULES)}")
     data_class = DATAMODULES[data_name]
     check_kwargs(data_class.__init__, data_kwargs, what=f"data {data_name!r}", key_prefix="data.")
+    data_class.check_arguments(data_kwargs)
     encoder_name, encoder_kwargs = _named(cfg.encoder, "encoder")
     try:
         encoder_cls = get_encoder_class(encoder_name)
@@ -313,7 +315,7 @@ def plan(cfg: DictConfig) -> Plan:
                  what="the dictionary", skip=("n_latents", "d_model", "trainable"), key_prefix="dictionary.")
     model_kwargs = _plain(cfg.model)
     check_kwargs(SparseCoder.__init__, model_kwargs, what="SparseCoder",
-                 skip=("encoder", "dictionary", "supervised", "true_dictionary", "code_recovery"), key_prefix="model.")
+                 skip=("encoder", "dictionary", "supervised", "true_dictionary"), key_prefix="model.")
     if not model_kwargs.get("lr", 1.0) > 0:
         raise ValueError(f"model.lr must be positive, got {model_kwargs['lr']!r}")
     if not model_kwargs.get("l1_coeff", 0.0) >= 0:
@@ -367,10 +369,30 @@ def build(cfg: DictConfig | Plan) -> tuple[SparseCodingData, SparseCoder]:
         else:
             dictionary = Dictionary.from_tensor(datamodule.dictionary, trainable=False,
                                                 provenance={"source": "the data's true dictionary"})
+    model_kwargs = dict(p.model_kwargs)
+    if datamodule.ground_truth:
+        check_target_l0(model_kwargs.get("target_l0"), datamodule, n_latents)
+    # the true dictionary scores a learned or pretrained one (the known_* settings decode with it)
+    learned = cfg.setting == "unknown" or p.pretrained is not None
     model = SparseCoder(encoder, dictionary, supervised=cfg.setting == "known_codes",
-                        true_dictionary=datamodule.dictionary if cfg.setting == "unknown" else None,
-                        code_recovery=datamodule.ground_truth, **p.model_kwargs)
+                        true_dictionary=datamodule.dictionary if learned and datamodule.ground_truth else None,
+                        code_recovery=model_kwargs.pop("code_recovery", datamodule.ground_truth) and datamodule.ground_truth,
+                        **model_kwargs)
     return datamodule, model
+
+
+def check_target_l0(target_l0: float | None, datamodule: SparseCodingData, n_latents: int) -> None:
+    """Refuse a target L0 the tuning cannot reach: the controller only ever adds sparsity pressure, so the
+    codes settle at most near the data's own L0, times the width ratio where the model has more latents
+    than the data have features (features split over several latents)."""
+    true_l0 = datamodule.true_l0
+    if target_l0 is None or true_l0 is None:
+        return
+    ratio = max(1.0, n_latents / datamodule.n_latents)
+    if target_l0 > true_l0 * ratio:
+        raise RecipeError(f"model.target_l0: {target_l0} is unreachable: the data's true L0 is {true_l0:.3g} and the "
+                          f"width ratio {n_latents}/{datamodule.n_latents} allows at most {true_l0 * ratio:.3g}; "
+                          "choose a target at or below it")
 
 
 def make_trainer(p: Plan, *, callbacks: Sequence[L.Callback] = (), logger: Any = False, progress: bool = True,
@@ -473,7 +495,7 @@ def _train_and_evaluate(cfg: DictConfig, trainer: L.Trainer, datamodule: SparseC
         "setting": cfg.setting, "encoder": cfg.encoder.name, "seed": cfg.seed,
         "data_seed": datamodule.hparams.get("seed"), "steps": trainer.global_step,
         "train_seconds": round(train_seconds, 3), "devices": trainer.world_size,
-        "test": dict(sorted(test.items())),
+        "inference_flops": flops.inference_flops(model.encoder), "test": dict(sorted(test.items())),
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
     return run_dir, metrics

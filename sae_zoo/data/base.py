@@ -25,6 +25,9 @@ class SparseCodingData(L.LightningDataModule, metaclass=ABCMeta):
     * ``held_out_batches()``: every held-out batch, in order, on the calling process alone (the
       evaluation of a trained model reads them; a multi-device test loader splits them).
     * ``test_x``: all held-out inputs as one tensor; ``test_codes`` their true codes (or None).
+    * ``true_l0``: the mean number of true latents active per sample, where the data know it.
+    * ``check_arguments(kwargs)``: the checks a recipe runs on the data's arguments before anything is
+      built (a classmethod; none by default).
     """
 
     ground_truth: ClassVar[bool]
@@ -53,3 +56,12 @@ class SparseCodingData(L.LightningDataModule, metaclass=ABCMeta):
     def test_codes(self) -> Tensor | None:
         """The held-out inputs' true codes, where the data know them."""
         return None
+
+    @property
+    def true_l0(self) -> float | None:
+        """The mean number of true latents active per sample, where the data know it."""
+        return None
+
+    @classmethod
+    def check_arguments(cls, kwargs: dict[str, Any]) -> None:
+        """Checks of the data's arguments that need no data (raise ``ValueError`` naming the ``data.`` key)."""

@@ -90,6 +90,10 @@ class SyntheticSparseDataModule(SparseCodingData):
     def test_codes(self) -> Tensor:
         return self._test_codes
 
+    @property
+    def true_l0(self) -> float:
+        return float(self.k)
+
     def train_dataloader(self) -> DataLoader:
         if self.batch_size is None:
             return DataLoader(RepeatedBatch((self.train_x, self.train_codes), self.steps_per_epoch), batch_size=None)
