@@ -117,6 +117,35 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
+def plot_recovery(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Feature recovery on data with known features: F1 and decoder MCC (rows) against L0 and against
+    inference FLOPs per sample (columns), one marker per method, bars the spread over seeds; SAELens's
+    runs hollow."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row_axes, (metric, name) in zip(axes, (("latent_f1", "F1 (latents as feature detectors)"),
+                                               ("dictionary_mcc", "MCC (decoder against true features)"))):
+        for ax, (x_key, x_name) in zip(row_axes, (("l0", "L0 (active latents per sample)"),
+                                                  ("inference_flops", "inference FLOPs per sample"))):
+            for i, r in enumerate(rows):
+                if r.get(metric) is None or r.get(x_key) is None:
+                    continue
+                color = colors[i % len(colors)]
+                ax.errorbar(r[x_key], r[metric], yerr=r.get(f"{metric}_sd"), xerr=r.get(f"{x_key}_sd"),
+                            fmt="os^Dv<>P*X"[i % 10], markersize=7, capsize=3, color=color,
+                            markerfacecolor="none" if r.get("peer") else color, label=r["label"])
+            if x_key == "inference_flops":
+                ax.set_xscale("log")
+            ax.set(xlabel=x_name, ylabel=name)
+            ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.suptitle(f"{title}\n(rank methods only at matching L0; hollow markers: SAELens's own training)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    return save_figure(fig, path)
+
+
 def plot_frontier(summary: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """One panel per frontier panel: each method's mean test MCC (band: +- std over seeds) against total FLOPs."""
     import numpy as np

@@ -8,27 +8,44 @@ the earlier run ``NAME``: ``dictionary: {pretrained: run:sae}`` puts a head in f
 frozen decoder, ``warm_start: {pretrained: run:sae}`` seeds an iterative head with its encoder.
 ``sae-zoo fit SUITE.yaml [--quick] [key=value ...]`` runs them in order (overrides apply to every
 run) and writes ``comparison.csv``, ``comparison.md`` and ``comparison.png`` beside the run directories.
+
+``seeds: [s1, s2, ...]`` repeats every run once per model seed (``NAME/seedS``; ``run:NAME`` then means
+the same seed's run) and the table gives each method's mean +- standard deviation over the seeds.
+A run with ``saelens: {architecture: ..., ...}`` is trained by SAELens's own trainer on the same data
+(:mod:`sae_zoo.peers`). A run may carry ``published: {metric: value}``, figures the literature reports
+for that method, shown beside ours in ``report.md``. Where the data know the true features, the table
+gives F1, decoder MCC, uniqueness, variance explained and L0, ``comparison.png`` plots F1 and MCC against
+L0 and against inference FLOPs, and ``report.md`` compares the best sae_zoo method with SAELens's best.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import OmegaConf
 
 from ._io import atomic_write_text
+from .peers import fit_saelens
 from .recipe import RecipeError, apply_quick, fit, read_recipe_file, recipe_from_content
-from .report import format_table, plot_comparison, print_table, write_csv
+from .report import format_table, plot_comparison, plot_recovery, print_table, write_csv
 
 REPLACED_SECTIONS = ("encoder", "dictionary")
 RUN_REFERENCE = "run:"
 #: comparison columns: (metrics.json test key, header, format); a key's standard error, ``KEY_se``, is shown
 #: beside it when the run reports one
-COLUMNS = [("fvu", "FVU", "{:.4f}"), ("fvu_with_outliers", "FVU, all tokens", "{:.4f}"), ("l0", "L0", "{:.1f}"),
-           ("dead_latents", "dead", "{:.3f}"), ("ce_loss_recovered", "CE recovered", "{:.3f}"),
-           ("ce_spliced", "CE spliced", "{:.3f}"), ("mcc", "MCC", "{:.3f}")]
+COLUMNS = [("latent_f1", "F1", "{:.3f}"), ("dictionary_mcc", "MCC (decoder)", "{:.3f}"), ("uniqueness", "unique", "{:.3f}"),
+           ("ve", "VE", "{:.3f}"), ("fvu", "FVU", "{:.4f}"), ("fvu_with_outliers", "FVU, all tokens", "{:.4f}"),
+           ("l0", "L0", "{:.1f}"), ("dead_latents", "dead", "{:.3f}"), ("ce_loss_recovered", "CE recovered", "{:.3f}"),
+           ("ce_spliced", "CE spliced", "{:.3f}"), ("mcc", "MCC (codes)", "{:.3f}"),
+           ("inference_flops", "inference FLOPs", "{:.2e}")]
+#: numbers averaged over seeds (the rest of a row is the first seed's); a method's FLOPs do not vary, so no spread
+AVERAGED = [key for key, _, _ in COLUMNS] + ["train_seconds", "train_tokens_per_s"]
+WITHOUT_SPREAD = ("inference_flops", "train_seconds", "train_tokens_per_s")
 
 
 def is_suite(path: str | Path) -> bool:
@@ -58,37 +75,75 @@ def _resolve_references(value: Any, run_dirs: dict[str, Path], where: str) -> An
 
 def run_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, quick: bool = False,
               out_dir: str | Path | None = None, progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
-    """Run every run of the suite at ``path``; returns ``(output folder, one row of results per run)``."""
+    """Run every run of the suite at ``path`` (once per seed); returns ``(output folder, one row per method)``."""
     source = str(path)
     content = apply_quick(read_recipe_file(path), quick, source)
     runs, base = content.get("runs"), content.get("base", {})
     if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) and "name" in r for r in runs):
         raise RecipeError(f"{source}: 'runs' must be a list of {{name, label, recipe}} mappings")
+    seeds = content.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or
+                              not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise RecipeError(f"{source}: seeds must be a list of integers, got {seeds!r}")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(out_dir) if out_dir else Path("runs") / f"{Path(path).stem}{'-quick' if quick else ''}-{stamp}"
     # check every run's recipe before the first one trains (earlier runs' folders are not known yet)
-    planned = {r["name"]: out / r["name"] for r in runs}
-    recipes = []
-    for spec in runs:
-        where = f"{source}: runs[{spec['name']}]"
-        content_ = _resolve_references(_merge_run(base, spec.get("recipe", {})), planned, where)
-        recipes.append(recipe_from_content({**content_, "run_dir": str(planned[spec["name"]])}, overrides, where))
-    rows = []
-    for spec, cfg in zip(runs, recipes):
+    jobs = []
+    for seed in seeds or [None]:
+        planned = {r["name"]: out / r["name"] / (f"seed{seed}" if seed is not None else "") for r in runs}
+        for spec in runs:
+            where = f"{source}: runs[{spec['name']}]"
+            content_ = _resolve_references(_merge_run(base, spec.get("recipe", {})), planned, where)
+            extra = {"seed": seed} if seed is not None else {}
+            cfg = recipe_from_content({**content_, **extra, "run_dir": str(planned[spec["name"]])}, overrides, where)
+            jobs.append((spec, cfg, where))
+    rows, start = [], time.perf_counter()
+    for i, (spec, cfg, where) in enumerate(jobs, 1):
         label = spec.get("label", spec["name"])
-        print(f"\n== {label} ==", flush=True)
-        run_dir, metrics = fit(cfg, recipe_name=Path(path).stem, progress=progress)
+        print(f"\n== [{i}/{len(jobs)}, {time.perf_counter() - start:.0f}s] {label} (seed {cfg.seed}) ==", flush=True)
+        if "saelens" in spec:
+            run_dir, metrics = fit_saelens(cfg, dict(spec["saelens"]), recipe_name=Path(path).stem, where=where)
+        else:
+            run_dir, metrics = fit(cfg, recipe_name=Path(path).stem, progress=progress)
         batch = cfg.data.get("batch_size")
         speed = metrics["steps"] * batch / metrics["train_seconds"] if batch and metrics["train_seconds"] else None
-        rows.append({"name": spec["name"], "label": label, "run_dir": str(run_dir), "steps": metrics["steps"],
-                     "train_seconds": metrics["train_seconds"], "train_tokens_per_s": speed, **metrics["test"]})
-    write_comparison(out, content.get("title", Path(path).stem), rows)
-    return out, rows
+        test = dict(metrics["test"])
+        if "latent_f1" in test:  # variance explained, as SynthSAEBench reports it
+            test["ve"] = 1 - test["fvu"]
+        rows.append({"name": spec["name"], "label": label, "run_dir": str(run_dir), "seed": cfg.seed,
+                     "steps": metrics["steps"], "train_seconds": metrics["train_seconds"], "train_tokens_per_s": speed,
+                     "inference_flops": metrics.get("inference_flops"), "peer": "saelens" in spec, **test})
+    methods = aggregate(rows, [spec for spec in runs])
+    write_comparison(out, content.get("title", Path(path).stem), methods, per_seed=rows if seeds else None)
+    return out, methods
+
+
+def aggregate(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run of the suite: the mean over its seeds of every averaged number, ``KEY_sd`` their
+    standard deviation (with two seeds or more), ``seeds`` how many, ``published`` the literature's figures."""
+    out = []
+    for spec in runs:
+        mine = [r for r in rows if r["name"] == spec["name"]]
+        row = {k: v for k, v in mine[0].items() if k != "seed"}
+        row["seeds"] = len(mine)
+        for key in AVERAGED:
+            values = [r[key] for r in mine if isinstance(r.get(key), (int, float)) and r.get(key) is not None]
+            if len(values) == len(mine) and values:
+                row[key] = float(np.mean(values))
+                if len(mine) > 1 and key not in WITHOUT_SPREAD:
+                    row[f"{key}_sd"] = float(np.std(values, ddof=1))
+        if spec.get("published"):
+            row["published"] = dict(spec["published"])
+        out.append(row)
+    return out
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """``(header, rows)`` of the comparison: the metrics any run reported, training time and speed."""
+    """``(header, rows)`` of the comparison: the metrics any run reported, training time and speed.
+    Where the data know the truth (F1 is reported), variance explained replaces FVU."""
     columns = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    if any("ve" in r for r in rows):
+        columns = [c for c in columns if c[0] != "fvu"]
     header = ["method", *(h for _, h, _ in columns), "train s", "train tok/s"]
     body = [[r["label"], *(_cell(r, k, f) for k, _, f in columns), f"{r['train_seconds']:.0f}",
              f"{r['train_tokens_per_s']:,.0f}" if r.get("train_tokens_per_s") else "-"] for r in rows]
@@ -96,10 +151,10 @@ def comparison_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[s
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    if key not in row:
+    if row.get(key) is None:
         return "-"
-    se = row.get(f"{key}_se")
-    return fmt.format(row[key]) + (f" ± {fmt.format(se)}" if se is not None and se == se else "")
+    spread = row.get(f"{key}_se", row.get(f"{key}_sd"))
+    return fmt.format(row[key]) + (f" ± {fmt.format(spread)}" if spread is not None and spread == spread else "")
 
 
 def comparison_notes(rows: list[dict[str, Any]]) -> list[str]:
@@ -113,6 +168,12 @@ def comparison_notes(rows: list[dict[str, Any]]) -> list[str]:
                      "are left out of FVU, L0, dead and CE recovered; 'FVU, all tokens' keeps them.")
     if any(f"{k}_se" in r for r in rows for k, _, _ in COLUMNS):
         notes.append("± is one standard error, by bootstrap over held-out contexts.")
+    elif any(r.get("seeds", 1) > 1 for r in rows):
+        notes.append(f"Each figure is the mean over {max(r.get('seeds', 1) for r in rows)} model seeds, ± their "
+                     "standard deviation.")
+    if any(r.get("peer") for r in rows):
+        notes.append("Rows marked SAELens are trained by SAELens's own trainer on the same samples and scored by the "
+                     "same evaluation.")
     l0s = [r["l0"] for r in rows if "l0" in r]
     if len(l0s) > 1 and max(l0s) > 1.1 * min(l0s):
         notes.append(f"The methods sit at different L0s ({min(l0s):.1f} to {max(l0s):.1f}): rank only rows at "
@@ -120,13 +181,67 @@ def comparison_notes(rows: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
-def write_comparison(out: Path, title: str, rows: list[dict[str, Any]]) -> None:
+def write_comparison(out: Path, title: str, rows: list[dict[str, Any]],
+                     per_seed: list[dict[str, Any]] | None = None) -> None:
+    """``comparison.csv`` (``comparison_seeds.csv``: every seed's row), ``comparison.md``, ``comparison.png``
+    and, where the data know the truth, ``report.md`` (with the best-against-SAELens ratio)."""
     out.mkdir(parents=True, exist_ok=True)
     header, body = comparison_table(rows)
-    write_csv(rows, out / "comparison.csv")
+    write_csv([{k: v for k, v in r.items() if k != "published"} for r in rows], out / "comparison.csv")
+    if per_seed:
+        write_csv(per_seed, out / "comparison_seeds.csv")
     notes = "".join(f"\n{line}\n" for line in comparison_notes(rows))
-    atomic_write_text(out / "comparison.md", f"# {title}\n\n{format_table(body, header, markdown=True)}\n{notes}")
-    plot_comparison(rows, out / "comparison.png", title)
+    table = format_table(body, header, markdown=True)
+    atomic_write_text(out / "comparison.md", f"# {title}\n\n{table}\n{notes}")
+    if any("latent_f1" in r for r in rows):
+        plot_recovery(rows, out / "comparison.png", title)
+        atomic_write_text(out / "report.md", recovery_report(title, rows, table, notes))
+    else:
+        plot_comparison(rows, out / "comparison.png", title)
+
+
+def best_against_peer(rows: list[dict[str, Any]], l0_tolerance: float = 0.1) -> dict[str, Any] | None:
+    """SAELens's best row by F1, and sae_zoo's best among the rows within ``l0_tolerance`` of its L0."""
+    peers = [r for r in rows if r.get("peer") and "latent_f1" in r]
+    if not peers:
+        return None
+    theirs = max(peers, key=lambda r: r["latent_f1"])
+    matched = [r for r in rows if not r.get("peer") and "latent_f1" in r
+               and abs(r["l0"] - theirs["l0"]) <= l0_tolerance * theirs["l0"]]
+    if not matched:
+        return None
+    ours = max(matched, key=lambda r: r["latent_f1"])
+    return {"ours": ours, "theirs": theirs, "f1_ratio": ours["latent_f1"] / theirs["latent_f1"],
+            "mcc_ratio": ours["dictionary_mcc"] / theirs["dictionary_mcc"]}
+
+
+def recovery_report(title: str, rows: list[dict[str, Any]], table: str, notes: str) -> str:
+    """``report.md`` of a suite on data with known features: the table, the literature's figures, the plot and
+    the best sae_zoo method against SAELens's best at matched L0."""
+    lines = [f"# {title}", "", table, notes, "![F1 and MCC against L0 and inference FLOPs](comparison.png)", ""]
+    published = [r for r in rows if r.get("published")]
+    if published:
+        keys = sorted({k for r in published for k in r["published"]})
+        lines += ["## Published figures beside ours", "",
+                  format_table([[r["label"], *(_fmt(r["published"].get(k)) for k in keys),
+                                 *(_fmt(r.get(k)) for k in ("latent_f1", "dictionary_mcc", "ve"))] for r in published],
+                               ["method", *(f"published {k}" for k in keys), "our F1", "our MCC", "our VE"],
+                               markdown=True), ""]
+    best = best_against_peer(rows)
+    if best is not None:
+        ours, theirs = best["ours"], best["theirs"]
+        lines += ["## sae_zoo's best against SAELens's best", "",
+                  f"SAELens's best: **{theirs['label']}** (F1 {theirs['latent_f1']:.3f}, MCC "
+                  f"{theirs['dictionary_mcc']:.3f}, VE {theirs['ve']:.3f}, L0 {theirs['l0']:.1f}). sae_zoo's best within "
+                  f"10% of that L0: **{ours['label']}** (F1 {ours['latent_f1']:.3f}, MCC {ours['dictionary_mcc']:.3f}, "
+                  f"VE {ours['ve']:.3f}, L0 {ours['l0']:.1f}, {ours['inference_flops']:.2e} inference FLOPs per sample "
+                  f"against {theirs['inference_flops']:.2e}).", "",
+                  f"Ratio, ours / SAELens's: F1 **{best['f1_ratio']:.3f}**, MCC **{best['mcc_ratio']:.3f}**.", ""]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
 def print_comparison(out: Path, rows: list[dict[str, Any]]) -> None:
@@ -135,4 +250,8 @@ def print_comparison(out: Path, rows: list[dict[str, Any]]) -> None:
     print_table(body, header)
     for line in comparison_notes(rows):
         print(line)
+    best = best_against_peer(rows)
+    if best is not None:
+        print(f"best sae_zoo method at SAELens's best L0: {best['ours']['label']}; ratio to {best['theirs']['label']}: "
+              f"F1 {best['f1_ratio']:.3f}, MCC {best['mcc_ratio']:.3f}")
     print(f"\nruns, comparison.csv/.md and comparison.png: {out}")

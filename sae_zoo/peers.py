@@ -1,0 +1,120 @@
+"""SAELens's own SAEs, trained by SAELens's own trainer on the samples sae_zoo's runs see, and scored by
+the same evaluation: the side-by-side rows of a suite (``saelens:`` in a run).
+
+A run's ``saelens`` mapping names the architecture (``batchtopk``, ``matryoshka_batchtopk``, ``topk``,
+``jumprelu``, ``standard``, ...) and any keys of its SAELens training config (``k``,
+``matryoshka_widths``, ...); ``d_in`` and ``d_sae`` come from the data and ``dictionary.n_latents``. The
+trainer takes SAELens's synthetic-runner defaults (``SyntheticSAERunnerConfig``), with the recipe's
+``model.lr``, ``data.batch_size`` and ``trainer.max_steps``, and any runner keys under
+``saelens.trainer`` (e.g. ``dead_feature_window``). The trained SAE is saved in SAELens's
+inference format (``RUN_DIR/saelens/``), loaded back through :func:`sae_zoo.load_sae` (which gives
+SAELens's codes exactly) and evaluated like every other run. ``metrics.json`` also holds what
+SAELens's own ``eval_sae_on_synthetic_data`` reports on fresh samples of the same generator.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import flops
+from ._io import atomic_write_json, atomic_write_text
+from .evaluation import evaluate
+from .hub import load_sae
+from .model import SparseCoder
+from .recipe import INIT_SEED_OFFSET, RecipeError, check_run_dir, default_run_dir, plan
+
+#: samples SAELens's evaluator draws for its own figures
+SAELENS_EVAL_SAMPLES = 16_384
+
+
+def _batches(datamodule: Any, device: str) -> Iterator[torch.Tensor]:
+    """The datamodule's training batches, pass after pass, as SAELens's trainer pulls them."""
+    for _ in itertools.count():
+        for batch in datamodule.train_dataloader():
+            yield batch.to(device)
+
+
+def _device(trainer_kwargs: dict[str, Any]) -> str:
+    """Where the recipe's Trainer would run: a GPU when it may use one and one is there."""
+    wants_gpu = trainer_kwargs.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+
+def saelens_config(architecture: str, options: dict[str, Any], d_in: int, d_sae: int, where: str) -> Any:
+    """SAELens's training-SAE config of ``architecture``; a key or value it refuses raises RecipeError."""
+    from sae_lens.registry import get_sae_training_class
+
+    try:
+        _, config_class = get_sae_training_class(architecture)
+    except (KeyError, ValueError) as e:
+        raise RecipeError(f"{where}: saelens.architecture {architecture!r} is not a SAELens architecture ({e})") from None
+    try:
+        return config_class.from_dict({"d_in": d_in, "d_sae": d_sae, **options})
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{where}: SAELens rejects saelens={options!r} for {architecture}: {e}") from None
+
+
+def fit_saelens(cfg: DictConfig, saelens: dict[str, Any], recipe_name: str = "recipe",
+                where: str = "saelens run") -> tuple[Path, dict[str, Any]]:
+    """Train SAELens's ``saelens["architecture"]`` SAE on the recipe's data; returns ``(run_dir, metrics)``."""
+    from sae_lens.config import LoggingConfig
+    from sae_lens.synthetic import SyntheticSAERunnerConfig, eval_sae_on_synthetic_data
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    options = dict(saelens)
+    architecture, runner_options = options.pop("architecture", None), dict(options.pop("trainer", None) or {})
+    if architecture is None:
+        raise RecipeError(f"{where}: saelens.architecture is required (e.g. batchtopk)")
+    p = plan(cfg)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, recipe_name)
+    check_run_dir(run_dir)
+    n_latents = p.dictionary_kwargs.get("n_latents")
+    if cfg.setting != "unknown" or n_latents is None:
+        raise RecipeError(f"{where}: a SAELens run learns its dictionary: it needs setting=unknown and dictionary.n_latents")
+    datamodule = p.data_class(**p.data_kwargs)
+    batch_size, steps = int(p.data_kwargs.get("batch_size", 1024)), int(p.trainer_kwargs.get("max_steps", 1000))
+    device = _device(p.trainer_kwargs)
+    sae_cfg = saelens_config(architecture, {"device": device, **options}, datamodule.d_model, n_latents, where)
+    try:
+        trainer_cfg = SyntheticSAERunnerConfig(synthetic_model="the recipe's data", sae=sae_cfg,
+                                               training_samples=steps * batch_size, batch_size=batch_size,
+                                               lr=float(p.model_kwargs.get("lr", 3e-4)),
+                                               logger=LoggingConfig(log_to_wandb=False), device=device,
+                                               **runner_options).to_sae_trainer_config()
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{where}: SAELens rejects saelens.trainer={runner_options!r}: {e}") from None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml({**OmegaConf.to_container(cfg), "saelens": saelens}))
+    datamodule.prepare_data()
+    from sae_lens.registry import get_sae_training_class
+
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed + INIT_SEED_OFFSET)
+        sae = get_sae_training_class(architecture)[0](sae_cfg)
+        start = time.perf_counter()
+        trained = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_batches(datamodule, device),
+                             save_checkpoint_fn=lambda path: None).fit()
+        train_seconds = time.perf_counter() - start
+    trained.save_inference_model(run_dir / "saelens")
+    loaded = load_sae(run_dir / "saelens")
+    truth = datamodule.ground_truth
+    model = SparseCoder(loaded.encoder, loaded.dictionary, true_dictionary=datamodule.dictionary if truth else None,
+                        code_recovery=bool(p.model_kwargs.get("code_recovery", truth)) and truth).to(device).eval()
+    test = evaluate(model, datamodule)
+    theirs = eval_sae_on_synthetic_data(trained, datamodule.generator.feature_dict,
+                                        datamodule.generator.activation_generator, num_samples=SAELENS_EVAL_SAMPLES,
+                                        batch_size=batch_size) if hasattr(datamodule, "generator") else None
+    metrics = {"setting": cfg.setting, "encoder": f"saelens:{architecture}", "seed": cfg.seed,
+               "data_seed": datamodule.hparams.get("seed"), "steps": steps, "train_seconds": round(train_seconds, 3),
+               "devices": 1, "inference_flops": flops.inference_flops(model.encoder), "test": dict(sorted(test.items()))}
+    if theirs is not None:
+        metrics["saelens_evaluator"] = theirs.to_dict()
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    return run_dir, metrics

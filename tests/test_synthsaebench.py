@@ -1,0 +1,195 @@
+"""SynthSAEBench through SAELens's own generator: the datamodule, its cache and checks, the metrics
+against SAELens's evaluator on the same model and samples, and suites with SAELens's own SAEs."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("sae_lens.synthetic", reason="SynthSAEBench needs the synthsaebench extra (sae-lens)")
+
+from sae_lens import SAE  # noqa: E402
+from sae_lens.synthetic import SyntheticModel, eval_sae_on_synthetic_data  # noqa: E402
+
+from sae_zoo import SparseCoder  # noqa: E402
+from sae_zoo.data import SynthSAEBenchDataModule  # noqa: E402
+from sae_zoo.data.synthsaebench import SHA256_RECORD, draw, save_model  # noqa: E402
+from sae_zoo.hub import load_sae  # noqa: E402
+from sae_zoo.hub.formats import export_saelens  # noqa: E402
+from sae_zoo.recipe import RecipeError, build, fit, load_recipe, plan  # noqa: E402
+from sae_zoo.suite import run_suite  # noqa: E402
+
+TINY = {"num_features": 64, "hidden_dim": 16,
+        "firing_probability": {"generator_name": "zipfian", "exponent": 0.5, "max_prob": 0.4, "min_prob": 0.01},
+        "hierarchy": {"total_root_nodes": 2, "branching_factor": 3, "max_depth": 2, "mutually_exclusive_portion": 1.0,
+                      "scale_children_by_parent": True},
+        "correlation": {"rank": 2, "correlation_scale": 0.1}, "orthogonalization": {"num_steps": 10},
+        "mean_firing_magnitudes": {"generator_name": "linear", "start": 5.0, "end": 4.0},
+        "std_firing_magnitudes": {"generator_name": "folded_normal", "mean": 0.5, "std": 0.5}, "seed": 5}
+
+
+def tiny_data(tmp_path, **kwargs):
+    options = {"config": TINY, "n_train": 4096, "n_test": 2048, "batch_size": 256, "cache_dir": str(tmp_path / "cache")}
+    return SynthSAEBenchDataModule(**{**options, **kwargs})
+
+
+def recipe_file(tmp_path, **sections):
+    content = {"setting": "unknown", "seed": 1,
+               "data": {"name": "synthsaebench", "config": TINY, "n_train": 4096, "n_test": 2048, "batch_size": 256,
+                        "cache_dir": str(tmp_path / "cache")},
+               "dictionary": {"n_latents": 32, "bias": True}, "encoder": {"name": "topk", "k": 3},
+               "model": {"l1_coeff": 0.0, "lr": 0.003, "code_recovery": False},
+               "trainer": {"max_steps": 40, "enable_progress_bar": False}, **sections}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_samples_are_saelens_own_draws_seeded_and_cached(tmp_path):
+    dm = tiny_data(tmp_path)
+    dm.prepare_data()
+    x, codes = dm.test_x, dm.test_codes
+    assert x.shape == (2048, 16) and codes.shape == (2048, 64) and dm.n_latents == 64 and dm.d_model == 16
+    # the generator's own map from features to inputs, exactly
+    vectors, bias = dm.generator.feature_dict.feature_vectors.detach(), dm.generator.feature_dict.bias.detach()
+    torch.testing.assert_close(codes @ vectors + bias, x, rtol=1e-5, atol=1e-5)
+    assert torch.equal(dm.dictionary, vectors)
+    # SAELens's sampler itself under the same seed: the cache changes nothing about the distribution
+    x_again, codes_again = draw(dm.generator, 2048, 0, -1)
+    assert torch.equal(x_again, x) and torch.equal(codes_again, codes)
+    rates = (codes > 0).float().mean(0)
+    assert 1.0 < dm.true_l0 == pytest.approx(float(rates.sum()))
+    # a second datamodule reads the same cache; another seed draws other samples
+    again = tiny_data(tmp_path)
+    assert again.samples_dir == dm.samples_dir and torch.equal(again.test_x, x)
+    assert not torch.equal(tiny_data(tmp_path, seed=1).test_x, x)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 4096 // 256 and batches[0].shape == (256, 16)
+    train = torch.cat(batches)
+    assert sorted(train.sum(1).tolist()) != sorted(x[: len(train)].sum(1).tolist())  # held-out rows are not trained on
+
+
+def test_streamed_samples_are_fresh_and_repeat_with_the_seed(tmp_path):
+    first = [b.clone() for b in tiny_data(tmp_path, stream=True, n_train=1024).train_dataloader()]
+    again = [b.clone() for b in tiny_data(tmp_path, stream=True, n_train=1024).train_dataloader()]
+    assert len(first) == 4 and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1])
+
+
+def test_a_saved_model_is_checked_against_its_sha256(tmp_path):
+    from sae_zoo.data.synthsaebench import model_config
+
+    folder = save_model(SyntheticModel(model_config(TINY)), tmp_path / "model")
+    record = json.loads((folder / SHA256_RECORD).read_text())["files"]
+    assert set(record) >= {"synthetic_model_config.json", "synthetic_model.safetensors"}
+    loaded = SynthSAEBenchDataModule(model=str(folder), n_train=256, n_test=256, cache_dir=str(tmp_path / "c"))
+    assert loaded.n_latents == 64
+    weights = folder / "synthetic_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"synthetic_model.safetensors: sha256 [0-9a-f]{64} does not match its record"):
+        SynthSAEBenchDataModule(model=str(folder), n_train=256, n_test=256, cache_dir=str(tmp_path / "c"))
+
+
+def test_a_config_saelens_rejects_names_the_file_and_key(tmp_path):
+    path = recipe_file(tmp_path)
+    with pytest.raises(RecipeError, match=r"recipe.yaml: data.config.hierarchy: SAELens rejects this SynthSAEBench "
+                                          r"config: .*total_root_nodes must be positive"):
+        load_recipe(path, ["data.config.hierarchy.total_root_nodes=0"])
+    with pytest.raises(RecipeError, match=r"recipe.yaml: data.config.num_features: SAELens rejects .*num_features must "
+                                          r"be at least 1"):
+        load_recipe(path, ["data.config.num_features=0"])
+    with pytest.raises(RecipeError, match=r"data.config.colour: SAELens rejects .*unexpected keyword argument 'colour'"):
+        load_recipe(path, ["data.config.colour=red"])
+    with pytest.raises(RecipeError, match="data.model or data.config must be given"):
+        load_recipe(path, ["~data.config"])
+    with pytest.raises(ValueError, match=r"data.model: .*is neither a folder nor a SynthSAEBench model"):
+        SynthSAEBenchDataModule(model="no-such-owner/no-such-model", cache_dir=str(tmp_path / "c"))
+
+
+def test_a_target_l0_above_the_datas_is_refused(tmp_path):
+    cfg = load_recipe(recipe_file(tmp_path), ["encoder.name=linear", "~encoder.k", "model.target_l0=40", "model.l1_coeff=1.0"])
+    with pytest.raises(RecipeError, match=r"model.target_l0: 40 is unreachable: the data's true L0 is [\d.]+ and the "
+                                          r"width ratio 32/64 allows at most"):
+        build(plan(cfg))
+    build(plan(load_recipe(recipe_file(tmp_path), ["encoder.name=linear", "~encoder.k", "model.target_l0=1.5", "model.l1_coeff=1.0"])))
+
+
+def _saelens_eval(sae, generator, seed, n=2048):
+    torch.manual_seed(seed)
+    return eval_sae_on_synthetic_data(sae, generator.feature_dict, generator.activation_generator, num_samples=n)
+
+
+def _ours_on_the_same_samples(model, generator, seed, n=2048):
+    torch.manual_seed(seed)
+    codes = generator.activation_generator.sample(n)
+    x = generator.feature_dict(codes)
+    metrics = model.new_metrics(sync_on_compute=False)
+    with torch.no_grad():
+        model.update_metrics(metrics, (x, codes))
+    model.update_dictionary_metrics(metrics)
+    return metrics.compute()
+
+
+@pytest.mark.parametrize("trained_by", ["sae_zoo", "saelens"])
+def test_metrics_agree_with_saelens_evaluator_on_the_same_model_and_samples(tmp_path, trained_by):
+    """SAELens's eval_sae_on_synthetic_data and sae_zoo's metrics on one trained SAE (trained by either
+    library, saved in SAELens's format, each library reading it with its own loader) and the same samples."""
+    from sae_zoo.peers import fit_saelens
+
+    path = recipe_file(tmp_path)
+    if trained_by == "sae_zoo":
+        run_dir, _ = fit(load_recipe(path, [f"run_dir={tmp_path / 'run'}"]), progress=False)
+        ours = SparseCoder.load_from_checkpoint(run_dir / "model.ckpt", map_location="cpu")
+        export_saelens(ours, tmp_path / "saelens")
+        folder = tmp_path / "saelens"
+    else:
+        run_dir, _ = fit_saelens(load_recipe(path, [f"run_dir={tmp_path / 'run'}"]), {"architecture": "batchtopk", "k": 3})
+        folder = run_dir / "saelens"
+    dm = tiny_data(tmp_path)
+    loaded = load_sae(folder)
+    model = SparseCoder(loaded.encoder, loaded.dictionary, true_dictionary=dm.dictionary, code_recovery=False).eval()
+    theirs = _saelens_eval(SAE.load_from_disk(folder), dm.generator, seed=11)
+    mine = _ours_on_the_same_samples(model, dm.generator, seed=11)
+    classification = theirs.classification
+    assert 0.05 < classification.f1_score < 1.0  # a model that has learned something, not a trivial one
+    pairs = {"latent_f1": classification.f1_score, "latent_precision": classification.precision,
+             "latent_recall": classification.recall, "latent_accuracy": classification.accuracy,
+             "dictionary_mcc": theirs.mcc, "uniqueness": theirs.uniqueness, "shrinkage": theirs.shrinkage,
+             "l0": theirs.sae_l0, "dead_latents": theirs.dead_latents / 32}
+    for key, value in pairs.items():
+        assert mine[key] == pytest.approx(value, abs=2e-5), key
+    assert 1 - mine["fvu"] == pytest.approx(theirs.explained_variance, abs=1e-5)
+
+
+def test_a_suite_over_seeds_with_saelens_beside_ours(tmp_path):
+    recipe = yaml.safe_load(recipe_file(tmp_path).read_text())
+    suite = {"title": "tiny", "seeds": [1, 2], "base": recipe,
+             "runs": [{"name": "topk", "label": "top-k", "published": {"f1": 0.5}},
+                      {"name": "fista", "label": "FISTA on top-k's decoder",
+                       "recipe": {"setting": "known_dictionary", "dictionary": {"pretrained": "run:topk"},
+                                  "encoder": {"name": "fista", "steps": 20, "k": 3}}},
+                      {"name": "theirs", "label": "SAELens BatchTopK", "saelens": {"architecture": "batchtopk", "k": 3}}]}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    out, rows = run_suite(path, out_dir=tmp_path / "out", progress=False)
+    with open(out / "comparison_seeds.csv") as f:
+        per_seed = list(csv.DictReader(f))
+    assert [(r["name"], r["seed"]) for r in per_seed] == [("topk", "1"), ("fista", "1"), ("theirs", "1"),
+                                                         ("topk", "2"), ("fista", "2"), ("theirs", "2")]
+    fista_seed2 = yaml.safe_load((out / "fista" / "seed2" / "config.yaml").read_text())
+    assert fista_seed2["dictionary"]["pretrained"] == str(out / "topk" / "seed2")  # run:NAME: the same seed's run
+    by_name = {r["name"]: r for r in rows}
+    f1s = [float(r["latent_f1"]) for r in per_seed if r["name"] == "topk"]
+    assert by_name["topk"]["latent_f1"] == pytest.approx(sum(f1s) / 2)
+    assert by_name["topk"]["latent_f1_sd"] == pytest.approx(abs(f1s[0] - f1s[1]) / 2 ** 0.5)
+    assert by_name["theirs"]["peer"] and not by_name["topk"]["peer"]
+    assert by_name["theirs"]["ve"] == pytest.approx(1 - by_name["theirs"]["fvu"])
+    report = (out / "report.md").read_text()
+    assert "| top-k " in report and "published f1" in report and "SAELens BatchTopK" in report
+    assert (out / "comparison.png").stat().st_size > 10_000
+    if abs(by_name["topk"]["l0"] - by_name["theirs"]["l0"]) <= 0.1 * by_name["theirs"]["l0"]:
+        assert "Ratio, ours / SAELens's: F1" in report
