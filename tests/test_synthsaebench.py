@@ -59,6 +59,8 @@ def test_samples_are_saelens_own_draws_seeded_and_cached(tmp_path):
     # SAELens's sampler itself under the same seed: the cache changes nothing about the distribution
     x_again, codes_again = draw(dm.generator, 2048, 0, -1)
     assert torch.equal(x_again, x) and torch.equal(codes_again, codes)
+    batches = list(dm.held_out_batches())  # the sparse store made dense one batch at a time
+    assert len(batches) == 8 and torch.equal(torch.cat([c for _, c in batches]), codes)
     rates = (codes > 0).float().mean(0)
     assert 1.0 < dm.true_l0 == pytest.approx(float(rates.sum()))
     # a second datamodule reads the same cache; another seed draws other samples

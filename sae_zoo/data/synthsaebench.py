@@ -22,6 +22,7 @@ benchmark's and not a look-alike.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Iterator
@@ -160,14 +161,42 @@ def _seed(*parts: int) -> int:
 DRAW_BLOCK = 4096
 
 
-def draw(model: Any, n: int, seed: int, *more: int) -> tuple[Tensor, Tensor]:
-    """``(x, true feature activations)`` for ``n`` samples of ``model``, seeded: the same arguments give the
-    same samples. SAELens's sampler draws from torch's global generator, so it runs under a forked one."""
+def _blocks(model: Any, n: int, seed: int, *more: int) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """``(start, x, true feature activations)`` for ``n`` samples in blocks of :data:`DRAW_BLOCK`, drawn in that
+    order from one generator seeded by ``(seed, *more)``. SAELens's sampler draws from torch's global
+    generator, so it runs under a forked one."""
     devices = [model.device] if str(model.device).startswith("cuda") else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(_seed(seed, *more))
-        blocks = [model.sample_with_features(min(DRAW_BLOCK, n - start)) for start in range(0, n, DRAW_BLOCK)]
-    return torch.cat([x for x, _ in blocks]), torch.cat([codes for _, codes in blocks])
+        for start in range(0, n, DRAW_BLOCK):
+            yield start, *model.sample_with_features(min(DRAW_BLOCK, n - start))
+
+
+def draw(model: Any, n: int, seed: int, *more: int) -> tuple[Tensor, Tensor]:
+    """``(x, true feature activations)`` for ``n`` samples of ``model``, seeded: the same arguments give the
+    same samples."""
+    blocks = list(_blocks(model, n, seed, *more))
+    return torch.cat([x for _, x, _ in blocks]), torch.cat([codes for _, _, codes in blocks])
+
+
+def draw_sparse(model: Any, n: int, seed: int, *more: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The samples of :func:`draw` as ``(x, indices, values)`` on the CPU: the true feature activations as the
+    (row, feature) indices of their nonzeros, rows in order, and their values; no ``(n, num_features)`` tensor
+    is ever held."""
+    xs, indices, values = [], [], []
+    for start, x, codes in _blocks(model, n, seed, *more):
+        nonzero = codes.nonzero()
+        xs.append(x.float().cpu())
+        values.append(codes[nonzero[:, 0], nonzero[:, 1]].float().cpu())
+        indices.append(nonzero.cpu().to(torch.int64) + torch.tensor([start, 0]))
+    return torch.cat(xs), torch.cat(indices), torch.cat(values)
+
+
+def densify(indices: Tensor, values: Tensor, rows: int, columns: int, first_row: int = 0) -> Tensor:
+    """The dense ``(rows, columns)`` block starting at ``first_row`` of sparse ``(indices, values)``."""
+    dense = torch.zeros(rows, columns)
+    dense[indices[:, 0] - first_row, indices[:, 1]] = values
+    return dense
 
 
 class StreamedSamples(IterableDataset):
@@ -184,6 +213,16 @@ class StreamedSamples(IterableDataset):
         self.epoch += 1
         for i in range(self.n_batches):
             yield draw(self.model, self.batch_size, self.seed, self.epoch, self.rank, i)[0]
+
+
+class HeldOutBatches(IterableDataset):
+    """The held-out batches ``(x, true feature activations)`` one at a time, every ``world``-th from ``rank``."""
+
+    def __init__(self, datamodule: "SynthSAEBenchDataModule", rank: int = 0, world: int = 1) -> None:
+        self.datamodule, self.rank, self.world = datamodule, rank, world
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return itertools.islice(self.datamodule.held_out_batches(), self.rank, None, self.world)
 
 
 class SynthSAEBenchDataModule(SparseCodingData):
@@ -211,7 +250,7 @@ class SynthSAEBenchDataModule(SparseCodingData):
         self.fingerprint = fingerprint(self.generator)
         self.dictionary = self.generator.feature_dict.feature_vectors.detach().float().cpu()
         self.n_latents = int(self.dictionary.shape[0])
-        self._held_out_cache: tuple[Tensor, Tensor] | None = None
+        self._held_out_cache: tuple[Tensor, Tensor, Tensor] | None = None
 
     @classmethod
     def check_arguments(cls, kwargs: dict[str, Any]) -> None:
@@ -258,7 +297,8 @@ class SynthSAEBenchDataModule(SparseCodingData):
     @property
     def true_l0(self) -> float:
         """The mean number of true features active per held-out sample."""
-        return float((self._held_out()[1] != 0).sum()) / len(self._held_out()[1])
+        x, indices, _ = self._held_out()
+        return len(indices) / len(x)
 
     def describe(self) -> dict[str, Any]:
         h = self.hparams
@@ -266,9 +306,14 @@ class SynthSAEBenchDataModule(SparseCodingData):
                 "synthsaebench_sha256": self.fingerprint, "data_seed": h.seed}
 
     def held_out_batches(self) -> Iterator[Batch]:
-        x, codes = self._held_out()
-        for start in range(0, len(x), self.hparams.batch_size):
-            yield x[start:start + self.hparams.batch_size], codes[start:start + self.hparams.batch_size]
+        """``(x, true feature activations)`` batches, the activations made dense one batch at a time."""
+        x, indices, values = self._held_out()
+        size = self.hparams.batch_size
+        rows = torch.searchsorted(indices[:, 0].contiguous(), torch.arange(0, len(x) + size, size))
+        for i, start in enumerate(range(0, len(x), size)):
+            batch = x[start:start + size]
+            part = slice(int(rows[i]), int(rows[i + 1]))
+            yield batch, densify(indices[part], values[part], len(batch), self.n_latents, first_row=start)
 
     @property
     def test_x(self) -> Tensor:
@@ -276,7 +321,9 @@ class SynthSAEBenchDataModule(SparseCodingData):
 
     @property
     def test_codes(self) -> Tensor:
-        return self._held_out()[1]
+        """All held-out true feature activations as one dense tensor (``n_test x num_features``: large at 16k)."""
+        x, indices, values = self._held_out()
+        return densify(indices, values, len(x), self.n_latents)
 
     # ---- samples ----
 
@@ -300,27 +347,24 @@ class SynthSAEBenchDataModule(SparseCodingData):
             h = self.hparams
             n_train = 0 if h.stream else h.n_train
             with atomic_directory(folder, replaces=("manifest.json",)) as staging:
-                x, codes = draw(self.generator, h.n_test, h.seed, -1)
-                save_file({"x": x.float().cpu().contiguous(), "indices": codes.nonzero().to(torch.int32).cpu().contiguous(),
-                           "values": codes[codes != 0].float().cpu()}, str(staging / "test.safetensors"))
+                x, indices, values = draw_sparse(self.generator, h.n_test, h.seed, -1)
+                save_file({"x": x, "indices": indices, "values": values}, str(staging / "test.safetensors"))
                 shards = math.ceil(n_train / self.SHARD_ROWS)
                 for i in tqdm(range(shards), desc="drawing SynthSAEBench samples", unit="shard", disable=shards < 2):
                     rows = min(self.SHARD_ROWS, n_train - i * self.SHARD_ROWS)
-                    x = torch.cat([draw(self.generator, min(DRAW_BLOCK, rows - start), h.seed, i, start)[0]
-                                   for start in range(0, rows, DRAW_BLOCK)])  # no (rows, num_features) codes at once
-                    save_shard(staging / f"train-{i:05d}.safetensors", "activations", x.float().cpu())
+                    x = torch.cat([draw_sparse(self.generator, min(DRAW_BLOCK, rows - start), h.seed, i, start)[0]
+                                   for start in range(0, rows, DRAW_BLOCK)])
+                    save_shard(staging / f"train-{i:05d}.safetensors", "activations", x)
                 atomic_write_json(staging / "manifest.json", {"format": SAMPLES_FORMAT, "model": self.fingerprint,
                                                               "seed": h.seed, "n_train": n_train, "n_test": h.n_test,
                                                               "train_shards": shards})
 
-    def _held_out(self) -> tuple[Tensor, Tensor]:
+    def _held_out(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x, indices, values)`` of the held-out samples, their true activations sparse (rows in order)."""
         if self._held_out_cache is None:
             self.prepare_data()
             stored = read_safetensors(self.samples_dir / "test.safetensors")
-            codes = torch.zeros(len(stored["x"]), self.n_latents)
-            index = stored["indices"].long()
-            codes[index[:, 0], index[:, 1]] = stored["values"]
-            self._held_out_cache = (stored["x"], codes)
+            self._held_out_cache = (stored["x"], stored["indices"].long(), stored["values"])
         return self._held_out_cache
 
     def _rank(self) -> tuple[int, int]:
@@ -345,5 +389,4 @@ class SynthSAEBenchDataModule(SparseCodingData):
         return self.test_dataloader()
 
     def test_dataloader(self) -> DataLoader:
-        rank, world = self._rank()
-        return DataLoader(list(self.held_out_batches())[rank::world], batch_size=None)
+        return DataLoader(HeldOutBatches(self, *self._rank()), batch_size=None)
