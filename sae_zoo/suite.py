@@ -5,7 +5,8 @@ recipe}``) and optionally ``title`` and ``quick`` (keys replaced under ``--quick
 ``recipe`` replaces the base's ``encoder`` and ``dictionary`` sections whole (heads take different
 arguments) and merges into the others. A string ``run:NAME`` anywhere in it becomes the directory of
 the earlier run ``NAME``: ``dictionary: {pretrained: run:sae}`` puts a head in front of that SAE's
-frozen decoder, ``warm_start: {pretrained: run:sae}`` seeds an iterative head with its encoder.
+frozen decoder, ``warm_start: {pretrained: run:sae}`` seeds an iterative head with its encoder;
+``run:NAME/PATH`` is a path inside that run (``run:theirs/saelens``: a SAELens run's saved SAE).
 ``sae-zoo fit SUITE.yaml [--quick] [key=value ...]`` runs them in order (overrides apply to every
 run) and writes ``comparison.csv``, ``comparison.md`` and ``comparison.png`` beside the run directories.
 
@@ -66,10 +67,10 @@ def _resolve_references(value: Any, run_dirs: dict[str, Path], where: str) -> An
     if isinstance(value, list):
         return [_resolve_references(v, run_dirs, where) for v in value]
     if isinstance(value, str) and value.startswith(RUN_REFERENCE):
-        name = value[len(RUN_REFERENCE):]
+        name, _, inside = value[len(RUN_REFERENCE):].partition("/")
         if name not in run_dirs:
             raise RecipeError(f"{where}: {value!r} names no earlier run (earlier: {', '.join(run_dirs) or 'none'})")
-        return str(run_dirs[name])
+        return str(run_dirs[name] / inside) if inside else str(run_dirs[name])
     return value
 
 
@@ -78,25 +79,10 @@ def run_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, 
     """Run every run of the suite at ``path`` (once per seed); returns ``(output folder, one row per method)``."""
     source = str(path)
     content = apply_quick(read_recipe_file(path), quick, source)
-    runs, base = content.get("runs"), content.get("base", {})
-    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) and "name" in r for r in runs):
-        raise RecipeError(f"{source}: 'runs' must be a list of {{name, label, recipe}} mappings")
-    seeds = content.get("seeds")
-    if seeds is not None and (not isinstance(seeds, list) or not seeds or
-                              not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
-        raise RecipeError(f"{source}: seeds must be a list of integers, got {seeds!r}")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(out_dir) if out_dir else Path("runs") / f"{Path(path).stem}{'-quick' if quick else ''}-{stamp}"
-    # check every run's recipe before the first one trains (earlier runs' folders are not known yet)
-    jobs = []
-    for seed in seeds or [None]:
-        planned = {r["name"]: out / r["name"] / (f"seed{seed}" if seed is not None else "") for r in runs}
-        for spec in runs:
-            where = f"{source}: runs[{spec['name']}]"
-            content_ = _resolve_references(_merge_run(base, spec.get("recipe", {})), planned, where)
-            extra = {"seed": seed} if seed is not None else {}
-            cfg = recipe_from_content({**content_, **extra, "run_dir": str(planned[spec["name"]])}, overrides, where)
-            jobs.append((spec, cfg, where))
+    jobs = suite_jobs(content, source, out, overrides)
+    runs = content["runs"]
     rows, start = [], time.perf_counter()
     for i, (spec, cfg, where) in enumerate(jobs, 1):
         label = spec.get("label", spec["name"])
@@ -113,9 +99,34 @@ def run_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, 
         rows.append({"name": spec["name"], "label": label, "run_dir": str(run_dir), "seed": cfg.seed,
                      "steps": metrics["steps"], "train_seconds": metrics["train_seconds"], "train_tokens_per_s": speed,
                      "inference_flops": metrics.get("inference_flops"), "peer": "saelens" in spec, **test})
-    methods = aggregate(rows, [spec for spec in runs])
-    write_comparison(out, content.get("title", Path(path).stem), methods, per_seed=rows if seeds else None)
+    methods = aggregate(rows, runs)
+    write_comparison(out, content.get("title", Path(path).stem), methods,
+                     per_seed=rows if content.get("seeds") else None)
     return out, methods
+
+
+def suite_jobs(content: dict[str, Any], source: str, out: Path, overrides: list[str] | tuple[str, ...] = ()
+               ) -> list[tuple[dict[str, Any], Any, str]]:
+    """Every ``(run spec, resolved recipe, where)`` of a suite's content (its quick preset applied), in the
+    order they run, each recipe checked before anything trains (earlier runs' folders are not known yet:
+    ``run:NAME`` resolves to where they will be)."""
+    runs, base = content.get("runs"), content.get("base", {})
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) and "name" in r for r in runs):
+        raise RecipeError(f"{source}: 'runs' must be a list of {{name, label, recipe}} mappings")
+    seeds = content.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or
+                              not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise RecipeError(f"{source}: seeds must be a list of integers, got {seeds!r}")
+    jobs = []
+    for seed in seeds or [None]:
+        planned = {r["name"]: out / r["name"] / (f"seed{seed}" if seed is not None else "") for r in runs}
+        for spec in runs:
+            where = f"{source}: runs[{spec['name']}]"
+            content_ = _resolve_references(_merge_run(base, spec.get("recipe", {})), planned, where)
+            extra = {"seed": seed} if seed is not None else {}
+            cfg = recipe_from_content({**content_, **extra, "run_dir": str(planned[spec["name"]])}, overrides, where)
+            jobs.append((spec, cfg, where))
+    return jobs
 
 
 def aggregate(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

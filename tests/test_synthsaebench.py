@@ -3,6 +3,7 @@ against SAELens's evaluator on the same model and samples, and suites with SAELe
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,17 +175,24 @@ def test_a_suite_over_seeds_with_saelens_beside_ours(tmp_path):
                       {"name": "fista", "label": "FISTA on top-k's decoder",
                        "recipe": {"setting": "known_dictionary", "dictionary": {"pretrained": "run:topk"},
                                   "encoder": {"name": "fista", "steps": 20, "k": 3}}},
-                      {"name": "theirs", "label": "SAELens BatchTopK", "saelens": {"architecture": "batchtopk", "k": 3}}]}
+                      {"name": "theirs", "label": "SAELens BatchTopK", "saelens": {"architecture": "batchtopk", "k": 3}},
+                      {"name": "iht", "label": "IHT on SAELens's",
+                       "recipe": {"setting": "known_dictionary", "dictionary": {"pretrained": "run:theirs/saelens"},
+                                  "encoder": {"name": "iht", "steps": 5,
+                                              "warm_start": {"pretrained": "run:theirs/saelens"}}}}]}
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
     out, rows = run_suite(path, out_dir=tmp_path / "out", progress=False)
     with open(out / "comparison_seeds.csv") as f:
         per_seed = list(csv.DictReader(f))
-    assert [(r["name"], r["seed"]) for r in per_seed] == [("topk", "1"), ("fista", "1"), ("theirs", "1"),
-                                                         ("topk", "2"), ("fista", "2"), ("theirs", "2")]
+    assert [(r["name"], r["seed"]) for r in per_seed] == [(name, seed) for seed in "12"
+                                                         for name in ("topk", "fista", "theirs", "iht")]
     fista_seed2 = yaml.safe_load((out / "fista" / "seed2" / "config.yaml").read_text())
     assert fista_seed2["dictionary"]["pretrained"] == str(out / "topk" / "seed2")  # run:NAME: the same seed's run
+    iht_seed1 = yaml.safe_load((out / "iht" / "seed1" / "config.yaml").read_text())
+    assert iht_seed1["dictionary"]["pretrained"] == str(out / "theirs" / "seed1" / "saelens")  # run:NAME/PATH
     by_name = {r["name"]: r for r in rows}
+    assert by_name["iht"]["dictionary_mcc"] == pytest.approx(by_name["theirs"]["dictionary_mcc"])  # the same decoder
     f1s = [float(r["latent_f1"]) for r in per_seed if r["name"] == "topk"]
     assert by_name["topk"]["latent_f1"] == pytest.approx(sum(f1s) / 2)
     assert by_name["topk"]["latent_f1_sd"] == pytest.approx(abs(f1s[0] - f1s[1]) / 2 ** 0.5)
@@ -195,3 +203,26 @@ def test_a_suite_over_seeds_with_saelens_beside_ours(tmp_path):
     assert (out / "comparison.png").stat().st_size > 10_000
     if abs(by_name["topk"]["l0"] - by_name["theirs"]["l0"]) <= 0.1 * by_name["theirs"]["l0"]:
         assert "Ratio, ours / SAELens's: F1" in report
+
+
+@pytest.mark.parametrize("recipe", ["cpu2k.yaml", "bench16k.yaml"])
+@pytest.mark.parametrize("quick", [False, True])
+def test_the_synthsaebench_suites_check_out(recipe, quick, tmp_path):
+    """Every run of the shipped suites (and their quick presets) resolves and passes the recipe checks, run:NAME
+    references included, without training or drawing anything."""
+    from sae_zoo.recipe import apply_quick, read_recipe_file
+    from sae_zoo.suite import suite_jobs
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "synthsaebench" / recipe
+    content = read_recipe_file(path)
+    if quick and "quick" not in content:
+        pytest.skip(f"{recipe} has no quick preset")
+    content = apply_quick(content, quick, str(path))
+    jobs = suite_jobs(content, str(path), tmp_path / "out")
+    assert len(jobs) == len(content["runs"]) * len(content.get("seeds", [None]))
+    names = [spec["name"] for spec, _, _ in jobs]
+    assert any(name.startswith("saelens_batchtopk") for name in names)
+    for spec, cfg, _ in jobs:
+        if spec["name"].startswith("iht_on_saelens"):
+            assert cfg.dictionary.pretrained == str(tmp_path / "out" / spec["recipe"]["dictionary"]["pretrained"]
+                                                    .split(":")[1].split("/")[0] / f"seed{cfg.seed}" / "saelens")
