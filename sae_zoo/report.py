@@ -122,8 +122,8 @@ def plot_recovery(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     inference FLOPs per sample (columns), one marker per method, bars the spread over seeds; SAELens's
     runs hollow."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9 + 0.16 * len(rows)), squeeze=False)
+    colors = plt.get_cmap("tab20").colors if len(rows) > 10 else plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row_axes, (metric, name) in zip(axes, (("latent_f1", "F1 (latents as feature detectors)"),
                                                ("dictionary_mcc", "MCC (decoder against true features)"))):
         for ax, (x_key, x_name) in zip(row_axes, (("l0", "L0 (active latents per sample)"),
@@ -140,9 +140,10 @@ def plot_recovery(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
             ax.set(xlabel=x_name, ylabel=name)
             ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8)
+    legend_height = 0.015 + 0.013 * ((len(labels) + 1) // 2)
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
     fig.suptitle(f"{title}\n(rank methods only at matching L0; hollow markers: SAELens's own training)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    fig.tight_layout(rect=(0, legend_height, 1, 1))
     return save_figure(fig, path)
 
 
