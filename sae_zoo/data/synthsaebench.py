@@ -156,8 +156,9 @@ def _seed(*parts: int) -> int:
     return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
 
 
-#: samples SAELens draws at once: its sampler works on dense (n, num_features) tensors, fastest on a CPU
-#: in blocks of a few thousand (``benchmarks/synthsaebench_sampler.py``)
+#: samples SAELens draws at once: its sampler works on dense (n, num_features) tensors, so blocks keep memory
+#: bounded; on a CPU blocks of 1,024 to 4,096 run at about the same speed, 16,384 at half
+#: (``benchmarks/synthsaebench_sampler.py``). Changing it changes the draws.
 DRAW_BLOCK = 4096
 
 
