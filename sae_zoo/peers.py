@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import flops
-from ._io import atomic_write_json, atomic_write_text
+from ._io import atomic_directory, atomic_write_json, atomic_write_text
 from .evaluation import evaluate
 from .hub import load_sae
 from .model import SparseCoder
@@ -47,16 +47,17 @@ def _device(trainer_kwargs: dict[str, Any]) -> str:
     return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
 
 
-def saelens_config(architecture: str, options: dict[str, Any], d_in: int, d_sae: int, where: str) -> Any:
-    """SAELens's training-SAE config of ``architecture``; a key or value it refuses raises RecipeError."""
+def saelens_config(architecture: str, options: dict[str, Any], d_in: int, d_sae: int, where: str) -> tuple[type, Any]:
+    """SAELens's training-SAE class of ``architecture`` and its config; a key or value SAELens refuses raises
+    RecipeError."""
     from sae_lens.registry import get_sae_training_class
 
     try:
-        _, config_class = get_sae_training_class(architecture)
+        sae_class, config_class = get_sae_training_class(architecture)
     except (KeyError, ValueError) as e:
         raise RecipeError(f"{where}: saelens.architecture {architecture!r} is not a SAELens architecture ({e})") from None
     try:
-        return config_class.from_dict({"d_in": d_in, "d_sae": d_sae, **options})
+        return sae_class, config_class.from_dict({"d_in": d_in, "d_sae": d_sae, **options})
     except (TypeError, ValueError) as e:
         raise RecipeError(f"{where}: SAELens rejects saelens={options!r} for {architecture}: {e}") from None
 
@@ -75,13 +76,15 @@ def fit_saelens(cfg: DictConfig, saelens: dict[str, Any], recipe_name: str = "re
     p = plan(cfg)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, recipe_name)
     check_run_dir(run_dir)
+    if (run_dir / "metrics.json").exists():
+        raise RecipeError(f"run_dir: {run_dir} already holds a finished run; choose another run_dir")
     n_latents = p.dictionary_kwargs.get("n_latents")
     if cfg.setting != "unknown" or n_latents is None:
         raise RecipeError(f"{where}: a SAELens run learns its dictionary: it needs setting=unknown and dictionary.n_latents")
     datamodule = p.data_class(**p.data_kwargs)
     batch_size, steps = int(p.data_kwargs.get("batch_size", 1024)), int(p.trainer_kwargs.get("max_steps", 1000))
     device = _device(p.trainer_kwargs)
-    sae_cfg = saelens_config(architecture, {"device": device, **options}, datamodule.d_model, n_latents, where)
+    sae_class, sae_cfg = saelens_config(architecture, {"device": device, **options}, datamodule.d_model, n_latents, where)
     try:
         trainer_cfg = SyntheticSAERunnerConfig(synthetic_model="the recipe's data", sae=sae_cfg,
                                                training_samples=steps * batch_size, batch_size=batch_size,
@@ -93,16 +96,15 @@ def fit_saelens(cfg: DictConfig, saelens: dict[str, Any], recipe_name: str = "re
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml({**OmegaConf.to_container(cfg), "saelens": saelens}))
     datamodule.prepare_data()
-    from sae_lens.registry import get_sae_training_class
-
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed + INIT_SEED_OFFSET)
-        sae = get_sae_training_class(architecture)[0](sae_cfg)
+        sae = sae_class(sae_cfg)
         start = time.perf_counter()
         trained = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_batches(datamodule, device),
                              save_checkpoint_fn=lambda path: None).fit()
         train_seconds = time.perf_counter() - start
-    trained.save_inference_model(run_dir / "saelens")
+    with atomic_directory(run_dir / "saelens", replaces=("cfg.json",)) as staging:
+        trained.save_inference_model(staging)
     loaded = load_sae(run_dir / "saelens")
     truth = datamodule.ground_truth
     model = SparseCoder(loaded.encoder, loaded.dictionary, true_dictionary=datamodule.dictionary if truth else None,
