@@ -8,8 +8,9 @@ trainer takes SAELens's synthetic-runner defaults (``SyntheticSAERunnerConfig``)
 ``model.lr``, ``data.batch_size`` and ``trainer.max_steps``, and any runner keys under
 ``saelens.trainer`` (e.g. ``dead_feature_window``). The trained SAE is saved in SAELens's
 inference format (``RUN_DIR/saelens/``), loaded back through :func:`sae_zoo.load_sae` (which gives
-SAELens's codes exactly) and evaluated like every other run. ``metrics.json`` also holds what
-SAELens's own ``eval_sae_on_synthetic_data`` reports on fresh samples of the same generator.
+SAELens's codes exactly) and evaluated like every other run (:func:`sae_zoo.recipe.evaluate_run`).
+``metrics.json`` also holds what SAELens's own ``eval_sae_on_synthetic_data`` reports on fresh samples of
+the same generator.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import flops
 from ._io import atomic_directory, atomic_write_json, atomic_write_text
-from .evaluation import evaluate
 from .hub import load_sae
 from .model import SparseCoder
-from .recipe import INIT_SEED_OFFSET, RecipeError, check_run_dir, default_run_dir, plan
+from .recipe import (INIT_SEED_OFFSET, RecipeError, check_run_dir, default_run_dir, evaluate_run, plan,
+                     run_record)
 
 #: samples SAELens's evaluator draws for its own figures
 SAELENS_EVAL_SAMPLES = 16_384
@@ -55,7 +55,8 @@ def saelens_config(architecture: str, options: dict[str, Any], d_in: int, d_sae:
     try:
         sae_class, config_class = get_sae_training_class(architecture)
     except (KeyError, ValueError) as e:
-        raise RecipeError(f"{where}: saelens.architecture {architecture!r} is not a SAELens architecture ({e})") from None
+        raise RecipeError(f"{where}: saelens.architecture {architecture!r} is not a SAELens architecture "
+                          f"({e})") from None
     try:
         return sae_class, config_class.from_dict({"d_in": d_in, "d_sae": d_sae, **options})
     except (TypeError, ValueError) as e:
@@ -76,15 +77,15 @@ def fit_saelens(cfg: DictConfig, saelens: dict[str, Any], recipe_name: str = "re
     p = plan(cfg)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, recipe_name)
     check_run_dir(run_dir)
-    if (run_dir / "metrics.json").exists():
-        raise RecipeError(f"run_dir: {run_dir} already holds a finished run; choose another run_dir")
     n_latents = p.dictionary_kwargs.get("n_latents")
     if cfg.setting != "unknown" or n_latents is None:
-        raise RecipeError(f"{where}: a SAELens run learns its dictionary: it needs setting=unknown and dictionary.n_latents")
+        raise RecipeError(f"{where}: a SAELens run learns its dictionary: it needs setting=unknown and "
+                          "dictionary.n_latents")
     datamodule = p.data_class(**p.data_kwargs)
     batch_size, steps = int(p.data_kwargs.get("batch_size", 1024)), int(p.trainer_kwargs.get("max_steps", 1000))
     device = _device(p.trainer_kwargs)
-    sae_class, sae_cfg = saelens_config(architecture, {"device": device, **options}, datamodule.d_model, n_latents, where)
+    sae_class, sae_cfg = saelens_config(architecture, {"device": device, **options}, datamodule.d_model, n_latents,
+                                        where)
     try:
         trainer_cfg = SyntheticSAERunnerConfig(synthetic_model="the recipe's data", sae=sae_cfg,
                                                training_samples=steps * batch_size, batch_size=batch_size,
@@ -109,13 +110,12 @@ def fit_saelens(cfg: DictConfig, saelens: dict[str, Any], recipe_name: str = "re
     truth = datamodule.ground_truth
     model = SparseCoder(loaded.encoder, loaded.dictionary, true_dictionary=datamodule.dictionary if truth else None,
                         code_recovery=bool(p.model_kwargs.get("code_recovery", truth)) and truth).to(device).eval()
-    test = evaluate(model, datamodule)
+    test = evaluate_run(model, datamodule)
     theirs = eval_sae_on_synthetic_data(trained, datamodule.generator.feature_dict,
                                         datamodule.generator.activation_generator, num_samples=SAELENS_EVAL_SAMPLES,
                                         batch_size=batch_size) if hasattr(datamodule, "generator") else None
-    metrics = {"setting": cfg.setting, "encoder": f"saelens:{architecture}", "seed": cfg.seed,
-               "data_seed": datamodule.hparams.get("seed"), "steps": steps, "train_seconds": round(train_seconds, 3),
-               "devices": 1, "inference_flops": flops.inference_flops(model.encoder), "test": dict(sorted(test.items()))}
+    metrics = run_record(cfg, datamodule, model, test, encoder=f"saelens:{architecture}", steps=steps,
+                         train_seconds=train_seconds, devices=1)
     if theirs is not None:
         metrics["saelens_evaluator"] = theirs.to_dict()
     atomic_write_json(run_dir / "metrics.json", metrics)

@@ -374,10 +374,10 @@ def build(cfg: DictConfig | Plan) -> tuple[SparseCodingData, SparseCoder]:
         check_target_l0(model_kwargs.get("target_l0"), datamodule, n_latents)
     # the true dictionary scores a learned or pretrained one (the known_* settings decode with it)
     learned = cfg.setting == "unknown" or p.pretrained is not None
+    truth = datamodule.ground_truth
     model = SparseCoder(encoder, dictionary, supervised=cfg.setting == "known_codes",
-                        true_dictionary=datamodule.dictionary if learned and datamodule.ground_truth else None,
-                        code_recovery=model_kwargs.pop("code_recovery", datamodule.ground_truth) and datamodule.ground_truth,
-                        **model_kwargs)
+                        true_dictionary=datamodule.dictionary if learned and truth else None,
+                        code_recovery=model_kwargs.pop("code_recovery", truth) and truth, **model_kwargs)
     return datamodule, model
 
 
@@ -463,10 +463,11 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True) -> 
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """A run directory must be new, empty, or left by a run that wrote no checkpoint."""
+    """A run directory must be new, empty, or left by a run that did not finish: one that wrote neither a
+    checkpoint nor ``metrics.json`` (a run trained by another library writes only the latter)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RecipeError(f"run_dir: {run_dir} exists and is not a folder; choose another run_dir")
-    if (run_dir / "model.ckpt").exists():
+    if (run_dir / "model.ckpt").exists() or (run_dir / "metrics.json").exists():
         raise RecipeError(f"run_dir: {run_dir} already exists and holds a finished run; choose another run_dir")
 
 
@@ -488,17 +489,25 @@ def _train_and_evaluate(cfg: DictConfig, trainer: L.Trainer, datamodule: SparseC
         return run_dir, {}
     if not trained:
         _save_untrained_checkpoint(model, partial)
-    test = evaluate(model, datamodule)
-    test.update(downstream_metrics(model, datamodule))
+    test = evaluate_run(model, datamodule)
     os.replace(partial, run_dir / "model.ckpt")
-    metrics = {
-        "setting": cfg.setting, "encoder": cfg.encoder.name, "seed": cfg.seed,
-        "data_seed": datamodule.hparams.get("seed"), "steps": trainer.global_step,
-        "train_seconds": round(train_seconds, 3), "devices": trainer.world_size,
-        "inference_flops": flops.inference_flops(model.encoder), "test": dict(sorted(test.items())),
-    }
+    metrics = run_record(cfg, datamodule, model, test, encoder=cfg.encoder.name, steps=trainer.global_step,
+                         train_seconds=train_seconds, devices=trainer.world_size)
     atomic_write_json(run_dir / "metrics.json", metrics)
     return run_dir, metrics
+
+
+def evaluate_run(model: SparseCoder, datamodule: SparseCodingData) -> dict[str, Any]:
+    """Every held-out figure a run reports: :func:`~sae_zoo.evaluation.evaluate`, then the downstream ones."""
+    return {**evaluate(model, datamodule), **downstream_metrics(model, datamodule)}
+
+
+def run_record(cfg: DictConfig, datamodule: SparseCodingData, model: SparseCoder, test: dict[str, Any], *,
+               encoder: str, steps: int, train_seconds: float, devices: int) -> dict[str, Any]:
+    """A run's ``metrics.json``: what ran, how long it trained, its inference FLOPs and its held-out figures."""
+    return {"setting": cfg.setting, "encoder": encoder, "seed": cfg.seed, "data_seed": datamodule.hparams.get("seed"),
+            "steps": steps, "train_seconds": round(train_seconds, 3), "devices": devices,
+            "inference_flops": flops.inference_flops(model.encoder), "test": dict(sorted(test.items()))}
 
 
 def _save_untrained_checkpoint(model: SparseCoder, path: Path) -> None:

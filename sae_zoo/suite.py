@@ -39,7 +39,8 @@ REPLACED_SECTIONS = ("encoder", "dictionary")
 RUN_REFERENCE = "run:"
 #: comparison columns: (metrics.json test key, header, format); a key's standard error, ``KEY_se``, is shown
 #: beside it when the run reports one
-COLUMNS = [("latent_f1", "F1", "{:.3f}"), ("dictionary_mcc", "MCC (decoder)", "{:.3f}"), ("uniqueness", "unique", "{:.3f}"),
+COLUMNS = [("latent_f1", "F1", "{:.3f}"), ("dictionary_mcc", "MCC (decoder)", "{:.3f}"),
+           ("uniqueness", "unique", "{:.3f}"),
            ("ve", "VE", "{:.3f}"), ("fvu", "FVU", "{:.4f}"), ("fvu_with_outliers", "FVU, all tokens", "{:.4f}"),
            ("l0", "L0", "{:.1f}"), ("dead_latents", "dead", "{:.3f}"), ("ce_loss_recovered", "CE recovered", "{:.3f}"),
            ("ce_spliced", "CE spliced", "{:.3f}"), ("mcc", "MCC (codes)", "{:.3f}"),
@@ -138,7 +139,7 @@ def aggregate(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[di
         row = {k: v for k, v in mine[0].items() if k != "seed"}
         row["seeds"] = len(mine)
         for key in AVERAGED:
-            values = [r[key] for r in mine if isinstance(r.get(key), (int, float)) and r.get(key) is not None]
+            values = [r[key] for r in mine if isinstance(r.get(key), (int, float))]
             if len(values) == len(mine) and values:
                 row[key] = float(np.mean(values))
                 if len(mine) > 1 and key not in WITHOUT_SPREAD:
@@ -243,8 +244,9 @@ def recovery_report(title: str, rows: list[dict[str, Any]], table: str, notes: s
         ours, theirs = best["ours"], best["theirs"]
         lines += ["## sae_zoo's best against SAELens's best", "",
                   f"SAELens's best: **{theirs['label']}** (F1 {theirs['latent_f1']:.3f}, MCC "
-                  f"{theirs['dictionary_mcc']:.3f}, VE {theirs['ve']:.3f}, L0 {theirs['l0']:.1f}). sae_zoo's best within "
-                  f"10% of that L0: **{ours['label']}** (F1 {ours['latent_f1']:.3f}, MCC {ours['dictionary_mcc']:.3f}, "
+                  f"{theirs['dictionary_mcc']:.3f}, VE {theirs['ve']:.3f}, L0 {theirs['l0']:.1f}). sae_zoo's best "
+                  f"within 10% of that L0: **{ours['label']}** (F1 {ours['latent_f1']:.3f}, MCC "
+                  f"{ours['dictionary_mcc']:.3f}, "
                   f"VE {ours['ve']:.3f}, L0 {ours['l0']:.1f}, {ours['inference_flops']:.2e} inference FLOPs per sample "
                   f"against {theirs['inference_flops']:.2e}).", "",
                   f"Ratio, ours / SAELens's: F1 **{best['f1_ratio']:.3f}**, MCC **{best['mcc_ratio']:.3f}**.", ""]

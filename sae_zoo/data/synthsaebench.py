@@ -83,7 +83,8 @@ def _section_at_fault(synthetic: Any, full: dict[str, Any], config: dict[str, An
     for section in CONFIG_SECTIONS:
         if isinstance(config.get(section), dict):
             try:
-                synthetic.SyntheticModelConfig.from_dict({**top, "firing_probability": default, section: config[section]})
+                synthetic.SyntheticModelConfig.from_dict({**top, "firing_probability": default,
+                                                          section: config[section]})
             except (TypeError, ValueError, KeyError):
                 return section
     return ""

@@ -51,7 +51,8 @@ class IHTEncoder(IterativeHead):
     def solve(self, x: Tensor, atoms: Tensor, init: Tensor | None) -> tuple[Tensor, int]:
         step = self.step_size / lipschitz_constant(atoms)
         threshold = self.hard_threshold()
-        codes = torch.zeros(x.shape[0], self.n_latents, dtype=x.dtype, device=x.device) if init is None else init.clone()
+        codes = init.clone() if init is not None else torch.zeros(x.shape[0], self.n_latents, dtype=x.dtype,
+                                                                   device=x.device)
         # step * gradient of ||s D - x||^2 / 2 = step * s (D D^T) - step * x D^T, one fused product per iteration
         scaled_xdt, times_gram = (x @ atoms.T).mul_(step), gram_product(atoms)
         for _ in range(self.steps):

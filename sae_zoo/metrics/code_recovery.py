@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from .functional import _mcc_compute, _mcc_update, atom_similarity, correlation_from_moments, matched_mean
+from .functional import (_mcc_compute, _mcc_update, atom_similarity, correlation_from_moments, dictionary_matching,
+                         matched_mean)
 
 
 class MCC(Metric):
@@ -75,9 +76,8 @@ class DictionaryMCC(Metric):
 
     def __init__(self, num_latents: int, num_true_latents: int | None = None, over: str = "true", **kwargs) -> None:
         super().__init__(**kwargs)
-        if over not in ("true", "matches"):
-            raise ValueError(f"over must be 'true' or 'matches', got {over!r}")
-        self.num_latents, self.num_true_latents, self.over = num_latents, num_true_latents or num_latents, over
+        self.num_latents, self.num_true_latents = num_latents, num_true_latents or num_latents
+        self.matching = dictionary_matching(over)  # checks over
         self.add_state("similarity_sum", default=torch.zeros(self.num_true_latents, num_latents, dtype=torch.float64),
                        dist_reduce_fx="sum")
         self.add_state("snapshots", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -92,7 +92,7 @@ class DictionaryMCC(Metric):
     def compute(self) -> Tensor:
         if float(self.snapshots) == 0:
             raise ValueError("DictionaryMCC of no dictionary: call update(atoms, true_atoms) first")
-        return matched_mean(self.similarity_sum / self.snapshots, over="rows" if self.over == "true" else "matches")
+        return matched_mean(self.similarity_sum / self.snapshots, over=self.matching)
 
 
 __all__ = ["MCC", "DictionaryMCC"]

@@ -95,14 +95,19 @@ def atom_similarity(atoms: Tensor, true_atoms: Tensor) -> Tensor:
     return t @ a.T
 
 
+def dictionary_matching(over: str) -> str:
+    """The :func:`matched_mean` side of a dictionary MCC taken ``over`` the true atoms or the matches."""
+    if over not in ("true", "matches"):
+        raise ValueError(f"over must be 'true' or 'matches', got {over!r}")
+    return "rows" if over == "true" else "matches"
+
+
 def dictionary_mcc(atoms: Tensor, true_atoms: Tensor, over: str = "true") -> Tensor:
     """Mean ``|cosine similarity|`` between each true atom and its Hungarian match among ``atoms``
     (``over="true"``: a true atom left without a match counts 0), or over the matched pairs alone
     (``over="matches"``: SynthSAEBench's and SAELens's decoder MCC; they differ when there are fewer
     atoms than true ones)."""
-    if over not in ("true", "matches"):
-        raise ValueError(f"over must be 'true' or 'matches', got {over!r}")
-    return matched_mean(atom_similarity(atoms, true_atoms), over="rows" if over == "true" else "matches")
+    return matched_mean(atom_similarity(atoms, true_atoms), over=dictionary_matching(over))
 
 
 # ---- reconstruction ----
