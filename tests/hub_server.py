@@ -88,6 +88,16 @@ class LoopbackHub:
             raise HubError(404, "RepoNotFound", f"Repository Not Found for url: {repo_id}")
         return repo
 
+    def serve(self, repo_id: str, files: dict[str, bytes]) -> str:
+        """Serve ``files`` (path in the repo -> content) as the main branch of a public repo ``repo_id``, which
+        it replaces; returns the commit id. For repos laid out like real ones, under their real names."""
+        with self.lock:
+            repo = Repo(repo_id, private=False)
+            repo.branches["main"] = self._new_commit(repo, {".gitattributes": b"*.safetensors filter=lfs\n", **files},
+                                                     "upload")
+            self.repos[repo_id] = repo
+        return repo.branches["main"]
+
     # --- endpoints: (status, headers, body) ---
 
     def create_repo(self, payload: dict) -> tuple[int, dict, bytes]:

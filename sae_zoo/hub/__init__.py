@@ -6,13 +6,15 @@
 * :func:`load_sae`: SAEs saved by SAELens, sparsify and dictionary_learning as a pretrained
   :class:`~sae_zoo.Dictionary` (and the head registered for their architecture); :func:`export_saelens`
   writes SAELens's format.
+* :func:`list_pretrained`: the catalogue of public SAEs ``load_sae("release/sae_id")`` reads by name.
 * :func:`load_run`, :func:`write_card`, :func:`push_run`: run directories written by ``sae-zoo fit``.
 """
 
 from ..pretrained import load_encoder, model_card
+from .catalogue import list_pretrained
 from .formats import FORMAT_FILES, PretrainedSAE, export_saelens, load_sae
 from .run import load_run, push_run, write_card
 from .transport import push_model
 
-__all__ = ["FORMAT_FILES", "PretrainedSAE", "export_saelens", "load_encoder", "load_run", "load_sae", "model_card",
+__all__ = ["FORMAT_FILES", "PretrainedSAE", "export_saelens", "load_encoder", "load_run", "list_pretrained", "load_sae", "model_card",
            "push_model", "push_run", "write_card"]

@@ -51,7 +51,8 @@ from .._io import (atomic_directory, atomic_write_json, check_shape, read_json, 
 from ..dictionary import Dictionary
 from ..encoders import EncoderHead, ForeignSAE, UnsupportedConversion, converter_for
 from ..model import SparseCoder
-from ..pretrained.files import list_files, resolve_file
+from ..pretrained.files import is_local, list_files, resolve_file
+from .catalogue import close_releases, find_entry
 from .run import load_run
 
 #: format -> its files (config, then weights); load_sae recognises a format by them
@@ -106,13 +107,32 @@ def load_sae(source: str | Path, *, format: str | None = None, subfolder: str | 
              cache_dir: str | Path | None = None, force_download: bool = False,
              local_files_only: bool = False) -> PretrainedSAE:
     """Load an SAE saved by SAELens, sparsify, dictionary_learning or sae_zoo from a local directory or
-    a Hub repo (``subfolder`` picks one SAE of a repo that holds several). The format is detected from
-    the files unless ``format`` names it. ``trainable`` decides whether the dictionary trains further."""
+    a Hub repo (``subfolder`` picks one SAE of a repo that holds several), or a catalogue entry
+    ``"release/sae_id"`` (:func:`list_pretrained`), whose LM, hook and normalisation then come with it.
+    The format is detected from the files unless ``format`` names it. ``trainable`` decides whether the
+    dictionary trains further."""
     if format is not None and format not in FORMAT_FILES:
         raise ValueError(f"format={format!r} is not one of {', '.join(FORMAT_FILES)}")
+    entry = None if is_local(source) else find_entry(str(source))
+    if entry is not None:
+        if subfolder or format:
+            raise ValueError(f"{source!r} is a catalogue entry: it names its own repo folder and format")
+        sae = load_sae(entry.repo_id, format=entry.format, subfolder=entry.path, revision=revision,
+                       trainable=trainable, token=token, cache_dir=cache_dir, force_download=force_download,
+                       local_files_only=local_files_only)
+        sae.metadata.update(entry.provenance())
+        sae.dictionary.provenance.update(entry.provenance())
+        return sae
+    if not is_local(source) and str(source).count("/") > 1:  # a Hub repo id has one '/' at most
+        raise FileNotFoundError(f"{source!r} is no local folder, no Hub repo id and no catalogue entry"
+                                f"{close_releases(str(source))} (see sae_zoo.list_pretrained())")
     where = f"{source}/{subfolder}" if subfolder else str(source)
     if format is None:
-        format = detect_format(list_files(source, subfolder=subfolder, revision=revision, token=token), where)
+        try:
+            names = list_files(source, subfolder=subfolder, revision=revision, token=token)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}{close_releases(str(source))}") from None
+        format = detect_format(names, where)
     download = {"subfolder": subfolder, "revision": revision, "token": token, "cache_dir": cache_dir,
                 "force_download": force_download, "local_files_only": local_files_only}
     if format in ("sae_zoo", "sae_zoo_run"):

@@ -1,0 +1,126 @@
+"""The catalogue of public SAEs: every release's layout, served from the loopback Hub under its real repo
+name, folders and config keys (tiny tensors), loads by name with its LM, hook and the library's codes."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save as safetensors_bytes
+
+import sae_zoo
+from sae_zoo.hub.catalogue import catalogue, list_pretrained, releases
+
+D, N, K = 8, 32, 3
+
+
+def tensors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    W_dec = F.normalize(torch.randn(N, D, generator=g), dim=-1)
+    return {"W_dec": W_dec, "b_dec": 0.1 * torch.randn(D, generator=g), "W_enc": torch.randn(N, D, generator=g),
+            "b_enc": 0.1 * torch.randn(N, generator=g), "threshold": 0.5 * torch.rand(N, generator=g)}
+
+
+def topk(z: torch.Tensor, k: int) -> torch.Tensor:
+    values, indices = z.topk(k, dim=-1)
+    return torch.zeros_like(z).scatter(-1, indices, values)
+
+
+def saelens_files(w):   # jbloom/GPT2-Small-SAEs-Reformatted: SAELens < 6 flat cfg.json
+    cfg = {"d_in": D, "d_sae": N, "dtype": "float32", "device": "cuda", "model_name": "gpt2-small",
+           "hook_name": "blocks.8.hook_resid_pre", "hook_layer": 8, "hook_head_index": None,
+           "activation_fn_str": "relu", "apply_b_dec_to_input": True, "finetuning_scaling_factor": False,
+           "context_size": 128, "dataset_path": "Skylion007/openwebtext", "normalize_activations": "none"}
+    weights = {"W_enc": w["W_enc"].T.contiguous(), "b_enc": w["b_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
+    codes = lambda x: F.relu((x - w["b_dec"]) @ w["W_enc"].T + w["b_enc"])  # noqa: E731
+    return {"cfg.json": json.dumps(cfg).encode(), "sae_weights.safetensors": safetensors_bytes(weights)}, codes
+
+
+def gemma_scope_files(w):   # google/gemma-scope-2b-pt-res: params.npz, no decoder bias subtracted
+    buffer = io.BytesIO()
+    np.savez(buffer, W_enc=w["W_enc"].T.numpy(), W_dec=w["W_dec"].numpy(), b_enc=w["b_enc"].numpy(),
+             b_dec=w["b_dec"].numpy(), threshold=w["threshold"].numpy())
+    z = lambda x: x @ w["W_enc"].T + w["b_enc"]  # noqa: E731
+    return {"params.npz": buffer.getvalue()}, lambda x: F.relu(z(x)) * (z(x) > w["threshold"])
+
+
+def sparsify_files(w):   # EleutherAI/sae-llama-3-8b-32x: sparsify's cfg.json and sae.safetensors
+    cfg = {"expansion_factor": N // D, "normalize_decoder": True, "num_latents": 0, "k": K, "multi_topk": False,
+           "d_in": D}
+    weights = {"encoder.weight": w["W_enc"], "encoder.bias": w["b_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
+    codes = lambda x: topk(F.relu((x - w["b_dec"]) @ w["W_enc"].T + w["b_enc"]), K)  # noqa: E731
+    return {"cfg.json": json.dumps(cfg).encode(), "sae.safetensors": safetensors_bytes(weights)}, codes
+
+
+def dictionary_learning_files(w, dict_class):   # canrager/lm_sae: SAEBench's dictionary_learning trainers
+    state = {"encoder.weight": w["W_enc"], "encoder.bias": w["b_enc"], "decoder.weight": w["W_dec"].T.contiguous()}
+    trainer = {"dict_class": dict_class, "activation_dim": D, "dict_size": N, "lr": 3e-4, "layer": 3,
+               "lm_name": "EleutherAI/pythia-70m-deduped", "submodule_name": "resid_post_layer_3", "device": "cuda:0"}
+    if dict_class == "AutoEncoderTopK":
+        state.update({"b_dec": w["b_dec"], "k": torch.tensor(K)})
+        trainer.update({"trainer_class": "TopKTrainer", "k": K})
+        codes = lambda x: topk(F.relu((x - w["b_dec"]) @ w["W_enc"].T + w["b_enc"]), K)  # noqa: E731
+    else:  # AutoEncoder: decoder bias called "bias"; unit decoder rows, so its loader folds nothing
+        state["bias"] = w["b_dec"]
+        trainer["trainer_class"] = "StandardTrainer"
+        codes = lambda x: F.relu((x - w["b_dec"]) @ w["W_enc"].T + w["b_enc"])  # noqa: E731
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    config = {"trainer": trainer, "buffer": {"d_submodule": D, "ctx_len": 128}}
+    return {"ae.pt": buffer.getvalue(), "config.json": json.dumps(config).encode()}, codes
+
+
+LAYOUTS = {"saelens": saelens_files, "gemma_scope": gemma_scope_files, "sparsify": sparsify_files,
+           "dictionary_learning": dictionary_learning_files}
+
+
+@pytest.mark.parametrize("release", releases())
+def test_every_release_loads_by_name_with_its_lm_hook_and_codes(release, hub):
+    entries = [e for e in catalogue().values() if e.release == release]
+    entry = entries[len(entries) // 2]
+    w = tensors(len(entry.name))
+    if entry.format == "dictionary_learning":
+        dict_class = "AutoEncoderTopK" if "topk" in release else "AutoEncoder"
+        files, codes = dictionary_learning_files(w, dict_class)
+    else:
+        files, codes = LAYOUTS[entry.format](w)
+    # the repo holds its neighbour SAEs too, as the real ones do
+    other = entries[0] if entries[0] != entry else entries[-1]
+    hub.serve(entry.repo_id, {**{f"{entry.path}/{name}": data for name, data in files.items()},
+                              **{f"{other.path}/{name}": data for name, data in files.items()}})
+
+    sae = sae_zoo.load_sae(entry.name)
+    assert sae.format == entry.format
+    assert sae.metadata["model_name"] == entry.model and sae.metadata["hook_name"] == entry.hook
+    assert sae.metadata["catalogue"] == entry.name and sae.metadata["subfolder"] == entry.path
+    assert sae.dictionary.provenance["hook_name"] == entry.hook
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(1))
+    model = sae.model()
+    torch.testing.assert_close(model.encode(x), codes(x), rtol=1e-5, atol=1e-5)
+    assert (model.encode(x) != 0).any()
+    torch.testing.assert_close(model(x).x_hat, codes(x) @ w["W_dec"] + w["b_dec"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_catalogue_lists_the_fields_public_saes():
+    gemma = sae_zoo.list_pretrained("gemma*")
+    assert gemma[0] == "gemma-scope-2b-pt-res/layer_5/width_16k/average_l0_18" and len(gemma) == 30
+    assert "gpt2-small-res-jb/blocks.11.hook_resid_post" in list_pretrained()
+    assert len(list_pretrained("sae-llama-3-8b-32x/*")) == 32
+    entry = catalogue()["sae-llama-3-8b-32x/layers.12"]
+    assert (entry.repo_id, entry.path, entry.hook, entry.format) == (
+        "EleutherAI/sae-llama-3-8b-32x", "layers.12", "model.layers.12", "sparsify")
+    assert list_pretrained("nothing*") == []
+
+
+def test_unknown_names_list_close_matches():
+    with pytest.raises(ValueError, match=r"no SAE 'blocks.8.hook_resid_pr'.*close matches: blocks.8.hook_resid_pre"):
+        sae_zoo.load_sae("gpt2-small-res-jb/blocks.8.hook_resid_pr")
+    with pytest.raises(FileNotFoundError, match=r"no catalogue entry; catalogue releases close to it: "
+                                                r"gemma-scope-2b-pt-res"):
+        sae_zoo.load_sae("gemma-scope-2b-pt-re/layer_12/width_16k/average_l0_82")
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*close to it: gpt2-small-res-jb"):
+        sae_zoo.load_sae("gpt2-small-res-j/blocks.8")   # looks like a Hub repo id, and is none
