@@ -1,0 +1,78 @@
+"""Several models trained from one stream of activations: each batch is read once and every model learns from it.
+
+Training candidate heads one by one reads (or computes) the activations once per head; a
+:class:`HeadBank` reads them once for all (``benchmarks/multihead.py`` measures the difference). Each
+model keeps its own loss, sparsity coefficient (tuned towards its own ``target_l0``), learning rate and
+dead-latent counts. Adam works per parameter and the losses share no parameter, so each model takes
+exactly the steps it would take alone on the same batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from .data.base import Batch
+from .model import SparseCoder
+
+#: training options a bank does not reproduce (they need a model's own trainer): train such a model alone
+SOLO_OPTIONS = ("resample_every", "lr_warmup_steps", "lr_decay_steps", "sparsity_warmup_steps", "decoder_bias_init")
+
+
+class HeadBank(L.LightningModule):
+    """Train ``models`` (name -> :class:`SparseCoder`; e.g. candidate heads on one frozen decoder) side by
+    side with one ``Trainer.fit``: every training batch goes to each of them. The models may share a frozen
+    dictionary, not a trained parameter. Logs ``train/NAME/loss`` and ``train/NAME/l0``."""
+
+    def __init__(self, models: dict[str, SparseCoder]) -> None:
+        super().__init__()
+        if not models:
+            raise ValueError("HeadBank needs at least one model")
+        owners: dict[int, str] = {}
+        for name, model in models.items():
+            used = [k for k in SOLO_OPTIONS if model.training_options[k]]
+            if used:
+                raise ValueError(f"HeadBank: model {name!r} sets {', '.join(used)}, which needs its own trainer; "
+                                 "train it alone with Trainer.fit(model)")
+            for parameter in model.parameters():
+                if parameter.requires_grad and owners.setdefault(id(parameter), name) != name:
+                    raise ValueError(f"HeadBank: models {owners[id(parameter)]!r} and {name!r} share a trained "
+                                     "parameter; share a frozen dictionary only")
+        self.models = nn.ModuleDict(models)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        every = self.trainer.log_every_n_steps
+        logging = every > 0 and (self.global_step + 1) % every == 0
+        total = 0.0
+        for name, model in self.models.items():
+            targets_l0 = model.training_options["target_l0"] is not None
+            losses = model.training_losses(batch, measure_l0=logging or targets_l0)
+            if targets_l0:
+                model._tune_towards_target_l0(losses["l0"])
+            if logging:
+                if not torch.isfinite(losses["loss"]):
+                    raise FloatingPointError(f"model {name!r}: the training loss is {losses['loss'].item()} at step "
+                                             f"{self.global_step}: lower its learning rate")
+                self.log_dict({f"train/{name}/{k}": losses[k] for k in ("loss", "l0")})
+            total = total + losses["loss"]
+        return total
+
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        for model in self.models.values():
+            model.on_train_batch_end(outputs, batch, batch_idx)
+
+    def on_train_end(self) -> None:
+        for model in self.models.values():
+            model.on_train_end()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """One Adam with a parameter group per model, at that model's learning rate."""
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": model.lr}
+                  for model in self.models.values()]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ValueError("HeadBank: nothing to train (every model is frozen)")
+        return torch.optim.Adam(groups)

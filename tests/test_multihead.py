@@ -1,0 +1,56 @@
+"""Several heads from one pass over the data train exactly as each would alone."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from sae_zoo import Dictionary, SparseCoder, create_encoder
+from sae_zoo.multihead import HeadBank
+
+D, N = 8, 24
+
+
+def models(dictionary: Dictionary) -> dict[str, SparseCoder]:
+    torch.manual_seed(3)
+    return {"linear": SparseCoder(create_encoder("linear", d_model=D, n_latents=N), dictionary, l1_coeff=0.05,
+                                  lr=1e-2, target_l0=4.0),
+            "mlp": SparseCoder(create_encoder("mlp", d_model=D, n_latents=N, hidden=16), dictionary, l1_coeff=0.01,
+                               lr=3e-3),
+            "topk_auxk": SparseCoder(create_encoder("topk", d_model=D, n_latents=N, k=3), dictionary, l1_coeff=0.0,
+                                     lr=3e-3, auxk_coeff=0.1, dead_tokens=64)}
+
+
+def fit(module: L.LightningModule, batches: list[torch.Tensor]) -> None:
+    trainer = L.Trainer(max_steps=len(batches), logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", log_every_n_steps=5)
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+
+
+def test_a_bank_trains_each_head_exactly_as_alone():
+    atoms = torch.nn.functional.normalize(torch.randn(N, D, generator=torch.Generator().manual_seed(0)), dim=-1)
+    dictionary = Dictionary.from_tensor(atoms, trainable=False)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.relu(torch.randn(32, N, generator=g) - 1) @ atoms for _ in range(40)]
+    together = models(dictionary)
+    untrained = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in together.items()}
+    fit(HeadBank(together), batches)
+    alone = models(dictionary)
+    for name, model in alone.items():
+        fit(model, batches)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(together[name].state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
+        assert any(not torch.equal(v, untrained[name][k]) for k, v in model.state_dict().items())
+    assert together["linear"].l1_coeff == pytest.approx(alone["linear"].l1_coeff) != 0.05  # the target L0 tuned it
+
+
+def test_a_bank_refuses_shared_trained_parameters_and_solo_options():
+    dictionary = Dictionary(N, D, trainable=True)
+    with pytest.raises(ValueError, match="share a trained parameter"):
+        HeadBank({"a": SparseCoder(create_encoder("linear", d_model=D, n_latents=N), dictionary),
+                  "b": SparseCoder(create_encoder("linear", d_model=D, n_latents=N), dictionary)})
+    frozen = Dictionary(N, D, trainable=False)
+    with pytest.raises(ValueError, match="'a' sets resample_every"):
+        HeadBank({"a": SparseCoder(create_encoder("linear", d_model=D, n_latents=N), frozen, resample_every=10)})
