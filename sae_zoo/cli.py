@@ -1,5 +1,5 @@
-"""The ``sae-zoo`` command: ``fit`` a recipe, ``list`` encoder heads, run the ``demo``, write a model
-``card``, ``push`` a run to the Hugging Face Hub, ``export`` it to SAELens's format."""
+"""The ``sae-zoo`` command: ``fit`` a recipe, ``upgrade`` an existing SAE, ``list`` encoder heads, run the
+``demo``, write a model ``card``, ``push`` a run to the Hugging Face Hub, ``export`` it to SAELens's format."""
 
 from __future__ import annotations
 
@@ -53,6 +53,25 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     out = frontier(args.recipe, out_dir=args.out, quick=args.quick, progress=not args.no_progress, seeds=seeds)
     print(f"\nwrote {out / 'frontier.csv'}, {out / 'frontier.png'} and {out / 'report.md'}\n")
     print((out / "report.md").read_text())
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from .upgrade import UpgradeOptions, parse_ratios, upgrade
+
+    given = {"model": args.model, "hook": args.hook, "gguf_file": args.gguf_file, "steps": args.steps,
+             "solver_steps": args.solver_steps, "hidden": args.hidden, "lr": args.lr, "seed": args.seed}
+    options = {k: v for k, v in given.items() if v is not None}
+    if args.candidates:
+        options["candidates"] = tuple(c.strip() for c in args.candidates.split(","))
+    if args.ratios:
+        options["ratios"] = parse_ratios(args.ratios)
+    elif args.quick:
+        options["ratios"] = (0.7, 1.0, 1.4)
+    if args.quick and args.solver_steps is None:
+        options["solver_steps"] = 50
+    upgrade(args.source, args.out, UpgradeOptions(quick=args.quick, data=tuple(args.overrides), **options),
+            progress=not args.no_progress)
     return 0
 
 
@@ -164,6 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
     front.add_argument("--no-progress", action="store_true", help="print no per-point progress")
     front.set_defaults(func=cmd_frontier)
 
+    up = sub.add_parser("upgrade", help="try other encoders on an SAE's frozen decoder, compared at its own L0")
+    up.add_argument("source", help="a sae-zoo fit run, an SAE folder or Hub repo, or a catalogue name "
+                                   "(sae_zoo.list_pretrained()), e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre")
+    up.add_argument("overrides", nargs="*", help="data.KEY=VALUE overrides of the activation data, e.g. "
+                                                 "data.n_train_tokens=200000")
+    up.add_argument("--model", default=None, help="the language model, when the SAE's metadata names none")
+    up.add_argument("--hook", default=None, help="the hook the SAE reads, when its metadata names none")
+    up.add_argument("--gguf-file", default=None, help="the GGUF file of --model, for a GGUF checkpoint")
+    up.add_argument("--candidates", default=None, help="comma-separated, from retrained, residual_mlp, fista, mp, ito "
+                                                       "(default: all)")
+    up.add_argument("--ratios", default=None, help="the sweep, as multiples of the SAE's L0 (default 0.5,0.7,1,1.4,2;"
+                                                   " --quick 0.7,1,1.4)")
+    up.add_argument("--steps", type=_positive, default=None, help="training steps (default: the run's, or 10000)")
+    up.add_argument("--solver-steps", type=_positive, default=None, help="FISTA and ITO iterations (200; --quick 50)")
+    up.add_argument("--hidden", type=_positive, default=None, help="the residual MLP's hidden width (1024)")
+    up.add_argument("--lr", type=float, default=None, help="learning rate of the trained candidates (1e-4)")
+    up.add_argument("--seed", type=int, default=None, help="seed of the candidates' initialisation (0)")
+    up.add_argument("--out", default=None, help="output folder (default runs/upgrade/NAME[-quick])")
+    up.add_argument("--quick", action="store_true", help="a smaller sweep and, for a checkpoint, less data (minutes)")
+    up.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    up.set_defaults(func=cmd_upgrade)
+
     lst = sub.add_parser("list", help="list the registered encoder heads")
     lst.add_argument("filter", nargs="?", default="*", help="shell-style pattern, e.g. 'top*'")
     lst.set_defaults(func=cmd_list)
@@ -183,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     card.set_defaults(func=cmd_card)
 
     push = sub.add_parser("push", help="push a run's model and card to the Hugging Face Hub")
-    push.add_argument("run_dir", help="a run directory written by sae-zoo fit")
+    push.add_argument("run_dir", help="a run directory written by sae-zoo fit, or a saved model's folder (e.g. an "
+                                      "upgrade's cards/NAME)")
     push.add_argument("repo_id", help="the Hub repo, e.g. user/sae-mlp-known-dictionary (created if needed)")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.add_argument("--revision", default=None, help="the branch to push to (created from main if needed)")
@@ -205,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may also follow the options: sae-zoo fit RECIPE --quick seed=1
-        if args.command != "fit" or not all("=" in e or e.startswith("~") for e in extra):
+        if args.command not in ("fit", "upgrade") or not all("=" in e or e.startswith("~") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     _quiet_lightning()

@@ -1,7 +1,8 @@
 """Language models for activation data: load one, find a hook point, read activations there, and
 splice reconstructions back in to measure the CE loss an SAE preserves.
 
-Hook points are module paths (``model.layers.15``: the module's output) or aliases over the model's
+Hook points are module paths (``model.layers.15``: the module's output; ``layers.15``, relative to the base
+model as sparsify names them, works too) or aliases over the model's
 stack of blocks (found as the ``ModuleList`` with ``num_hidden_layers`` entries, e.g. ``model.layers``
 for Llama, ``transformer.h`` for GPT-2): ``resid_post.L`` (output of block L), ``resid_pre.L`` (its
 input), and SAELens's ``blocks.L.hook_resid_post`` / ``blocks.L.hook_resid_pre``.
@@ -90,6 +91,10 @@ def resolve_hook(lm: nn.Module, hook: str) -> HookPoint:
     modules = dict(lm.named_modules())
     if hook in modules and hook:
         return HookPoint(hook, hook, modules[hook], "output")
+    # names relative to the base model, as sparsify writes them (layers.3 is model.layers.3 of a Llama)
+    prefix = getattr(lm, "base_model_prefix", "")
+    if hook and f"{prefix}.{hook}" in modules:
+        return HookPoint(hook, f"{prefix}.{hook}", modules[f"{prefix}.{hook}"], "output")
     blocks = find_blocks(lm)
     for pattern, side in _ALIASES:
         match = pattern.match(hook)

@@ -41,13 +41,14 @@ class HeadBank(L.LightningModule):
                 if parameter.requires_grad and owners.setdefault(id(parameter), name) != name:
                     raise ValueError(f"HeadBank: models {owners[id(parameter)]!r} and {name!r} share a trained "
                                      "parameter; share a frozen dictionary only")
-        self.models = nn.ModuleDict(models)
+        self.names = list(models)
+        self.models = nn.ModuleList(models.values())
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         every = self.trainer.log_every_n_steps
         logging = every > 0 and (self.global_step + 1) % every == 0
         total = 0.0
-        for name, model in self.models.items():
+        for name, model in zip(self.names, self.models):
             targets_l0 = model.training_options["target_l0"] is not None
             losses = model.training_losses(batch, measure_l0=logging or targets_l0)
             if targets_l0:
@@ -61,17 +62,17 @@ class HeadBank(L.LightningModule):
         return total
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
-        for model in self.models.values():
+        for model in self.models:
             model.on_train_batch_end(outputs, batch, batch_idx)
 
     def on_train_end(self) -> None:
-        for model in self.models.values():
+        for model in self.models:
             model.on_train_end()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """One Adam with a parameter group per model, at that model's learning rate."""
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": model.lr}
-                  for model in self.models.values()]
+                  for model in self.models]
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ValueError("HeadBank: nothing to train (every model is frozen)")

@@ -117,6 +117,36 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
+def plot_upgrade(points: list[dict[str, Any]], l0: float, path: Path, title: str) -> Path:
+    """An upgrade's Pareto plot: FVU and CE-loss recovered against L0 (log scale), one line per candidate
+    through its sweep, the SAE's own encoder as a star, its L0 dashed; error bars are standard errors."""
+    from matplotlib.ticker import ScalarFormatter
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    candidates = list(dict.fromkeys(p["candidate"] for p in points if p["candidate"] != "source"))
+    for ax, (metric, name) in zip(axes[0], (("fvu", "FVU (held-out, outlier tokens left out)"),
+                                            ("ce_loss_recovered", "CE-loss recovered"))):
+        for i, candidate in enumerate(candidates):
+            pts = sorted((p for p in points if p["candidate"] == candidate), key=lambda p: p["l0"])
+            ax.errorbar([p["l0"] for p in pts], [p[metric] for p in pts], yerr=[p.get(f"{metric}_se") for p in pts],
+                        fmt="-" + "os^Dv<>"[i % 7], color=colors[i % len(colors)], capsize=2, markersize=5,
+                        label=pts[0]["label"])
+        source = next(p for p in points if p["candidate"] == "source")
+        ax.plot(source["l0"], source[metric], "*", color="black", markersize=14, label=source["label"])
+        ax.axvline(l0, color="gray", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.set(xlabel="L0 (active latents per token)", ylabel=name)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{title}\n(compare at the dashed line: the SAE's own L0)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def plot_recovery(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Feature recovery on data with known features: F1 and decoder MCC (rows) against L0 and against
     inference FLOPs per sample (columns), one marker per method, bars the spread over seeds; SAELens's

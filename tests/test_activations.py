@@ -188,6 +188,8 @@ def test_a_hook_that_does_not_exist_lists_close_matches(lm_files, tmp_path):
     with pytest.raises(ValueError, match=r"hook 'resid_post.7': the model has blocks 0..2"):
         resolve_hook(lm, "resid_post.7")
     assert resolve_hook(lm, "blocks.2.hook_resid_pre").side == "input"
+    sparsify_name = resolve_hook(lm, "layers.1")  # relative to the base model, as sparsify's hookpoints are
+    assert sparsify_name.path == "model.layers.1" and sparsify_name.module is lm.model.layers[1]
 
 
 def test_bad_data_settings_fail_before_collecting(lm_files, tmp_path):

@@ -12,7 +12,7 @@ from ..data.activations import ActivationDataModule
 from ..data.base import SparseCodingData
 from ..model import SparseCoder
 from .held_out import held_out_statistics
-from .language_model import ce_loss_recovered
+from .language_model import ce_baselines, ce_loss_recovered
 
 
 @torch.no_grad()
@@ -42,4 +42,4 @@ def downstream_metrics(model: SparseCoder, datamodule: SparseCodingData) -> dict
     return {}
 
 
-__all__ = ["ce_loss_recovered", "downstream_metrics", "evaluate", "held_out_statistics"]
+__all__ = ["ce_baselines", "ce_loss_recovered", "downstream_metrics", "evaluate", "held_out_statistics"]

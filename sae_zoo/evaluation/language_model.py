@@ -3,6 +3,8 @@ sparse coder's reconstruction."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -12,45 +14,63 @@ from ..model import SparseCoder
 from .bootstrap import bootstrap_se
 
 
+def _splice(datamodule: ActivationDataModule, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``fn`` applied at the hook, except at positions left out of the data (BOS, outlier tokens), which keep
+    their own activations."""
+    _, scale, keep_first = datamodule.ce_batches()
+    outlier_norm = datamodule.outlier_norm
+
+    def replace(acts: Tensor) -> Tensor:
+        new = fn(acts)
+        keep = torch.zeros(acts.shape[:-1], dtype=torch.bool, device=acts.device)
+        if keep_first:  # BOS positions were not in the data: leave them as they were
+            keep[:, 0] = True
+        if outlier_norm is not None:
+            keep |= acts.float().norm(dim=-1) * scale > outlier_norm
+        return torch.where(keep[..., None], acts, new)
+    return replace
+
+
 @torch.no_grad()
-def ce_loss_recovered(coder: SparseCoder, datamodule: ActivationDataModule) -> dict[str, float]:
+def ce_baselines(datamodule: ActivationDataModule) -> dict[str, Tensor]:
+    """Per-context next-token losses ``ce_clean`` and ``ce_zero_ablation`` (the hook's activations zeroed) on
+    the ``ce_contexts`` held-out contexts: what every model's CE-loss recovered is measured against."""
+    tokens, _, _ = datamodule.ce_batches()
+    lm, _, hook = datamodule.language_model()
+    losses: dict[str, list[Tensor]] = {"ce_clean": [], "ce_zero_ablation": []}
+    for chunk in tokens.split(datamodule.hparams.model_batch_size):
+        losses["ce_clean"].append(next_token_loss(lm, chunk))
+        losses["ce_zero_ablation"].append(next_token_loss(lm, chunk, hook, _splice(datamodule, torch.zeros_like)))
+    return {k: torch.cat(v).double().cpu() for k, v in losses.items()}
+
+
+@torch.no_grad()
+def ce_loss_recovered(coder: SparseCoder, datamodule: ActivationDataModule,
+                      baselines: dict[str, Tensor] | None = None) -> dict[str, float]:
     """CE-loss recovered on the datamodule's ``ce_contexts`` held-out contexts: the LM's next-token loss
     with the hook's activations replaced by ``coder``'s reconstruction, against the clean loss and the
     loss with them zeroed: ``1 - (CE_recon - CE_clean) / (CE_zero - CE_clean)``, with its standard error
     by bootstrap over contexts. Positions left out of the data (BOS, outlier tokens) keep their own
-    activations in both the spliced and the zeroed runs."""
-    tokens, scale, keep_first = datamodule.ce_batches()
+    activations in both the spliced and the zeroed runs. ``baselines`` (:func:`ce_baselines`) saves the
+    clean and zeroed passes when many models are measured on the same data."""
+    tokens, scale, _ = datamodule.ce_batches()
     lm, _, hook = datamodule.language_model()
     device = next(coder.parameters(), torch.empty(0)).device
-    chunks = tokens.split(datamodule.hparams.model_batch_size)
-    outlier_norm = datamodule.outlier_norm
-
-    def spliced(fn):
-        def replace(acts: Tensor) -> Tensor:
-            new = fn(acts)
-            keep = torch.zeros(acts.shape[:-1], dtype=torch.bool, device=acts.device)
-            if keep_first:  # BOS positions were not in the data: leave them as they were
-                keep[:, 0] = True
-            if outlier_norm is not None:
-                keep |= acts.float().norm(dim=-1) * scale > outlier_norm
-            return torch.where(keep[..., None], acts, new)
-        return replace
+    baselines = ce_baselines(datamodule) if baselines is None else baselines
 
     def reconstruct(acts: Tensor) -> Tensor:
         x_hat, _ = coder((acts.float() * scale).to(device))
         return (x_hat / scale).to(acts.dtype).to(acts.device)
 
-    losses = {"ce_clean": [], "ce_zero_ablation": [], "ce_spliced": []}
+    spliced = []
     was_training = coder.training
     coder.eval()  # inference behaviour (an iterative head solves instead of returning its warm start)
     try:
-        for chunk in chunks:
-            losses["ce_clean"].append(next_token_loss(lm, chunk))
-            losses["ce_zero_ablation"].append(next_token_loss(lm, chunk, hook, spliced(torch.zeros_like)))
-            losses["ce_spliced"].append(next_token_loss(lm, chunk, hook, spliced(reconstruct)))
+        for chunk in tokens.split(datamodule.hparams.model_batch_size):
+            spliced.append(next_token_loss(lm, chunk, hook, _splice(datamodule, reconstruct)))
     finally:
         coder.train(was_training)
-    per_context = {k: torch.cat(v).double().cpu() for k, v in losses.items()}  # (contexts,) each
+    per_context = {**baselines, "ce_spliced": torch.cat(spliced).double().cpu()}  # (contexts,) each
     clean, zero, spliced_ = per_context["ce_clean"], per_context["ce_zero_ablation"], per_context["ce_spliced"]
 
     def recovered(weights: Tensor) -> Tensor:

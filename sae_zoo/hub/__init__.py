@@ -16,5 +16,5 @@ from .formats import FORMAT_FILES, PretrainedSAE, export_saelens, load_sae
 from .run import load_run, push_run, write_card
 from .transport import push_model
 
-__all__ = ["FORMAT_FILES", "PretrainedSAE", "export_saelens", "load_encoder", "load_run", "list_pretrained", "load_sae", "model_card",
-           "push_model", "push_run", "write_card"]
+__all__ = ["FORMAT_FILES", "PretrainedSAE", "export_saelens", "list_pretrained", "load_encoder", "load_run", "load_sae",
+           "model_card", "push_model", "push_run", "write_card"]

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from .._io import atomic_write_text
 from ..model import SparseCoder
-from .transport import push_model
+from ..pretrained.config import CONFIG_NAME, WEIGHTS_NAME
+from .transport import push_folder, push_model
 
 RUN_FILES = ("config.yaml", "model.ckpt", "metrics.json")
 
@@ -46,7 +47,13 @@ def write_card(run_dir: str | Path, repo_id: str | None = None) -> Path:
 
 def push_run(run_dir: str | Path, repo_id: str, *, private: bool | None = None, branch: str | None = None,
              token: str | None = None, commit_message: str | None = None) -> Any:
-    """Push a run's model with its card to ``repo_id``; returns the commit URL (``.oid`` is the commit)."""
+    """Push a run's model with its card to ``repo_id``; returns the commit URL (``.oid`` is the commit). A
+    saved model's folder (``save_pretrained``: ``config.json``, ``model.safetensors`` and its card, e.g. an
+    upgrade's ``cards/NAME``) is checked by loading it, then uploaded as it is."""
+    if all((Path(run_dir) / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME)):
+        SparseCoder.from_pretrained(run_dir)  # a folder that does not load is not pushed
+        return push_folder(run_dir, repo_id, private=private, branch=branch, token=token,
+                           commit_message=commit_message or f"Upload {Path(run_dir).name}")
     model, recipe, metrics = load_run(run_dir)
     return push_model(model, repo_id, private=private, branch=branch, token=token,
                       commit_message=commit_message or f"Upload {Path(run_dir).name}",

@@ -24,15 +24,20 @@ def push_model(model: SparseCoder, repo_id: str, *, private: bool | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         model.save_pretrained(folder, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})})
-        try:
-            api = HfApi(token=token)
-            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-            if branch not in (None, "main"):
-                api.create_branch(repo_id, branch=branch, exist_ok=True)
-            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                                     revision=branch)
-        except Exception as e:
-            if type(e).__module__.split(".")[0] in HTTP_CLIENTS and not hasattr(e, "response"):
-                raise ConnectionError(f"cannot reach the Hub at {constants.ENDPOINT} ({type(e).__name__}: {e}); "
-                                      "check the network, or set HF_ENDPOINT") from None
-            raise
+        return push_folder(folder, repo_id, private=private, branch=branch, token=token, commit_message=commit_message)
+
+
+def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None, branch: str | None = None,
+                token: str | None = None, commit_message: str = "Upload sae_zoo model") -> CommitInfo:
+    """Upload a saved model's folder as it is (its card included) in one commit, as :func:`push_model` does."""
+    try:
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if branch not in (None, "main"):
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=branch)
+    except Exception as e:
+        if type(e).__module__.split(".")[0] in HTTP_CLIENTS and not hasattr(e, "response"):
+            raise ConnectionError(f"cannot reach the Hub at {constants.ENDPOINT} ({type(e).__name__}: {e}); "
+                                  "check the network, or set HF_ENDPOINT") from None
+        raise

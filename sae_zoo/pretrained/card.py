@@ -103,9 +103,10 @@ def _limitations(model: Any, recipe: dict[str, Any] | None) -> str:
 
 def model_card(model: Any, *, metrics: dict[str, float] | None = None,
                recipe: dict[str, Any] | None = None, repo_id: str | None = None,
-               base_model: str | None = None, license: str = "apache-2.0") -> ModelCard:
+               base_model: str | None = None, license: str = "apache-2.0", upgrade: str | None = None) -> ModelCard:
     """The card of ``model``: Hub metadata (``library_name: sae_zoo``, tags, ``model-index`` from the
-    test ``metrics``) and a description of the head, dictionary, training ``recipe`` and results."""
+    test ``metrics``) and a description of the head, dictionary, training ``recipe`` and results.
+    ``upgrade``: markdown saying which SAE this head upgrades and by how much (``sae-zoo upgrade``)."""
     encoder, dictionary = model.encoder, model.dictionary
     dataset_type, dataset_name, dataset_id = _dataset(recipe)
     name = repo_id.split("/")[-1] if repo_id else f"sae_zoo-{encoder.name}-{dictionary.n_latents}x{dictionary.d_model}"
@@ -120,7 +121,7 @@ def model_card(model: Any, *, metrics: dict[str, float] | None = None,
         library_name="sae_zoo", license=license, model_name=name, base_model=base_model,
         datasets=[dataset_id] if dataset_id else None, eval_results=eval_results or None,
         tags=sorted({"sae_zoo", "sparse-autoencoder", "sparse-coding", f"encoder-{encoder.name}",
-                     model.setting.replace("_", "-")}))
+                     model.setting.replace("_", "-"), *(["sae-upgrade"] if upgrade else [])}))
     args = {k: v for k, v in encoder.config().items() if k not in ("name", "d_model", "n_latents")}
     doc = (type(encoder).__doc__ or "").strip().splitlines()
     return ModelCard.from_template(
@@ -136,4 +137,6 @@ def model_card(model: Any, *, metrics: dict[str, float] | None = None,
         n_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
         dtype=str(dictionary.weight.dtype).removeprefix("torch."),
         repo_id=repo_id or "<local directory>", training=_training(model, recipe),
-        evaluation=_evaluation(metrics, dataset_name), limitations=_limitations(model, recipe))
+        evaluation=_evaluation(metrics, dataset_name) + (f"\n\n### Against the SAE it upgrades\n\n{upgrade}"
+                                                          if upgrade else ""),
+        limitations=_limitations(model, recipe))

@@ -1,0 +1,150 @@
+"""sae-zoo upgrade on a tiny LM: an SAE's run or checkpoint, candidates on its frozen decoder, compared at its L0."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from lm_fixtures import write_corpus, write_tiny_llama
+
+import sae_zoo.upgrade as upgrade_module
+from sae_zoo import SparseCoder
+from sae_zoo.cli import main
+from sae_zoo.hub import export_saelens, load_run
+from sae_zoo.recipe import fit, recipe_from_content
+from sae_zoo.upgrade import UpgradeOptions, at_l0, stationary_l1, upgrade
+
+OPTIONS = {"ratios": (0.7, 1.0, 1.4), "steps": 30, "solver_steps": 20, "hidden": 16, "lr": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def sae_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("upgrade")
+    model, files = write_tiny_llama(root / "model"), write_corpus(root / "text")
+    data = {"name": "activations", "model": model, "hook": "resid_post.1", "data_files": files, "context_len": 16,
+            "n_train_tokens": 1500, "n_test_tokens": 300, "test_stride": 4, "shard_tokens": 400, "batch_size": 100,
+            "model_batch_size": 8, "cache_dir": str(root / "cache"), "ce_contexts": 8, "shuffle_buffer": 600}
+    recipe = {"setting": "unknown", "data": data, "dictionary": {"n_latents": 32, "bias": True},
+              "encoder": {"name": "linear", "subtract_decoder_bias": True}, "model": {"l1_coeff": 0.1, "lr": 0.003},
+              "trainer": {"max_steps": 60, "accelerator": "cpu"}, "run_dir": str(root / "sae")}
+    run_dir, metrics = fit(recipe_from_content(recipe), progress=False)
+    return run_dir, metrics, data
+
+
+def read_points(out):
+    with open(out / "comparison.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_upgrade_a_run_measures_the_sae_sweeps_every_candidate_and_writes_the_comparison(sae_run, tmp_path, capsys,
+                                                                                          hub):
+    run_dir, metrics, _ = sae_run
+    out = upgrade(run_dir, tmp_path / "up", UpgradeOptions(**OPTIONS), progress=False)
+    rows = read_points(out)
+    assert len(rows) == 1 + 5 * 3 and rows[0]["candidate"] == "source"
+    source = rows[0]
+    # the SAE's own encoder, measured as its run measured it
+    for key in ("fvu", "l0", "ce_loss_recovered"):
+        assert float(source[key]) == pytest.approx(metrics["test"][key], rel=1e-5)
+    l0 = float(source["l0"])
+    for candidate in ("mp", "fista", "ito"):  # the iterative heads keep at most k = ratio x L0 codes
+        for row in (r for r in rows if r["candidate"] == candidate):
+            assert 0 < float(row["l0"]) <= round(float(row["ratio"]) * l0) + 1e-6
+    for candidate in ("retrained", "residual_mlp"):
+        assert (out / "models" / f"{candidate}@1").is_dir()
+        sweep = sorted(float(r["l0"]) for r in rows if r["candidate"] == candidate)
+        assert sweep[0] < sweep[-1]  # the target L0 moved them apart
+    assert float(next(r for r in rows if r["candidate"] == "mp")["inference_flops"]) > float(source["inference_flops"])
+    report = (out / "comparison.md").read_text()
+    assert f"at the SAE's own L0 ({l0:.1f})" in report
+    assert "| residual MLP from the SAE encoder" in report and (out / "comparison.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "At the SAE's L0" in printed and "FISTA from the SAE's codes" in printed
+    # a model and card per candidate, at the point nearest the SAE's L0, ready for push
+    card = (out / "cards" / "residual_mlp" / "README.md").read_text()
+    assert f"upgrades the SAE `{run_dir}`" in card and "sae-upgrade" in card
+    model = SparseCoder.from_pretrained(out / "cards" / "residual_mlp")
+    assert model.encoder.name == "residual_mlp"
+    torch.testing.assert_close(model.dictionary.atoms, load_run(run_dir)[0].dictionary.atoms)
+    assert main(["push", str(out / "cards" / "residual_mlp"), "sae-zoo-tester/upgraded-sae"]) == 0
+    pulled = SparseCoder.from_pretrained("sae-zoo-tester/upgraded-sae")
+    x = torch.randn(16, model.dictionary.d_model)
+    torch.testing.assert_close(pulled.encode(x), model.encode(x), rtol=0, atol=0)
+    from huggingface_hub import ModelCard
+    assert f"upgrades the SAE `{run_dir}`" in ModelCard.load("sae-zoo-tester/upgraded-sae").text
+
+
+def test_an_interrupted_upgrade_resumes_and_another_one_is_refused(sae_run, tmp_path, monkeypatch):
+    run_dir, _, _ = sae_run
+    options = UpgradeOptions(candidates=("residual_mlp", "mp"), **OPTIONS)
+    out = upgrade(run_dir, tmp_path / "up", options, progress=False)
+    before = read_points(out)
+    (out / "points" / "mp@1.json").unlink()  # as if stopped before this point was measured
+    measured = []
+    real_measure = upgrade_module.measure
+    monkeypatch.setattr(upgrade_module, "measure", lambda model, *a: measured.append(model) or real_measure(model, *a))
+    monkeypatch.setattr(upgrade_module.HeadBank, "training_step", lambda *a: pytest.fail("trained again"))
+    upgrade(run_dir, out, options, progress=False)
+    assert len(measured) == 1 and measured[0].encoder.name == "mp"
+    assert read_points(out) == [{**r, "seconds": a["seconds"]} for r, a in zip(before, read_points(out))]
+    with pytest.raises(ValueError, match=r"holds another upgrade \(it differs in ratios, steps\)"):
+        upgrade(run_dir, out, UpgradeOptions(candidates=("residual_mlp", "mp"), **{**OPTIONS, "steps": 5,
+                                                                                    "ratios": (1.0,)}))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no upgrade.json"):
+        upgrade(run_dir, tmp_path / "full", options)
+
+
+def test_a_checkpoint_takes_its_lm_and_hook_from_its_metadata_and_bad_ones_are_named(sae_run, tmp_path, capsys):
+    run_dir, _, data = sae_run
+    model = load_run(run_dir)[0]
+    overrides = [f"data.{k}={v}" for k, v in data.items() if k not in ("name", "model", "hook", "cache_dir")]
+    # the run scaled its inputs to mean norm sqrt(d); its SAELens export records no normalisation, so say it
+    overrides += [f"data.cache_dir={tmp_path / 'cache'}", "data.normalize=true"]
+    good = export_saelens(model, tmp_path / "good", model_name=data["model"], hook_name="blocks.1.hook_resid_post")
+    out = upgrade(good, tmp_path / "up", UpgradeOptions(candidates=("mp",), data=tuple(overrides), **OPTIONS),
+                  progress=False)
+    identity = json.loads((out / "upgrade.json").read_text())["identity"]
+    assert identity["data"]["model"] == data["model"] and identity["data"]["hook"] == "blocks.1.hook_resid_post"
+    assert identity["data"]["normalize"] is True  # the override, over normalize_activations: none
+
+    nameless = export_saelens(model, tmp_path / "nameless", hook_name="resid_post.1")
+    cfg = json.loads((nameless / "cfg.json").read_text())
+    cfg["metadata"]["model_name"] = None
+    (nameless / "cfg.json").write_text(json.dumps(cfg))
+    wrong_hook = export_saelens(model, tmp_path / "hook", model_name=data["model"],
+                                hook_name="blocks.7.hook_resid_post")
+    overrides[-2] = f"data.cache_dir={tmp_path / 'other-cache'}"
+    for source, message in ((nameless, "names no language model .* pass --model"),
+                            (wrong_hook, "reads hook 'blocks.7.hook_resid_post', which .* does not have .* --hook")):
+        with pytest.raises(ValueError, match=message):
+            upgrade(source, tmp_path / "x", UpgradeOptions(data=tuple(overrides)))
+    narrow = SparseCoder(model.encoder.__class__(8, 32, subtract_decoder_bias=True),
+                         type(model.dictionary)(32, 8, bias=True))
+    export_saelens(narrow, tmp_path / "narrow", model_name=data["model"], hook_name="resid_post.1")
+    with pytest.raises(ValueError, match=r"width d_in=8, but .* has width 16 at hook 'resid_post.1'"):
+        upgrade(tmp_path / "narrow", tmp_path / "x", UpgradeOptions(data=tuple(overrides)))
+    assert not (tmp_path / "x").exists()  # nothing written before the checks pass
+    assert main(["upgrade", "gemma-scope-2b-pt-re/layer_12/width_16k/average_l0_82"]) == 2
+    assert "catalogue releases close to it: gemma-scope-2b-pt-res" in capsys.readouterr().err
+
+
+def test_values_at_the_sae_l0_are_interpolated_in_log_l0_and_never_extrapolated():
+    points = [{"l0": 10.0, "fvu": 0.5}, {"l0": 40.0, "fvu": 0.3}]
+    assert at_l0(points, 20.0, "fvu") == pytest.approx(0.4)  # halfway in log L0
+    assert at_l0(points, 10.1, "fvu") == 0.5
+    assert at_l0(points, 50.0, "fvu") is None and at_l0(points, 5.0, "fvu") is None
+
+
+def test_the_l1_coefficient_at_which_codes_are_optimal():
+    from sae_zoo import Dictionary, create_encoder
+
+    torch.manual_seed(0)
+    atoms = torch.nn.functional.normalize(torch.randn(12, 6), dim=-1)
+    x = torch.relu(torch.randn(256, 12) - 1) @ atoms
+    fista = create_encoder("fista", d_model=6, n_latents=12, steps=3000, l1_coeff=0.3).eval()
+    model = SparseCoder(fista, Dictionary.from_tensor(atoms, trainable=False))
+    assert stationary_l1(model, x) == pytest.approx(0.3, rel=0.02)  # FISTA's solutions are optimal at its l1
