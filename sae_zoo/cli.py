@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--steps", type=_positive, default=None, help="training steps (default: the run's, or 10000)")
     up.add_argument("--solver-steps", type=_positive, default=None, help="FISTA and ITO iterations (200; --quick 50)")
     up.add_argument("--hidden", type=_positive, default=None, help="the residual MLP's hidden width (1024)")
-    up.add_argument("--lr", type=float, default=None, help="learning rate of the trained candidates (1e-4)")
+    up.add_argument("--lr", type=float, default=None, help="learning rate of the trained candidates (1e-3)")
     up.add_argument("--seed", type=int, default=None, help="seed of the candidates' initialisation (0)")
     up.add_argument("--out", default=None, help="output folder (default runs/upgrade/NAME[-quick])")
     up.add_argument("--quick", action="store_true", help="a smaller sweep and, for a checkpoint, less data (minutes)")

@@ -44,11 +44,13 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 
 from . import flops
-from ._io import atomic_write_json, atomic_write_text
+from ._io import atomic_write, atomic_write_json, atomic_write_text
 from .data.activations import ActivationDataModule
 from .encoders import EncoderHead, create_encoder
 from .encoders.mlp import ResidualMLPEncoder
-from .evaluation import ce_baselines, ce_loss_recovered, evaluate, held_out_statistics
+from .evaluation import (ce_baselines, ce_spliced, context_fvu, context_sums, evaluate, held_out_statistics,
+                         recovered_fraction)
+from .evaluation.bootstrap import bootstrap_se
 from .hub import PretrainedSAE, load_run, load_sae
 from .hub.formats import FORMAT_FILES
 from .model import SparseCoder
@@ -85,7 +87,7 @@ class UpgradeOptions:
     candidates: tuple[str, ...] = tuple(CANDIDATES)
     ratios: tuple[float, ...] = (0.5, 0.7, 1.0, 1.4, 2.0)
     steps: int | None = None
-    lr: float = 1e-4
+    lr: float = 1e-3
     hidden: int = 1024
     solver_steps: int = 200
     seed: int = 0
@@ -214,31 +216,60 @@ def candidate_head(name: str, ratio: float, source: EncoderHead, l0: float, l1: 
     return head.eval(), {}, f"k={target}"
 
 
-def measure(model: SparseCoder, datamodule: ActivationDataModule, baselines: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """One model's held-out figures: L0 and dead latents, FVU (with standard error, and with the outlier
-    tokens) and CE-loss recovered, and its inference FLOPs per token."""
+def measure(model: SparseCoder, datamodule: ActivationDataModule,
+            baselines: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One model's held-out figures (L0 and dead latents, FVU with its standard error and with the outlier
+    tokens, CE-loss recovered, inference FLOPs per token), and its per-context sums, from which the
+    standard error of its difference to another model on the same contexts follows."""
     start = time.perf_counter()
     test = evaluate(model, datamodule)
-    stats = held_out_statistics(model, datamodule)
-    ce = ce_loss_recovered(model, datamodule, baselines)
-    return {"l0": test["l0"], "dead_latents": test["dead_latents"], "fvu": stats["fvu"], "fvu_se": stats["fvu_se"],
-            "fvu_with_outliers": stats["fvu_with_outliers"], "ce_loss_recovered": ce["ce_loss_recovered"],
-            "ce_loss_recovered_se": ce["ce_loss_recovered_se"], "inference_flops": flops.inference_flops(model.encoder),
-            "seconds": round(time.perf_counter() - start, 1)}
+    sums = context_sums(model, datamodule)
+    stats = held_out_statistics(model, datamodule, sums)
+    spliced = ce_spliced(model, datamodule)
+    clean, zero = baselines["ce_clean"], baselines["ce_zero_ablation"]
+    figures = {"l0": test["l0"], "dead_latents": test["dead_latents"], "fvu": stats["fvu"], "fvu_se": stats["fvu_se"],
+               "fvu_with_outliers": stats["fvu_with_outliers"],
+               "ce_loss_recovered": float(recovered_fraction(torch.ones_like(clean), spliced, clean, zero)),
+               "ce_loss_recovered_se": bootstrap_se(lambda w: recovered_fraction(w, spliced, clean, zero), len(clean)),
+               "inference_flops": flops.inference_flops(model.encoder), "seconds": round(time.perf_counter() - start, 1)}
+    return figures, {"clean": sums["clean"], "ce_spliced": spliced}
+
+
+def bracket(points: list[dict[str, Any]], l0: float) -> list[tuple[int, float]] | None:
+    """How to read a value at ``l0`` off ``points``: ``[(index, weight), ...]``, linear in log L0 between the two
+    points around it, or one point within 2% of it; None outside the points' range (never extrapolated)."""
+    order = sorted((p["l0"], i) for i, p in enumerate(points) if p["l0"] > 0)
+    for x, i in order:
+        if abs(x - l0) <= 0.02 * l0:
+            return [(i, 1.0)]
+    for (x0, i0), (x1, i1) in zip(order, order[1:]):
+        if x0 <= l0 <= x1:
+            t = (math.log(l0) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return [(i0, 1 - t), (i1, t)]
+    return None
 
 
 def at_l0(points: list[dict[str, Any]], l0: float, key: str) -> float | None:
-    """``key`` at ``l0``, interpolated linearly in log L0 between the two points around it; None outside
-    the points' range (a point within 2% of ``l0`` counts as at it)."""
-    pts = sorted((p["l0"], p[key]) for p in points if p["l0"] > 0 and math.isfinite(p[key]))
-    for x, y in pts:
-        if abs(x - l0) <= 0.02 * l0:
-            return y
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= l0 <= x1:
-            t = (math.log(l0) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return y0 + t * (y1 - y0)
-    return None
+    """``key`` at ``l0`` (see :func:`bracket`)."""
+    weights = bracket(points, l0)
+    return None if weights is None else sum(w * points[i][key] for i, w in weights)
+
+
+def paired_gain_se(source: dict[str, Any], mix: list[tuple[dict[str, Any], float]],
+                   baselines: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """Standard errors of a candidate's FVU reduction and CE-loss-recovered gain over the SAE at its L0 (the
+    candidate's points mixed as :func:`bracket` says), by bootstrap over the held-out contexts both were
+    measured on: the same resamples for both, so what the contexts share cancels."""
+    clean, zero = baselines["ce_clean"], baselines["ce_zero_ablation"]
+
+    def fvu_gain(w: torch.Tensor) -> torch.Tensor:
+        return context_fvu(w, *source["clean"]) - sum(t * context_fvu(w, *p["clean"]) for p, t in mix)
+
+    def ce_gain(w: torch.Tensor) -> torch.Tensor:
+        return (sum(t * recovered_fraction(w, p["ce_spliced"], clean, zero) for p, t in mix)
+                - recovered_fraction(w, source["ce_spliced"], clean, zero))
+
+    return bootstrap_se(fvu_gain, len(source["clean"][0])), bootstrap_se(ce_gain, len(clean))
 
 
 # ---- the run folder ----
@@ -317,13 +348,14 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
 
     def record(key: str, candidate: str, ratio: float | None, knob: str, model: SparseCoder) -> None:
         path = done / f"{key}.json"
-        if path.is_file():
+        if path.is_file() and path.with_suffix(".pt").is_file():
             points[key] = json.loads(path.read_text())
             return
-        figures = measure(model, datamodule, baselines)
+        figures, sums = measure(model, datamodule, baselines)
         point = {"candidate": candidate, "label": CANDIDATES.get(candidate, ("the SAE's own encoder",))[0],
                  "ratio": ratio, "knob": knob, **figures}
-        atomic_write_json(path, point)
+        atomic_write(path.with_suffix(".pt"), lambda tmp: torch.save(sums, tmp))
+        atomic_write_json(path, point)  # last: a point with its .json is complete
         points[key] = point
         print(f"  {point['label']:<36} {knob:<16} L0 {point['l0']:7.1f}  FVU {point['fvu']:.4f}  "
               f"CE recovered {point['ce_loss_recovered']:.4f}  ({point['seconds']:.0f} s)", flush=True)
@@ -352,32 +384,37 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
             model = SparseCoder(head, dictionary, code_recovery=False).eval()
         record(key, candidate, float(ratio), knob, model)
 
-    write_comparison(out, source, points, options)
+    write_comparison(out, source, points, options, baselines)
     write_cards(out, source, points, heads, dictionary)
     return out
 
 
 # ---- results ----
 
-def summary(points: dict[str, dict[str, Any]], options: UpgradeOptions) -> list[dict[str, Any]]:
-    """Per candidate: FVU and CE-loss recovered at the SAE's L0 (interpolated) and their gains over the SAE."""
+def summary(out: Path, points: dict[str, dict[str, Any]], options: UpgradeOptions,
+            baselines: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Per candidate: FVU and CE-loss recovered at the SAE's L0 (interpolated), their gains over the SAE and
+    the gains' paired standard errors; ``clear`` when both gains exceed twice their standard error."""
     src = points["source"]
     keys = ("fvu", "fvu_se", "ce_loss_recovered", "ce_loss_recovered_se")
     rows = [{"candidate": "source", "label": src["label"], "l0": src["l0"], "inference_flops": src["inference_flops"],
              **{k: src[k] for k in keys}}]
+
+    def sums(key: str) -> dict[str, Any]:
+        return torch.load(out / "points" / f"{key}.pt", weights_only=True)
+
     for candidate in options.candidates:
-        pts = [p for p in points.values() if p["candidate"] == candidate]
+        names = [k for k, p in points.items() if p["candidate"] == candidate]
+        pts = [points[k] for k in names]
+        weights = bracket(pts, src["l0"]) if pts else None
         row = {"candidate": candidate, "label": CANDIDATES[candidate][0], "l0": src["l0"],
                "inference_flops": pts[0]["inference_flops"] if pts else None,
-               **{k: at_l0(pts, src["l0"], k) for k in keys}}
-        fvu, ce = row["fvu"], row["ce_loss_recovered"]
-        row["fvu_gain"] = None if fvu is None else (src["fvu"] - fvu) / src["fvu"]
-        row["ce_gain"] = None if ce is None else ce - src["ce_loss_recovered"]
-        # clearly better: each gain larger than the two standard errors added (contexts are shared, so this is
-        # conservative)
-        row["clear"] = (fvu is not None and ce is not None
-                        and src["fvu"] - fvu > src["fvu_se"] + row["fvu_se"]
-                        and ce - src["ce_loss_recovered"] > src["ce_loss_recovered_se"] + row["ce_loss_recovered_se"])
+               **{k: None if weights is None else sum(w * pts[i][k] for i, w in weights) for k in keys}}
+        if weights is not None:
+            fvu_se, ce_se = paired_gain_se(sums("source"), [(sums(names[i]), w) for i, w in weights], baselines)
+            row.update(fvu_gain=(src["fvu"] - row["fvu"]) / src["fvu"], fvu_gain_se=fvu_se / src["fvu"],
+                       ce_gain=row["ce_loss_recovered"] - src["ce_loss_recovered"], ce_gain_se=ce_se)
+            row["clear"] = row["fvu_gain"] > 2 * row["fvu_gain_se"] and row["ce_gain"] > 2 * row["ce_gain_se"]
         rows.append(row)
     return rows
 
@@ -392,17 +429,21 @@ def comparison_table(rows: list[dict[str, Any]], markdown: bool) -> str:
     def pm(value: Any, se: Any, spec: str) -> str:
         return "-" if value is None else f"{_f(value, spec)} ± {_f(se, spec)}"
 
-    table = [[r["label"], pm(r["fvu"], r["fvu_se"], ".4f"), _f(r.get("fvu_gain"), ".1%", True),
-              pm(r["ce_loss_recovered"], r["ce_loss_recovered_se"], ".4f"), _f(r.get("ce_gain"), ".4f", True),
-              _f(r["inference_flops"], ".2e"),
+    def gain(value: Any, se: Any, spec: str) -> str:
+        return "-" if value is None else f"{_f(value, spec, True)} ± {_f(se, spec)}"
+
+    table = [[r["label"], pm(r["fvu"], r["fvu_se"], ".4f"), gain(r.get("fvu_gain"), r.get("fvu_gain_se"), ".1%"),
+              pm(r["ce_loss_recovered"], r["ce_loss_recovered_se"], ".4f"),
+              gain(r.get("ce_gain"), r.get("ce_gain_se"), ".4f"), _f(r["inference_flops"], ".2e"),
               "measured" if r["candidate"] == "source" else
               ("outside the sweep" if r["fvu"] is None else "interpolated")] for r in rows]
     header = ["encoder", "FVU", "less FVU", "CE recovered", "CE gain", "inference FLOPs/token", "at the SAE's L0"]
     return format_table(table, header, markdown=markdown)
 
 
-def write_comparison(out: Path, source: str, points: dict[str, dict[str, Any]], options: UpgradeOptions) -> None:
-    rows = summary(points, options)
+def write_comparison(out: Path, source: str, points: dict[str, dict[str, Any]], options: UpgradeOptions,
+                     baselines: dict[str, torch.Tensor]) -> None:
+    rows = summary(out, points, options, baselines)
     l0 = points["source"]["l0"]
     ordered = [points["source"]] + sorted((p for k, p in points.items() if k != "source"),
                                           key=lambda p: (list(CANDIDATES).index(p["candidate"]), p["l0"]))
@@ -411,15 +452,16 @@ def write_comparison(out: Path, source: str, points: dict[str, dict[str, Any]], 
     better = [r for r in rows[1:] if (r.get("fvu_gain") or 0) > 0 and (r.get("ce_gain") or 0) > 0]
     clear, within = [r["label"] for r in better if r["clear"]], [r["label"] for r in better if not r["clear"]]
     verdict = " ".join(filter(None, [
-        clear and f"Better than the SAE's encoder on both FVU and CE-loss recovered at its L0, each by more than "
-                  f"the two standard errors added: {', '.join(clear)}.",
-        within and f"Better on both, but by less than that on one of them: {', '.join(within)}.",
+        clear and f"Better than the SAE's encoder on both FVU and CE-loss recovered at its L0, each gain above twice "
+                  f"its standard error: {', '.join(clear)}.",
+        within and f"Better on both, but within twice the standard error on one: {', '.join(within)}.",
         not better and "No candidate beats the SAE's encoder on both FVU and CE-loss recovered at its L0."]))
     text = (f"# Upgrading {source}\n\nEvery encoder decodes with the SAE's frozen decoder. Values at the SAE's own "
             f"L0 ({l0:.1f}), interpolated in log L0 between each candidate's sweep points (`comparison.csv`; "
             "`comparison.png` plots them); FVU leaves the outlier tokens out, as the SAE's training did. "
-            f"\"less FVU\" is relative to the SAE's; \"CE gain\" is in points of CE-loss recovered; ± is one standard "
-            "error by bootstrap over held-out contexts.\n\n"
+            "\"less FVU\" is relative to the SAE's; \"CE gain\" is in points of CE-loss recovered. ± is one standard "
+            "error by bootstrap over the held-out contexts; for the gains, paired: the same resamples for the "
+            "candidate and the SAE, which were measured on the same contexts.\n\n"
             f"{comparison_table(rows, markdown=True)}\n\n{verdict}\n")
     atomic_write_text(out / "comparison.md", text)
     print(f"\nAt the SAE's L0 ({l0:.1f}), on its frozen decoder:\n{comparison_table(rows, markdown=False)}\n")

@@ -119,7 +119,7 @@ def test_the_catalogue_lists_the_fields_public_saes():
 def test_unknown_names_list_close_matches():
     with pytest.raises(ValueError, match=r"no SAE 'blocks.8.hook_resid_pr'.*close matches: blocks.8.hook_resid_pre"):
         sae_zoo.load_sae("gpt2-small-res-jb/blocks.8.hook_resid_pr")
-    with pytest.raises(FileNotFoundError, match=r"no catalogue entry; catalogue releases close to it: "
+    with pytest.raises(FileNotFoundError, match=r"nor a catalogue entry; catalogue releases close to it: "
                                                 r"gemma-scope-2b-pt-res"):
         sae_zoo.load_sae("gemma-scope-2b-pt-re/layer_12/width_16k/average_l0_82")
     with pytest.raises(FileNotFoundError, match=r"does not exist.*close to it: gpt2-small-res-jb"):

@@ -148,3 +148,25 @@ def test_the_l1_coefficient_at_which_codes_are_optimal():
     fista = create_encoder("fista", d_model=6, n_latents=12, steps=3000, l1_coeff=0.3).eval()
     model = SparseCoder(fista, Dictionary.from_tensor(atoms, trainable=False))
     assert stationary_l1(model, x) == pytest.approx(0.3, rel=0.02)  # FISTA's solutions are optimal at its l1
+
+
+def test_gains_have_paired_standard_errors():
+    from sae_zoo.evaluation import context_fvu
+    from sae_zoo.evaluation.bootstrap import bootstrap_se
+    from sae_zoo.upgrade import paired_gain_se
+
+    g = torch.Generator().manual_seed(0)
+    n, c = torch.full((20,), 10.0, dtype=torch.float64), 20
+    clean = [torch.rand(c, generator=g, dtype=torch.float64) + 0.5, n,
+             torch.rand(c, generator=g, dtype=torch.float64) + 5, torch.randn(c, 4, generator=g, dtype=torch.float64)]
+    baselines = {"ce_clean": torch.full((8,), 4.0, dtype=torch.float64),
+                 "ce_zero_ablation": torch.rand(8, generator=g, dtype=torch.float64) + 9}
+    source = {"clean": clean, "ce_spliced": torch.rand(8, generator=g, dtype=torch.float64) + 5}
+    better = {"clean": [0.9 * clean[0], *clean[1:]], "ce_spliced": source["ce_spliced"]}
+    fvu_se, ce_se = paired_gain_se(source, [(better, 1.0)], baselines)
+    # 10% less squared error in every context: the gain is 0.1 x the SAE's FVU in every resample
+    assert fvu_se == pytest.approx(0.1 * bootstrap_se(lambda w: context_fvu(w, *clean), c), rel=1e-9)
+    assert ce_se == 0  # the same spliced losses: no gain in any resample
+    # a mix of two points, as at an interpolated L0, is the mix of their resampled values
+    half = paired_gain_se(source, [(better, 0.5), (source, 0.5)], baselines)[0]
+    assert half == pytest.approx(fvu_se / 2, rel=1e-9)

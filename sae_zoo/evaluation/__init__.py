@@ -11,8 +11,8 @@ import torch
 from ..data.activations import ActivationDataModule
 from ..data.base import SparseCodingData
 from ..model import SparseCoder
-from .held_out import held_out_statistics
-from .language_model import ce_baselines, ce_loss_recovered
+from .held_out import context_fvu, context_sums, held_out_statistics
+from .language_model import ce_baselines, ce_loss_recovered, ce_spliced, recovered_fraction
 
 
 @torch.no_grad()
@@ -42,4 +42,5 @@ def downstream_metrics(model: SparseCoder, datamodule: SparseCodingData) -> dict
     return {}
 
 
-__all__ = ["ce_baselines", "ce_loss_recovered", "downstream_metrics", "evaluate", "held_out_statistics"]
+__all__ = ["ce_baselines", "ce_loss_recovered", "ce_spliced", "context_fvu", "context_sums", "downstream_metrics",
+           "evaluate", "held_out_statistics", "recovered_fraction"]

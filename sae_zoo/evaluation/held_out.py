@@ -11,7 +11,7 @@ from ..model import SparseCoder
 from .bootstrap import bootstrap_se
 
 
-def _fvu(weights: Tensor, sse: Tensor, n: Tensor, sum_sq: Tensor, sum_x: Tensor) -> Tensor:
+def context_fvu(weights: Tensor, sse: Tensor, n: Tensor, sum_sq: Tensor, sum_x: Tensor) -> Tensor:
     """FVU of contexts weighted by ``weights`` (``(..., C)``): summed squared error over the summed squared
     deviation from the weighted mean (the formula of :class:`~sae_zoo.metrics.FVU`)."""
     total_x = weights @ sum_x
@@ -19,9 +19,10 @@ def _fvu(weights: Tensor, sse: Tensor, n: Tensor, sum_sq: Tensor, sum_x: Tensor)
 
 
 @torch.no_grad()
-def held_out_statistics(model: SparseCoder, datamodule: ActivationDataModule) -> dict[str, float]:
-    """FVU without the outlier tokens (what ``evaluate`` reports) and with them, each with its standard
-    error over contexts; how many held-out tokens are outliers and the norm that makes one."""
+def context_sums(model: SparseCoder, datamodule: ActivationDataModule) -> dict[str, list[Tensor]]:
+    """Per held-out context, for the ``clean`` tokens (outliers left out) and for ``all``: the summed squared
+    error, the token count, the summed ``||x||^2`` and the summed ``x`` (float64), from which
+    :func:`context_fvu` gives the FVU of any weighting of the contexts (bootstrap resamples included)."""
     rows, per_context = datamodule.held_out_rows(), datamodule.tokens_per_context
     max_norm = datamodule.outlier_norm
     n_contexts = -(-int(rows.offsets[-1]) // per_context)
@@ -43,12 +44,23 @@ def held_out_statistics(model: SparseCoder, datamodule: ActivationDataModule) ->
                     total.index_add_(0, context[keep], value[keep])
     finally:
         model.train(was_training)
+    return stats
+
+
+@torch.no_grad()
+def held_out_statistics(model: SparseCoder, datamodule: ActivationDataModule,
+                        sums: dict[str, list[Tensor]] | None = None) -> dict[str, float]:
+    """FVU without the outlier tokens (what ``evaluate`` reports) and with them, each with its standard
+    error over contexts; how many held-out tokens are outliers and the norm that makes one. ``sums``:
+    the model's :func:`context_sums`, when already computed."""
+    stats, max_norm = sums or context_sums(model, datamodule), datamodule.outlier_norm
+    n_contexts = len(stats["all"][1])
     ones = torch.ones(n_contexts, dtype=torch.float64)
     out = {"held_out_tokens": int(stats["all"][1].sum()),
            "outlier_tokens": int(stats["all"][1].sum() - stats["clean"][1].sum())}
     for kind, suffix in (("clean", ""), ("all", "_with_outliers")):
-        out[f"fvu{suffix}"] = float(_fvu(ones, *stats[kind]))
-        out[f"fvu{suffix}_se"] = bootstrap_se(lambda w, s=stats[kind]: _fvu(w, *s), n_contexts)
+        out[f"fvu{suffix}"] = float(context_fvu(ones, *stats[kind]))
+        out[f"fvu{suffix}_se"] = bootstrap_se(lambda w, s=stats[kind]: context_fvu(w, *s), n_contexts)
     if max_norm is not None:
         out["outlier_norm"] = float(max_norm)
     return out

@@ -45,18 +45,12 @@ def ce_baselines(datamodule: ActivationDataModule) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def ce_loss_recovered(coder: SparseCoder, datamodule: ActivationDataModule,
-                      baselines: dict[str, Tensor] | None = None) -> dict[str, float]:
-    """CE-loss recovered on the datamodule's ``ce_contexts`` held-out contexts: the LM's next-token loss
-    with the hook's activations replaced by ``coder``'s reconstruction, against the clean loss and the
-    loss with them zeroed: ``1 - (CE_recon - CE_clean) / (CE_zero - CE_clean)``, with its standard error
-    by bootstrap over contexts. Positions left out of the data (BOS, outlier tokens) keep their own
-    activations in both the spliced and the zeroed runs. ``baselines`` (:func:`ce_baselines`) saves the
-    clean and zeroed passes when many models are measured on the same data."""
+def ce_spliced(coder: SparseCoder, datamodule: ActivationDataModule) -> Tensor:
+    """Per-context next-token loss (float64, ``(ce_contexts,)``) with the hook's activations replaced by
+    ``coder``'s reconstruction (see :func:`ce_loss_recovered`)."""
     tokens, scale, _ = datamodule.ce_batches()
     lm, _, hook = datamodule.language_model()
     device = next(coder.parameters(), torch.empty(0)).device
-    baselines = ce_baselines(datamodule) if baselines is None else baselines
 
     def reconstruct(acts: Tensor) -> Tensor:
         x_hat, _ = coder((acts.float() * scale).to(device))
@@ -70,11 +64,29 @@ def ce_loss_recovered(coder: SparseCoder, datamodule: ActivationDataModule,
             spliced.append(next_token_loss(lm, chunk, hook, _splice(datamodule, reconstruct)))
     finally:
         coder.train(was_training)
-    per_context = {**baselines, "ce_spliced": torch.cat(spliced).double().cpu()}  # (contexts,) each
-    clean, zero, spliced_ = per_context["ce_clean"], per_context["ce_zero_ablation"], per_context["ce_spliced"]
+    return torch.cat(spliced).double().cpu()
+
+
+def recovered_fraction(weights: Tensor, spliced: Tensor, clean: Tensor, zero: Tensor) -> Tensor:
+    """CE-loss recovered of contexts weighted by ``weights`` (``(..., C)``)."""
+    return 1 - (weights @ (spliced - clean)) / (weights @ (zero - clean))
+
+
+@torch.no_grad()
+def ce_loss_recovered(coder: SparseCoder, datamodule: ActivationDataModule,
+                      baselines: dict[str, Tensor] | None = None) -> dict[str, float]:
+    """CE-loss recovered on the datamodule's ``ce_contexts`` held-out contexts: the LM's next-token loss
+    with the hook's activations replaced by ``coder``'s reconstruction, against the clean loss and the
+    loss with them zeroed: ``1 - (CE_recon - CE_clean) / (CE_zero - CE_clean)``, with its standard error
+    by bootstrap over contexts. Positions left out of the data (BOS, outlier tokens) keep their own
+    activations in both the spliced and the zeroed runs. ``baselines`` (:func:`ce_baselines`) saves the
+    clean and zeroed passes when many models are measured on the same data."""
+    baselines = ce_baselines(datamodule) if baselines is None else baselines
+    per_context = {**baselines, "ce_spliced": ce_spliced(coder, datamodule)}  # (contexts,) each
+    clean, zero, spliced = per_context["ce_clean"], per_context["ce_zero_ablation"], per_context["ce_spliced"]
 
     def recovered(weights: Tensor) -> Tensor:
-        return 1 - (weights @ (spliced_ - clean)) / (weights @ (zero - clean))
+        return recovered_fraction(weights, spliced, clean, zero)
 
     means = {k: float(v.mean()) for k, v in per_context.items()}
     gap = means["ce_zero_ablation"] - means["ce_clean"]

@@ -124,8 +124,9 @@ def load_sae(source: str | Path, *, format: str | None = None, subfolder: str | 
         sae.dictionary.provenance.update(entry.provenance())
         return sae
     if not is_local(source) and str(source).count("/") > 1:  # a Hub repo id has one '/' at most
-        raise FileNotFoundError(f"{source!r} is no local folder, no Hub repo id and no catalogue entry"
-                                f"{close_releases(str(source))} (see sae_zoo.list_pretrained())")
+        raise FileNotFoundError(f"no local folder {str(source)!r} exists, and it is neither a Hub repo id (one '/' "
+                                f"at most) nor a catalogue entry{close_releases(str(source))} (see "
+                                "sae_zoo.list_pretrained())")
     where = f"{source}/{subfolder}" if subfolder else str(source)
     if format is None:
         try:
