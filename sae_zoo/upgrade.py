@@ -340,8 +340,9 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
     check_out_dir(out, identity)
     datamodule.prepare_data()
 
+    device = datamodule.device  # every model is measured there (the bank's trainer picks its own)
     dictionary = sae.dictionary.requires_grad_(False)
-    source_model = SparseCoder(sae.encoder.requires_grad_(False), dictionary, code_recovery=False).eval()
+    source_model = SparseCoder(sae.encoder.requires_grad_(False), dictionary, code_recovery=False).eval().to(device)
     baselines = ce_baselines(datamodule)
     points: dict[str, dict[str, Any]] = {}
     done = out / "points"
@@ -351,7 +352,7 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
         if path.is_file() and path.with_suffix(".pt").is_file():
             points[key] = json.loads(path.read_text())
             return
-        figures, sums = measure(model, datamodule, baselines)
+        figures, sums = measure(model.to(device), datamodule, baselines)
         point = {"candidate": candidate, "label": CANDIDATES.get(candidate, ("the SAE's own encoder",))[0],
                  "ratio": ratio, "knob": knob, **figures}
         atomic_write(path.with_suffix(".pt"), lambda tmp: torch.save(sums, tmp))
@@ -364,7 +365,7 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
     record("source", "source", None, "-", source_model)
     l0 = points["source"]["l0"]
     x = next(iter(datamodule.held_out_batches()))
-    l1 = stationary_l1(source_model, x.to(source_model.device))
+    l1 = stationary_l1(source_model, x.to(device))
     print(f"the SAE: L0 {l0:.1f}; candidates at {', '.join(f'{r:g}' for r in options.ratios)} x its L0, "
           f"L1 coefficient {l1:.4g} (where its codes are closest to optimal)", flush=True)
 

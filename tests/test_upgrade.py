@@ -170,3 +170,22 @@ def test_gains_have_paired_standard_errors():
     # a mix of two points, as at an interpolated L0, is the mix of their resampled values
     half = paired_gain_se(source, [(better, 0.5), (source, 0.5)], baselines)[0]
     assert half == pytest.approx(fvu_se / 2, rel=1e-9)
+
+
+def test_each_candidate_sweeps_the_knob_its_kind_has():
+    from sae_zoo import create_encoder
+    from sae_zoo.upgrade import candidate_head
+
+    topk = create_encoder("topk", d_model=8, n_latents=24, k=4, subtract_decoder_bias=True)
+    head, kwargs, knob = candidate_head("residual_mlp", 1.5, topk, 4.0, 0.3, UpgradeOptions(hidden=8))
+    assert (head.k, kwargs, knob) == (6, {"l1_coeff": 0.0, "lr": 1e-3}, "k=6")
+    head, _, _ = candidate_head("retrained", 0.5, topk, 4.0, 0.3, UpgradeOptions())
+    assert head.k == 2 and topk.k == 4 and head is not topk  # a copy, trained on its own
+    linear = create_encoder("linear", d_model=8, n_latents=24, subtract_decoder_bias=True)
+    _, kwargs, knob = candidate_head("retrained", 0.5, linear, 30.0, 0.3, UpgradeOptions())
+    assert kwargs == {"l1_coeff": 0.3, "lr": 1e-3, "target_l0": 15.0} and knob == "target L0 15.0"
+    fista, kwargs, knob = candidate_head("fista", 0.5, linear, 30.0, 0.3, UpgradeOptions(solver_steps=7))
+    assert (fista.k, fista.steps, fista.l1_coeff, kwargs, knob) == (15, 7, 0.3, {}, "k=15")
+    assert torch.equal(fista.warm_start.linear.weight, linear.linear.weight) and not fista.warm_start.training
+    with pytest.raises(ValueError, match="candidates: lasso; choose from retrained, residual_mlp"):
+        UpgradeOptions(candidates=("lasso",))
