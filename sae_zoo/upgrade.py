@@ -198,10 +198,15 @@ def candidate_head(name: str, ratio: float, source: EncoderHead, l0: float, l1: 
     """``(head, SparseCoder arguments, knob)`` of candidate ``name`` at ``ratio`` x the SAE's L0."""
     target = max(1, round(ratio * l0))
     if name in ("retrained", "residual_mlp"):
-        head = copy.deepcopy(source) if name == "retrained" else ResidualMLPEncoder.upgrading(source, options.hidden)
+        k = None if getattr(source, "k", None) is None else max(1, round(ratio * source.k))
+        if name == "residual_mlp":
+            head = ResidualMLPEncoder.upgrading(source, options.hidden, k=k)
+        else:  # built from its config, so that a saved copy keeps the new k
+            head = create_encoder(**{**source.config(), **({"k": k} if k is not None else {})})
+            head.load_state_dict(source.state_dict())
+            head.to(next(source.parameters()).device)
         head.requires_grad_(True).train()
         if getattr(head, "k", None) is not None:  # a top-k head: its k is the knob
-            head.k = max(1, round(ratio * head.k))
             return head, {"l1_coeff": 0.0, "lr": options.lr}, f"k={head.k}"
         return head, {"l1_coeff": l1, "lr": options.lr, "target_l0": ratio * l0}, f"target L0 {ratio * l0:.1f}"
     warm = copy.deepcopy(source).requires_grad_(False).eval()
@@ -331,7 +336,9 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
                          "no SAE to compare against")
     data = data_config(source, sae, recipe, options)
     steps = options.steps or (int(recipe["trainer"]["max_steps"]) if recipe else (600 if options.quick else 10_000))
-    name = Path(source).name if Path(source).is_dir() else source.replace("/", "_")
+    # a run is named with its suite's folder: two suites' "sae" runs get two folders
+    name = (f"{Path(source).resolve().parent.name}_{Path(source).name}" if Path(source).is_dir()
+            else source.replace("/", "_"))
     out = Path(out) if out else Path("runs") / "upgrade" / (name + ("-quick" if options.quick else ""))
     identity = {"source": str(Path(source).resolve()) if Path(source).exists() else source, "data": data,
                 "candidates": list(options.candidates), "ratios": list(options.ratios), "steps": steps,

@@ -61,3 +61,16 @@ def test_bad_sources_and_arguments():
         ResidualMLPEncoder.upgrading(create_encoder("mlp", d_model=D, n_latents=N, hidden=4))
     with pytest.raises(ValueError, match="not both"):
         ResidualMLPEncoder(D, N, k=3, jump=True)
+
+
+def test_a_new_k_starts_at_the_top_k_sae_with_that_k():
+    torch.manual_seed(0)
+    dictionary = Dictionary(N, D, bias=True)
+    head = source_head("topk")
+    x = torch.randn(64, D)
+    fewer = ResidualMLPEncoder.upgrading(head, hidden=8, k=2)
+    head.k = 2
+    torch.testing.assert_close(fewer(x, dictionary), head(x, dictionary), rtol=0, atol=0)
+    assert fewer.config()["k"] == 2
+    with pytest.raises(ValueError, match="a 'linear' SAE has none"):
+        ResidualMLPEncoder.upgrading(source_head("linear"), k=2)

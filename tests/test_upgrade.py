@@ -178,9 +178,10 @@ def test_each_candidate_sweeps_the_knob_its_kind_has():
 
     topk = create_encoder("topk", d_model=8, n_latents=24, k=4, subtract_decoder_bias=True)
     head, kwargs, knob = candidate_head("residual_mlp", 1.5, topk, 4.0, 0.3, UpgradeOptions(hidden=8))
-    assert (head.k, kwargs, knob) == (6, {"l1_coeff": 0.0, "lr": 1e-3}, "k=6")
+    assert (head.k, head.config()["k"], kwargs, knob) == (6, 6, {"l1_coeff": 0.0, "lr": 1e-3}, "k=6")
     head, _, _ = candidate_head("retrained", 0.5, topk, 4.0, 0.3, UpgradeOptions())
-    assert head.k == 2 and topk.k == 4 and head is not topk  # a copy, trained on its own
+    assert head.k == head.config()["k"] == 2 and topk.k == 4  # a copy with its own k, kept when it is saved
+    torch.testing.assert_close(head.linear.weight, topk.linear.weight)
     linear = create_encoder("linear", d_model=8, n_latents=24, subtract_decoder_bias=True)
     _, kwargs, knob = candidate_head("retrained", 0.5, linear, 30.0, 0.3, UpgradeOptions())
     assert kwargs == {"l1_coeff": 0.3, "lr": 1e-3, "target_l0": 15.0} and knob == "target L0 15.0"

@@ -85,14 +85,17 @@ class ResidualMLPEncoder(LinearPreActivations, EncoderHead):
         return matmul, 2 * self.n_latents + hidden + (self.k is not None) * self.n_latents
 
     @classmethod
-    def upgrading(cls, head: EncoderHead, hidden: int = 256) -> "ResidualMLPEncoder":
+    def upgrading(cls, head: EncoderHead, hidden: int = 256, k: int | None = None) -> "ResidualMLPEncoder":
         """A residual MLP whose codes start as ``head``'s: a ReLU (``linear``), top-k (``topk``), JumpReLU
-        (``jumprelu``) or BatchTopK (``batchtopk``, as at inference: one threshold) SAE's encoder."""
-        kinds = {"linear": {}, "topk": {"k": getattr(head, "k", None)}, "jumprelu": {"jump": True},
+        (``jumprelu``) or BatchTopK (``batchtopk``, as at inference: one threshold) SAE's encoder. ``k``
+        replaces a top-k SAE's own (its codes then start as that SAE's with this k)."""
+        kinds = {"linear": {}, "topk": {"k": k or getattr(head, "k", None)}, "jumprelu": {"jump": True},
                  "batchtopk": {"jump": True}}
         if head.name not in kinds or getattr(head, "linear", None) is None:
             raise ValueError(f"residual_mlp starts from a linear, topk, jumprelu or batchtopk SAE's encoder, not "
                              f"{head.name!r}")
+        if k is not None and head.name != "topk":
+            raise ValueError(f"residual_mlp: k replaces a top-k SAE's k; a {head.name!r} SAE has none")
         new = cls(head.d_model, head.n_latents, hidden=hidden, subtract_decoder_bias=head.subtract_decoder_bias,
                   **kinds[head.name])
         with torch.no_grad():
