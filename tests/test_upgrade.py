@@ -73,7 +73,9 @@ def test_upgrade_a_run_measures_the_sae_sweeps_every_candidate_and_writes_the_co
     x = torch.randn(16, model.dictionary.d_model)
     torch.testing.assert_close(pulled.encode(x), model.encode(x), rtol=0, atol=0)
     from huggingface_hub import ModelCard
-    assert f"upgrades the SAE `{run_dir}`" in ModelCard.load("sae-zoo-tester/upgraded-sae").text
+    pushed = ModelCard.load("sae-zoo-tester/upgraded-sae").text
+    assert f"upgrades the SAE `{run_dir}`" in pushed and 'from_pretrained("sae-zoo-tester/upgraded-sae")' in pushed
+    assert "<local directory>" in (out / "cards" / "residual_mlp" / "README.md").read_text()  # the folder is kept
 
 
 def test_an_interrupted_upgrade_resumes_and_another_one_is_refused(sae_run, tmp_path, monkeypatch):

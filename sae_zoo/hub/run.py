@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ from omegaconf import OmegaConf
 
 from .._io import atomic_write_text
 from ..model import SparseCoder
+from ..pretrained.card import UNPUSHED_REPO_ID
 from ..pretrained.config import CONFIG_NAME, WEIGHTS_NAME
 from .transport import push_folder, push_model
 
@@ -52,8 +55,13 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool | None = None, 
     upgrade's ``cards/NAME``) is checked by loading it, then uploaded as it is."""
     if all((Path(run_dir) / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME)):
         SparseCoder.from_pretrained(run_dir)  # a folder that does not load is not pushed
-        return push_folder(run_dir, repo_id, private=private, branch=branch, token=token,
-                           commit_message=commit_message or f"Upload {Path(run_dir).name}")
+        with tempfile.TemporaryDirectory() as tmp:  # the card's usage snippets name the repo it goes to
+            folder = Path(shutil.copytree(run_dir, Path(tmp) / "model"))
+            card = folder / "README.md"
+            if card.is_file():
+                card.write_text(card.read_text().replace(f'"{UNPUSHED_REPO_ID}"', f'"{repo_id}"'))
+            return push_folder(folder, repo_id, private=private, branch=branch, token=token,
+                               commit_message=commit_message or f"Upload {Path(run_dir).name}")
     model, recipe, metrics = load_run(run_dir)
     return push_model(model, repo_id, private=private, branch=branch, token=token,
                       commit_message=commit_message or f"Upload {Path(run_dir).name}",

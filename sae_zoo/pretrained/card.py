@@ -14,6 +14,8 @@ from ..encoders import IterativeHead
 # ``model`` below is a SparseCoder (this module sits below sae_zoo.model, which renders its card with it)
 
 TEMPLATE = "sae_zoo.md"
+#: the repo id a card's usage snippets name before the model is pushed (push_run fills in the real one)
+UNPUSHED_REPO_ID = "<local directory>"
 PAPER_URL = "https://arxiv.org/abs/2411.13117"
 #: ``datasets`` builders that read local files rather than a Hub dataset
 LOCAL_BUILDERS = ("text", "json", "csv", "parquet", "arrow")
@@ -136,7 +138,7 @@ def model_card(model: Any, *, metrics: dict[str, float] | None = None,
         decoder_source=_decoder_source(provenance), setting=model.setting,
         n_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
         dtype=str(dictionary.weight.dtype).removeprefix("torch."),
-        repo_id=repo_id or "<local directory>", training=_training(model, recipe),
+        repo_id=repo_id or UNPUSHED_REPO_ID, training=_training(model, recipe),
         evaluation=_evaluation(metrics, dataset_name) + (f"\n\n### Against the SAE it upgrades\n\n{upgrade}"
                                                           if upgrade else ""),
         limitations=_limitations(model, recipe))
