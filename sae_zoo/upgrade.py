@@ -193,14 +193,24 @@ def stationary_l1(model: SparseCoder, x: torch.Tensor) -> float:
     return value
 
 
+def check_candidates(source: str, head: EncoderHead, candidates: tuple[str, ...]) -> None:
+    """Refuse, before any long work, a candidate this SAE's encoder cannot start."""
+    if "residual_mlp" in candidates and head.name not in ResidualMLPEncoder.sources:
+        raise ValueError(f"{source}: its encoder is a {head.name!r} head; the residual MLP starts from a "
+                         f"{', '.join(ResidualMLPEncoder.sources)} SAE's. Leave it out with --candidates")
+    if "retrained" in candidates and not any(True for _ in head.parameters()):
+        raise ValueError(f"{source}: its {head.name!r} encoder has no weights to train further. Leave 'retrained' "
+                         "out with --candidates")
+
+
 def candidate_head(name: str, ratio: float, source: EncoderHead, l0: float, l1: float,
                    options: UpgradeOptions) -> tuple[EncoderHead, dict[str, Any], str]:
     """``(head, SparseCoder arguments, knob)`` of candidate ``name`` at ``ratio`` x the SAE's L0."""
     target = max(1, round(ratio * l0))
     if name in ("retrained", "residual_mlp"):
         k = None if getattr(source, "k", None) is None else max(1, round(ratio * source.k))
-        if name == "residual_mlp":
-            head = ResidualMLPEncoder.upgrading(source, options.hidden, k=k)
+        if name == "residual_mlp":  # from a BatchTopK SAE: its inference threshold, its L0 by the L1 coefficient
+            head = ResidualMLPEncoder.upgrading(source, options.hidden, k=k if source.name == "topk" else None)
         else:  # built from its config, so that a saved copy keeps the new k
             head = create_encoder(**{**source.config(), **({"k": k} if k is not None else {})})
             head.load_state_dict(source.state_dict())
@@ -334,6 +344,7 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
     if sae.encoder is None:
         raise ValueError(f"{source}: no sae_zoo head reproduces its encoder ({sae.encoder_unavailable}), so there is "
                          "no SAE to compare against")
+    check_candidates(source, sae.encoder, options.candidates)
     data = data_config(source, sae, recipe, options)
     steps = options.steps or (int(recipe["trainer"]["max_steps"]) if recipe else (600 if options.quick else 10_000))
     # a run is named with its suite's folder: two suites' "sae" runs get two folders

@@ -190,5 +190,16 @@ def test_each_candidate_sweeps_the_knob_its_kind_has():
     fista, kwargs, knob = candidate_head("fista", 0.5, linear, 30.0, 0.3, UpgradeOptions(solver_steps=7))
     assert (fista.k, fista.steps, fista.l1_coeff, kwargs, knob) == (15, 7, 0.3, {}, "k=15")
     assert torch.equal(fista.warm_start.linear.weight, linear.linear.weight) and not fista.warm_start.training
+    batchtopk = create_encoder("batchtopk", d_model=8, n_latents=24, k=4, subtract_decoder_bias=True)
+    head, kwargs, knob = candidate_head("residual_mlp", 2.0, batchtopk, 4.0, 0.3, UpgradeOptions(hidden=8))
+    assert head.threshold is not None and kwargs["target_l0"] == 8.0 and knob == "target L0 8.0"
+    head, kwargs, knob = candidate_head("retrained", 2.0, batchtopk, 4.0, 0.3, UpgradeOptions())
+    assert head.config()["k"] == 8 and knob == "k=8"
+    from sae_zoo.upgrade import check_candidates
+
+    with pytest.raises(ValueError, match="a 'mlp' head; the residual MLP starts from a linear, topk, jumprelu"):
+        check_candidates("s", create_encoder("mlp", d_model=8, n_latents=24, hidden=4), ("residual_mlp",))
+    with pytest.raises(ValueError, match="'mp' encoder has no weights to train further"):
+        check_candidates("s", create_encoder("mp", d_model=8, n_latents=24, k=3), ("retrained", "fista"))
     with pytest.raises(ValueError, match="candidates: lasso; choose from retrained, residual_mlp"):
         UpgradeOptions(candidates=("lasso",))

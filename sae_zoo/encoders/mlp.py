@@ -54,6 +54,8 @@ class ResidualMLPEncoder(LinearPreActivations, EncoderHead):
 
     nonnegative_codes = True
     example_kwargs = {"hidden": 8}
+    #: the SAE encoders :meth:`upgrading` starts from
+    sources = ("linear", "topk", "jumprelu", "batchtopk")
 
     def __init__(self, d_model: int, n_latents: int, hidden: int = 256, k: int | None = None, jump: bool = False,
                  subtract_decoder_bias: bool = False) -> None:
@@ -89,8 +91,7 @@ class ResidualMLPEncoder(LinearPreActivations, EncoderHead):
         """A residual MLP whose codes start as ``head``'s: a ReLU (``linear``), top-k (``topk``), JumpReLU
         (``jumprelu``) or BatchTopK (``batchtopk``, as at inference: one threshold) SAE's encoder. ``k``
         replaces a top-k SAE's own (its codes then start as that SAE's with this k)."""
-        kinds = {"linear": {}, "topk": {"k": k or getattr(head, "k", None)}, "jumprelu": {"jump": True},
-                 "batchtopk": {"jump": True}}
+        kinds = dict(zip(cls.sources, ({}, {"k": k or getattr(head, "k", None)}, {"jump": True}, {"jump": True})))
         if head.name not in kinds or getattr(head, "linear", None) is None:
             raise ValueError(f"residual_mlp starts from a linear, topk, jumprelu or batchtopk SAE's encoder, not "
                              f"{head.name!r}")
