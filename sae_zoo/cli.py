@@ -66,10 +66,6 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         options["candidates"] = tuple(c.strip() for c in args.candidates.split(","))
     if args.ratios:
         options["ratios"] = parse_ratios(args.ratios)
-    elif args.quick:
-        options["ratios"] = (0.7, 1.0, 1.4)
-    if args.quick and args.solver_steps is None:
-        options["solver_steps"] = 50
     upgrade(args.source, args.out, UpgradeOptions(quick=args.quick, data=tuple(args.overrides), **options),
             progress=not args.no_progress)
     return 0

@@ -79,22 +79,28 @@ COLUMNS = ["candidate", "label", "ratio", "knob", "l0", "fvu", "fvu_se", "fvu_wi
 
 @dataclass
 class UpgradeOptions:
-    """What an upgrade runs; ``None`` means: from the source (its metadata, or its run's recipe)."""
+    """What an upgrade runs. ``model``, ``hook``, ``gguf_file`` and ``steps`` left ``None`` come from the source
+    (its metadata, or its run's recipe); ``ratios`` and ``solver_steps`` have smaller defaults when ``quick``,
+    which also gives a checkpoint's upgrade less data. ``data``: ``data.KEY=VALUE`` overrides."""
 
     model: str | None = None
     hook: str | None = None
     gguf_file: str | None = None
     candidates: tuple[str, ...] = tuple(CANDIDATES)
-    ratios: tuple[float, ...] = (0.5, 0.7, 1.0, 1.4, 2.0)
-    steps: int | None = None
+    ratios: tuple[float, ...] | None = None     # (0.5, 0.7, 1, 1.4, 2); quick (0.7, 1, 1.4)
+    steps: int | None = None                    # the run's; else 10,000, quick 600
     lr: float = 1e-3
     hidden: int = 1024
-    solver_steps: int = 200
+    solver_steps: int | None = None             # 200; quick 50
     seed: int = 0
     data: tuple[str, ...] = ()
     quick: bool = False
 
     def __post_init__(self) -> None:
+        if self.ratios is None:
+            self.ratios = (0.7, 1.0, 1.4) if self.quick else (0.5, 0.7, 1.0, 1.4, 2.0)
+        if self.solver_steps is None:
+            self.solver_steps = 50 if self.quick else 200
         unknown = [c for c in self.candidates if c not in CANDIDATES]
         if unknown or not self.candidates:
             raise ValueError(f"candidates: {', '.join(unknown) or 'none given'}; choose from {', '.join(CANDIDATES)}")
