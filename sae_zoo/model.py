@@ -246,11 +246,18 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         target, rate = self.training_options["target_l0"], self.training_options["target_l0_rate"]
         self.sparsity_coeff.mul_(torch.exp(rate * ((l0 - target) / target).clamp(-1, 1)))
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        logging, targets_l0 = self._logging_step(), self.training_options["target_l0"] is not None
-        losses = self.training_losses(batch, measure_l0=logging or targets_l0)
+    def tuned_losses(self, batch: Batch, measure_l0: bool = False) -> dict[str, Tensor]:
+        """:meth:`training_losses` of a training step, after which the sparsity coefficient takes one step
+        towards ``target_l0`` (when the model has one; the batch's L0 is then always measured)."""
+        targets_l0 = self.training_options["target_l0"] is not None
+        losses = self.training_losses(batch, measure_l0=measure_l0 or targets_l0)
         if targets_l0 and "l0" in losses:
             self._tune_towards_target_l0(losses["l0"])
+        return losses
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        logging, targets_l0 = self._logging_step(), self.training_options["target_l0"] is not None
+        losses = self.tuned_losses(batch, measure_l0=logging)
         if logging:  # the values are read for the log anyway, so checking them costs no extra sync
             if not torch.isfinite(losses["loss"]):
                 raise FloatingPointError(f"the training loss is {losses['loss'].item()} at step {self.global_step}: "

@@ -49,15 +49,12 @@ class HeadBank(L.LightningModule):
         logging = every > 0 and (self.global_step + 1) % every == 0
         total = 0.0
         for name, model in zip(self.names, self.models):
-            targets_l0 = model.training_options["target_l0"] is not None
-            losses = model.training_losses(batch, measure_l0=logging or targets_l0)
-            if targets_l0:
-                model._tune_towards_target_l0(losses["l0"])
+            losses = model.tuned_losses(batch, measure_l0=logging)
             if logging:
                 if not torch.isfinite(losses["loss"]):
                     raise FloatingPointError(f"model {name!r}: the training loss is {losses['loss'].item()} at step "
                                              f"{self.global_step}: lower its learning rate")
-                self.log_dict({f"train/{name}/{k}": losses[k] for k in ("loss", "l0")})
+                self.log_dict({f"train/{name}/{k}": v for k, v in losses.items() if k in ("loss", "l0")})
             total = total + losses["loss"]
         return total
 
