@@ -48,8 +48,8 @@ from ._io import atomic_write, atomic_write_json, atomic_write_text
 from .data.activations import ActivationDataModule
 from .encoders import EncoderHead, create_encoder
 from .encoders.mlp import ResidualMLPEncoder
-from .evaluation import (ce_baselines, ce_spliced, context_fvu, context_sums, evaluate, held_out_statistics,
-                         recovered_fraction)
+from .evaluation import (ce_baselines, ce_figures, ce_spliced, context_fvu, context_sums, evaluate,
+                         held_out_statistics, recovered_fraction)
 from .evaluation.bootstrap import bootstrap_se
 from .hub import PretrainedSAE, load_run, load_sae
 from .hub.formats import FORMAT_FILES
@@ -247,11 +247,10 @@ def measure(model: SparseCoder, datamodule: ActivationDataModule,
     sums = context_sums(model, datamodule)
     stats = held_out_statistics(model, datamodule, sums)
     spliced = ce_spliced(model, datamodule)
-    clean, zero = baselines["ce_clean"], baselines["ce_zero_ablation"]
+    ce = ce_figures(baselines, spliced)
     figures = {"l0": test["l0"], "dead_latents": test["dead_latents"], "fvu": stats["fvu"], "fvu_se": stats["fvu_se"],
-               "fvu_with_outliers": stats["fvu_with_outliers"],
-               "ce_loss_recovered": float(recovered_fraction(torch.ones_like(clean), spliced, clean, zero)),
-               "ce_loss_recovered_se": bootstrap_se(lambda w: recovered_fraction(w, spliced, clean, zero), len(clean)),
+               "fvu_with_outliers": stats["fvu_with_outliers"], "ce_loss_recovered": ce["ce_loss_recovered"],
+               "ce_loss_recovered_se": ce["ce_loss_recovered_se"],
                "inference_flops": flops.inference_flops(model.encoder), "seconds": round(time.perf_counter() - start, 1)}
     return figures, {"clean": sums["clean"], "ce_spliced": spliced}
 
@@ -434,7 +433,7 @@ def summary(out: Path, points: dict[str, dict[str, Any]], options: UpgradeOption
         weights = bracket(pts, src["l0"]) if pts else None
         row = {"candidate": candidate, "label": CANDIDATES[candidate][0], "l0": src["l0"],
                "inference_flops": pts[0]["inference_flops"] if pts else None,
-               **{k: None if weights is None else sum(w * pts[i][k] for i, w in weights) for k in keys}}
+               **{k: at_l0(pts, src["l0"], k) for k in keys}}
         if weights is not None:
             fvu_se, ce_se = paired_gain_se(sums("source"), [(sums(names[i]), w) for i, w in weights], baselines)
             row.update(fvu_gain=(src["fvu"] - row["fvu"]) / src["fvu"], fvu_gain_se=fvu_se / src["fvu"],

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import EncoderHead, require_at_least
+from .iterative import keep_topk
 from .linear import LinearPreActivations
 from .registry import register_encoder
 
@@ -75,11 +76,7 @@ class ResidualMLPEncoder(LinearPreActivations, EncoderHead):
         z = self.linear(x) + self.correction(x)
         if self.threshold is not None:
             return z.relu() * (z > self.threshold)
-        codes = z.relu()
-        if self.k is None or self.k >= self.n_latents:
-            return codes
-        values, indices = codes.topk(self.k, dim=-1)
-        return torch.zeros_like(codes).scatter(-1, indices, values)
+        return keep_topk(z.relu(), self.k)
 
     def encode_flops(self) -> tuple[float, float]:
         hidden = self.correction[0].out_features

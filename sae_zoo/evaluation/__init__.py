@@ -12,7 +12,7 @@ from ..data.activations import ActivationDataModule
 from ..data.base import SparseCodingData
 from ..model import SparseCoder
 from .held_out import context_fvu, context_sums, held_out_statistics
-from .language_model import ce_baselines, ce_loss_recovered, ce_spliced, recovered_fraction
+from .language_model import ce_baselines, ce_figures, ce_loss_recovered, ce_spliced, recovered_fraction
 
 
 @torch.no_grad()
@@ -42,5 +42,5 @@ def downstream_metrics(model: SparseCoder, datamodule: SparseCodingData) -> dict
     return {}
 
 
-__all__ = ["ce_baselines", "ce_loss_recovered", "ce_spliced", "context_fvu", "context_sums", "downstream_metrics",
+__all__ = ["ce_baselines", "ce_figures", "ce_loss_recovered", "ce_spliced", "context_fvu", "context_sums", "downstream_metrics",
            "evaluate", "held_out_statistics", "recovered_fraction"]

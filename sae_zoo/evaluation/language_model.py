@@ -14,11 +14,10 @@ from ..model import SparseCoder
 from .bootstrap import bootstrap_se
 
 
-def _splice(datamodule: ActivationDataModule, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """``fn`` applied at the hook, except at positions left out of the data (BOS, outlier tokens), which keep
-    their own activations."""
-    _, scale, keep_first = datamodule.ce_batches()
-    outlier_norm = datamodule.outlier_norm
+def _splice(fn: Callable[[Tensor], Tensor], scale: float, keep_first: bool,
+            outlier_norm: float | None) -> Callable[[Tensor], Tensor]:
+    """``fn`` applied at the hook, except at positions left out of the data (BOS when ``keep_first``, tokens
+    whose scaled norm exceeds ``outlier_norm``), which keep their own activations."""
 
     def replace(acts: Tensor) -> Tensor:
         new = fn(acts)
@@ -35,12 +34,13 @@ def _splice(datamodule: ActivationDataModule, fn: Callable[[Tensor], Tensor]) ->
 def ce_baselines(datamodule: ActivationDataModule) -> dict[str, Tensor]:
     """Per-context next-token losses ``ce_clean`` and ``ce_zero_ablation`` (the hook's activations zeroed) on
     the ``ce_contexts`` held-out contexts: what every model's CE-loss recovered is measured against."""
-    tokens, _, _ = datamodule.ce_batches()
+    tokens, scale, keep_first = datamodule.ce_batches()
     lm, _, hook = datamodule.language_model()
+    zeroed = _splice(torch.zeros_like, scale, keep_first, datamodule.outlier_norm)
     losses: dict[str, list[Tensor]] = {"ce_clean": [], "ce_zero_ablation": []}
     for chunk in tokens.split(datamodule.hparams.model_batch_size):
         losses["ce_clean"].append(next_token_loss(lm, chunk))
-        losses["ce_zero_ablation"].append(next_token_loss(lm, chunk, hook, _splice(datamodule, torch.zeros_like)))
+        losses["ce_zero_ablation"].append(next_token_loss(lm, chunk, hook, zeroed))
     return {k: torch.cat(v).double().cpu() for k, v in losses.items()}
 
 
@@ -48,7 +48,7 @@ def ce_baselines(datamodule: ActivationDataModule) -> dict[str, Tensor]:
 def ce_spliced(coder: SparseCoder, datamodule: ActivationDataModule) -> Tensor:
     """Per-context next-token loss (float64, ``(ce_contexts,)``) with the hook's activations replaced by
     ``coder``'s reconstruction (see :func:`ce_loss_recovered`)."""
-    tokens, scale, _ = datamodule.ce_batches()
+    tokens, scale, keep_first = datamodule.ce_batches()
     lm, _, hook = datamodule.language_model()
     device = next(coder.parameters(), torch.empty(0)).device
 
@@ -56,12 +56,13 @@ def ce_spliced(coder: SparseCoder, datamodule: ActivationDataModule) -> Tensor:
         x_hat, _ = coder((acts.float() * scale).to(device))
         return (x_hat / scale).to(acts.dtype).to(acts.device)
 
+    replace = _splice(reconstruct, scale, keep_first, datamodule.outlier_norm)
     spliced = []
     was_training = coder.training
     coder.eval()  # inference behaviour (an iterative head solves instead of returning its warm start)
     try:
         for chunk in tokens.split(datamodule.hparams.model_batch_size):
-            spliced.append(next_token_loss(lm, chunk, hook, _splice(datamodule, reconstruct)))
+            spliced.append(next_token_loss(lm, chunk, hook, replace))
     finally:
         coder.train(was_training)
     return torch.cat(spliced).double().cpu()
@@ -82,8 +83,14 @@ def ce_loss_recovered(coder: SparseCoder, datamodule: ActivationDataModule,
     activations in both the spliced and the zeroed runs. ``baselines`` (:func:`ce_baselines`) saves the
     clean and zeroed passes when many models are measured on the same data."""
     baselines = ce_baselines(datamodule) if baselines is None else baselines
-    per_context = {**baselines, "ce_spliced": ce_spliced(coder, datamodule)}  # (contexts,) each
-    clean, zero, spliced = per_context["ce_clean"], per_context["ce_zero_ablation"], per_context["ce_spliced"]
+    return ce_figures(baselines, ce_spliced(coder, datamodule))
+
+
+def ce_figures(baselines: dict[str, Tensor], spliced: Tensor) -> dict[str, float]:
+    """The mean losses, CE-loss recovered and its standard error by bootstrap over contexts, from the
+    per-context losses of :func:`ce_baselines` and :func:`ce_spliced`."""
+    per_context = {**baselines, "ce_spliced": spliced}  # (contexts,) each
+    clean, zero = per_context["ce_clean"], per_context["ce_zero_ablation"]
 
     def recovered(weights: Tensor) -> Tensor:
         return recovered_fraction(weights, spliced, clean, zero)
