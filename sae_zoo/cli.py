@@ -66,7 +66,8 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         options["candidates"] = tuple(c.strip() for c in args.candidates.split(","))
     if args.ratios:
         options["ratios"] = parse_ratios(args.ratios)
-    upgrade(args.source, args.out, UpgradeOptions(quick=args.quick, data=tuple(args.overrides), **options),
+    upgrade(args.source, args.out, UpgradeOptions(quick=args.quick, data=tuple(args.overrides),
+                                                  probing=not args.no_probing, **options),
             progress=not args.no_progress)
     return 0
 
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--seed", type=int, default=None, help="seed of the candidates' initialisation (0)")
     up.add_argument("--out", default=None, help="output folder (default runs/upgrade/NAME[-quick])")
     up.add_argument("--quick", action="store_true", help="a smaller sweep and, for a checkpoint, less data (minutes)")
+    up.add_argument("--no-probing", action="store_true", help="skip k-sparse probing of every point")
     up.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     up.set_defaults(func=cmd_upgrade)
 

@@ -110,7 +110,7 @@ def fit_saelens(cfg: DictConfig, saelens: dict[str, Any], recipe_name: str = "re
     truth = datamodule.ground_truth
     model = SparseCoder(loaded.encoder, loaded.dictionary, true_dictionary=datamodule.dictionary if truth else None,
                         code_recovery=bool(p.model_kwargs.get("code_recovery", truth)) and truth).to(device).eval()
-    test = evaluate_run(model, datamodule)
+    test = evaluate_run(model, datamodule, p.probing)
     theirs = eval_sae_on_synthetic_data(trained, datamodule.generator.feature_dict,
                                         datamodule.generator.activation_generator, num_samples=SAELENS_EVAL_SAMPLES,
                                         batch_size=batch_size) if hasattr(datamodule, "generator") else None

@@ -41,7 +41,7 @@ from ._signature import UnknownArgumentError, check_kwargs
 from .data import DATAMODULES, PAPER_SEED, SparseCodingData
 from .dictionary import Dictionary
 from .encoders import create_encoder, get_encoder_class
-from .evaluation import downstream_metrics, evaluate
+from .evaluation import ProbingConfig, downstream_metrics, evaluate
 from .hub import load_sae
 from .model import SparseCoder
 
@@ -66,6 +66,8 @@ class Recipe:
     dictionary: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=lambda: {"l1_coeff": 0.01, "lr": 1e-3})
     trainer: dict[str, Any] = field(default_factory=lambda: {"max_steps": 20_000})
+    #: Sparse probing of runs on language-model activations (:class:`~sae_zoo.evaluation.ProbingConfig`).
+    probing: dict[str, Any] = field(default_factory=dict)
     #: Where the run is written; default ``runs/<recipe>/<encoder>-seed<seed>-<time>``.
     run_dir: Optional[str] = None
     #: Modules (dotted names or ``.py`` paths) imported first, e.g. to register encoder heads.
@@ -168,7 +170,7 @@ def recipe_from_content(content: dict[str, Any], overrides: list[str] | tuple[st
 
 #: Sections that hold keyword arguments: a recipe that gives one replaces the default section whole
 #: (an ``encoder: {name: fista}`` must not inherit the default SAE's ``bias``).
-KWARG_SECTIONS = ("data", "encoder", "dictionary", "model", "trainer")
+KWARG_SECTIONS = ("data", "encoder", "dictionary", "model", "trainer", "probing")
 
 
 def apply_quick(content: dict[str, Any], quick: bool, source: str) -> dict[str, Any]:
@@ -262,6 +264,7 @@ class Plan:
     dictionary_kwargs: dict[str, Any]
     model_kwargs: dict[str, Any]
     trainer_kwargs: dict[str, Any]
+    probing: ProbingConfig
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -323,8 +326,10 @@ def plan(cfg: DictConfig) -> Plan:
     trainer_kwargs = _plain(cfg.trainer)
     check_kwargs(L.Trainer.__init__, trainer_kwargs, what="lightning.Trainer",
                  skip=("logger", "default_root_dir", "callbacks"), key_prefix="trainer.")
+    probing_kwargs = _plain(cfg.probing)
+    check_kwargs(ProbingConfig.__init__, probing_kwargs, what="sparse probing", key_prefix="probing.")
     return Plan(cfg, data_class, data_kwargs, encoder_name, encoder_kwargs, pretrained, dictionary_kwargs,
-                model_kwargs, {**TRAINER_DEFAULTS, **trainer_kwargs})
+                model_kwargs, {**TRAINER_DEFAULTS, **trainer_kwargs}, ProbingConfig(**probing_kwargs))
 
 
 def validate(cfg: DictConfig) -> None:
@@ -489,7 +494,7 @@ def _train_and_evaluate(cfg: DictConfig, trainer: L.Trainer, datamodule: SparseC
         return run_dir, {}
     if not trained:
         _save_untrained_checkpoint(model, partial)
-    test = evaluate_run(model, datamodule)
+    test = evaluate_run(model, datamodule, ProbingConfig(**_plain(cfg.probing)))
     os.replace(partial, run_dir / "model.ckpt")
     metrics = run_record(cfg, datamodule, model, test, encoder=cfg.encoder.name, steps=trainer.global_step,
                          train_seconds=train_seconds, devices=trainer.world_size)
@@ -497,9 +502,10 @@ def _train_and_evaluate(cfg: DictConfig, trainer: L.Trainer, datamodule: SparseC
     return run_dir, metrics
 
 
-def evaluate_run(model: SparseCoder, datamodule: SparseCodingData) -> dict[str, Any]:
+def evaluate_run(model: SparseCoder, datamodule: SparseCodingData,
+                 probing: ProbingConfig | None = None) -> dict[str, Any]:
     """Every held-out figure a run reports: :func:`~sae_zoo.evaluation.evaluate`, then the downstream ones."""
-    return {**evaluate(model, datamodule), **downstream_metrics(model, datamodule)}
+    return {**evaluate(model, datamodule), **downstream_metrics(model, datamodule, probing)}
 
 
 def run_record(cfg: DictConfig, datamodule: SparseCodingData, model: SparseCoder, test: dict[str, Any], *,

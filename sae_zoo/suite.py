@@ -44,6 +44,7 @@ COLUMNS = [("latent_f1", "F1", "{:.3f}"), ("dictionary_mcc", "MCC (decoder)", "{
            ("ve", "VE", "{:.3f}"), ("fvu", "FVU", "{:.4f}"), ("fvu_with_outliers", "FVU, all tokens", "{:.4f}"),
            ("l0", "L0", "{:.1f}"), ("dead_latents", "dead", "{:.3f}"), ("ce_loss_recovered", "CE recovered", "{:.3f}"),
            ("ce_spliced", "CE spliced", "{:.3f}"), ("mcc", "MCC (codes)", "{:.3f}"),
+           ("probe_k1", "probe k=1", "{:.3f}"), ("probe_k5", "probe k=5", "{:.3f}"), ("probe_k20", "probe k=20", "{:.3f}"),
            ("inference_flops", "inference FLOPs", "{:.2e}")]
 #: numbers averaged over seeds (the rest of a row is the first seed's); a method's FLOPs do not vary, so no spread
 AVERAGED = [key for key, _, _ in COLUMNS] + ["train_seconds", "train_tokens_per_s"]
@@ -183,6 +184,10 @@ def comparison_notes(rows: list[dict[str, Any]]) -> list[str]:
     elif any(r.get("seeds", 1) > 1 for r in rows):
         notes.append(f"Each figure is the mean over {max(r.get('seeds', 1) for r in rows)} model seeds, ± their "
                      "standard deviation.")
+    probed = next((r for r in rows if "probe_dense" in r), None)
+    if probed is not None:
+        notes.append("'probe k=...' is k-sparse probing accuracy, the mean over the probing tasks (chance 0.5); the "
+                     f"dense probe on the activations themselves reaches {probed['probe_dense']:.3f}.")
     if any(r.get("peer") for r in rows):
         notes.append("Rows marked SAELens are trained by SAELens's own trainer on the same samples and scored by the "
                      "same evaluation.")

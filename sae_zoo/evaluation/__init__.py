@@ -1,6 +1,6 @@
 """Evaluating a trained model: the held-out metrics every method reports (one path, for ``fit``, suites
-and the frontier alike), and the downstream metrics a kind of data adds (CE-loss recovered for
-language-model activations)."""
+and the frontier alike), and the downstream metrics a kind of data adds (CE-loss recovered and sparse
+probing for language-model activations)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ..data.base import SparseCodingData
 from ..model import SparseCoder
 from .held_out import context_fvu, context_sums, held_out_statistics
 from .language_model import ce_baselines, ce_figures, ce_loss_recovered, ce_spliced, recovered_fraction
+from .probing import TASKS, ProbeTask, ProbingConfig, sparse_probing
 
 
 @torch.no_grad()
@@ -33,14 +34,19 @@ def evaluate(model: SparseCoder, datamodule: SparseCodingData) -> dict[str, floa
         model.train(was_training)
 
 
-def downstream_metrics(model: SparseCoder, datamodule: SparseCodingData) -> dict[str, Any]:
+def downstream_metrics(model: SparseCoder, datamodule: SparseCodingData,
+                       probing: ProbingConfig | None = None) -> dict[str, Any]:
     """Metrics beyond the held-out reconstruction that the data make possible (none for synthetic data):
     on language-model activations, FVU with and without the outlier tokens with standard errors
-    (:func:`held_out_statistics`) and CE-loss recovered (:func:`ce_loss_recovered`)."""
-    if isinstance(datamodule, ActivationDataModule):
-        return {**held_out_statistics(model, datamodule), **ce_loss_recovered(model, datamodule)}
-    return {}
+    (:func:`held_out_statistics`), CE-loss recovered (:func:`ce_loss_recovered`) and k-sparse probing
+    accuracy (:func:`sparse_probing`; ``probing``: its settings, default :class:`ProbingConfig`)."""
+    if not isinstance(datamodule, ActivationDataModule):
+        return {}
+    probing = probing or ProbingConfig()
+    return {**held_out_statistics(model, datamodule), **ce_loss_recovered(model, datamodule),
+            **(sparse_probing(model, datamodule, probing) if probing.enabled else {})}
 
 
-__all__ = ["ce_baselines", "ce_figures", "ce_loss_recovered", "ce_spliced", "context_fvu", "context_sums", "downstream_metrics",
-           "evaluate", "held_out_statistics", "recovered_fraction"]
+__all__ = ["TASKS", "ProbeTask", "ProbingConfig", "ce_baselines", "ce_figures", "ce_loss_recovered", "ce_spliced",
+           "context_fvu", "context_sums", "downstream_metrics", "evaluate", "held_out_statistics", "recovered_fraction",
+           "sparse_probing"]

@@ -35,6 +35,23 @@ METRICS = {
     "ce_zero_ablation": ("ce_zero_ablation", "LM cross-entropy with the hook zeroed"),
 }
 
+#: sparse probing's keys (sae_zoo.evaluation.sparse_probing): probe_[<task>_](k<k>|dense)[_se]
+PROBE_KEY = re.compile(r"probe_(?:(?P<task>\w+?)_)?(?:k(?P<k>\d+)|(?P<dense>dense))(?P<se>_se)?")
+
+
+def metric_name(key: str) -> tuple[str, str]:
+    """``(model-index metric type, readable name)`` of a metrics.json test metric."""
+    if key in METRICS:
+        return METRICS[key]
+    probe = PROBE_KEY.fullmatch(key)
+    if probe:
+        task = probe["task"] or "mean over tasks"
+        what = (f"Dense probe accuracy on the activations ({task})" if probe["dense"]
+                else f"{probe['k']}-sparse probing accuracy ({task})")
+        return key, f"Standard error of: {what}" if probe["se"] else what
+    return key, key
+
+
 SETTINGS = {
     "known_dictionary": "known dictionary: the decoder holds the true atoms, frozen; only the encoder trained",
     "unknown": "unknown codes and dictionary: encoder and decoder trained together, atoms renormalised each step",
@@ -84,7 +101,7 @@ def _training(model: Any, recipe: dict[str, Any] | None) -> str:
 def _evaluation(metrics: dict[str, float] | None, dataset_name: str) -> str:
     if not metrics:
         return "No evaluation results were recorded with this model."
-    rows = [f"| {METRICS.get(k, (k, k))[1]} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float))]
+    rows = [f"| {metric_name(k)[1]} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float))]
     return f"On held-out samples of {dataset_name}:\n\n| metric | value |\n|---|---|\n" + "\n".join(rows)
 
 
@@ -116,8 +133,8 @@ def model_card(model: Any, *, metrics: dict[str, float] | None = None,
     base_model = base_model or _hub_id(provenance.get("model_name")) or _hub_id(((recipe or {}).get("data") or {}).get("model"))
     eval_results = [
         EvalResult(task_type="feature-extraction", task_name="Sparse coding", dataset_type=dataset_type,
-                   dataset_name=dataset_name, dataset_split="test", metric_type=METRICS.get(k, (k, k))[0],
-                   metric_name=METRICS.get(k, (k, k))[1], metric_value=float(v))
+                   dataset_name=dataset_name, dataset_split="test", metric_type=metric_name(k)[0],
+                   metric_name=metric_name(k)[1], metric_value=float(v))
         for k, v in (metrics or {}).items() if isinstance(v, (int, float))]
     card_data = ModelCardData(
         library_name="sae_zoo", license=license, model_name=name, base_model=base_model,
