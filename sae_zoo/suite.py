@@ -44,7 +44,8 @@ COLUMNS = [("latent_f1", "F1", "{:.3f}"), ("dictionary_mcc", "MCC (decoder)", "{
            ("ve", "VE", "{:.3f}"), ("fvu", "FVU", "{:.4f}"), ("fvu_with_outliers", "FVU, all tokens", "{:.4f}"),
            ("l0", "L0", "{:.1f}"), ("dead_latents", "dead", "{:.3f}"), ("ce_loss_recovered", "CE recovered", "{:.3f}"),
            ("ce_spliced", "CE spliced", "{:.3f}"), ("mcc", "MCC (codes)", "{:.3f}"),
-           ("probe_k1", "probe k=1", "{:.3f}"), ("probe_k5", "probe k=5", "{:.3f}"), ("probe_k20", "probe k=20", "{:.3f}"),
+           ("probe_k1", "probe k=1", "{:.3f}"), ("probe_k5", "probe k=5", "{:.3f}"),
+           ("probe_k20", "probe k=20", "{:.3f}"),
            ("inference_flops", "inference FLOPs", "{:.2e}")]
 #: numbers averaged over seeds (the rest of a row is the first seed's); a method's FLOPs do not vary, so no spread
 AVERAGED = [key for key, _, _ in COLUMNS] + ["train_seconds", "train_tokens_per_s"]

@@ -90,7 +90,8 @@ def test_bad_probing_input_gets_a_clear_error(corpus, tmp_path):
         sparse_probing(model, dm, config(corpus, tasks={"era": {"column": "decade", "classes": {
             "old": {"below": 1900}, "new": {"above": 1950}}}}))
     # the labelled corpus runs from 1800 to 1995: one document after 1990 cannot fill four folds
-    with pytest.raises(ValueError, match=r"probing task 'late': fold 1 of 4: its train windows are early: 0, late: 0, and a probe needs both"):
+    with pytest.raises(ValueError, match=r"probing task 'late': fold 1 of 4: its train windows are early: 0, late: 0, "
+                                         r"and a probe needs both"):
         sparse_probing(model, dm, config(corpus, tasks={"late": {"column": "year", "classes": {
             "early": {"below": 1900}, "late": {"above": 1990}}}}))
     with pytest.raises(ValueError, match="unknown task.*'partisan'|unknown task.*partisan"):

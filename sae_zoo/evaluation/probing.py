@@ -11,8 +11,8 @@ windows on both sides, with as many documents of each class (the larger class su
 Standard errors are by bootstrap over documents. Unlike SAEBench, features are standardised before the probe
 is fitted, so that a latent's scale (which differs between heads and libraries) does not set its penalty.
 
-The windows' activations are read once per LM, hook and window layout, and cached beside the activation
-cache (``probing-<key>/``), like it, written to a temporary file and renamed.
+The windows' activations are read once per LM, hook and window layout, and cached in the activation cache's
+folder (:func:`~sae_zoo.data.windows.read_windows`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from .._io import atomic_write_json
-from ..data.activations import ActivationDataModule, load_shard, save_shard
-from ..lm import read_activations, resolve_package_path
+from ..data.activations import ActivationDataModule
+from ..data.windows import read_windows
+from ..lm import resolve_package_path
 from ..model import SparseCoder
 from .bootstrap import bootstrap_se
 
@@ -124,57 +124,25 @@ class ProbeSet:
 
 
 def probe_set(datamodule: ActivationDataModule, config: ProbingConfig) -> ProbeSet:
-    """The windows of every document, read through the datamodule's LM at its hook (cached)."""
-    h = datamodule.hparams
+    """``contexts_per_document`` windows of every document, read through the datamodule's LM at its hook
+    (:func:`~sae_zoo.data.windows.read_windows`, cached)."""
     metadata = read_metadata(config.metadata)
-    context_len = config.context_len or h.context_len
-    identity = {k: h[k] for k in ("model", "gguf_file", "revision", "model_dtype", "hook", "prepend_bos", "drop_bos",
-                                  "cache_dtype")}
-    identity.update(context_len=context_len, contexts_per_document=config.contexts_per_document,
-                    texts=config.texts, metadata=hashlib.sha256(json.dumps(metadata).encode()).hexdigest())
-    key = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    folder = datamodule.cache_dir / f"probing-{key}"
-    files = {"activations": folder / "activations.safetensors", "documents": folder / "documents.safetensors"}
-    if not all(f.exists() for f in files.values()):
-        activations, documents = _read_windows(datamodule, config, metadata, context_len)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_shard(files["documents"], "documents", documents)
-        save_shard(files["activations"], "activations", activations.to(getattr(torch, h.cache_dtype)))
-        atomic_write_json(folder / "identity.json", identity)
-    return ProbeSet(load_shard(files["activations"], "activations"), load_shard(files["documents"], "documents"),
-                    metadata)
 
+    def texts() -> Iterator[str]:
+        for row_index, row in enumerate(metadata):
+            try:
+                path = Path(resolve_package_path(config.texts.format(**row)))
+            except KeyError as e:
+                raise ValueError(f"probing.texts: {config.texts!r} names column {e}, which {config.metadata} "
+                                 "lacks") from None
+            if not path.is_file():
+                raise FileNotFoundError(f"probing.texts: no text file {path} for metadata row {row_index + 2}")
+            yield path.read_text()
 
-@torch.no_grad()
-def _read_windows(datamodule: ActivationDataModule, config: ProbingConfig, metadata: list[dict[str, str]],
-                  context_len: int) -> tuple[Tensor, Tensor]:
-    lm, tokenizer, hook = datamodule.language_model()
-    h = datamodule.hparams
-    body = context_len - h.prepend_bos
-    windows, documents = [], []
-    for row_index, row in enumerate(tqdm(metadata, desc="probing texts", unit="doc", disable=None)):
-        try:
-            path = Path(resolve_package_path(config.texts.format(**row)))
-        except KeyError as e:
-            raise ValueError(f"probing.texts: {config.texts!r} names column {e}, which {config.metadata} lacks") from None
-        if not path.is_file():
-            raise FileNotFoundError(f"probing.texts: no text file {path} for metadata row {row_index + 2}")
-        ids = tokenizer(path.read_text(), add_special_tokens=False)["input_ids"]
-        n_windows = len(ids) // body
-        if n_windows == 0:  # shorter than one window: no text to probe
-            continue
-        count = min(n_windows, config.contexts_per_document)
-        for start in ((2 * i + 1) * n_windows // (2 * count) for i in range(count)):  # centred: one is the middle
-            window = ids[start * body:(start + 1) * body]
-            windows.append(torch.tensor(([tokenizer.bos_token_id] if h.prepend_bos else []) + window))
-            documents.append(row_index)
-    if not windows:
-        raise ValueError(f"probing: no document of {config.metadata} holds a window of {context_len} tokens")
-    tokens = torch.stack(windows)
-    acts = torch.cat([read_activations(lm, hook, chunk).float().cpu() for chunk in tokens.split(h.model_batch_size)])
-    if h.prepend_bos and h.drop_bos:
-        acts = acts[:, 1:]
-    return acts, torch.tensor(documents)
+    identity = {"texts": config.texts, "metadata": hashlib.sha256(json.dumps(metadata).encode()).hexdigest()}
+    windows = read_windows(datamodule, "probing", texts(), config.contexts_per_document, config.context_len,
+                           identity=identity)
+    return ProbeSet(windows.activations, windows.documents, metadata)
 
 
 @torch.no_grad()
@@ -186,7 +154,8 @@ def pooled(fn: Callable[[Tensor], Tensor], probes: ProbeSet, scale: float, outli
     per_chunk = max(1, batch_tokens // probes.activations.shape[1])
     for chunk in probes.activations.split(per_chunk):
         x = chunk.float() * scale
-        keep = (x.norm(dim=-1) <= outlier_norm) if outlier_norm is not None else torch.ones(x.shape[:2], dtype=torch.bool)
+        keep = (x.norm(dim=-1) <= outlier_norm if outlier_norm is not None
+                else torch.ones(x.shape[:2], dtype=torch.bool))
         y = fn(x.flatten(0, 1)).float().cpu().view(*x.shape[:2], -1)
         out.append((y * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1))
     return torch.cat(out)

@@ -1,0 +1,76 @@
+"""Windows of whole documents, read through an activation datamodule's language model at its hook: the
+texts that sparse probing labels and feature dashboards show. A few windows are taken from each document,
+evenly spaced through it (one window is the middle one), so that a few hundred windows cover many documents
+rather than the first few. They are read once and cached in the activation cache's folder
+(``<kind>-<key>/windows.safetensors``, written to a temporary file and renamed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .._io import atomic_write
+from ..lm import read_activations
+from .activations import ActivationDataModule
+
+
+class Windows(NamedTuple):
+    """``tokens`` ``(windows, context_len)`` (BOS first when the data prepend it), ``activations``
+    ``(windows, tokens kept, d_model)`` as read, unscaled (BOS left out when the data leave it out), and
+    ``documents`` ``(windows,)``: the index of each window's document."""
+
+    tokens: Tensor
+    activations: Tensor
+    documents: Tensor
+
+
+def centred_windows(n_tokens: int, body: int, count: int) -> list[int]:
+    """Start offsets of ``count`` windows of ``body`` tokens, evenly spaced through ``n_tokens`` tokens."""
+    n = n_tokens // body
+    count = min(n, count)
+    return [(2 * i + 1) * n // (2 * count) * body for i in range(count)]
+
+
+def read_windows(datamodule: ActivationDataModule, kind: str, texts: Iterable[str], per_document: int,
+                 context_len: int | None = None, limit: int | None = None,
+                 identity: dict[str, Any] | None = None) -> Windows:
+    """Up to ``per_document`` windows of ``context_len`` tokens (default: the data's) from each text, at most
+    ``limit`` in all, read at the datamodule's hook. Cached under ``kind`` and ``identity`` (what the texts
+    are: a file list's hash, a dataset's name), with the LM and window layout."""
+    h = datamodule.hparams
+    context_len = context_len or h.context_len
+    key_fields = {k: h[k] for k in ("model", "gguf_file", "revision", "model_dtype", "hook", "prepend_bos",
+                                    "drop_bos", "cache_dtype")}
+    key_fields.update(identity or {}, kind=kind, context_len=context_len, per_document=per_document, limit=limit)
+    key = hashlib.sha1(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:12]
+    path = datamodule.cache_dir / f"{kind}-{key}" / "windows.safetensors"
+    if path.exists():
+        return Windows(**load_file(str(path)))
+    lm, tokenizer, hook = datamodule.language_model()
+    body = context_len - h.prepend_bos
+    windows, documents = [], []
+    for index, text in enumerate(tqdm(texts, desc=f"{kind} texts", unit="doc", disable=None)):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in centred_windows(len(ids), body, per_document)[: None if limit is None else limit - len(windows)]:
+            windows.append(torch.tensor(([tokenizer.bos_token_id] if h.prepend_bos else []) + ids[start:start + body]))
+            documents.append(index)
+        if limit is not None and len(windows) >= limit:
+            break
+    if not windows:
+        raise ValueError(f"{kind}: no text holds a window of {context_len} tokens")
+    tokens = torch.stack(windows)
+    with torch.no_grad():
+        acts = torch.cat([read_activations(lm, hook, chunk).float().cpu()
+                          for chunk in tokens.split(h.model_batch_size)])
+    if h.prepend_bos and h.drop_bos:
+        acts = acts[:, 1:]
+    out = Windows(tokens, acts.to(getattr(torch, h.cache_dtype)), torch.tensor(documents))
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in out._asdict().items()}, str(tmp)))
+    return out
