@@ -53,7 +53,8 @@ from .data.activations import ActivationDataModule
 from .encoders import EncoderHead, create_encoder
 from .encoders.mlp import ResidualMLPEncoder
 from .evaluation import (ProbingConfig, ce_baselines, ce_figures, ce_spliced, context_fvu, context_sums, evaluate,
-                         held_out_statistics, recovered_fraction, sparse_probing)
+                         held_out_statistics, recovered_fraction)
+from .evaluation.probing import mean_accuracy, probe_tallies, probing_figures
 from .evaluation.bootstrap import bootstrap_se
 from .hub import PretrainedSAE, load_run, load_sae
 from .hub.formats import FORMAT_FILES
@@ -269,10 +270,10 @@ def measure(model: SparseCoder, datamodule: ActivationDataModule, baselines: dic
                "fvu_with_outliers": stats["fvu_with_outliers"], "ce_loss_recovered": ce["ce_loss_recovered"],
                "ce_loss_recovered_se": ce["ce_loss_recovered_se"],
                "inference_flops": flops.inference_flops(model.encoder)}
-    if probing is not None:
-        figures.update(sparse_probing(model, datamodule, probing))
+    tallies = probe_tallies(model, datamodule, probing) if probing is not None else {}
+    figures.update(probing_figures(tallies))
     figures["seconds"] = round(time.perf_counter() - start, 1)
-    return figures, {"clean": sums["clean"], "ce_spliced": spliced}
+    return figures, {"clean": sums["clean"], "ce_spliced": spliced, "probing": tallies}
 
 
 def bracket(points: list[dict[str, Any]], l0: float) -> list[tuple[int, float]] | None:
@@ -310,6 +311,18 @@ def paired_gain_se(source: dict[str, Any], mix: list[tuple[dict[str, Any], float
                 - recovered_fraction(w, source["ce_spliced"], clean, zero))
 
     return bootstrap_se(fvu_gain, len(source["clean"][0])), bootstrap_se(ce_gain, len(clean))
+
+
+def paired_probe_gain_se(source: dict[str, Any], mix: list[tuple[dict[str, Any], float]], key: str) -> float:
+    """Standard error of a candidate's gain in probing accuracy ``key`` (mean over tasks) over the SAE at its L0,
+    by bootstrap over the probing documents: the same resamples for both, which probed the same windows."""
+    n_documents = next(iter(source["probing"].values())).shape[1]
+
+    def gain(w: torch.Tensor) -> torch.Tensor:
+        return (sum(t * mean_accuracy(p["probing"], key, w) for p, t in mix)
+                - mean_accuracy(source["probing"], key, w))
+
+    return bootstrap_se(gain, n_documents)
 
 
 # ---- the run folder ----
@@ -458,7 +471,11 @@ def summary(out: Path, points: dict[str, dict[str, Any]], options: UpgradeOption
                "inference_flops": pts[0]["inference_flops"] if pts else None,
                **{k: at_l0(pts, src["l0"], k) for k in keys}}
         if weights is not None:
-            fvu_se, ce_se = paired_gain_se(sums("source"), [(sums(names[i]), w) for i, w in weights], baselines)
+            mix = [(sums(names[i]), w) for i, w in weights]
+            fvu_se, ce_se = paired_gain_se(sums("source"), mix, baselines)
+            for key in probe_keys(points):
+                row[f"{key}_gain"] = row[key] - src[key]
+                row[f"{key}_gain_se"] = paired_probe_gain_se(sums("source"), mix, key.removeprefix("probe_"))
             row.update(fvu_gain=(src["fvu"] - row["fvu"]) / src["fvu"], fvu_gain_se=fvu_se / src["fvu"],
                        ce_gain=row["ce_loss_recovered"] - src["ce_loss_recovered"], ce_gain_se=ce_se)
             row["clear"] = row["fvu_gain"] > 2 * row["fvu_gain_se"] and row["ce_gain"] > 2 * row["ce_gain_se"]
@@ -474,7 +491,12 @@ def probe_keys(points: dict[str, dict[str, Any]]) -> list[str]:
 def probing_table(rows: list[dict[str, Any]], keys: list[str], markdown: bool) -> str:
     """Mean k-sparse probing accuracy over the tasks, per encoder, at the SAE's L0."""
     ks = [k for k in keys if k != "probe_dense"]
-    table = [[r["label"], *(_f(r[k], ".3f") for k in ks),
+
+    def cell(r: dict[str, Any], k: str) -> str:
+        gain = r.get(f"{k}_gain")
+        return _f(r[k], ".3f") + ("" if gain is None else f" ({_f(gain, '.3f', True)} ± {_f(r[f'{k}_gain_se'], '.3f')})")
+
+    table = [[r["label"], *(cell(r, k) for k in ks),
               "measured" if r["candidate"] == "source" else
               ("outside the sweep" if r[ks[0]] is None else "interpolated")] for r in rows]
     return format_table(table, ["encoder", *(f"k={k.removeprefix('probe_k')}" for k in ks), "at the SAE's L0"],
@@ -528,8 +550,9 @@ def write_comparison(out: Path, source: str, points: dict[str, dict[str, Any]], 
             f"{comparison_table(rows, markdown=True)}\n\n{verdict}\n")
     if probes:
         about = (f"k-sparse probing accuracy at the SAE's L0, the mean over the tasks (per task, with standard errors "
-                 f"over documents: `comparison.csv`); chance is 0.5, the dense probe on the activations reaches "
-                 f"{points['source']['probe_dense']:.3f}.")
+                 f"over documents: `comparison.csv`), and in brackets the gain over the SAE's encoder ± its paired "
+                 f"standard error (the same bootstrap resamples of the documents for both); chance is 0.5, the dense "
+                 f"probe on the activations reaches {points['source']['probe_dense']:.3f}.")
         text += f"\n## Sparse probing\n\n{about}\n\n{probing_table(rows, probes, markdown=True)}\n"
     atomic_write_text(out / "comparison.md", text)
     print(f"\nAt the SAE's L0 ({l0:.1f}), on its frozen decoder:\n{comparison_table(rows, markdown=False)}\n")

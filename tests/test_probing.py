@@ -8,7 +8,7 @@ from lm_fixtures import write_corpus, write_labelled_corpus, write_tiny_llama
 from sae_zoo import Dictionary, SparseCoder, create_encoder
 from sae_zoo.data import ActivationDataModule
 from sae_zoo.evaluation import ProbingConfig, sparse_probing
-from sae_zoo.evaluation.probing import ProbeSet, probe_accuracy, probe_set, task_labels
+from sae_zoo.evaluation.probing import ProbeSet, probe_accuracy, probe_hits, probe_set, task_labels
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +43,19 @@ def test_one_informative_latent_is_found_and_noise_stays_at_chance():
     probes, features = hand_made()
     cfg = ProbingConfig(tasks=("party",), folds=4)
     label, fold = task_labels("party", ProbingConfig().task_table()["party"], probes, cfg)
-    accuracy, se = probe_accuracy(features, label, fold, probes.documents, 1, 4)
-    assert accuracy > 0.9 and 0 < se < 0.05
-    noise = torch.randn_like(features)
-    chance, chance_se = probe_accuracy(noise, label, fold, probes.documents, 1, 4)
+
+    def accuracy(x):
+        return probe_accuracy(probe_hits(x, label, fold, probes.documents, 1, 4, len(probes.metadata)))
+
+    accuracy_, se = accuracy(features)
+    assert accuracy_ > 0.9 and 0 < se < 0.05
+    chance, chance_se = accuracy(torch.randn_like(features))
     assert abs(chance - 0.5) < 3 * chance_se + 0.05
     hidden = features.clone()
     hidden[:, 3] = torch.randn(len(hidden))  # the concept gone: the k=1 probe falls to chance
-    assert probe_accuracy(hidden, label, fold, probes.documents, 1, 4)[0] < 0.7
+    assert accuracy(hidden)[0] < 0.7
+    tally = probe_hits(features, label, fold, probes.documents, 1, 4, len(probes.metadata))
+    assert tally[1].tolist() == [3.0] * 40  # every window tested once, per document
 
 
 def test_folds_split_by_document_with_balanced_classes():

@@ -65,6 +65,10 @@ def test_upgrade_a_run_measures_the_sae_sweeps_every_candidate_and_writes_the_co
         assert float(source[key]) == pytest.approx(metrics["test"][key])
     assert all(0 <= float(r["probe_k5"]) <= 1 for r in rows)
     assert "## Sparse probing" in report and "| encoder" in report.split("## Sparse probing")[1]
+    probing = report.split("## Sparse probing")[1]
+    # every candidate read at the SAE's L0 has its gain at each k, with its paired standard error
+    interpolated = probing.count(" interpolated |")
+    assert interpolated >= 3 and probing.count(" ± ") == 1 + 4 * interpolated
     printed = capsys.readouterr().out
     assert "At the SAE's L0" in printed and "FISTA from the SAE's codes" in printed
     # a model and card per candidate, at the point nearest the SAE's L0, ready for push

@@ -200,10 +200,11 @@ def task_labels(task_name: str, task: ProbeTask, probes: ProbeSet, config: Probi
     return label, fold
 
 
-def probe_accuracy(features: Tensor, label: Tensor, fold: Tensor, documents: Tensor, k: int | None,
-                   folds: int) -> tuple[float, float]:
-    """Held-out accuracy of probes on the ``k`` features whose class means differ most on each fold's training
-    windows (all features when ``k`` is None), every window tested once; its standard error over documents."""
+def probe_hits(features: Tensor, label: Tensor, fold: Tensor, documents: Tensor, k: int | None, folds: int,
+               n_documents: int) -> Tensor:
+    """Held-out hits of probes on the ``k`` features whose class means differ most on each fold's training
+    windows (all features when ``k`` is None), every window tested once: ``(2, n_documents)``, the correct
+    windows and the windows tested of each document (zero for documents outside the task)."""
     correct = torch.zeros(len(label), dtype=torch.float64)
     for f in range(folds):
         train, test = (fold >= 0) & (fold != f), fold == f
@@ -216,17 +217,33 @@ def probe_accuracy(features: Tensor, label: Tensor, fold: Tensor, documents: Ten
             x_test = features[test]
         correct[test] = (_fit_and_predict(x_train, y_train, x_test) == label[test]).double()
     used = fold >= 0
-    doc_index = torch.unique(documents[used], return_inverse=True)[1]
-    hits = torch.zeros(int(doc_index.max()) + 1, dtype=torch.float64).index_add_(0, doc_index, correct[used])
-    counts = torch.zeros_like(hits).index_add_(0, doc_index, torch.ones_like(correct[used]))
-    return float(hits.sum() / counts.sum()), bootstrap_se(lambda w: (w @ hits) / (w @ counts), len(hits))
+    tally = torch.zeros(2, n_documents, dtype=torch.float64)
+    tally[0].index_add_(0, documents[used], correct[used])
+    tally[1].index_add_(0, documents[used], torch.ones_like(correct[used]))
+    return tally
 
 
-def sparse_probing(model: SparseCoder, datamodule: ActivationDataModule,
-                   config: ProbingConfig | None = None) -> dict[str, float]:
-    """k-sparse probing accuracy of ``model``'s codes on each task, for each k, and of the dense probe on the
-    activations: ``probe_<task>_k<k>`` and ``probe_<task>_dense`` with ``_se``, and their means over tasks
-    ``probe_k<k>`` and ``probe_dense``."""
+def accuracy(tally: Tensor, weights: Tensor) -> Tensor:
+    """Accuracy of documents weighted by ``weights`` (``(..., documents)``) from a :func:`probe_hits` tally."""
+    return (weights @ tally[0]) / (weights @ tally[1])
+
+
+def probe_accuracy(tally: Tensor) -> tuple[float, float]:
+    """Accuracy and its standard error by bootstrap over the task's documents."""
+    inside = tally[:, tally[1] > 0]
+    return float(inside[0].sum() / inside[1].sum()), bootstrap_se(lambda w: accuracy(inside, w), inside.shape[1])
+
+
+def mean_accuracy(tallies: dict[str, Tensor], key: str, weights: Tensor) -> Tensor:
+    """The mean over tasks of the accuracy of probe ``key`` (``k5``, ``dense``) under document weights."""
+    values = [accuracy(t, weights) for name, t in tallies.items() if name.rsplit("_", 1)[1] == key]
+    return sum(values) / len(values)
+
+
+def probe_tallies(model: SparseCoder, datamodule: ActivationDataModule,
+                  config: ProbingConfig | None = None) -> dict[str, Tensor]:
+    """Per task and probe (``party_k5``, ``party_dense``, ...), its :func:`probe_hits` tally: k-sparse probes on
+    ``model``'s mean-pooled codes, and the dense probe on the mean-pooled activations."""
     config = config or ProbingConfig()
     probes = probe_set(datamodule, config)
     scale, outlier_norm = datamodule.scale, datamodule.outlier_norm
@@ -237,13 +254,29 @@ def sparse_probing(model: SparseCoder, datamodule: ActivationDataModule,
     finally:
         model.train(was_training)
     dense = pooled(lambda x: x, probes, scale, outlier_norm)
-    out: dict[str, float] = {}
+    tallies = {}
     for name, task in config.task_table().items():
         label, fold = task_labels(name, task, probes, config)
         for key, features, k in [*((f"k{k}", codes, k) for k in config.ks), ("dense", dense, None)]:
-            out[f"probe_{name}_{key}"], out[f"probe_{name}_{key}_se"] = probe_accuracy(
-                features, label, fold, probes.documents, k, config.folds)
-    for key in [*(f"k{k}" for k in config.ks), "dense"]:
-        values = [out[f"probe_{name}_{key}"] for name in config.task_table()]
+            tallies[f"{name}_{key}"] = probe_hits(features, label, fold, probes.documents, k, config.folds,
+                                                  len(probes.metadata))
+    return tallies
+
+
+def probing_figures(tallies: dict[str, Tensor]) -> dict[str, float]:
+    """``probe_<task>_<probe>`` accuracies with ``_se``, and their means over tasks ``probe_<probe>``."""
+    out: dict[str, float] = {}
+    for name, tally in tallies.items():
+        out[f"probe_{name}"], out[f"probe_{name}_se"] = probe_accuracy(tally)
+    for key in dict.fromkeys(name.rsplit("_", 1)[1] for name in tallies):
+        values = [out[f"probe_{name}"] for name in tallies if name.rsplit("_", 1)[1] == key]
         out[f"probe_{key}"] = sum(values) / len(values)
     return out
+
+
+def sparse_probing(model: SparseCoder, datamodule: ActivationDataModule,
+                   config: ProbingConfig | None = None) -> dict[str, float]:
+    """k-sparse probing accuracy of ``model``'s codes on each task, for each k, and of the dense probe on the
+    activations: ``probe_<task>_k<k>`` and ``probe_<task>_dense`` with ``_se``, and their means over tasks
+    ``probe_k<k>`` and ``probe_dense``."""
+    return probing_figures(probe_tallies(model, datamodule, config))

