@@ -493,8 +493,8 @@ def probing_table(rows: list[dict[str, Any]], keys: list[str], markdown: bool) -
     ks = [k for k in keys if k != "probe_dense"]
 
     def cell(r: dict[str, Any], k: str) -> str:
-        gain = r.get(f"{k}_gain")
-        return _f(r[k], ".3f") + ("" if gain is None else f" ({_f(gain, '.3f', True)} ± {_f(r[f'{k}_gain_se'], '.3f')})")
+        gain, se = r.get(f"{k}_gain"), r.get(f"{k}_gain_se")
+        return _f(r[k], ".3f") + ("" if gain is None else f" ({_f(gain, '.3f', True)} ± {_f(se, '.3f')})")
 
     table = [[r["label"], *(cell(r, k) for k in ks),
               "measured" if r["candidate"] == "source" else
