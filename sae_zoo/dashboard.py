@@ -5,8 +5,8 @@ document, evenly spaced through it: :func:`~sae_zoo.data.windows.read_windows`) 
 encodes them, and writes ``index.html`` (every selected latent: firing frequency, largest activation, the
 tokens its atom promotes, its top context) and one page per latent:
 
-* its top-activating contexts and a few from lower activation bands (half to three quarters, a quarter to
-  half, below a quarter of its largest activation), each token shaded by the latent's activation;
+* its top-activating contexts and a few from lower activation quantiles (of the peak activations of the
+  windows where it fires: the 50-75%, 25-50% and 0-25% quantiles), each token shaded by the latent's activation;
 * a histogram of its non-zero activations, and its firing frequency;
 * the tokens its decoder atom promotes and suppresses through the LM's unembedding (the final norm's
   weight folded in, as TransformerLens folds it), where the hook's width is the unembedding's.
@@ -35,7 +35,7 @@ from .data.windows import Windows, read_windows
 from .hub import load_run
 from .model import SparseCoder
 
-#: activation bands below the top contexts, as fractions of the latent's largest activation
+#: bands below the top contexts: quantiles of the peak activations of the windows where the latent fires
 BANDS = ((0.5, 0.75), (0.25, 0.5), (0.0, 0.25))
 #: files a dashboard folder holds, so that an existing one may be replaced and nothing else is
 MARKER = "index.html"
@@ -182,12 +182,17 @@ def latent_examples(codes: Tensor, others: list[Tensor], windows: Windows, outli
     order = torch.argsort(peak_per_window, descending=True)
     chosen = [int(r) for r in order[:top] if peak_per_window[r] > 0]
     generator = torch.Generator().manual_seed(seed)
+    firing = peak_per_window[peak_per_window > 0]
     bands = []
     for lo, hi in BANDS:
-        pool = [int(r) for r in torch.nonzero((peak_per_window > lo * peak) & (peak_per_window <= hi * peak)).flatten()
-                if int(r) not in chosen]
+        if len(firing) == 0:
+            break
+        low, high = (float(torch.quantile(firing, q)) for q in (lo, hi))
+        inside = (peak_per_window >= low if lo == 0 else peak_per_window > low) & (peak_per_window <= high)
+        pool = [int(r) for r in torch.nonzero(inside & (peak_per_window > 0)).flatten() if int(r) not in chosen]
         picks = [pool[i] for i in torch.randperm(len(pool), generator=generator)[:per_band].tolist()]
-        bands.append({"label": f"{lo:.0%} to {hi:.0%} of the largest activation", "count": len(pool),
+        bands.append({"label": f"between the {lo:.0%} and {hi:.0%} quantiles of its peaks ({low:.3g} to {high:.3g})",
+                      "count": len(pool),
                       "examples": [example(windows, r, int(position[r]), [codes, *others], outliers, scales,
                                            token_texts, before, after) for r in sorted(picks)]})
     values = codes[~outliers]
@@ -272,7 +277,7 @@ def dashboard(run_dir: str | Path, out: str | Path | None = None, latents: list[
                "n_latents": n_total, "n_windows": len(windows.tokens),
                "n_documents": len(torch.unique(windows.documents)),
                "n_tokens": n_tokens, "lm": data.get("model"), "hook": data.get("hook"), "lens_note": lens_note,
-               "dataset": data.get("data_files") or data.get("dataset"), "bands": BANDS}
+               "dataset": data.get("data_files") or data.get("dataset")}
     with atomic_directory(out, replaces=(MARKER,)) as staging:
         (staging / "plotly.min.js").write_text(get_plotlyjs())
         (staging / MARKER).write_text(env.get_template("index.html.j2").render(pages=pages, **context))

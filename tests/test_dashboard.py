@@ -103,6 +103,7 @@ def test_the_dashboard_shows_each_latents_top_contexts_side_by_side(runs, tmp_pa
         assert first_window == expected_top_window(sae, data, latent)
         assert len(first_tokens) > 3 and all(t.strip() for t in first_tokens)
         assert html.count('<section class="head"') == 2  # the SAE's codes and the MLP head's, side by side
+        assert html.count("quantiles of its peaks") >= 3  # contexts from lower activation quantiles too
         assert "Promotes" in html and "Suppresses" in html  # the hook's width is the unembedding's
     index = (out / "index.html").read_text()
     assert all(f'href="{p.name}"' in index for p in pages)
