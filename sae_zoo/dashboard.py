@@ -67,8 +67,7 @@ def load_head(run_dir: str | Path) -> tuple[Head, dict[str, Any]]:
         raise ValueError(f"{run_dir}: the run trained on data.name={recipe['data'].get('name')!r}, which has no text; "
                          "a dashboard shows the text a latent fires on, so it needs a run on language-model "
                          "activations (data.name=activations)")
-    label = recipe.get("label") or f"{model.encoder.name} ({Path(run_dir).name})"
-    return Head(label, model.eval()), data
+    return Head(f"{model.encoder.name} ({Path(run_dir).name})", model.eval()), data
 
 
 def check_comparable(run_dir: Path, data: dict[str, Any], head: Head, other_dir: Path, other_data: dict[str, Any],
