@@ -217,9 +217,6 @@ def dashboard(run_dir: str | Path, out: str | Path | None = None, latents: list[
               compare: str | Path | None = None, n_latents: int = 16, contexts: int = 512, per_document: int = 2,
               top: int = 10, per_band: int = 3, before: int = 24, after: int = 8, seed: int = 0) -> Path:
     """Write the dashboard of ``run_dir``'s latents (see the module docstring); returns its folder."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
-    from plotly.offline import get_plotlyjs
-
     run_dir = Path(run_dir)
     head, data = load_head(run_dir)
     heads = [head]
@@ -258,18 +255,14 @@ def dashboard(run_dir: str | Path, out: str | Path | None = None, latents: list[
         page_columns = []
         for h in heads:
             others = [o.codes[..., j] for o in heads if o is not h]
+            examples = latent_examples(h.codes[..., j], others, windows, outliers, token_texts, top, per_band,
+                                       seed + latent, before, after)
             page_columns.append({"name": h.name, "streams": [h.name, *(o.name for o in heads if o is not h)],
-                                 **latent_examples(h.codes[..., j], others, windows, outliers, token_texts,
-                                                               top, per_band, seed + latent, before, after)})
-        agreement = None
-        if len(heads) == 2:
-            a, b = heads[0].codes[..., j][~outliers], heads[1].codes[..., j][~outliers]
-            agreement = float(torch.corrcoef(torch.stack([a, b]))[0, 1]) if a.std() > 0 and b.std() > 0 else None
+                                 **examples})
         pages.append({"latent": latent, "file": f"latent-{latent:05d}.html", "columns": page_columns,
-                      "lens": lens[j] if lens else None, "agreement": agreement,
+                      "lens": lens[j] if lens else None,
+                      "agreement": correlation(*(h.codes[..., j][~outliers] for h in heads)),
                       "histogram": histogram_html([(c["name"], c.pop("histogram")) for c in page_columns], latent)})
-
-    env = Environment(loader=PackageLoader("sae_zoo", "templates"), autoescape=select_autoescape(["html", "j2"]))
     n_tokens = int((~outliers).sum())
     context = {"title": f"Latents of {run_dir.name}" + (f" against {Path(compare).name}" if compare else ""),
                "heads": [h.name for h in heads], "run": str(run_dir), "compare": str(compare) if compare else None,
@@ -277,12 +270,29 @@ def dashboard(run_dir: str | Path, out: str | Path | None = None, latents: list[
                "n_documents": len(torch.unique(windows.documents)),
                "n_tokens": n_tokens, "lm": data.get("model"), "hook": data.get("hook"), "lens_note": lens_note,
                "dataset": data.get("data_files") or data.get("dataset")}
+    render(out, pages, context)
+    return out
+
+
+def correlation(*streams: Tensor) -> float | None:
+    """Pearson correlation of two heads' code streams of one latent; None for one head or a constant stream."""
+    if len(streams) != 2 or not (streams[0].std() > 0 and streams[1].std() > 0):
+        return None
+    return float(torch.corrcoef(torch.stack(streams))[0, 1])
+
+
+def render(out: Path, pages: list[dict[str, Any]], context: dict[str, Any]) -> None:
+    """The index and one page per latent from the templates, with Plotly's library beside them; the folder
+    is written aside and swapped in whole."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+    from plotly.offline import get_plotlyjs
+
+    env = Environment(loader=PackageLoader("sae_zoo", "templates"), autoescape=select_autoescape(["html", "j2"]))
     with atomic_directory(out, replaces=(MARKER,)) as staging:
         (staging / "plotly.min.js").write_text(get_plotlyjs())
         (staging / MARKER).write_text(env.get_template("index.html.j2").render(pages=pages, **context))
         for page in pages:
             (staging / page["file"]).write_text(env.get_template("latent.html.j2").render(page=page, **context))
-    return out
 
 
 __all__ = ["dashboard", "parse_latents"]

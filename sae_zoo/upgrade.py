@@ -54,8 +54,8 @@ from .encoders import EncoderHead, create_encoder
 from .encoders.mlp import ResidualMLPEncoder
 from .evaluation import (ProbingConfig, ce_baselines, ce_figures, ce_spliced, context_fvu, context_sums, evaluate,
                          held_out_statistics, recovered_fraction)
-from .evaluation.probing import mean_accuracy, probe_tallies, probing_figures
 from .evaluation.bootstrap import bootstrap_se
+from .evaluation.probing import mean_accuracy, probe_tallies, probing_figures
 from .hub import PretrainedSAE, load_run, load_sae
 from .hub.formats import FORMAT_FILES
 from .model import SparseCoder

@@ -101,6 +101,12 @@ def test_bad_probing_input_gets_a_clear_error(corpus, tmp_path):
             "early": {"below": 1900}, "late": {"above": 1990}}}}))
     with pytest.raises(ValueError, match="unknown task.*'partisan'|unknown task.*partisan"):
         ProbingConfig(tasks=("partisan",))
+    with pytest.raises(ValueError, match=r"probing task 'party'.*column 'party'.*cannot compare"):
+        sparse_probing(model, dm, config(corpus, tasks={"party": {"column": "party", "classes": {
+            "old": {"below": 1900}, "new": {"above": 1950}}}}))
+    with pytest.raises(ValueError, match=r"probing.tasks.three.classes: a probe tells two classes apart, got 3"):
+        ProbingConfig(tasks={"three": {"column": "party", "classes": {"a": {"in": ["x"]}, "b": {"in": ["y"]},
+                                                                       "c": {"in": ["z"]}}}})
     with pytest.raises(ValueError, match="probing.ks"):
         ProbingConfig(ks=[0, 5])
     with pytest.raises(FileNotFoundError, match="probing.metadata: no such file"):

@@ -20,9 +20,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -95,9 +95,14 @@ class ProbingConfig:
     def task_table(self) -> dict[str, ProbeTask]:
         if isinstance(self.tasks, dict):
             try:
-                return {name: ProbeTask(**spec) for name, spec in self.tasks.items()}
+                table = {name: ProbeTask(**spec) for name, spec in self.tasks.items()}
             except TypeError as e:
                 raise ValueError(f"probing.tasks: each task is {{column, classes}} ({e})") from None
+            for name, task in table.items():
+                if len(task.classes) != 2:
+                    raise ValueError(f"probing.tasks.{name}.classes: a probe tells two classes apart, got "
+                                     f"{len(task.classes)} ({', '.join(task.classes) or 'none'})")
+            return table
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"probing.tasks: unknown task(s) {', '.join(unknown)}; built in: {', '.join(TASKS)} "
@@ -177,7 +182,12 @@ def task_labels(task_name: str, task: ProbeTask, probes: ProbeSet, config: Probi
     if probes.metadata and task.column not in probes.metadata[0]:
         raise ValueError(f"probing task {task_name!r}: the metadata {config.metadata} has no column {task.column!r}; "
                          f"its columns are {', '.join(probes.metadata[0])}")
-    doc_labels = torch.tensor([-1 if (lab := task.label(row[task.column])) is None else lab for row in probes.metadata])
+    try:
+        doc_labels = torch.tensor([-1 if (lab := task.label(row[task.column])) is None else lab
+                                   for row in probes.metadata])
+    except ValueError as e:  # a "below"/"above" rule on a column that is not numeric
+        raise ValueError(f"probing task {task_name!r}: column {task.column!r} of {config.metadata} has a value "
+                         f"its rules cannot compare ({e})") from None
     present = torch.unique(probes.documents)
     by_class = [present[doc_labels[present] == c] for c in (0, 1)]
     n = min(len(docs) for docs in by_class)
