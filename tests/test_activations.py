@@ -152,6 +152,7 @@ def test_tiny_model_end_to_end_sae_then_heads_on_its_decoder(lm_files, tmp_path)
     assert results["probe_k5"] == pytest.approx(test["probe_k5"])
     probe_result = next(r for r in card.data.eval_results if r.metric_type == "probe_party_k1")
     assert probe_result.task_type == "text-classification" and "State of the Union" in probe_result.dataset_name
+    assert "the probing rows on labelled documents of the State of the Union" in card.text
 
     fista = sae_recipe(lm_files, tmp_path)
     fista.update(setting="known_dictionary", dictionary={"pretrained": str(run_dir)}, run_dir=str(tmp_path / "fista"),

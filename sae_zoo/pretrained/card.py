@@ -98,11 +98,14 @@ def _training(model: Any, recipe: dict[str, Any] | None) -> str:
     return text
 
 
-def _evaluation(metrics: dict[str, float] | None, dataset_name: str) -> str:
+def _evaluation(metrics: dict[str, float] | None, dataset_name: str, probing: str) -> str:
     if not metrics:
         return "No evaluation results were recorded with this model."
     rows = [f"| {metric_name(k)[1]} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float))]
-    return f"On held-out samples of {dataset_name}:\n\n| metric | value |\n|---|---|\n" + "\n".join(rows)
+    probed = any(PROBE_KEY.fullmatch(k) for k in metrics)
+    return (f"On held-out samples of {dataset_name}"
+            + (f"; the probing rows on labelled documents of {probing}, in folds split by document" if probed else "")
+            + ":\n\n| metric | value |\n|---|---|\n" + "\n".join(rows))
 
 
 def _limitations(model: Any, recipe: dict[str, Any] | None) -> str:
@@ -162,6 +165,6 @@ def model_card(model: Any, *, metrics: dict[str, float] | None = None,
         n_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
         dtype=str(dictionary.weight.dtype).removeprefix("torch."),
         repo_id=repo_id or UNPUSHED_REPO_ID, training=_training(model, recipe),
-        evaluation=_evaluation(metrics, dataset_name) + (f"\n\n### Against the SAE it upgrades\n\n{upgrade}"
+        evaluation=_evaluation(metrics, dataset_name, probing) + (f"\n\n### Against the SAE it upgrades\n\n{upgrade}"
                                                           if upgrade else ""),
         limitations=_limitations(model, recipe))
