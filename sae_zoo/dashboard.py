@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_directory
-from .data.activations import ActivationDataModule
+from .data.activations import ActivationDataModule, outlier_mask
 from .data.windows import Windows, read_windows
 from .hub import load_run
 from .model import SparseCoder
@@ -91,7 +91,7 @@ def encode_windows(model: SparseCoder, windows: Windows, scale: float, outlier_n
     """``(codes, outlier mask (windows, tokens))``: the codes of the scaled activations as a sparse
     ``(windows * tokens, n_latents)`` tensor, zero at the outlier tokens, which the data leave out."""
     x = windows.activations.float() * scale
-    outliers = x.norm(dim=-1) > outlier_norm if outlier_norm is not None else torch.zeros(x.shape[:2], dtype=torch.bool)
+    outliers = outlier_mask(x, outlier_norm)
     chunks = []
     for chunk, out in zip(x.flatten(0, 1).split(batch_tokens), outliers.flatten().split(batch_tokens)):
         codes = model.encode(chunk.to(model.device)).float().cpu()

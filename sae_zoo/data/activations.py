@@ -63,6 +63,11 @@ def load_shard(path: Path, name: str) -> Tensor:
         return handle.get_tensor(name)
 
 
+def outlier_mask(x: Tensor, max_norm: float | None) -> Tensor:
+    """Which rows of ``x`` (``(..., d)``) are outlier tokens: norm above ``max_norm`` (none when it is None)."""
+    return x.norm(dim=-1) > max_norm if max_norm is not None else torch.zeros(x.shape[:-1], dtype=torch.bool)
+
+
 def shard_rows(path: Path, name: str = ACTIVATIONS) -> int:
     with safe_open(str(path), framework="pt") as handle:
         return int(handle.get_slice(name).get_shape()[0])
@@ -322,12 +327,9 @@ class ActivationDataModule(SparseCodingData):
                     raise ValueError(f"data: the dataset ran out after {state['contexts_done']} {split} contexts of "
                                      f"{h.context_len} tokens; lower n_train_tokens/n_test_tokens/test_stride or add text")
                 tokens = torch.stack(windows)
-                acts = torch.cat([read_activations(lm, hook, chunk).float().cpu()
-                                  for chunk in tokens.split(h.model_batch_size)])
+                acts = self.read_contexts(tokens)
                 if "d_model" not in manifest:
                     manifest["d_model"] = int(acts.shape[-1])
-                if h.prepend_bos and h.drop_bos:
-                    acts = acts[:, 1:]
                 index = len(state["shards"])
                 name = f"{split}-{index:05d}.safetensors"
                 rows = acts.reshape(-1, acts.shape[-1]).to(getattr(torch, h.cache_dtype))
@@ -349,6 +351,15 @@ class ActivationDataModule(SparseCodingData):
         tokens, seconds = (done - resumed_at) * self.tokens_per_context, time.perf_counter() - start
         print(f"collected {tokens:,} tokens of {h.hook} activations in {seconds:.0f} s "
               f"({tokens / max(seconds, 1e-9):,.0f} tokens/s on {self.device}) into {self.cache_dir}", flush=True)
+
+    @torch.no_grad()
+    def read_contexts(self, tokens: Tensor) -> Tensor:
+        """Activations (float32, on the CPU, unscaled) at the hook of token windows ``(n, context_len)``, read
+        ``model_batch_size`` at a time; BOS positions left out when the data leave them out."""
+        lm, _, hook = self.language_model()
+        acts = torch.cat([read_activations(lm, hook, chunk).float().cpu()
+                          for chunk in tokens.split(self.hparams.model_batch_size)])
+        return acts[:, 1:] if self.hparams.prepend_bos and self.hparams.drop_bos else acts
 
     # ---- serving ----
 

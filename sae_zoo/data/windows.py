@@ -17,7 +17,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._io import atomic_write
-from ..lm import read_activations
 from .activations import ActivationDataModule
 
 
@@ -53,7 +52,7 @@ def read_windows(datamodule: ActivationDataModule, kind: str, texts: Iterable[st
     path = datamodule.cache_dir / f"{kind}-{key}" / "windows.safetensors"
     if path.exists():
         return Windows(**load_file(str(path)))
-    lm, tokenizer, hook = datamodule.language_model()
+    _, tokenizer, _ = datamodule.language_model()
     body = context_len - h.prepend_bos
     windows, documents = [], []
     for index, text in enumerate(tqdm(texts, desc=f"{kind} texts", unit="doc", disable=None)):
@@ -66,11 +65,7 @@ def read_windows(datamodule: ActivationDataModule, kind: str, texts: Iterable[st
     if not windows:
         raise ValueError(f"{kind}: no text holds a window of {context_len} tokens")
     tokens = torch.stack(windows)
-    with torch.no_grad():
-        acts = torch.cat([read_activations(lm, hook, chunk).float().cpu()
-                          for chunk in tokens.split(h.model_batch_size)])
-    if h.prepend_bos and h.drop_bos:
-        acts = acts[:, 1:]
+    acts = datamodule.read_contexts(tokens)
     out = Windows(tokens, acts.to(getattr(torch, h.cache_dtype)), torch.tensor(documents))
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in out._asdict().items()}, str(tmp)))
     return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..data.activations import ActivationDataModule
+from ..data.activations import ActivationDataModule, outlier_mask
 from ..model import SparseCoder
 from .bootstrap import bootstrap_se
 
@@ -38,7 +38,7 @@ def context_sums(model: SparseCoder, datamodule: ActivationDataModule) -> dict[s
             x_hat = model(x.to(model.device)).x_hat.double().cpu()
             x = x.double()
             values = ((x - x_hat).square().sum(-1), torch.ones(len(x), dtype=torch.float64), x.square().sum(-1), x)
-            clean = x.norm(dim=-1) <= max_norm if max_norm is not None else torch.ones(len(x), dtype=torch.bool)
+            clean = ~outlier_mask(x, max_norm)
             for kind, keep in (("clean", clean), ("all", slice(None))):
                 for total, value in zip(stats[kind], values):
                     total.index_add_(0, context[keep], value[keep])

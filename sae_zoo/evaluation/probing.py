@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..data.activations import ActivationDataModule
+from ..data.activations import ActivationDataModule, outlier_mask
 from ..data.windows import read_windows
 from ..lm import resolve_package_path
 from ..model import SparseCoder
@@ -159,8 +159,7 @@ def pooled(fn: Callable[[Tensor], Tensor], probes: ProbeSet, scale: float, outli
     per_chunk = max(1, batch_tokens // probes.activations.shape[1])
     for chunk in probes.activations.split(per_chunk):
         x = chunk.float() * scale
-        keep = (x.norm(dim=-1) <= outlier_norm if outlier_norm is not None
-                else torch.ones(x.shape[:2], dtype=torch.bool))
+        keep = ~outlier_mask(x, outlier_norm)
         y = fn(x.flatten(0, 1)).float().cpu().view(*x.shape[:2], -1)
         out.append((y * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1))
     return torch.cat(out)
