@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -14,22 +15,33 @@ from ._signature import check_types
 class Dictionary(nn.Module):
     """A dictionary of ``n_latents`` atoms in ``d_model`` dimensions.
 
-    Atoms are the rows of ``weight`` (shape ``(n_latents, d_model)``) and are kept at unit L2 norm,
-    so that the scale of a latent lives in its code, not in its atom. ``decode(codes)`` returns
-    ``codes @ weight (+ bias)``. A trainable dictionary is renormalised after every optimiser step
-    by :class:`~sae_zoo.SparseCoder`; a frozen one keeps the atoms it was given.
+    ``weight`` (shape ``(n_latents, d_model)``) holds each atom's unit direction. ``decode(codes)`` returns
+    ``codes @ atoms (+ bias)``. A trainable dictionary's directions are renormalised after every optimiser
+    step by :class:`~sae_zoo.SparseCoder`; a frozen one keeps the atoms it was given.
 
-    ``atom_norms=True`` keeps a fixed norm per atom (a buffer, ``atom_norms``) beside the unit
-    directions, and decodes ``codes @ (atom_norms * weight)``: another library's decoder whose rows are
-    not unit-norm then keeps its own units, so a head loaded with it gives that library's codes exactly.
-    :attr:`atoms` is the matrix a code multiplies: the directions scaled by the norms.
+    ``atom_norms`` says whether an atom also has a norm of its own (``atom_norms``, one per latent):
+
+    * ``False``: unit atoms, so the scale of a latent lives in its code alone.
+    * ``True``: a fixed norm per atom (a buffer). Another library's decoder whose rows are not unit-norm
+      keeps its own units, so a head loaded with it gives that library's codes exactly.
+    * ``"learned"``: a trained norm per atom (a parameter, starting at 1): each latent's output scale
+      learns apart from its selection, which runs on the encoder's pre-activations. SAELens's SAEs
+      trained with ``rescale_acts_by_decoder_norm: false`` are this parametrisation, and recover the
+      true features of SynthSAEBench better than unit atoms do. L1-type penalties then weigh each code
+      by its atom's norm, so a latent cannot dodge the penalty by growing its atom.
+
+    :attr:`atoms` is the matrix a code multiplies (the directions scaled by the norms);
+    :attr:`directions` are the unit rows, which the metrics that match atoms to features compare.
 
     ``provenance`` says where the atoms came from (e.g. the SAELens checkpoint they were loaded from);
     it travels into ``config.json`` and the model card when the model is saved.
     """
 
+    #: the smallest a learned norm may become (the projection after each step keeps it positive)
+    MIN_NORM = 1e-6
+
     def __init__(self, n_latents: int, d_model: int, *, trainable: bool = True, bias: bool = False,
-                 atom_norms: bool = False) -> None:
+                 atom_norms: Union[bool, Literal["learned"]] = False) -> None:
         super().__init__()
         check_types(Dictionary.__init__, {"n_latents": n_latents, "d_model": d_model, "atom_norms": atom_norms},
                     what="the dictionary")
@@ -39,15 +51,24 @@ class Dictionary(nn.Module):
         self.d_model = int(d_model)
         self.weight = nn.Parameter(torch.randn(n_latents, d_model), requires_grad=trainable)
         self.bias = nn.Parameter(torch.zeros(d_model), requires_grad=trainable) if bias else None
-        self.register_buffer("atom_norms", torch.ones(n_latents) if atom_norms else None)
+        if atom_norms == "learned":
+            if not trainable:
+                raise ValueError("atom_norms='learned' trains a norm per atom, but the dictionary is frozen "
+                                 "(trainable=False) and has no norms to learn; use atom_norms=True to keep fixed "
+                                 "norms, or train the dictionary")
+            self.atom_norms = nn.Parameter(torch.ones(n_latents))
+        else:
+            self.register_buffer("atom_norms", torch.ones(n_latents) if atom_norms else None)
         self.provenance: dict[str, Any] = {}
         self.normalize_()
 
     @classmethod
     def from_tensor(cls, atoms: Tensor, *, trainable: bool = False, bias: Tensor | None = None,
-                    provenance: dict[str, Any] | None = None, keep_norms: bool = False) -> "Dictionary":
+                    provenance: dict[str, Any] | None = None,
+                    keep_norms: Union[bool, Literal["learned"]] = False) -> "Dictionary":
         """A dictionary whose atoms are the rows of ``atoms``: renormalised to unit norm, or, with
-        ``keep_norms``, split into unit directions and fixed ``atom_norms`` (decoding is then unchanged)."""
+        ``keep_norms``, split into unit directions and ``atom_norms`` (decoding is then unchanged), fixed
+        (``True``) or, in a trainable dictionary, trained from there on (``"learned"``)."""
         if atoms.ndim != 2:
             raise ValueError(f"atoms must have shape (n_latents, d_model), got {tuple(atoms.shape)}")
         dictionary = cls(*atoms.shape, trainable=trainable, bias=bias is not None, atom_norms=keep_norms)
@@ -58,6 +79,28 @@ class Dictionary(nn.Module):
     @property
     def trainable(self) -> bool:
         return self.weight.requires_grad
+
+    @property
+    def learns_norms(self) -> bool:
+        """Whether each atom's norm is trained (``atom_norms="learned"``, and the dictionary not frozen since)."""
+        return isinstance(self.atom_norms, nn.Parameter) and self.atom_norms.requires_grad
+
+    @property
+    def norm_lr_scale(self) -> float:
+        """How much faster than the model's learning rate learned norms take their Adam steps: ``sqrt(d_model)``.
+
+        A free decoder row (SAELens's ``rescale_acts_by_decoder_norm: false``) changes its norm by up to
+        ``sqrt(d_model) * lr`` a step, since each of its ``d_model`` coordinates steps by about ``lr``; a
+        norm held as one number moves ``sqrt(d_model)`` times slower at the same rate, and then barely
+        moves in a short run. At this scale each latent's output scale keeps up with its encoder, and
+        feature recovery rises (SynthSAEBench cpu2k, Matryoshka BatchTopK: F1 0.63 at the model's rate,
+        0.77 at this one)."""
+        return math.sqrt(self.d_model)
+
+    @property
+    def directions(self) -> Tensor:
+        """The unit atoms ``(n_latents, d_model)``: what metrics matching atoms to features compare."""
+        return self.weight
 
     @property
     def atoms(self) -> Tensor:
@@ -88,8 +131,10 @@ class Dictionary(nn.Module):
 
     @torch.no_grad()
     def normalize_(self) -> None:
-        """Rescale every atom to unit L2 norm, in place."""
+        """Rescale every direction to unit L2 norm, in place (and keep learned norms positive)."""
         self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        if self.learns_norms:
+            self.atom_norms.clamp_(min=self.MIN_NORM)
 
     def decode(self, codes: Tensor) -> Tensor:
         if codes.ndim == 0 or codes.shape[-1] != self.n_latents:
@@ -115,8 +160,13 @@ class Dictionary(nn.Module):
         """The arguments that rebuild this dictionary's shape (weights travel separately)."""
         config = {"n_latents": self.n_latents, "d_model": self.d_model, "trainable": self.trainable,
                   "bias": self.bias is not None}
-        return {**config, "atom_norms": True} if self.atom_norms is not None else config
+        return {**config, "atom_norms": self.norms_kind} if self.atom_norms is not None else config
+
+    @property
+    def norms_kind(self) -> bool | str:
+        """The ``atom_norms`` argument that rebuilds this dictionary: False, True (fixed) or ``"learned"``."""
+        return "learned" if self.learns_norms else self.atom_norms is not None
 
     def extra_repr(self) -> str:
         return (f"n_latents={self.n_latents}, d_model={self.d_model}, trainable={self.trainable}, "
-                f"bias={self.bias is not None}" + (", atom_norms=True" if self.atom_norms is not None else ""))
+                f"bias={self.bias is not None}" + (f", atom_norms={self.norms_kind!r}" if self.atom_norms is not None else ""))

@@ -59,6 +59,20 @@ def tie_encoder_to_decoder(encoder: EncoderHead, dictionary: Dictionary) -> None
         linear.bias.zero_()
 
 
+def l1_penalty(codes: Tensor | SparseCodes, dictionary: Dictionary, nonnegative: bool = False) -> Tensor:
+    """The mean ``|code|`` over all (samples x n_latents) codes, each weighed by its atom's norm when the
+    dictionary has norms (SAELens's standard SAE, Anthropic's April 2024 recipe): the L1 of the codes of
+    unit atoms, which a latent cannot lower by growing its atom. ``nonnegative`` (dense ReLU codes) skips
+    the ``abs``."""
+    sparse = isinstance(codes, SparseCodes)
+    values = codes.values if sparse else codes
+    magnitudes = values if nonnegative and not sparse else values.abs()
+    norms = dictionary.atom_norms
+    if norms is not None:
+        magnitudes = magnitudes * (norms[codes.indices] if sparse else norms)
+    return magnitudes.sum() / (values[..., 0].numel() * dictionary.n_latents)
+
+
 class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", license="apache-2.0",
                   tags=["sparse-autoencoder", "sparse-coding", "interpretability"],
                   paper_url="https://arxiv.org/abs/2411.13117"):
@@ -129,6 +143,10 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         if (encoder.d_model, encoder.n_latents) != (dictionary.d_model, dictionary.n_latents):
             raise ValueError(f"encoder {encoder.name!r} maps {encoder.d_model} -> {encoder.n_latents} latents, but the "
                              f"dictionary has shape (n_latents={dictionary.n_latents}, d_model={dictionary.d_model})")
+        if target_l0 is not None and encoder.forced_l0 is not None:
+            raise ValueError(f"target_l0={target_l0} tunes the sparsity penalty, but the {encoder.name!r} head keeps "
+                             f"k={encoder.forced_l0} codes per sample whatever the penalty; set its k instead, and "
+                             "drop target_l0")
         if encoder.subtract_decoder_bias and dictionary.bias is None:
             raise ValueError(f"encoder {encoder.name!r} subtracts the decoder bias (subtract_decoder_bias=True), "
                              "but the dictionary has none; build it with bias=True")
@@ -209,12 +227,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         codes = out.codes
         mse, x_hat = reconstruction_loss(self.dictionary, codes, x, self.matryoshka_widths)
         values = codes.values if isinstance(codes, SparseCodes) else codes
-        if out.sparsity is not None:
-            sparsity = out.sparsity
-        else:  # the mean |code| over all (samples x n_latents) codes
-            total = values.abs().sum() if isinstance(codes, SparseCodes) or not self.encoder.nonnegative_codes \
-                else values.sum()
-            sparsity = total / (values[..., 0].numel() * self.dictionary.n_latents)
+        sparsity = out.sparsity if out.sparsity is not None else l1_penalty(codes, self.dictionary,
+                                                                             self.encoder.nonnegative_codes)
         losses = {"mse": mse, "sparsity": sparsity}
         if measure_l0:
             losses["l0"] = (values.detach() != 0).sum(-1).float().mean()
@@ -306,6 +320,9 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         if self.dictionary.trainable:
             self.dictionary.weight[dead] = directions
             touched.append(self.dictionary.weight)
+        if self.dictionary.learns_norms:
+            self.dictionary.atom_norms[dead] = 1.0
+            touched.append(self.dictionary.atom_norms)
         optimizer = self.optimizers().optimizer if self._trainer is not None else None
         for parameter in touched if optimizer is not None else ():
             for value in optimizer.state.get(parameter, {}).values():
@@ -342,11 +359,12 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         """Add one held-out batch to ``metrics`` (the one way every evaluation scores a model)."""
         x, true_codes = unpack_batch(batch)
         x_hat, codes = self(x)
-        metrics.update(x_hat, x, codes, true_codes, atoms=self.dictionary.atoms, true_atoms=self.true_dictionary)
+        metrics.update(x_hat, x, codes, true_codes, atoms=self.dictionary.directions,
+                       true_atoms=self.true_dictionary)
 
     def update_dictionary_metrics(self, metrics: SparseCodingMetrics) -> None:
         if self.true_dictionary is not None:
-            metrics.update_dictionary(self.dictionary.atoms, self.true_dictionary)
+            metrics.update_dictionary(self.dictionary.directions, self.true_dictionary)
 
     def _evaluate(self, stage: str, batch: Batch) -> None:
         metrics = getattr(self, f"{stage}_metrics")
@@ -393,11 +411,16 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             self.tokens_since_fired.copy_(checkpoint["tokens_since_fired"])
 
     def configure_optimizers(self) -> Any:
-        """Adam; with ``lr_warmup_steps``/``lr_decay_steps``, a per-step linear warm-up and final decay."""
-        params = [p for p in self.parameters() if p.requires_grad]
+        """Adam (learned atom norms at ``lr * dictionary.norm_lr_scale``); with ``lr_warmup_steps``/
+        ``lr_decay_steps``, a per-step linear warm-up and final decay."""
+        norms = self.dictionary.atom_norms if self.dictionary.learns_norms else None
+        params = [p for p in self.parameters() if p.requires_grad and p is not norms]
         if not params:
             raise ValueError("nothing to train: the encoder has no parameters and the dictionary is frozen")
-        optimizer = torch.optim.Adam(params, lr=self.lr)
+        groups = [{"params": params}]
+        if norms is not None:  # see Dictionary.norm_lr_scale
+            groups.append({"params": [norms], "lr": self.lr * self.dictionary.norm_lr_scale})
+        optimizer = torch.optim.Adam(groups, lr=self.lr)
         warmup, decay = self.training_options["lr_warmup_steps"], self.training_options["lr_decay_steps"]
         if not (warmup or decay):
             return optimizer

@@ -275,3 +275,30 @@ def test_the_cli_prints_no_traceback_for_a_bad_recipe_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "encoder.bias='maybe'" in err and "Traceback" not in err
     assert os.environ.get("HF_HUB_OFFLINE") in (None, "0", "")
+
+
+# ---- training SAEs: options that cannot do what they say ----
+
+@pytest.mark.parametrize("head, kwargs", [("topk", {"k": 3}), ("batchtopk", {"k": 3}),
+                                          ("residual_mlp", {"hidden": 4, "k": 3})])
+def test_a_target_l0_that_a_top_k_head_forces_anyway_is_refused(head, kwargs):
+    encoder = create_encoder(head, d_model=6, n_latents=12, **kwargs)
+    with pytest.raises(ValueError, match=rf"target_l0=5.*'{head}' head keeps k=3 codes per sample.*set its k"):
+        SparseCoder(encoder, Dictionary(12, 6, bias=True), l1_coeff=1.0, target_l0=5)
+
+
+@pytest.mark.parametrize("widths, message", [([4, 8], r"must end at n_latents \(12\), got \[4, 8\]"),
+                                             ([8, 4, 12], "strictly increasing"), ([0, 12], "positive")])
+def test_matryoshka_widths_that_do_not_nest_up_to_the_dictionary_are_refused(widths, message):
+    with pytest.raises(ValueError, match=message):
+        SparseCoder(create_encoder("batchtopk", d_model=6, n_latents=12, k=3), Dictionary(12, 6),
+                    matryoshka_widths=widths)
+
+
+def test_learned_norms_on_a_frozen_dictionary_are_refused_in_a_recipe(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["fit", str(KNOWN_D), *TINY, "dictionary.atom_norms=learned", f"run_dir={run_dir}",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "dictionary.atom_norms: the known_dictionary setting" in err, err
+    assert not run_dir.exists()

@@ -417,10 +417,11 @@ EXPORTABLE = [name for name in list_encoders() if get_encoder_class(name).archit
 
 
 @pytest.mark.parametrize("name", EXPORTABLE)
-@pytest.mark.parametrize("norms", ["unit", "kept"])
+@pytest.mark.parametrize("norms", ["unit", "kept", "learned"])
 def test_export_to_saelens_round_trips_and_matches_saelens_formulas(tmp_path, name, norms, x):
-    """Every head that names an architecture exports, with unit atoms or kept decoder norms, to files whose
-    SAELens codes and reconstructions are the model's."""
+    """Every head that names an architecture exports, with unit atoms, kept or learned decoder norms, to files
+    whose SAELens codes and reconstructions are the model's (learned norms: SAELens's free-norm SAEs,
+    ``rescale_acts_by_decoder_norm: false``)."""
     torch.manual_seed(0)
     iterative = name == "mp"  # iterative heads always work on x - b_dec
     head = create_encoder(name, d_model=D_IN, n_latents=D_SAE, **{**get_encoder_class(name).example_kwargs,
@@ -431,9 +432,10 @@ def test_export_to_saelens_round_trips_and_matches_saelens_formulas(tmp_path, na
         if name == "batchtopk":
             head.threshold.fill_(0.05)
     atoms = torch.randn(D_SAE, D_IN) * (1 if norms == "unit" else 0.3 + torch.rand(D_SAE, 1))
-    dictionary = Dictionary.from_tensor(atoms, bias=torch.randn(D_IN), keep_norms=norms == "kept")
+    keep = {"unit": False, "kept": True, "learned": "learned"}[norms]
+    dictionary = Dictionary.from_tensor(atoms, bias=torch.randn(D_IN), keep_norms=keep, trainable=norms == "learned")
     model = SparseCoder(head, dictionary).eval()
-    if name == "mp" and norms == "kept":  # SAELens's matching pursuit takes r . w as a code: unit rows only
+    if name == "mp" and norms != "unit":  # SAELens's matching pursuit takes r . w as a code: unit rows only
         with pytest.raises(ValueError, match="its rows must be unit-norm"):
             export_saelens(model, tmp_path / "exported")
         return

@@ -125,6 +125,13 @@ class EncoderHead(nn.Module, metaclass=ABCMeta):
         return (f"the {self.name or type(self).__name__} head has no linear pre-activations, which {what} needs "
                 "(heads built on one linear map have them: linear, topk, batchtopk, jumprelu)")
 
+    @property
+    def forced_l0(self) -> int | None:
+        """The L0 the head keeps whatever the sparsity penalty (a top-k head's ``k``: per sample, or on
+        average over a BatchTopK batch), so that tuning a penalty towards a target L0 is pointless; None
+        where a penalty or threshold sets it."""
+        return None
+
     def trained_part(self) -> "EncoderHead | None":
         """The part whose training costs FLOPs (see :mod:`sae_zoo.flops`): the head itself by default."""
         return self

@@ -64,6 +64,10 @@ class BatchTopKEncoder(LinearPreActivations, EncoderHead):
         moved = torch.where(self.threshold < 0, smallest, torch.lerp(self.threshold, smallest, self.threshold_lr))
         self.threshold.copy_(torch.where(torch.isfinite(smallest), moved, self.threshold))
 
+    @property
+    def forced_l0(self) -> int | None:
+        return self.k
+
     def encode_flops(self) -> tuple[float, float]:
         # inference: ReLU, the comparison and the mask (and the decoder-bias subtraction)
         return 2 * self.d_model * self.n_latents, 3 * self.n_latents + self.subtract_decoder_bias * self.d_model

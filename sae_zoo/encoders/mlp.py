@@ -78,6 +78,10 @@ class ResidualMLPEncoder(LinearPreActivations, EncoderHead):
             return z.relu() * (z > self.threshold)
         return keep_topk(z.relu(), self.k)
 
+    @property
+    def forced_l0(self) -> int | None:
+        return self.k
+
     def encode_flops(self) -> tuple[float, float]:
         hidden = self.correction[0].out_features
         matmul = 2 * self.d_model * self.n_latents + 2 * self.d_model * hidden + 2 * hidden * self.n_latents

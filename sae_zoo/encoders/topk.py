@@ -47,6 +47,10 @@ class TopKEncoder(LinearPreActivations, EncoderHead):
         return SparseCodes(*SparseTopKLinear.apply(self.centre(x, dictionary), self.linear.weight, self.linear.bias,
                                                    self.k))
 
+    @property
+    def forced_l0(self) -> int | None:
+        return self.k
+
     def encode_flops(self) -> tuple[float, float]:
         # ReLU and the top-k selection (and the decoder-bias subtraction)
         return 2 * self.d_model * self.n_latents, 2 * self.n_latents + self.subtract_decoder_bias * self.d_model
