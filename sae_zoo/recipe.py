@@ -157,6 +157,7 @@ def recipe_from_content(content: dict[str, Any], overrides: list[str] | tuple[st
         raise RecipeError(f"{source}: an override's value is not valid YAML ({reason}); quote it, or close the "
                           f"bracket: {', '.join(assignments)}") from None
     try:
+        apply_head_defaults(cfg)
         validate(cfg)
     except UnknownArgumentError as e:
         overridden = {a.split("=", 1)[0] for a in assignments}
@@ -207,6 +208,24 @@ def _with_defaults(content: dict[str, Any]) -> DictConfig:
                 raise ValueError(f"{key}: must be a mapping of arguments, got {value!r}")
             cfg[key] = value
     return cfg
+
+
+def apply_head_defaults(cfg: DictConfig) -> None:
+    """A run that learns its dictionary (``setting: unknown``, no ``dictionary.pretrained``) gets its head's
+    ``learned_dictionary_defaults`` (e.g. a BatchTopK SAE: learned atom norms, a decoder bias subtracted
+    before encoding, a tied start) for every key the recipe leaves unset; the run's ``config.yaml`` then
+    shows them. Setting a key, e.g. ``dictionary.atom_norms=false``, overrides its default."""
+    if cfg.setting != "unknown" or "pretrained" in cfg.dictionary or "name" not in cfg.encoder:
+        return
+    import_modules(list(cfg.imports))
+    try:
+        head = get_encoder_class(cfg.encoder.name)
+    except ValueError:
+        return  # validate() names the unknown head
+    for section, defaults in head.learned_dictionary_defaults.items():
+        for key, value in defaults.items():
+            if key not in cfg[section]:
+                cfg[section][key] = value
 
 
 def _delete(cfg: DictConfig, key: str, source: str) -> None:

@@ -181,3 +181,27 @@ def test_training_matches_the_authors_loop_step_for_step():
     with torch.no_grad():
         ours, theirs = model.encode(dm.test_x), encoder(dm.test_x)
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5)
+
+
+def test_a_batchtopk_sae_written_plainly_gets_the_training_that_recovers_features_best(tmp_path):
+    """`encoder: {name: batchtopk, k: ...}` on a learned dictionary gets the head's defaults (learned atom norms,
+    a decoder bias subtracted before encoding, a tied start), shown in the saved config; a recipe that sets a
+    key keeps its own value; frozen and pretrained dictionaries, and the paper's heads, get none."""
+    plain = ["setting=unknown", "encoder.name=batchtopk", "encoder.k=3", "~encoder.bias",
+             "model.matryoshka_widths=[4,16]"]
+    cfg = load_recipe(KNOWN_D, [*TINY, *plain])
+    assert cfg.dictionary == {"bias": True, "atom_norms": "learned"}
+    assert cfg.encoder.subtract_decoder_bias is True and cfg.model.tied_init is True
+    _, model = build(cfg)
+    assert model.dictionary.learns_norms and model.dictionary.bias is not None
+    torch.testing.assert_close(model.encoder.linear.weight, model.dictionary.weight)  # the tied start
+    run_dir, _ = fit(load_recipe(KNOWN_D, [*TINY, *plain, f"run_dir={tmp_path / 'run'}"]), progress=False)
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert saved.dictionary.atom_norms == "learned" and saved.model.tied_init is True
+    assert not torch.allclose(SparseCoder.load_from_checkpoint(run_dir / "model.ckpt").dictionary.atom_norms,
+                              torch.ones(16))  # the norms trained
+    kept = load_recipe(KNOWN_D, [*TINY, *plain, "dictionary.atom_norms=false", "model.tied_init=false"])
+    assert kept.dictionary.atom_norms is False and kept.model.tied_init is False
+    assert "atom_norms" not in load_recipe(KNOWN_D, [*TINY, "encoder.name=batchtopk", "encoder.k=3",
+                                                     "~encoder.bias"]).dictionary  # frozen: the true dictionary
+    assert load_recipe(RECIPES / "unknown.yaml").dictionary == {"bias": False}  # the paper's SAE: as published

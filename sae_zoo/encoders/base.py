@@ -62,6 +62,9 @@ class EncoderHead(nn.Module, metaclass=ABCMeta):
     example_kwargs: ClassVar[dict[str, Any]] = {}
     #: Other libraries' architectures this head reproduces (see :mod:`sae_zoo.encoders.interop`).
     architectures: ClassVar[tuple[str, ...]] = ()
+    #: Recipe keys (``{section: {key: value}}``) that a run learning its dictionary with this head gets
+    #: unless the recipe sets them: the training that works best for the head (see :mod:`sae_zoo.recipe`).
+    learned_dictionary_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     #: Whether the head encodes ``x - dictionary.bias`` (SAELens, sparsify and dictionary_learning
     #: subtract the decoder bias before encoding); such a head needs a dictionary with a bias.
     subtract_decoder_bias: bool = False

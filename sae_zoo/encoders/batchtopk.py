@@ -11,7 +11,7 @@ from .base import EncoderHead, TrainingCodes
 from .interop import ForeignSAE
 from .linear import LinearPreActivations, linear_export, load_linear
 from .registry import register_encoder
-from .topk import require_k
+from .topk import FIELD_SAE_DEFAULTS, require_k
 
 
 @register_encoder("batchtopk")
@@ -29,6 +29,7 @@ class BatchTopKEncoder(LinearPreActivations, EncoderHead):
     nonnegative_codes = True
     example_kwargs: dict[str, Any] = {"k": 3}
     architectures = ("batchtopk", "matryoshka_batchtopk")
+    learned_dictionary_defaults = FIELD_SAE_DEFAULTS
 
     def __init__(self, d_model: int, n_latents: int, k: int, threshold_lr: float = 0.01,
                  subtract_decoder_bias: bool = False) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -10,6 +12,15 @@ from .base import EncoderHead, SparseCodes, require_at_least
 from .interop import ForeignSAE
 from .linear import LinearPreActivations, linear_export, load_linear
 from .registry import register_encoder
+
+
+#: How the field's top-k SAEs train best (SynthSAEBench cpu2k, README): a decoder bias subtracted before
+#: encoding, the encoder started as the decoder's transpose, and a learned norm per atom.
+FIELD_SAE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dictionary": {"bias": True, "atom_norms": "learned"},
+    "encoder": {"subtract_decoder_bias": True},
+    "model": {"tied_init": True},
+}
 
 
 def require_k(head: str, k: int, n_latents: int) -> None:
@@ -29,6 +40,7 @@ class TopKEncoder(LinearPreActivations, EncoderHead):
     nonnegative_codes = True
     example_kwargs = {"k": 3}
     architectures = ("topk",)
+    learned_dictionary_defaults = FIELD_SAE_DEFAULTS
 
     def __init__(self, d_model: int, n_latents: int, k: int, bias: bool = True,
                  subtract_decoder_bias: bool = False) -> None:
