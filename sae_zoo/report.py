@@ -150,7 +150,7 @@ def plot_upgrade(points: list[dict[str, Any]], l0: float, path: Path, title: str
 def plot_recovery(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Feature recovery on data with known features: F1 and decoder MCC (rows) against L0 and against
     inference FLOPs per sample (columns), one marker per method, bars the spread over seeds; SAELens's
-    runs hollow."""
+    runs hollow; the runs of one ``curve`` joined by a line against L0."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 9 + 0.16 * len(rows)), squeeze=False)
     colors = plt.get_cmap("tab20").colors if len(rows) > 10 else plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -165,6 +165,12 @@ def plot_recovery(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
                 ax.errorbar(r[x_key], r[metric], yerr=r.get(f"{metric}_sd"), xerr=r.get(f"{x_key}_sd"),
                             fmt="os^Dv<>P*X"[i % 10], markersize=7, capsize=3, color=color,
                             markerfacecolor="none" if r.get("peer") else color, label=r["label"])
+            for i, r in enumerate(rows):  # a curve: one method's runs at several L0s, in the colour of its first
+                curve = [c for c in rows if r.get("curve") and c.get("curve") == r["curve"]]
+                if curve and curve[0] is r and x_key == "l0":
+                    points = sorted((c[x_key], c[metric]) for c in curve if c.get(metric) is not None)
+                    ax.plot(*zip(*points), color=colors[i % len(colors)], alpha=0.6,
+                            linestyle="--" if r.get("peer") else "-")
             if x_key == "inference_flops":
                 ax.set_xscale("log")
             ax.set(xlabel=x_name, ylabel=name)

@@ -14,7 +14,8 @@ run) and writes ``comparison.csv``, ``comparison.md`` and ``comparison.png`` bes
 the same seed's run) and the table gives each method's mean +- standard deviation over the seeds.
 A run with ``saelens: {architecture: ..., ...}`` is trained by SAELens's own trainer on the same data
 (:mod:`sae_zoo.peers`). A run may carry ``published: {metric: value}``, figures the literature reports
-for that method, shown beside ours in ``report.md``. Where the data know the true features, the table
+for that method, shown beside ours in ``report.md``, and ``curve: NAME``: the runs of one curve (a method at
+several L0s, say) are joined by a line in ``comparison.png``. Where the data know the true features, the table
 gives F1, decoder MCC, uniqueness, variance explained and L0, ``comparison.png`` plots F1 and MCC against
 L0 and against inference FLOPs, and ``report.md`` compares the best sae_zoo method with SAELens's best.
 """
@@ -148,6 +149,8 @@ def aggregate(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[di
                     row[f"{key}_sd"] = float(np.std(values, ddof=1))
         if spec.get("published"):
             row["published"] = dict(spec["published"])
+        if spec.get("curve"):
+            row["curve"] = str(spec["curve"])
         out.append(row)
     return out
 

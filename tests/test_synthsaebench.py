@@ -173,7 +173,7 @@ def test_metrics_agree_with_saelens_evaluator_on_the_same_model_and_samples(tmp_
 def test_a_suite_over_seeds_with_saelens_beside_ours(tmp_path):
     recipe = yaml.safe_load(recipe_file(tmp_path).read_text())
     suite = {"title": "tiny", "seeds": [1, 2], "base": recipe,
-             "runs": [{"name": "topk", "label": "top-k", "published": {"f1": 0.5}},
+             "runs": [{"name": "topk", "label": "top-k", "published": {"f1": 0.5}, "curve": "top-k"},
                       {"name": "fista", "label": "FISTA on top-k's decoder",
                        "recipe": {"setting": "known_dictionary", "dictionary": {"pretrained": "run:topk"},
                                   "encoder": {"name": "fista", "steps": 20, "k": 3}}},
@@ -199,6 +199,7 @@ def test_a_suite_over_seeds_with_saelens_beside_ours(tmp_path):
     assert by_name["topk"]["latent_f1"] == pytest.approx(sum(f1s) / 2)
     assert by_name["topk"]["latent_f1_sd"] == pytest.approx(abs(f1s[0] - f1s[1]) / 2 ** 0.5)
     assert by_name["theirs"]["peer"] and not by_name["topk"]["peer"]
+    assert by_name["topk"]["curve"] == "top-k" and "curve" not in by_name["theirs"]
     assert by_name["theirs"]["ve"] == pytest.approx(1 - by_name["theirs"]["fvu"])
     report = (out / "report.md").read_text()
     assert "| top-k " in report and "published f1" in report and "SAELens BatchTopK" in report
@@ -207,7 +208,7 @@ def test_a_suite_over_seeds_with_saelens_beside_ours(tmp_path):
         assert "Ratio, ours / SAELens's: F1" in report
 
 
-@pytest.mark.parametrize("recipe", ["cpu2k.yaml", "bench16k.yaml"])
+@pytest.mark.parametrize("recipe", ["cpu2k.yaml", "cpu3k.yaml", "bench16k.yaml"])
 @pytest.mark.parametrize("quick", [False, True])
 def test_the_synthsaebench_suites_check_out(recipe, quick, tmp_path):
     """Every run of the shipped suites (and their quick presets) resolves and passes the recipe checks, run:NAME
@@ -223,7 +224,7 @@ def test_the_synthsaebench_suites_check_out(recipe, quick, tmp_path):
     jobs = suite_jobs(content, str(path), tmp_path / "out")
     assert len(jobs) == len(content["runs"]) * len(content.get("seeds", [None]))
     names = [spec["name"] for spec, _, _ in jobs]
-    assert any(name.startswith("saelens_batchtopk") for name in names)
+    assert any(name.startswith("saelens_") for name in names)
     for spec, cfg, _ in jobs:
         if spec["name"].startswith("iht_on_saelens"):
             assert cfg.dictionary.pretrained == str(tmp_path / "out" / spec["recipe"]["dictionary"]["pretrained"]
