@@ -83,9 +83,9 @@ def inference_products(model: SparseCoder, batch: int) -> list[Shape]:
 def make_heads(d_model: int, k: int) -> dict[str, Callable[[], SparseCoder]]:
     n = 32 * d_model
 
-    def coder(head: dict, **kwargs) -> SparseCoder:
-        return SparseCoder(create_encoder(d_model=d_model, n_latents=n, **head), Dictionary(n, d_model, bias=True),
-                           code_recovery=False, **kwargs)
+    def coder(head: dict, atom_norms: bool | str = False, **kwargs) -> SparseCoder:
+        return SparseCoder(create_encoder(d_model=d_model, n_latents=n, **head),
+                           Dictionary(n, d_model, bias=True, atom_norms=atom_norms), code_recovery=False, **kwargs)
 
     return {
         "linear SAE": lambda: coder({"name": "linear", "subtract_decoder_bias": True}),
@@ -97,6 +97,9 @@ def make_heads(d_model: int, k: int) -> dict[str, Callable[[], SparseCoder]]:
         f"BatchTopK SAE (k={k})": lambda: coder({"name": "batchtopk", "k": k, "subtract_decoder_bias": True}),
         f"Matryoshka BatchTopK (k={k})": lambda: coder({"name": "batchtopk", "k": k, "subtract_decoder_bias": True},
                                                        matryoshka_widths=[n // 16, n // 4, n]),
+        f"Matryoshka BatchTopK (k={k}), learned norms": lambda: coder(
+            {"name": "batchtopk", "k": k, "subtract_decoder_bias": True}, atom_norms="learned",
+            matryoshka_widths=[n // 16, n // 4, n]),
         "JumpReLU SAE": lambda: coder({"name": "jumprelu", "subtract_decoder_bias": True}),
         "gated SAE": lambda: coder({"name": "gated", "subtract_decoder_bias": True}),
         f"MLP head (hidden {4 * d_model})": lambda: coder({"name": "mlp", "hidden": 4 * d_model}),
@@ -115,12 +118,13 @@ def peak_memory(device: str) -> str:
 
 
 def benchmark(d_model: int, batch: int, k: int, fista_steps: int, device: str, dtype: str, repeats: int,
-              speeds: dict[str, float]) -> list[list[str]]:
+              speeds: dict[str, float], only: list[str] | None = None) -> list[list[str]]:
     autocast = functools.partial(mixed_precision, device, dtype)
     matmul_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     x = torch.randn(batch, d_model, device=device)
     rows = []
-    heads = make_heads(d_model, k)
+    heads = {label: build for label, build in make_heads(d_model, k).items()
+             if only is None or any(word.lower() in label.lower() for word in only)}
     for label, build in heads.items():
         model = build().to(device)
         optimizer = model.configure_optimizers()
@@ -141,9 +145,10 @@ def benchmark(d_model: int, batch: int, k: int, fista_steps: int, device: str, d
         rows.append([str(d_model), label, "train", f"{batch / step:,.0f}", f"{batch / bound:,.0f}",
                      f"{bound / step:.0%}", peak_memory(device)])
     inference = {label: build for label, build in heads.items() if "dense decode" not in label}
-    inference[f"FISTA ({fista_steps} steps)"] = lambda: SparseCoder(
-        create_encoder("fista", d_model=d_model, n_latents=32 * d_model, steps=fista_steps),
-        Dictionary(32 * d_model, d_model, bias=True), code_recovery=False)
+    if only is None or any(word.lower() in "fista" for word in only):
+        inference[f"FISTA ({fista_steps} steps)"] = lambda: SparseCoder(
+            create_encoder("fista", d_model=d_model, n_latents=32 * d_model, steps=fista_steps),
+            Dictionary(32 * d_model, d_model, bias=True), code_recovery=False)
     for label, build in inference.items():
         model = build().to(device).eval()
 
@@ -231,6 +236,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, bf16 bound")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-field", action="store_true", help="skip the SAELens / sparsify comparison")
+    parser.add_argument("--heads", default=None, help="only the heads whose name contains one of these "
+                        "comma-separated words, e.g. BatchTopK,JumpReLU")
     args = parser.parse_args()
     if args.quick:
         args.d_models, args.batch, args.fista_steps, args.repeats = "576", 1024, 10, 3
@@ -242,7 +249,8 @@ def main() -> None:
     rows, field = [], []
     for d_model in (int(d) for d in args.d_models.split(",")):
         speeds: dict[str, float] = {}
-        rows += benchmark(d_model, args.batch, args.k, args.fista_steps, args.device, args.dtype, args.repeats, speeds)
+        rows += benchmark(d_model, args.batch, args.k, args.fista_steps, args.device, args.dtype, args.repeats, speeds,
+                          args.heads.split(",") if args.heads else None)
         if not args.no_field:
             field += compare_with_the_field(d_model, args.batch, args.k, args.device, args.dtype, args.repeats, speeds)
     print_rows(header, rows)

@@ -153,6 +153,26 @@ class Dictionary(nn.Module):
             self.weight.dtype), mode="sum").reshape(*lead, self.d_model)
         return x_hat if self.bias is None else x_hat + self.bias
 
+    def decode_sparse_prefixes(self, values: Tensor, indices: Tensor, widths: list[int]) -> Tensor:
+        """The reconstructions ``(..., len(widths), d_model)`` from the latents ``[0, w)`` of sparse codes, for
+        each of the increasing ``widths`` (Matryoshka prefixes), bias included. One gather of the codes' atoms
+        serves every prefix: each sample's codes are summed per group of latents, then accumulated."""
+        lead, k, groups = values.shape[:-1], values.shape[-1], len(widths)
+        flat_values, flat_indices = values.reshape(-1, k), indices.reshape(-1, k)
+        samples = flat_values.shape[0]
+        group = torch.bucketize(flat_indices, flat_indices.new_tensor(widths), right=True)  # latent i: group of i
+        key = (torch.arange(samples, device=values.device)[:, None] * groups + group).reshape(-1)
+        order = key.argsort(stable=True)
+        offsets = torch.bincount(key, minlength=samples * groups).cumsum(0) - torch.bincount(
+            key, minlength=samples * groups)
+        weights = flat_values.reshape(-1)[order]
+        if self.atom_norms is not None:
+            weights = weights * self.atom_norms[flat_indices.reshape(-1)[order]]
+        parts = F.embedding_bag(flat_indices.reshape(-1)[order], self.weight, offsets, mode="sum",
+                                per_sample_weights=weights.to(self.weight.dtype))
+        prefixes = parts.reshape(samples, groups, self.d_model).cumsum(1).reshape(*lead, groups, self.d_model)
+        return prefixes if self.bias is None else prefixes + self.bias
+
     def forward(self, codes: Tensor) -> Tensor:
         return self.decode(codes)
 

@@ -31,14 +31,14 @@ def reconstruction_loss(dictionary: nn.Module, codes: Tensor | SparseCodes, x: T
     if not widths:
         x_hat = decode(codes)
         return F.mse_loss(x_hat, x), x_hat
+    if sparse:
+        prefixes = dictionary.decode_sparse_prefixes(*codes, list(widths))
+        loss = sum(F.mse_loss(prefixes[..., g, :], x) for g in range(len(widths)))
+        return loss, prefixes[..., -1, :]
     bias = dictionary.bias if dictionary.bias is not None else 0
     x_hat, loss, start = None, x.new_zeros(()), 0
     for end in widths:
-        if sparse:
-            values, indices = codes
-            part = dictionary.decode_sparse(values * ((indices >= start) & (indices < end)), indices) - bias
-        else:
-            part = codes[..., start:end] @ dictionary.atoms[start:end]
+        part = codes[..., start:end] @ dictionary.atoms[start:end]
         x_hat = bias + part if x_hat is None else x_hat + part
         loss = loss + F.mse_loss(x_hat, x)
         start = end

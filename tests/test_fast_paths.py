@@ -94,3 +94,45 @@ def test_the_sparse_topk_encoder_backward_equals_plain_autograd():
     (torch.relu(plain_values) * upstream).sum().backward()
     for a, t in zip(fast, (x, weight, bias)):
         torch.testing.assert_close(a, t.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("widths", [None, [8, 40, 96]])
+@pytest.mark.parametrize("norms", [False, "learned"])
+def test_sparse_batchtopk_and_matryoshka_equal_the_dense_path_forward_and_backward(widths, norms):
+    """BatchTopK's batch-wide top-k, found from each sample's largest pre-activations and decoded from its
+    kept atoms alone (Matryoshka prefixes from one gather), gives the dense path's losses, gradients and
+    running threshold, AuxK included."""
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1)) * 3
+    x[:4] *= 20  # a few samples keep far more than 4k latents: the candidates must widen to stay exact
+    results = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        dictionary = Dictionary(96, 24, bias=True, atom_norms=norms)
+        with torch.no_grad():
+            dictionary.bias.normal_()
+            if norms:
+                dictionary.atom_norms.uniform_(0.5, 2.0)
+        model = SparseCoder(create_encoder("batchtopk", d_model=24, n_latents=96, k=3, subtract_decoder_bias=True),
+                            dictionary, matryoshka_widths=widths, auxk_coeff=0.5, dead_tokens=1, sparse_decode=sparse)
+        out = model.training_losses(x)
+        out["loss"].backward()
+        results.append(({k: v.item() for k, v in out.items()}, {n: p.grad.clone() for n, p in model.named_parameters()},
+                        model.encoder.threshold.item()))
+    (sparse_losses, sparse_grads, sparse_threshold), (dense_losses, dense_grads, dense_threshold) = results
+    assert sparse_losses == pytest.approx(dense_losses, rel=1e-5) and dense_losses["l0"] == 3.0
+    assert sparse_threshold == dense_threshold
+    for name in dense_grads:
+        torch.testing.assert_close(sparse_grads[name], dense_grads[name], atol=1e-5, rtol=1e-5)
+
+
+def test_batch_topk_keeps_exactly_the_batch_wide_top_values():
+    from sae_zoo.encoders.topk import batch_topk
+
+    pre = torch.randn(32, 50, generator=torch.Generator().manual_seed(2))
+    pre[0] += 5  # one sample holds most of the batch's largest values
+    values, indices = batch_topk(pre, 2)
+    dense = torch.zeros_like(pre).scatter(-1, indices, values)
+    kept = pre.relu().reshape(-1).topk(64)
+    expected = torch.zeros(pre.numel()).scatter(0, kept.indices, kept.values).reshape(pre.shape)
+    torch.testing.assert_close(dense, expected)
+    assert (dense[0] > 0).sum() > 8  # more than the first candidates (4k) of that sample

@@ -7,11 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import EncoderHead, TrainingCodes
+from .base import EncoderHead, SparseCodes, TrainingCodes
 from .interop import ForeignSAE
 from .linear import LinearPreActivations, linear_export, load_linear
 from .registry import register_encoder
-from .topk import FIELD_SAE_DEFAULTS, require_k
+from .topk import FIELD_SAE_DEFAULTS, SparseTopKLinear, require_k
 
 
 @register_encoder("batchtopk")
@@ -45,11 +45,17 @@ class BatchTopKEncoder(LinearPreActivations, EncoderHead):
 
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
         if self.training:
-            return self.training_codes(x, dictionary).codes
+            return self.training_codes(x, dictionary, sparse=False).codes
         acts = self.linear_map(x, dictionary).relu()
         return acts * (acts > self.threshold)
 
     def training_codes(self, x: Tensor, dictionary: nn.Module | None = None, sparse: bool = True) -> TrainingCodes:
+        if sparse:  # the same codes, as each sample's non-zero values (zero-padded to a common width)
+            x = self.check_input(x, dictionary)
+            codes = SparseCodes(*SparseTopKLinear.apply(self.centre(x, dictionary), self.linear.weight,
+                                                        self.linear.bias, self.k, True))
+            self._update_threshold(codes.values.detach().reshape(-1))
+            return TrainingCodes(codes)
         acts = self.linear_map(x, dictionary).relu()
         flat = acts.reshape(-1)
         kept = flat.topk(self.k * (flat.numel() // self.n_latents), sorted=False)  # k <= n_latents: never too many

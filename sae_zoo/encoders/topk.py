@@ -82,15 +82,42 @@ class TopKEncoder(LinearPreActivations, EncoderHead):
         return linear_export(self, dictionary, "topk", k=self.k, rescale_acts_by_decoder_norm=False)
 
 
+def batch_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``ReLU`` of the ``k x samples`` largest of ``pre`` ``(samples, n_latents)`` over the whole batch, as
+    ``(values, indices)`` of shape ``(samples, m)``: each sample's ``m`` largest pre-activations, the ones
+    outside the batch's top ``k x samples`` set to 0. ``m`` starts at ``4k`` and doubles while some sample
+    keeps all of its ``m`` (it might keep more), so the kept set is exactly the batch-wide top-k's, found
+    without sorting all ``samples x n_latents`` values."""
+    samples, n_latents = pre.shape
+    budget, m = k * samples, min(n_latents, 4 * k)
+    while True:
+        values, indices = pre.topk(m, dim=-1, sorted=True)
+        flat = values.reshape(-1)
+        kept = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, flat.topk(min(budget, flat.numel()),
+                                                                             sorted=False).indices, True)
+        kept = kept.reshape(samples, m)
+        if m == n_latents or not bool(kept[:, -1].any()):
+            return values.clamp_min(0) * kept, indices
+        m = min(n_latents, 2 * m)
+
+
 class SparseTopKLinear(torch.autograd.Function):
-    """``ReLU(TopK_k(x W^T + b))`` as ``(values, indices)``. The forward is the dense product; the
-    backward touches only the k selected rows of ``W`` per sample (a gather for the input gradient,
-    an ``index_add`` for the weight's), instead of two more dense ``n_latents``-wide products."""
+    """``ReLU(TopK_k(x W^T + b))`` as ``(values, indices)``; with ``batch=True`` the batch-wide top
+    ``k x samples`` instead (:func:`batch_topk`: zeros pad each sample's codes to a common width). The
+    forward is the dense product; the backward touches only the selected rows of ``W`` per sample (a gather
+    for the input gradient, an ``index_add`` for the weight's), instead of two more dense
+    ``n_latents``-wide products."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
-        values, indices = F.linear(x, weight, bias).topk(k, dim=-1, sorted=False)
-        values = values.clamp_min(0)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, k: int, batch: bool = False
+                ) -> tuple[Tensor, Tensor]:
+        pre = F.linear(x, weight, bias)
+        if batch:
+            values, indices = batch_topk(pre.reshape(-1, pre.shape[-1]), k)
+            values, indices = values.reshape(*pre.shape[:-1], -1), indices.reshape(*pre.shape[:-1], -1)
+        else:
+            values, indices = pre.topk(k, dim=-1, sorted=False)
+            values = values.clamp_min(0)
         ctx.save_for_backward(x, weight, indices, values)
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(indices)
@@ -111,4 +138,4 @@ class SparseTopKLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device).index_add_(
                 0, rows.flatten(), grad.flatten())
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias, None, None
