@@ -54,7 +54,7 @@ def metric_name(key: str) -> tuple[str, str]:
 
 SETTINGS = {
     "known_dictionary": "known dictionary: the decoder holds the true atoms, frozen; only the encoder trained",
-    "unknown": "unknown codes and dictionary: encoder and decoder trained together, atoms renormalised each step",
+    "unknown": "unknown codes and dictionary: encoder and decoder trained together, atom directions renormalised each step",
     "known_codes": "known codes: the encoder trained on the true codes (per-latent cosine loss)",
 }
 
@@ -109,8 +109,15 @@ def _evaluation(metrics: dict[str, float] | None, dataset_name: str, probing: st
 
 
 def _limitations(model: Any, recipe: dict[str, Any] | None) -> str:
-    notes = ["Codes are measured against unit-norm atoms: latent i contributes `code_i * atom_i` to the "
-             "reconstruction. Checkpoints converted from other libraries carry their decoder norms in the codes."]
+    if model.dictionary.atom_norms is None:
+        scale = ("Codes are measured against unit-norm atoms: latent i contributes `code_i * atom_i` to the "
+                 "reconstruction.")
+    else:
+        scale = ("Each atom has a norm of its own (`dictionary.atom_norms`, "
+                 f"{'learned' if model.dictionary.norms_kind == 'learned' else 'fixed'}): latent i contributes "
+                 "`code_i * norm_i * direction_i` to the reconstruction, and metrics that match atoms to features "
+                 "compare the unit directions.")
+    notes = [scale + " Checkpoints converted from other libraries carry their decoder norms in the codes."]
     if ((recipe or {}).get("data") or {}).get("name") == "synthetic":
         notes.append("Trained and evaluated on the paper's synthetic generator; the figures describe that "
                      "generator, not activations of a real network.")
@@ -159,7 +166,9 @@ def model_card(model: Any, *, metrics: dict[str, float] | None = None,
         encoder_name=encoder.name, encoder_doc=doc[0] if doc else "",
         encoder_args=", ".join(f"`{k}={v!r}`" for k, v in args.items()) or "none",
         n_latents=dictionary.n_latents, d_model=dictionary.d_model,
-        dictionary_state="trained" if dictionary.trainable else "frozen",
+        dictionary_state=("trained" if dictionary.trainable else "frozen") + {
+            False: ", unit-norm atoms", True: ", atoms with fixed norms", "learned": ", unit directions with learned norms"
+        }[dictionary.norms_kind],
         dictionary_bias=", with a bias" if dictionary.bias is not None else "",
         decoder_source=_decoder_source(provenance), setting=model.setting,
         n_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
