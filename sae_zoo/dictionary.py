@@ -1,4 +1,5 @@
-"""The decoder: a dictionary of unit-norm atoms shared by every encoder head."""
+"""The decoder: a dictionary of atoms (unit directions, with norms of their own if asked) shared by every
+encoder head."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ class Dictionary(nn.Module):
     * ``True``: a fixed norm per atom (a buffer). Another library's decoder whose rows are not unit-norm
       keeps its own units, so a head loaded with it gives that library's codes exactly.
     * ``"learned"``: a trained norm per atom (a parameter, starting at 1): each latent's output scale
-      learns apart from its selection, which runs on the encoder's pre-activations. SAELens's SAEs
-      trained with ``rescale_acts_by_decoder_norm: false`` are this parametrisation, and recover the
-      true features of SynthSAEBench better than unit atoms do. L1-type penalties then weigh each code
-      by its atom's norm, so a latent cannot dodge the penalty by growing its atom.
+      learns apart from its selection, which runs on the encoder's pre-activations. It decodes as SAELens's
+      SAEs trained with ``rescale_acts_by_decoder_norm: false`` do (there each decoder row is free), and
+      recovers the true features of SynthSAEBench far better than unit atoms (see :attr:`norm_lr_scale`).
+      L1-type penalties then weigh each code by its atom's norm, so a latent cannot dodge the penalty by
+      growing its atom.
 
     :attr:`atoms` is the matrix a code multiplies (the directions scaled by the norms);
     :attr:`directions` are the unit rows, which the metrics that match atoms to features compare.
