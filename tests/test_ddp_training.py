@@ -26,8 +26,11 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
               "trainer": {"max_steps": 40, "accelerator": "cpu", "limit_val_batches": 0}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     for name, extra in (("one", []), ("two", ["trainer.devices=2", "trainer.strategy=ddp"])):
-        subprocess.run([*SAE_ZOO, "fit", "recipe.yaml", f"run_dir={name}", "--no-progress", *extra], cwd=tmp_path,
-                       check=True, timeout=600, capture_output=True)
+        done = subprocess.run([*SAE_ZOO, "fit", "recipe.yaml", f"run_dir={name}", "--no-progress", *extra],
+                              cwd=tmp_path, timeout=600, capture_output=True, text=True)
+        # on failure, say how and show what the run printed (a flake under load died with SIGKILL, silently)
+        assert done.returncode == 0, (f"the {name}-process run exited with {done.returncode}:\n"
+                                      f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
     assert (one["devices"], two["devices"]) == (1, 2) and one["steps"] == two["steps"] == 40
     for key, value in one["test"].items():
