@@ -86,8 +86,8 @@ def batch_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``ReLU`` of the ``k x samples`` largest of ``pre`` ``(samples, n_latents)`` over the whole batch, as
     ``(values, indices)`` of shape ``(samples, m)``: each sample's ``m`` largest pre-activations, the ones
     outside the batch's top ``k x samples`` set to 0. ``m`` starts at ``4k`` and doubles while some sample
-    keeps all of its ``m`` (it might keep more), so the kept set is exactly the batch-wide top-k's, found
-    without sorting all ``samples x n_latents`` values."""
+    keeps all of its ``m`` positive candidates (it might keep more), so the kept codes are exactly the
+    batch-wide top-k's, found without sorting all ``samples x n_latents`` values."""
     samples, n_latents = pre.shape
     budget, m = k * samples, min(n_latents, 4 * k)
     while True:
@@ -96,7 +96,8 @@ def batch_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
         kept = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, flat.topk(min(budget, flat.numel()),
                                                                              sorted=False).indices, True)
         kept = kept.reshape(samples, m)
-        if m == n_latents or not bool(kept[:, -1].any()):
+        # a sample whose smallest candidate is kept and positive might keep more (non-positive ones add nothing)
+        if m == n_latents or not bool((kept[:, -1] & (values[:, -1] > 0)).any()):
             return values.clamp_min(0) * kept, indices
         m = min(n_latents, 2 * m)
 
