@@ -41,6 +41,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         return 0
     cfg = load_recipe(args.recipe, args.overrides, quick=args.quick)
     run_dir, metrics = fit(cfg, recipe_name=Path(args.recipe).stem, progress=not args.no_progress)
+    if not metrics:  # another rank of a multi-device run: rank zero evaluates and reports. Failing here would
+        return 0     # end this process non-zero, and Lightning then kills rank zero mid-evaluation (SIGKILL)
     print(f"\nrun directory: {run_dir}")
     print_table([[k, f"{v:.4f}"] for k, v in metrics["test"].items()], ["test metric", "value"])
     return 0
