@@ -165,12 +165,11 @@ class Dictionary(nn.Module):
         group = torch.bucketize(flat_indices, flat_indices.new_tensor(widths), right=True)  # latent i: group of i
         key = (torch.arange(samples, device=values.device)[:, None] * groups + group).reshape(-1)
         order = key.argsort(stable=True)
-        offsets = torch.bincount(key, minlength=samples * groups).cumsum(0) - torch.bincount(
-            key, minlength=samples * groups)
-        weights = flat_values.reshape(-1)[order]
+        counts = torch.bincount(key, minlength=samples * groups)
+        atoms, weights = flat_indices.reshape(-1)[order], flat_values.reshape(-1)[order]
         if self.atom_norms is not None:
-            weights = weights * self.atom_norms[flat_indices.reshape(-1)[order]]
-        parts = F.embedding_bag(flat_indices.reshape(-1)[order], self.weight, offsets, mode="sum",
+            weights = weights * self.atom_norms[atoms]
+        parts = F.embedding_bag(atoms, self.weight, counts.cumsum(0) - counts, mode="sum",
                                 per_sample_weights=weights.to(self.weight.dtype))
         prefixes = parts.reshape(samples, groups, self.d_model).cumsum(1).reshape(*lead, groups, self.d_model)
         return prefixes if self.bias is None else prefixes + self.bias
