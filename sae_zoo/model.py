@@ -17,11 +17,12 @@ from .dictionary import Dictionary
 from .encoders import EncoderHead, SparseCodes, create_encoder
 from .metrics import SparseCodingMetrics
 from .objectives import (auxk_loss, check_matryoshka_widths, fired_latents, geometric_median, lr_factor,
-                         reconstruction_loss)
+                         reconstruction_loss, steps_or_fraction)
 from .pretrained import model_card
 from .pretrained.config import (CONFIG_NAME, WEIGHTS_NAME, build_dictionary, build_encoder, load_state, model_config,
                                 read_model_config, save_weights)
 from .pretrained.files import resolve_file
+from .sparsity import SparsityControl, calibrate_l0, start_at_l0
 
 
 class Reconstruction(NamedTuple):
@@ -73,6 +74,22 @@ def l1_penalty(codes: Tensor | SparseCodes, dictionary: Dictionary, nonnegative:
     return magnitudes.sum() / (values[..., 0].numel() * dictionary.n_latents)
 
 
+def training_sample(trainer: L.Trainer, d_model: int, wanted: int, why: str) -> Tensor:
+    """Up to ``wanted`` rows of the trainer's training data, rank zero's on every rank (a start from them must be
+    the same everywhere); ``why`` names what reads them, for the error when there are none."""
+    loader = trainer.train_dataloader  # set once fitting has started (on_train_start)
+    if loader is None:
+        raise ValueError(f"{why} reads training data, and the trainer has none")
+    samples = []
+    for batch in loader:
+        samples.append(unpack_batch(batch)[0].reshape(-1, d_model).float())
+        if sum(len(s) for s in samples) >= wanted:
+            break
+    if not samples:
+        raise ValueError(f"{why}: the training data is empty")
+    return trainer.strategy.broadcast(torch.cat(samples)[:wanted].to(trainer.strategy.root_device), src=0)
+
+
 class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", license="apache-2.0",
                   tags=["sparse-autoencoder", "sparse-coding", "interpretability"],
                   paper_url="https://arxiv.org/abs/2411.13117"):
@@ -98,8 +115,10 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     ``matryoshka_widths`` (every prefix of the latents reconstructs on its own, the losses summed),
     ``auxk_coeff``/``auxk_k``/``dead_tokens`` (AuxK on the latents that have not fired for
     ``dead_tokens`` tokens), ``resample_every`` (Anthropic's dead-latent resampling), ``target_l0``/
-    ``target_l0_rate`` (``coeff`` tuned until the batches' L0 averages the target),
-    ``sparsity_warmup_steps``, ``lr_warmup_steps``/``lr_decay_steps``, ``decoder_bias_init`` (the data's
+    ``target_l0_rate`` (``coeff`` tuned until the batches' L0 averages the target, the run started and ended
+    on it: :mod:`sae_zoo.sparsity`),
+    ``sparsity_warmup_steps``, ``lr_warmup_steps``/``lr_decay_steps`` (a number of steps, or for the
+    decay a fraction of the run, e.g. 0.2: the last 20%), ``decoder_bias_init`` (the data's
     ``mean`` or ``geometric_median``, from ``bias_init_samples`` training rows) and ``tied_init`` (the
     encoder starts as the decoder's transpose).
 
@@ -118,7 +137,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                  code_recovery: bool = True, matryoshka_widths: list[int] | None = None,
                  auxk_coeff: float = 0.0, auxk_k: int | None = None, dead_tokens: int = 10_000_000,
                  resample_every: int = 0, target_l0: float | None = None, target_l0_rate: float = 0.02,
-                 sparsity_warmup_steps: int = 0, lr_warmup_steps: int = 0, lr_decay_steps: int = 0,
+                 sparsity_warmup_steps: int = 0, lr_warmup_steps: int = 0, lr_decay_steps: int | float = 0,
                  decoder_bias_init: Literal["mean", "geometric_median"] | None = None,
                  bias_init_samples: int = 32768, tied_init: bool = False) -> None:
         super().__init__()
@@ -133,9 +152,6 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                             "target_l0": target_l0, "target_l0_rate": target_l0_rate}.items():
             if value is not None and not value > 0:
                 raise ValueError(f"SparseCoder needs {name} > 0, got {name}={value!r}")
-        if target_l0 is not None and not l1_coeff > 0:
-            raise ValueError("target_l0 tunes the sparsity coefficient multiplicatively, so it needs a starting "
-                             f"l1_coeff > 0, got l1_coeff={l1_coeff!r}")
         if decoder_bias_init not in (None, "mean", "geometric_median"):
             raise ValueError(f"decoder_bias_init must be 'mean', 'geometric_median' or None, got {decoder_bias_init!r}")
         encoder = create_encoder(**encoder) if isinstance(encoder, dict) else encoder
@@ -162,7 +178,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         training = {"matryoshka_widths": self.matryoshka_widths, "auxk_coeff": float(auxk_coeff), "auxk_k": auxk_k,
                     "dead_tokens": int(dead_tokens), "resample_every": int(resample_every), "target_l0": target_l0,
                     "target_l0_rate": float(target_l0_rate), "sparsity_warmup_steps": int(sparsity_warmup_steps),
-                    "lr_warmup_steps": int(lr_warmup_steps), "lr_decay_steps": int(lr_decay_steps),
+                    "lr_warmup_steps": int(lr_warmup_steps), "lr_decay_steps": steps_or_fraction(lr_decay_steps, "lr_decay_steps"),
                     "decoder_bias_init": decoder_bias_init, "bias_init_samples": int(bias_init_samples),
                     "tied_init": bool(tied_init)}
         self.training_options = training
@@ -171,8 +187,9 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                                    "l1_coeff": self.l1_coeff, "lr": self.lr, "supervised": self.supervised,
                                    "sparse_decode": self.sparse_decode, "code_recovery": self.code_recovery,
                                    **training})
-        # the coefficient the loss uses now (target_l0 tunes it); a tensor, so tuning costs no synchronisation
-        self.register_buffer("sparsity_coeff", torch.tensor(self.l1_coeff), persistent=False)
+        self.sparsity = SparsityControl(self.l1_coeff, target_l0, target_l0_rate, sparsity_warmup_steps)
+        #: after a run that targets an L0: the L0 the controller reached and the threshold shift that ends on it
+        self.l0_calibration: dict[str, float] | None = None
         # tokens since each latent last fired, for AuxK and resampling ("dead": at least dead_tokens)
         tracks = auxk_coeff > 0 or resample_every > 0
         self.register_buffer("tokens_since_fired", torch.zeros(dictionary.n_latents) if tracks else None,
@@ -232,7 +249,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         losses = {"mse": mse, "sparsity": sparsity}
         if measure_l0:
             losses["l0"] = (values.detach() != 0).sum(-1).float().mean()
-        loss = mse + self._coefficient() * sparsity
+        loss = mse + self.sparsity.value(self.global_step if self._trainer is not None else None) * sparsity
         if out.aux_loss is not None:
             losses["aux"] = out.aux_loss
             loss = loss + out.aux_loss
@@ -246,31 +263,17 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             loss = loss + self.training_options["auxk_coeff"] * losses["auxk"]
         return {"loss": loss, **losses}
 
-    def _coefficient(self) -> Tensor:
-        """The sparsity coefficient now: tuned towards ``target_l0``, ramped up over ``sparsity_warmup_steps``."""
-        warmup = self.training_options["sparsity_warmup_steps"]
-        if warmup and self._trainer is not None and self.global_step < warmup:
-            return self.sparsity_coeff * ((self.global_step + 1) / warmup)
-        return self.sparsity_coeff.clone()  # target_l0 tunes the buffer in place before the backward pass
-
-    @torch.no_grad()
-    def _tune_towards_target_l0(self, l0: Tensor) -> None:
-        """Multiply the coefficient by ``exp(rate * (L0 - target) / target)`` (the ratio clipped to +-1):
-        an integral controller that settles where the batches' L0 averages ``target_l0``."""
-        target, rate = self.training_options["target_l0"], self.training_options["target_l0_rate"]
-        self.sparsity_coeff.mul_(torch.exp(rate * ((l0 - target) / target).clamp(-1, 1)))
-
     def tuned_losses(self, batch: Batch, measure_l0: bool = False) -> dict[str, Tensor]:
         """:meth:`training_losses` of a training step, after which the sparsity coefficient takes one step
         towards ``target_l0`` (when the model has one; the batch's L0 is then always measured)."""
-        targets_l0 = self.training_options["target_l0"] is not None
+        targets_l0 = self.sparsity.targets_l0
         losses = self.training_losses(batch, measure_l0=measure_l0 or targets_l0)
         if targets_l0 and "l0" in losses:
-            self._tune_towards_target_l0(losses["l0"])
+            self.sparsity.update(losses["l0"])
         return losses
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        logging, targets_l0 = self._logging_step(), self.training_options["target_l0"] is not None
+        logging, targets_l0 = self._logging_step(), self.sparsity.targets_l0
         losses = self.tuned_losses(batch, measure_l0=logging)
         if logging:  # the values are read for the log anyway, so checking them costs no extra sync
             if not torch.isfinite(losses["loss"]):
@@ -281,7 +284,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                 dead = (self.tokens_since_fired >= self.training_options["dead_tokens"]).float().mean()
                 self.log("train/dead_fraction", dead)
             if targets_l0:
-                self.log("train/sparsity_coeff", self.sparsity_coeff)
+                self.log("train/sparsity_coeff", self.sparsity.coeff)
             self.log("loss", losses["loss"], prog_bar=True, logger=False)
         return losses["loss"]
 
@@ -331,29 +334,43 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.tokens_since_fired[dead] = 0
         return dead.numel()
 
-    def on_fit_start(self) -> None:
+    def on_train_start(self) -> None:
+        """A fresh run (not a resumed one) reads ``bias_init_samples`` training rows when it sets the decoder
+        bias from the data (``decoder_bias_init``) or targets an L0 (:meth:`start_training`)."""
         how = self.training_options["decoder_bias_init"]
-        if how is not None and self.global_step == 0:  # not when resuming
-            datamodule = self.trainer.datamodule
-            if datamodule is None:
-                raise ValueError(f"decoder_bias_init={how!r} reads training data: fit with a datamodule")
-            samples, wanted = [], self.training_options["bias_init_samples"]
-            for batch in datamodule.train_dataloader():
-                samples.append(unpack_batch(batch)[0].reshape(-1, self.dictionary.d_model).float())
-                if sum(len(s) for s in samples) >= wanted:
-                    break
-            if not samples:
-                raise ValueError(f"decoder_bias_init={how!r}: the training data is empty")
-            points = torch.cat(samples)[:wanted]
-            centre = points.mean(0) if how == "mean" else geometric_median(points)
-            centre = self.trainer.strategy.broadcast(centre.to(self.device), src=0)
+        if self.global_step or (how is None and not self.sparsity.targets_l0):
+            return
+        why = f"decoder_bias_init={how!r}" if how is not None else f"target_l0={self.sparsity.target_l0}"
+        points = training_sample(self.trainer, self.dictionary.d_model, self.training_options["bias_init_samples"], why)
+        if how is not None:
             with torch.no_grad():
-                self.dictionary.bias.copy_(centre)
+                self.dictionary.bias.copy_(points.mean(0) if how == "mean" else geometric_median(points))
+        self.start_training(points)
 
     def on_train_end(self) -> None:
-        # the coefficient target_l0 settled on is the model's l1_coeff from now on (config.json, the card)
-        if self.training_options["target_l0"] is not None:
-            self.l1_coeff = self.hparams["l1_coeff"] = float(self.sparsity_coeff)
+        if self.sparsity.targets_l0:
+            points = training_sample(self.trainer, self.dictionary.d_model, self.training_options["bias_init_samples"],
+                                     f"target_l0={self.sparsity.target_l0}")
+            self.finish_training(points)
+
+    def start_training(self, points: Tensor) -> None:
+        """Before the first step of a run that targets an L0: the head starts near the target on training rows
+        ``points`` (:func:`sae_zoo.sparsity.start_at_l0`), so that the controller starts near where it settles."""
+        if self.sparsity.targets_l0:
+            start_at_l0(self.encoder, points.to(self.dictionary.weight.dtype), self.dictionary, self.sparsity.target_l0)
+
+    def finish_training(self, points: Tensor) -> None:
+        """After a run that targets an L0: the coefficient it settled on becomes the model's ``l1_coeff``
+        (config.json, the card), and one shift of the head's thresholds lands the L0 of training rows ``points``
+        on the target (:func:`sae_zoo.sparsity.calibrate_l0`; recorded in ``l0_calibration``)."""
+        if not self.sparsity.targets_l0:
+            return
+        self.l1_coeff = self.hparams["l1_coeff"] = float(self.sparsity.coeff)
+        was_training = self.encoder.training
+        self.encoder.eval()
+        self.l0_calibration = calibrate_l0(self.encoder, points.to(self.dictionary.weight.dtype), self.dictionary,
+                                           self.sparsity.target_l0)
+        self.encoder.train(was_training)
 
     def update_metrics(self, metrics: SparseCodingMetrics, batch: Batch) -> None:
         """Add one held-out batch to ``metrics`` (the one way every evaluation scores a model)."""
@@ -400,13 +417,14 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["decoder_provenance"] = self.dictionary.provenance
-        checkpoint["sparsity_coeff"] = float(self.sparsity_coeff)
+        checkpoint["sparsity_coeff"] = float(self.sparsity.coeff)
+        checkpoint["sparsity_integral"] = float(self.sparsity.integral)
         if self.tokens_since_fired is not None:
             checkpoint["tokens_since_fired"] = self.tokens_since_fired.cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.dictionary.provenance = dict(checkpoint.get("decoder_provenance") or {})
-        self.sparsity_coeff.fill_(checkpoint.get("sparsity_coeff", self.l1_coeff))
+        self.sparsity.restore(checkpoint.get("sparsity_coeff", self.l1_coeff), checkpoint.get("sparsity_integral"))
         if self.tokens_since_fired is not None and "tokens_since_fired" in checkpoint:
             self.tokens_since_fired.copy_(checkpoint["tokens_since_fired"])
 
@@ -427,6 +445,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         total = self.trainer.estimated_stepping_batches
         if decay and not 0 < total < float("inf"):
             raise ValueError("lr_decay_steps needs a known number of training steps: set trainer.max_steps")
+        if isinstance(decay, float):  # a fraction of the run
+            decay = round(decay * total)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, int(total), warmup, decay))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

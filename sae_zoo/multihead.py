@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .data.base import Batch
-from .model import SparseCoder
+from .model import SparseCoder, training_sample
 
 #: training options a bank does not reproduce (they need a model's own trainer): train such a model alone
 SOLO_OPTIONS = ("resample_every", "lr_warmup_steps", "lr_decay_steps", "sparsity_warmup_steps", "decoder_bias_init")
@@ -62,9 +62,23 @@ class HeadBank(L.LightningModule):
         for model in self.models:
             model.on_train_batch_end(outputs, batch, batch_idx)
 
+    def on_train_start(self) -> None:
+        self._each_on_training_rows("start_training")
+
     def on_train_end(self) -> None:
-        for model in self.models:
-            model.on_train_end()
+        self._each_on_training_rows("finish_training")
+
+    def _each_on_training_rows(self, method: str) -> None:
+        """Models that target an L0 start and end on training rows (``SparseCoder.start_training`` and
+        ``finish_training``); one read of the data serves them all."""
+        targeting = [m for m in self.models if m.sparsity.targets_l0]
+        if targeting and not (method == "start_training" and self.global_step):
+            first = targeting[0]
+            points = training_sample(self.trainer, first.dictionary.d_model,
+                                     max(m.training_options["bias_init_samples"] for m in targeting),
+                                     f"target_l0={first.sparsity.target_l0}")
+            for model in targeting:
+                getattr(model, method)(points[:model.training_options["bias_init_samples"]])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """One Adam with a parameter group per model, at that model's learning rate."""

@@ -529,10 +529,14 @@ def evaluate_run(model: SparseCoder, datamodule: SparseCodingData,
 
 def run_record(cfg: DictConfig, datamodule: SparseCodingData, model: SparseCoder, test: dict[str, Any], *,
                encoder: str, steps: int, train_seconds: float, devices: int) -> dict[str, Any]:
-    """A run's ``metrics.json``: what ran, how long it trained, its inference FLOPs and its held-out figures."""
-    return {"setting": cfg.setting, "encoder": encoder, "seed": cfg.seed, "data_seed": datamodule.hparams.get("seed"),
-            "steps": steps, "train_seconds": round(train_seconds, 3), "devices": devices,
-            "inference_flops": flops.inference_flops(model.encoder), "test": dict(sorted(test.items()))}
+    """A run's ``metrics.json``: what ran, how long it trained, its inference FLOPs and its held-out figures
+    (and, for a run that targets an L0, ``l0_calibration``: the L0 training reached and the final shift)."""
+    record = {"setting": cfg.setting, "encoder": encoder, "seed": cfg.seed, "data_seed": datamodule.hparams.get("seed"),
+              "steps": steps, "train_seconds": round(train_seconds, 3), "devices": devices,
+              "inference_flops": flops.inference_flops(model.encoder), "test": dict(sorted(test.items()))}
+    if getattr(model, "l0_calibration", None):
+        record["l0_calibration"] = model.l0_calibration
+    return record
 
 
 def _save_untrained_checkpoint(model: SparseCoder, path: Path) -> None:

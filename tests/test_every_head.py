@@ -90,3 +90,27 @@ def test_a_head_must_implement_forward_and_encode_flops():
 
     with pytest.raises(TypeError, match="abstract method.*encode_flops"):
         NoFlops(d_model=2, n_latents=3)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_a_head_with_firing_thresholds_starts_and_ends_on_a_target_l0(name):
+    """start_at_l0 puts the codes at the head's start (a multiple of the target), calibrate_l0 on the target;
+    a head without thresholds (top-k, iterative solvers) says so and is left alone."""
+    from sae_zoo.sparsity import calibrate_l0, start_at_l0
+
+    head = example(name).eval()
+    _, x, atoms = generate_sparse_data(4096, N_LATENTS, D_MODEL, 3, seed=4)
+    dictionary = Dictionary.from_tensor(atoms, bias=torch.full((D_MODEL,), 0.1))
+    if head.firing_margins(x, dictionary) is None:
+        before = {k: v.clone() for k, v in head.state_dict().items()}
+        assert not start_at_l0(head, x, dictionary, 3.0) and calibrate_l0(head, x, dictionary, 3.0) is None
+        assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
+        return
+    with torch.no_grad():
+        assert start_at_l0(head, x, dictionary, 2.0)
+        started = float((head(x, dictionary) != 0).sum(-1).float().mean())
+        assert started == pytest.approx(2.0 * head.l0_start_factor, rel=0.02)
+        report = calibrate_l0(head, x, dictionary, 3.0)
+        ended = float((head(x, dictionary) != 0).sum(-1).float().mean())
+    assert ended == pytest.approx(3.0, rel=0.02) and report["l0_after"] == pytest.approx(ended, rel=1e-6)
+    assert report["l0_before"] == pytest.approx(started, rel=1e-6)

@@ -71,6 +71,9 @@ class EncoderHead(nn.Module, metaclass=ABCMeta):
     #: Whether every code is >= 0 (a ReLU head): the L1 penalty is then the plain mean of the codes,
     #: which saves an ``abs`` and its backward over the whole (batch x n_latents) tensor.
     nonnegative_codes: ClassVar[bool] = False
+    #: Where a run that targets an L0 starts a head with firing thresholds: at this multiple of the target
+    #: (see :mod:`sae_zoo.sparsity`).
+    l0_start_factor: ClassVar[float] = 1.0
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "EncoderHead":
         self = super().__new__(cls)
@@ -127,6 +130,16 @@ class EncoderHead(nn.Module, metaclass=ABCMeta):
     def _no_linear_map(self, what: str) -> str:
         return (f"the {self.name or type(self).__name__} head has no linear pre-activations, which {what} needs "
                 "(heads built on one linear map have them: linear, topk, batchtopk, jumprelu)")
+
+    def firing_margins(self, x: Tensor, dictionary: nn.Module | None) -> Tensor | None:
+        """``(..., n_latents)``: how far above its firing threshold each latent's pre-activation is (a latent
+        fires where its margin is > 0), for heads whose L0 a threshold or penalty sets; None otherwise. With
+        :meth:`shift_thresholds`, a run that targets an L0 starts and ends on it (:mod:`sae_zoo.sparsity`)."""
+        return None
+
+    def shift_thresholds(self, delta: Tensor) -> None:
+        """Raise the firing thresholds by ``delta`` (one value, or one per latent): margins drop by ``delta``."""
+        raise NotImplementedError(f"the {self.name or type(self).__name__} head has no firing thresholds to shift")
 
     @property
     def forced_l0(self) -> int | None:

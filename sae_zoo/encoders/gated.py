@@ -53,6 +53,15 @@ class GatedEncoder(EncoderHead):
         return TrainingCodes((gate > 0) * magnitude.relu(), sparsity=sparsity,
                              aux_loss=F.mse_loss(via_gate, x.to(via_gate.dtype)))
 
+    def firing_margins(self, x: Tensor, dictionary: nn.Module | None) -> Tensor | None:
+        # the gate decides which latents fire, among those whose magnitude is positive (the others, below any gate)
+        gate, magnitude = self._paths(x, dictionary)
+        return torch.where(magnitude > 0, gate, gate.detach().min() - 1)
+
+    @torch.no_grad()
+    def shift_thresholds(self, delta: Tensor) -> None:
+        self.b_gate.sub_(delta)
+
     def encode_flops(self) -> tuple[float, float]:
         # one product; gate bias and comparison, magnitude scale, bias and ReLU, the product of both (2N + 4N)
         return 2 * self.d_model * self.n_latents, 6 * self.n_latents + self.subtract_decoder_bias * self.d_model

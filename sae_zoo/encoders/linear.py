@@ -56,6 +56,13 @@ class LinearEncoder(LinearPreActivations, EncoderHead):
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
         return F.relu(self.linear_map(x, dictionary))
 
+    def firing_margins(self, x: Tensor, dictionary: nn.Module | None) -> Tensor | None:
+        return None if self.linear.bias is None else self.linear_map(x, dictionary)
+
+    @torch.no_grad()
+    def shift_thresholds(self, delta: Tensor) -> None:
+        self.linear.bias.sub_(delta)
+
     def encode_flops(self) -> tuple[float, float]:
         return 2 * self.d_model * self.n_latents, self.n_latents + self.subtract_decoder_bias * self.d_model
 

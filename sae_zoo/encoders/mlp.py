@@ -78,6 +78,16 @@ class ResidualMLPEncoder(LinearPreActivations, EncoderHead):
             return z.relu() * (z > self.threshold)
         return keep_topk(z.relu(), self.k)
 
+    def firing_margins(self, x: Tensor, dictionary: nn.Module | None) -> Tensor | None:
+        if self.k is not None or self.threshold is not None:
+            return None  # top-k keeps k; a JumpReLU SAE's thresholds are fixed
+        x = self.centre(self.check_input(x, dictionary), dictionary)
+        return self.linear(x) + self.correction(x)
+
+    @torch.no_grad()
+    def shift_thresholds(self, delta: Tensor) -> None:
+        self.linear.bias.sub_(delta)
+
     @property
     def forced_l0(self) -> int | None:
         return self.k
