@@ -299,6 +299,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             self.dictionary.normalize_()
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        total = self.trainer.estimated_stepping_batches
+        self.encoder.on_train_progress(self.global_step / total if 0 < total < float("inf") else None)
         every = self.training_options["resample_every"]
         if every and self.global_step and self.global_step % every == 0:
             self.resample_dead_latents(unpack_batch(batch)[0])

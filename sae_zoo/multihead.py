@@ -58,6 +58,11 @@ class HeadBank(L.LightningModule):
             total = total + losses["loss"]
         return total
 
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        total = self.trainer.estimated_stepping_batches
+        for model in self.models:
+            model.encoder.on_train_progress(self.global_step / total if 0 < total < float("inf") else None)
+
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         for model in self.models:
             model.on_train_batch_end(outputs, batch, batch_idx)

@@ -268,3 +268,30 @@ def test_jumprelu_straight_through_gradients_are_saelens():
         - (kernel / bandwidth * grad_l0 / z.numel()).sum(0)
     torch.testing.assert_close(threshold.grad, expected)
     torch.testing.assert_close(z.grad, (z > threshold).float() * grad_codes)
+
+
+@pytest.mark.parametrize("head", ["topk", "batchtopk"])
+def test_k_anneal_trains_denser_first_and_ends_at_k(head):
+    torch.manual_seed(0)
+    dm = SyntheticSparseDataModule(n_latents=32, d_model=16, k=4, n_train=1024, n_test=512, batch_size=64,
+                                   steps_per_epoch=40)
+    encoder = create_encoder(head, d_model=16, n_latents=32, k=3, k_anneal=4.0, k_anneal_fraction=0.5)
+    model = SparseCoder(encoder, Dictionary(32, 16), l1_coeff=0.0, lr=3e-3)
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.append((module.encoder.training_k, float(module.training_losses(batch)["l0"])))
+
+    L.Trainer(max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", callbacks=[Record()]).fit(model, dm)
+    ks = [k for k, _ in seen]
+    assert ks[0] == 12 and ks[10] == 8 and ks[20:] == [3] * 20  # 4k, down linearly over the first half (7.5 at 10), then k
+    assert all(a >= b for a, b in zip(ks, ks[1:]))
+    # (top-k's ReLU drops a non-positive value among the k largest now and then)
+    assert seen[0][1] == pytest.approx(12, rel=0.05) and seen[-1][1] == pytest.approx(3, rel=0.05)
+    model.eval()
+    # inference keeps k (BatchTopK: about k, through a threshold estimated once training reached k)
+    assert float((model.encode(dm.test_x[:256]) != 0).sum(-1).float().mean()) == pytest.approx(3, rel=0.3)
+    with pytest.raises(ValueError, match=r"k_anneal >= 1 .* got k_anneal=0.5"):
+        create_encoder(head, d_model=16, n_latents=32, k=3, k_anneal=0.5)

@@ -11,11 +11,11 @@ from .base import EncoderHead, SparseCodes, TrainingCodes
 from .interop import ForeignSAE
 from .linear import LinearPreActivations, linear_export, load_linear
 from .registry import register_encoder
-from .topk import FIELD_SAE_DEFAULTS, SparseTopKLinear, require_k
+from .topk import FIELD_SAE_DEFAULTS, AnnealedK, SparseTopKLinear, require_k
 
 
 @register_encoder("batchtopk")
-class BatchTopKEncoder(LinearPreActivations, EncoderHead):
+class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
     """In training, ``ReLU(W x + b)`` keeps the ``k x batch`` largest values of the whole batch, so
     samples share a budget of ``k`` latents on average. Like SAELens and dictionary_learning, it keeps a
     running estimate of the smallest kept value (``threshold``, an exponential moving average with rate
@@ -24,6 +24,7 @@ class BatchTopKEncoder(LinearPreActivations, EncoderHead):
 
     Reproduces dictionary_learning's ``BatchTopKSAE`` and ``MatryoshkaBatchTopKSAE``, whose inference is
     that threshold (SAELens saves its BatchTopK SAEs as ``jumprelu`` ones, which the jumprelu head loads).
+    ``k_anneal`` starts training at a larger k (:class:`~sae_zoo.encoders.topk.AnnealedK`).
     """
 
     nonnegative_codes = True
@@ -32,12 +33,13 @@ class BatchTopKEncoder(LinearPreActivations, EncoderHead):
     learned_dictionary_defaults = FIELD_SAE_DEFAULTS
 
     def __init__(self, d_model: int, n_latents: int, k: int, threshold_lr: float = 0.01,
-                 subtract_decoder_bias: bool = False) -> None:
+                 subtract_decoder_bias: bool = False, k_anneal: float = 1.0, k_anneal_fraction: float = 0.5) -> None:
         super().__init__(d_model, n_latents)
         require_k("batchtopk", k, n_latents)
         if not 0 < threshold_lr <= 1:
             raise ValueError(f"batchtopk needs 0 < threshold_lr <= 1, got threshold_lr={threshold_lr!r}")
         self.k, self.threshold_lr = int(k), float(threshold_lr)
+        self.init_annealing(k_anneal, k_anneal_fraction)
         self.subtract_decoder_bias = bool(subtract_decoder_bias)
         self.linear = nn.Linear(d_model, n_latents)
         #: the running smallest kept activation; negative until the first training batch sets it
@@ -53,19 +55,22 @@ class BatchTopKEncoder(LinearPreActivations, EncoderHead):
         if sparse:  # the same codes, as each sample's non-zero values (zero-padded to a common width)
             x = self.check_input(x, dictionary)
             codes = SparseCodes(*SparseTopKLinear.apply(self.centre(x, dictionary), self.linear.weight,
-                                                        self.linear.bias, self.k, True))
+                                                        self.linear.bias, self.training_k, True))
             self._update_threshold(codes.values.detach().reshape(-1))
             return TrainingCodes(codes)
         acts = self.linear_map(x, dictionary).relu()
         flat = acts.reshape(-1)
-        kept = flat.topk(self.k * (flat.numel() // self.n_latents), sorted=False)  # k <= n_latents: never too many
+        kept = flat.topk(self.training_k * (flat.numel() // self.n_latents), sorted=False)  # k <= n_latents
         codes = torch.zeros_like(flat).scatter(0, kept.indices, kept.values).reshape(acts.shape)
         self._update_threshold(kept.values.detach())
         return TrainingCodes(codes)
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:
-        # on the device, without a synchronisation: a batch with no positive value leaves it unchanged
+        # on the device, without a synchronisation: a batch with no positive value leaves it unchanged; while k
+        # is annealed down the kept values are not k's, so the estimate starts when training reaches k
+        if self.training_k != self.k:
+            return
         kept = kept.to(self.threshold.dtype)
         smallest = torch.where(kept > 0, kept, torch.inf).min() if kept.numel() else kept.new_tensor(torch.inf)
         moved = torch.where(self.threshold < 0, smallest, torch.lerp(self.threshold, smallest, self.threshold_lr))

@@ -30,11 +30,35 @@ def require_k(head: str, k: int, n_latents: int) -> None:
         raise ValueError(f"{head} needs k <= n_latents ({n_latents}), got k={k}")
 
 
+class AnnealedK:
+    """``k_anneal``: training starts with ``k_anneal`` times ``k`` active latents per sample (at most
+    ``n_latents``) and comes down linearly to ``k`` over the first ``k_anneal_fraction`` of the steps; the
+    rest of training, and inference, keep ``k``. Denser early steps give every latent gradient while the
+    dictionary takes shape. ``training_k`` is the k of the current step."""
+
+    def init_annealing(self, k_anneal: float, k_anneal_fraction: float) -> None:
+        if not k_anneal >= 1 or not 0 < k_anneal_fraction <= 1:
+            raise ValueError(f"{self.name} needs k_anneal >= 1 and 0 < k_anneal_fraction <= 1, got "
+                             f"k_anneal={k_anneal!r}, k_anneal_fraction={k_anneal_fraction!r}")
+        self.k_anneal, self.k_anneal_fraction = float(k_anneal), float(k_anneal_fraction)
+        self.training_k = self.k
+
+    def on_train_progress(self, progress: float | None) -> None:
+        if self.k_anneal == 1:
+            return
+        if progress is None:
+            raise ValueError(f"{self.name} anneals k over the run (k_anneal={self.k_anneal}), which needs a known "
+                             "number of training steps: set trainer.max_steps")
+        left = max(0.0, 1 - progress / self.k_anneal_fraction)
+        self.training_k = min(self.n_latents, round(self.k * (1 + (self.k_anneal - 1) * left)))
+
+
 @register_encoder("topk")
-class TopKEncoder(LinearPreActivations, EncoderHead):
+class TopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
     """``codes = ReLU(TopK_k(W x + b))``: every other latent is set to zero.
 
     ``subtract_decoder_bias=True`` encodes ``x - b_dec``, as SAELens, sparsify and dictionary_learning do.
+    ``k_anneal`` starts training at a larger k (:class:`AnnealedK`).
     Reproduces SAELens's ``topk`` SAE (and sparsify's and dictionary_learning's top-k SAEs).
     """
 
@@ -44,10 +68,11 @@ class TopKEncoder(LinearPreActivations, EncoderHead):
     learned_dictionary_defaults = FIELD_SAE_DEFAULTS
 
     def __init__(self, d_model: int, n_latents: int, k: int, bias: bool = True,
-                 subtract_decoder_bias: bool = False) -> None:
+                 subtract_decoder_bias: bool = False, k_anneal: float = 1.0, k_anneal_fraction: float = 0.5) -> None:
         super().__init__(d_model, n_latents)
         require_k("topk", k, n_latents)
         self.k = int(k)
+        self.init_annealing(k_anneal, k_anneal_fraction)
         self.subtract_decoder_bias = bool(subtract_decoder_bias)
         self.linear = nn.Linear(d_model, n_latents, bias=bias)
 
@@ -58,7 +83,7 @@ class TopKEncoder(LinearPreActivations, EncoderHead):
     def sparse_forward(self, x: Tensor, dictionary: nn.Module | None = None) -> SparseCodes:
         x = self.check_input(x, dictionary)
         return SparseCodes(*SparseTopKLinear.apply(self.centre(x, dictionary), self.linear.weight, self.linear.bias,
-                                                   self.k))
+                                                   self.training_k if self.training else self.k))
 
     @property
     def forced_l0(self) -> int | None:
