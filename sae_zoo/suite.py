@@ -43,7 +43,8 @@ RUN_REFERENCE = "run:"
 COLUMNS = [("latent_f1", "F1", "{:.3f}"), ("dictionary_mcc", "MCC (decoder)", "{:.3f}"),
            ("uniqueness", "unique", "{:.3f}"),
            ("ve", "VE", "{:.3f}"), ("fvu", "FVU", "{:.4f}"), ("fvu_with_outliers", "FVU, all tokens", "{:.4f}"),
-           ("l0", "L0", "{:.1f}"), ("dead_latents", "dead", "{:.3f}"), ("ce_loss_recovered", "CE recovered", "{:.3f}"),
+           ("l0", "L0", "{:.1f}"), ("l0_controller", "L0 before the final shift", "{:.1f}"),
+           ("dead_latents", "dead", "{:.3f}"), ("ce_loss_recovered", "CE recovered", "{:.3f}"),
            ("ce_spliced", "CE spliced", "{:.3f}"), ("mcc", "MCC (codes)", "{:.3f}"),
            ("probe_k1", "probe k=1", "{:.3f}"), ("probe_k5", "probe k=5", "{:.3f}"),
            ("probe_k20", "probe k=20", "{:.3f}"),
@@ -100,6 +101,8 @@ def run_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, 
         test = dict(metrics["test"])
         if "latent_f1" in test:  # variance explained, as SynthSAEBench reports it
             test["ve"] = 1 - test["fvu"]
+        if metrics.get("l0_calibration"):  # a target_l0 run: where its controller got before the final shift
+            test["l0_controller"] = metrics["l0_calibration"]["l0_before"]
         rows.append({"name": spec["name"], "label": label, "run_dir": str(run_dir), "seed": cfg.seed,
                      "steps": metrics["steps"], "train_seconds": metrics["train_seconds"], "train_tokens_per_s": speed,
                      "inference_flops": metrics.get("inference_flops"), "peer": "saelens" in spec, **test})

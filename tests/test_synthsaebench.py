@@ -181,14 +181,17 @@ def test_a_suite_over_seeds_with_saelens_beside_ours(tmp_path):
                       {"name": "iht", "label": "IHT on SAELens's",
                        "recipe": {"setting": "known_dictionary", "dictionary": {"pretrained": "run:theirs/saelens"},
                                   "encoder": {"name": "iht", "steps": 5,
-                                              "warm_start": {"pretrained": "run:theirs/saelens"}}}}]}
+                                              "warm_start": {"pretrained": "run:theirs/saelens"}}}},
+                      {"name": "l1", "label": "L1 SAE, target L0 1.5",
+                       "recipe": {"encoder": {"name": "linear", "subtract_decoder_bias": True},
+                                  "model": {"l1_coeff": 1.0, "target_l0": 1.5}}}]}
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
     out, rows = run_suite(path, out_dir=tmp_path / "out", progress=False)
     with open(out / "comparison_seeds.csv") as f:
         per_seed = list(csv.DictReader(f))
     assert [(r["name"], r["seed"]) for r in per_seed] == [(name, seed) for seed in "12"
-                                                         for name in ("topk", "fista", "theirs", "iht")]
+                                                         for name in ("topk", "fista", "theirs", "iht", "l1")]
     fista_seed2 = yaml.safe_load((out / "fista" / "seed2" / "config.yaml").read_text())
     assert fista_seed2["dictionary"]["pretrained"] == str(out / "topk" / "seed2")  # run:NAME: the same seed's run
     iht_seed1 = yaml.safe_load((out / "iht" / "seed1" / "config.yaml").read_text())
@@ -201,14 +204,17 @@ def test_a_suite_over_seeds_with_saelens_beside_ours(tmp_path):
     assert by_name["theirs"]["peer"] and not by_name["topk"]["peer"]
     assert by_name["topk"]["curve"] == "top-k" and "curve" not in by_name["theirs"]
     assert by_name["theirs"]["ve"] == pytest.approx(1 - by_name["theirs"]["fvu"])
+    assert by_name["l1"]["l0"] == pytest.approx(1.5, rel=0.15) and "l0_controller" in by_name["l1"]
+    assert "l0_controller" not in by_name["topk"]  # only a run that targets an L0 has one
     report = (out / "report.md").read_text()
     assert "| top-k " in report and "published f1" in report and "SAELens BatchTopK" in report
+    assert "L0 before the final shift" in (out / "comparison.md").read_text()
     assert (out / "comparison.png").stat().st_size > 10_000
     if abs(by_name["topk"]["l0"] - by_name["theirs"]["l0"]) <= 0.1 * by_name["theirs"]["l0"]:
         assert "Ratio, ours / SAELens's: F1" in report
 
 
-@pytest.mark.parametrize("recipe", ["cpu2k.yaml", "cpu3k.yaml", "bench16k.yaml"])
+@pytest.mark.parametrize("recipe", ["cpu2k.yaml", "cpu3k.yaml", "cpu2k_l0_sweep.yaml", "bench16k.yaml"])
 @pytest.mark.parametrize("quick", [False, True])
 def test_the_synthsaebench_suites_check_out(recipe, quick, tmp_path):
     """Every run of the shipped suites (and their quick presets) resolves and passes the recipe checks, run:NAME
