@@ -178,7 +178,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         training = {"matryoshka_widths": self.matryoshka_widths, "auxk_coeff": float(auxk_coeff), "auxk_k": auxk_k,
                     "dead_tokens": int(dead_tokens), "resample_every": int(resample_every), "target_l0": target_l0,
                     "target_l0_rate": float(target_l0_rate), "sparsity_warmup_steps": int(sparsity_warmup_steps),
-                    "lr_warmup_steps": int(lr_warmup_steps), "lr_decay_steps": steps_or_fraction(lr_decay_steps, "lr_decay_steps"),
+                    "lr_warmup_steps": int(lr_warmup_steps),
+                    "lr_decay_steps": steps_or_fraction(lr_decay_steps, "lr_decay_steps"),
                     "decoder_bias_init": decoder_bias_init, "bias_init_samples": int(bias_init_samples),
                     "tied_init": bool(tied_init)}
         self.training_options = training

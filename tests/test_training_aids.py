@@ -295,3 +295,23 @@ def test_k_anneal_trains_denser_first_and_ends_at_k(head):
     assert float((model.encode(dm.test_x[:256]) != 0).sum(-1).float().mean()) == pytest.approx(3, rel=0.3)
     with pytest.raises(ValueError, match=r"k_anneal >= 1 .* got k_anneal=0.5"):
         create_encoder(head, d_model=16, n_latents=32, k=3, k_anneal=0.5)
+
+
+def test_lr_decay_steps_may_be_a_fraction_of_the_run():
+    torch.manual_seed(0)
+    dm = SyntheticSparseDataModule(n_latents=8, d_model=4, n_train=64, n_test=32, batch_size=16, steps_per_epoch=20)
+    model = SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), lr=1e-2, lr_decay_steps=0.25)
+    rates = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    L.Trainer(max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", callbacks=[Record()]).fit(model, dm)
+    assert rates[:16] == pytest.approx([1e-2] * 16) and rates[16:] == pytest.approx([8e-3, 6e-3, 4e-3, 2e-3])
+    assert model.hparams["lr_decay_steps"] == 0.25
+    for bad, reason in ((1.5, " >= 1 counts steps, so it must be a whole number"), (-1, " >= 0, got lr_decay_steps="),
+                        (True, " must be a number of steps >= 0 or a fraction of the run in \\(0, 1\\), ")):
+        with pytest.raises(ValueError, match=rf"lr_decay_steps{reason}.*{bad!r}"):
+            SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), lr_decay_steps=bad)
