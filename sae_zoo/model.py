@@ -90,6 +90,12 @@ def training_sample(trainer: L.Trainer, d_model: int, wanted: int, why: str) -> 
     return trainer.strategy.broadcast(torch.cat(samples)[:wanted].to(trainer.strategy.root_device), src=0)
 
 
+def training_progress(trainer: L.Trainer) -> float | None:
+    """The run's progress: steps done over all its steps (None where its length is unknown)."""
+    total = trainer.estimated_stepping_batches
+    return trainer.global_step / total if 0 < total < float("inf") else None
+
+
 class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", license="apache-2.0",
                   tags=["sparse-autoencoder", "sparse-coding", "interpretability"],
                   paper_url="https://arxiv.org/abs/2411.13117"):
@@ -300,8 +306,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             self.dictionary.normalize_()
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
-        total = self.trainer.estimated_stepping_batches
-        self.encoder.on_train_progress(self.global_step / total if 0 < total < float("inf") else None)
+        self.encoder.on_train_progress(training_progress(self.trainer))
         every = self.training_options["resample_every"]
         if every and self.global_step and self.global_step % every == 0:
             self.resample_dead_latents(unpack_batch(batch)[0])

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .data.base import Batch
-from .model import SparseCoder, training_sample
+from .model import SparseCoder, training_progress, training_sample
 
 #: training options a bank does not reproduce (they need a model's own trainer): train such a model alone
 SOLO_OPTIONS = ("resample_every", "lr_warmup_steps", "lr_decay_steps", "sparsity_warmup_steps", "decoder_bias_init")
@@ -59,9 +59,9 @@ class HeadBank(L.LightningModule):
         return total
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
-        total = self.trainer.estimated_stepping_batches
+        progress = training_progress(self.trainer)
         for model in self.models:
-            model.encoder.on_train_progress(self.global_step / total if 0 < total < float("inf") else None)
+            model.encoder.on_train_progress(progress)
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         for model in self.models:
