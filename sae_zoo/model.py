@@ -16,7 +16,7 @@ from .data.base import Batch
 from .dictionary import Dictionary
 from .encoders import EncoderHead, SparseCodes, create_encoder
 from .metrics import SparseCodingMetrics
-from .objectives import (auxk_loss, check_matryoshka_widths, fired_latents, geometric_median, lr_factor,
+from .objectives import (adam, auxk_loss, check_matryoshka_widths, fired_latents, geometric_median, lr_factor,
                          reconstruction_loss, steps_or_fraction)
 from .pretrained import model_card
 from .pretrained.config import (CONFIG_NAME, WEIGHTS_NAME, build_dictionary, build_encoder, load_state, model_config,
@@ -446,7 +446,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         groups = [{"params": params}]
         if norms is not None:  # see Dictionary.norm_lr_scale
             groups.append({"params": [norms], "lr": self.lr * self.dictionary.norm_lr_scale})
-        optimizer = torch.optim.Adam(groups, lr=self.lr)
+        optimizer = adam(groups, lr=self.lr)
         warmup, decay = self.training_options["lr_warmup_steps"], self.training_options["lr_decay_steps"]
         if not (warmup or decay):
             return optimizer

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .data.base import Batch
 from .model import SparseCoder, training_progress, training_sample
+from .objectives import adam
 
 #: training options a bank does not reproduce (they need a model's own trainer): train such a model alone
 SOLO_OPTIONS = ("resample_every", "lr_warmup_steps", "lr_decay_steps", "sparsity_warmup_steps", "decoder_bias_init")
@@ -92,4 +93,4 @@ class HeadBank(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ValueError("HeadBank: nothing to train (every model is frozen)")
-        return torch.optim.Adam(groups)
+        return adam(groups)

@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sae_zoo import Dictionary, SparseCoder, create_encoder
 from sae_zoo.recipe import RecipeError, fit, load_recipe
@@ -136,3 +137,84 @@ def test_batch_topk_keeps_exactly_the_batch_wide_top_values():
     expected = torch.zeros(pre.numel()).scatter(0, kept.indices, kept.values).reshape(pre.shape)
     torch.testing.assert_close(dense, expected)
     assert (dense[0] > 0).sum() > 8  # more than the first candidates (4k) of that sample
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_centred_linear_gives_the_plain_values_and_gradients(with_bias):
+    """The decoder bias's gradient through a zero bias term equals autograd of ``x - b_dec`` (which forms
+    the dense input gradient), and so do the values and the other gradients."""
+    torch.manual_seed(0)
+    head = create_encoder("linear", d_model=6, n_latents=10, subtract_decoder_bias=True, bias=with_bias)
+    dictionary = Dictionary(10, 6, bias=True)
+    with torch.no_grad():
+        dictionary.bias.normal_()
+    x, grad = torch.randn(5, 6), torch.randn(5, 10)
+    params = [head.linear.weight, dictionary.bias] + ([head.linear.bias] if with_bias else [])
+
+    fast = head.centred_linear(x, dictionary, head.linear.weight, head.linear.bias)
+    fast_grads = torch.autograd.grad(fast, params, grad)
+    plain = F.linear(x - dictionary.bias, head.linear.weight, head.linear.bias)
+    plain_grads = torch.autograd.grad(plain, params, grad)
+    torch.testing.assert_close(fast, plain)
+    for a, b in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(a, b)
+    assert fast_grads[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("norms", [False, "learned"])
+def test_gated_training_codes_give_the_plain_formulas_values_and_gradients(norms):
+    """The gated head's fused training path (GatedFunction, GatePathLosses) against the paper's formulas
+    written with plain autograd: codes, sparsity, auxiliary loss, and every parameter's gradient."""
+    torch.manual_seed(0)
+    head = create_encoder("gated", d_model=6, n_latents=12, subtract_decoder_bias=True)
+    dictionary = Dictionary(12, 6, bias=True, atom_norms=norms)
+    with torch.no_grad():
+        for p in (head.b_gate, head.r_mag, head.b_mag, dictionary.bias):
+            p.normal_(0, 0.5)
+        if norms:
+            dictionary.atom_norms.uniform_(0.5, 2)
+    x, weights = torch.randn(9, 6), torch.randn(9, 12)
+    params = [p for p in (*head.parameters(), *dictionary.parameters()) if p.requires_grad]
+
+    def objective(codes, sparsity, aux):
+        return (codes * weights).sum() + 0.3 * sparsity + 1.7 * aux
+
+    out = head.training_codes(x, dictionary)
+    fast = [out.codes, out.sparsity, out.aux_loss]
+    fast_grads = torch.autograd.grad(objective(*fast), params, allow_unused=True)
+
+    z = F.linear(x - dictionary.bias, head.linear.weight)
+    gate = z + head.b_gate
+    codes = (gate > 0) * F.relu(z * head.r_mag.exp() + head.b_mag)
+    gate_acts = F.relu(gate)
+    sparsity = (gate_acts * dictionary.atom_norms if norms else gate_acts).mean()
+    aux = F.mse_loss(gate_acts @ dictionary.atoms.detach() + dictionary.bias.detach(), x)
+    plain_grads = torch.autograd.grad(objective(codes, sparsity, aux), params, allow_unused=True)
+
+    for a, b in zip(fast, [codes, sparsity, aux]):
+        torch.testing.assert_close(a, b)
+    for p, a, b in zip(params, fast_grads, plain_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, msg=lambda m, p=p: f"{tuple(p.shape)}: {m}")
+    assert out.codes.count_nonzero() > 0 and (out.codes == 0).any()
+
+
+@pytest.mark.parametrize("name", ["linear", "jumprelu", "gated"])
+def test_fused_training_paths_run_under_bf16_autocast_close_to_float32(name):
+    """The heads' own autograd functions keep dtypes straight under autocast: the loss and every
+    gradient stay close to float32's."""
+    def loss_and_grads(autocast: bool):
+        torch.manual_seed(0)
+        head = create_encoder(name, d_model=24, n_latents=96, subtract_decoder_bias=True)
+        model = SparseCoder(head, Dictionary(96, 24, bias=True, atom_norms="learned"), l1_coeff=0.05)
+        x = torch.randn(256, 24, generator=torch.Generator().manual_seed(2))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model.training_losses(x)["loss"]
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    (plain, plain_grads), (mixed, mixed_grads) = loss_and_grads(False), loss_and_grads(True)
+    assert mixed == pytest.approx(plain, rel=3e-2)
+    assert torch.isfinite(mixed_grads).all() and mixed_grads.shape == plain_grads.shape
+    assert torch.nn.functional.cosine_similarity(mixed_grads, plain_grads, dim=0) > 0.98

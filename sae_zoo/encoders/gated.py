@@ -3,12 +3,73 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import EncoderHead, TrainingCodes
+from .base import EncoderHead, TrainingCodes, kept_where_positive
 from .interop import ForeignSAE
 from .registry import register_encoder
+
+
+class GatedFunction(torch.autograd.Function):
+    """``(codes, gate_acts)`` of the gated SAE from the shared pre-activations ``z``: ``gate_acts =
+    ReLU(z + b_gate)`` and ``codes = 1[z + b_gate > 0] * ReLU(scale * z + b_mag)``, with autograd's
+    gradients (none through the gate's step). Writing a fresh ``(batch, n_latents)`` float tensor is what
+    costs on a CPU, and the composed operations write twice as many as this does: the gate's activations
+    take ``z``'s place, both masks are read off the outputs, and the scale's gradient comes from the codes
+    (``z = (codes - b_mag) / scale`` where a latent fires)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, b_gate: Tensor, scale: Tensor, b_mag: Tensor) -> tuple[Tensor, Tensor]:
+        magnitude = torch.addcmul(b_mag, z, scale).clamp_min_(0)
+        gate_acts = z.add_(b_gate).clamp_min_(0)  # z is not needed again
+        ctx.mark_dirty(z)
+        codes = kept_where_positive(magnitude, gate_acts)
+        ctx.save_for_backward(codes, gate_acts, scale, b_mag)
+        return codes, gate_acts
+
+    @staticmethod
+    def backward(ctx, grad_codes: Tensor | None, grad_gate: Tensor | None) -> tuple[Tensor, ...]:
+        codes, gate_acts, scale, b_mag = ctx.saved_tensors
+        n = scale.shape[-1]
+        grad_z = torch.zeros_like(gate_acts) if grad_gate is None else kept_where_positive(grad_gate, gate_acts)
+        grad_b_gate = grad_z.reshape(-1, n).sum(0)
+        if grad_codes is None:
+            return grad_z, grad_b_gate, torch.zeros_like(scale), torch.zeros_like(b_mag)
+        on_fired = kept_where_positive(grad_codes, codes)
+        grad_b_mag = on_fired.reshape(-1, n).sum(0)
+        grad_z.addcmul_(on_fired, scale)
+        grad_scale = (on_fired.mul_(codes).reshape(-1, n).sum(0) - b_mag * grad_b_mag) / scale
+        return grad_z, grad_b_gate, grad_scale, grad_b_mag
+
+
+class GatePathLosses(torch.autograd.Function):
+    """``(aux, sparsity)`` from the gate's activations: the MSE of ``x`` against their reconstruction through
+    a frozen copy of the decoder, and their mean weighted per latent (by the atom norms, if any). The
+    backward gives the activations' gradient from both in one product, the sparsity's per-latent constant
+    entering as its bias, where autograd would write a second ``(batch, n_latents)`` tensor to add them."""
+
+    @staticmethod
+    def forward(ctx, gate_acts: Tensor, atoms: Tensor, bias: Tensor | None, x: Tensor,
+                weights: Tensor | None) -> tuple[Tensor, Tensor]:
+        flat = gate_acts.reshape(-1, gate_acts.shape[-1])
+        residual = flat @ atoms - x.reshape(flat.shape[0], -1).to(flat.dtype)
+        if bias is not None:
+            residual += bias
+        per_latent = flat.sum(0, dtype=torch.float32)
+        ctx.save_for_backward(residual, atoms, per_latent, weights)
+        ctx.shape = gate_acts.shape
+        sparsity = (per_latent if weights is None else per_latent * weights).sum() / flat.numel()
+        return residual.float().pow(2).mean(), sparsity
+
+    @staticmethod
+    def backward(ctx, grad_aux: Tensor, grad_sparsity: Tensor) -> tuple[Tensor | None, ...]:
+        residual, atoms, per_latent, weights = ctx.saved_tensors
+        per_element = grad_sparsity / (residual.shape[0] * atoms.shape[0])
+        row = per_element * (torch.ones_like(per_latent) if weights is None else weights)
+        grad_acts = torch.addmm(row.to(residual.dtype), residual, atoms.t().to(residual.dtype),
+                                alpha=float(2 * grad_aux / residual.numel()))
+        grad_weights = per_element * per_latent if weights is not None and ctx.needs_input_grad[4] else None
+        return grad_acts.reshape(ctx.shape), None, None, None, grad_weights
 
 
 @register_encoder("gated")
@@ -33,7 +94,7 @@ class GatedEncoder(EncoderHead):
         self.b_mag = nn.Parameter(torch.zeros(n_latents))
 
     def _paths(self, x: Tensor, dictionary: nn.Module | None) -> tuple[Tensor, Tensor]:
-        z = self.linear(self.centre(self.check_input(x, dictionary), dictionary))
+        z = self.centred_linear(self.check_input(x, dictionary), dictionary, self.linear.weight)
         return z + self.b_gate, z * self.r_mag.exp() + self.b_mag
 
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
@@ -43,15 +104,12 @@ class GatedEncoder(EncoderHead):
     def training_codes(self, x: Tensor, dictionary: nn.Module | None = None, sparse: bool = True) -> TrainingCodes:
         if dictionary is None:
             raise ValueError("the gated head trains against the dictionary: training_codes(x, dictionary)")
-        gate, magnitude = self._paths(x, dictionary)
-        gate_acts = gate.relu()
-        norms = getattr(dictionary, "atom_norms", None)
-        sparsity = (gate_acts if norms is None else gate_acts * norms).mean()
-        via_gate = gate_acts @ dictionary.atoms.detach()
-        if dictionary.bias is not None:
-            via_gate = via_gate + dictionary.bias.detach()
-        return TrainingCodes((gate > 0) * magnitude.relu(), sparsity=sparsity,
-                             aux_loss=F.mse_loss(via_gate, x.to(via_gate.dtype)))
+        z = self.centred_linear(self.check_input(x, dictionary), dictionary, self.linear.weight)
+        codes, gate_acts = GatedFunction.apply(z, self.b_gate, self.r_mag.exp(), self.b_mag)
+        bias = None if dictionary.bias is None else dictionary.bias.detach()
+        aux, sparsity = GatePathLosses.apply(gate_acts, dictionary.atoms.detach(), bias, x,
+                                             getattr(dictionary, "atom_norms", None))
+        return TrainingCodes(codes, sparsity=sparsity, aux_loss=aux)
 
     def firing_margins(self, x: Tensor, dictionary: nn.Module | None) -> Tensor | None:
         # the gate decides which latents fire, among those whose magnitude is positive (the others, below any gate)

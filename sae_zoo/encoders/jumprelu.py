@@ -7,36 +7,47 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .base import EncoderHead, TrainingCodes
+from .base import EncoderHead, TrainingCodes, kept_where_positive
 from .interop import ForeignSAE
 from .linear import LinearPreActivations, linear_export, load_linear
 from .registry import register_encoder
 
 
-def rectangle(u: Tensor) -> Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
 class JumpReLUFunction(torch.autograd.Function):
     """``(z * (z > threshold), mean(z > threshold))``: the codes and their L0 penalty (the mean of the step
-    over samples and latents), in one pass that saves ``z`` once. The codes' gradient to ``z`` is the
-    step's; the threshold's gradient, from both outputs, is the straight-through estimator with a
-    rectangle kernel of width ``bandwidth`` (Rajamanoharan et al. 2024; SAELens's ``JumpReLU`` and ``Step``)."""
+    over samples and latents). The codes' gradient to ``z`` is the step's; the threshold's gradient, from
+    both outputs, is the straight-through estimator with a rectangle kernel of width ``bandwidth``
+    (Rajamanoharan et al. 2024; SAELens's ``JumpReLU`` and ``Step``).
+
+    Writing a fresh ``(batch, n_latents)`` float tensor is what costs on a CPU, so the step writes one (the
+    gradient to ``z``; the codes overwrite ``z``) and keeps, instead of ``z``, the codes (which the decoder keeps
+    anyway; with ``threshold >= 0``, as the head keeps it, a latent fires where its code is > 0) and
+    where ``z`` is within the kernel (``|z - threshold| < bandwidth / 2``, a few percent of the entries),
+    whose terms are summed per latent from their indices."""
 
     @staticmethod
     def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
         fires = z > threshold
-        ctx.save_for_backward(z, threshold)
+        near = (z > threshold - bandwidth / 2) & (z < threshold + bandwidth / 2)
+        codes = torch.where(fires, z, z.new_zeros(()), out=z)  # in z's place: nothing else reads it
+        ctx.mark_dirty(z)
+        ctx.save_for_backward(threshold, codes, near)
         ctx.bandwidth = bandwidth
-        return z * fires, fires.sum(dtype=torch.float32) / fires.numel()
+        return codes, fires.count_nonzero().to(torch.float32) / fires.numel()
 
     @staticmethod
     def backward(ctx, grad_codes: Tensor, grad_l0: Tensor) -> tuple[Tensor, Tensor, None]:
-        z, threshold = ctx.saved_tensors
-        kernel = rectangle((z - threshold) / ctx.bandwidth) / ctx.bandwidth
+        threshold, codes, near = ctx.saved_tensors
+        n_latents = threshold.shape[-1]
+        near, grad_codes = near.reshape(-1, n_latents), grad_codes.reshape(-1, n_latents)
+        rows, latents = near.nonzero(as_tuple=True)
+        summed = torch.zeros(n_latents, dtype=torch.float32, device=threshold.device)
+        summed.index_add_(0, latents, grad_codes[rows, latents].to(torch.float32))
+        count = torch.bincount(latents, minlength=n_latents).to(torch.float32)
         # d codes / d threshold = -threshold * kernel; d mean(step) / d threshold = -kernel / numel
-        per_element = kernel * (threshold * grad_codes + grad_l0 / z.numel())
-        return (z > threshold) * grad_codes, -per_element.reshape(-1, z.shape[-1]).sum(0).to(threshold.dtype), None
+        grad_threshold = -(threshold * summed + count * (grad_l0 / codes.numel())) / ctx.bandwidth
+        grad_z = kept_where_positive(grad_codes.reshape(codes.shape), codes)
+        return grad_z, grad_threshold.to(threshold.dtype), None
 
 
 @register_encoder("jumprelu")

@@ -17,7 +17,7 @@ class LinearPreActivations:
 
     def linear_map(self, x: Tensor, dictionary: nn.Module | None) -> Tensor:
         """Every latent's pre-activation: ``self.linear`` of the checked, centred input."""
-        return self.linear(self.centre(self.check_input(x, dictionary), dictionary))
+        return self.centred_linear(self.check_input(x, dictionary), dictionary, self.linear.weight, self.linear.bias)
 
     def pre_activations(self, x: Tensor, dictionary: nn.Module | None, latents: Tensor) -> Tensor:
         x = self.centre(self.check_input(x, dictionary), dictionary)
