@@ -16,8 +16,9 @@ from .data.base import Batch
 from .dictionary import Dictionary
 from .encoders import EncoderHead, SparseCodes, create_encoder
 from .metrics import SparseCodingMetrics
-from .objectives import (adam, auxk_loss, check_matryoshka_widths, fired_latents, geometric_median, lr_factor,
-                         reconstruction_loss, steps_or_fraction)
+from .dead_latents import DeadLatents
+from .objectives import (adam, check_matryoshka_widths, geometric_median, lr_factor, reconstruction_loss,
+                         steps_or_fraction)
 from .pretrained import model_card
 from .pretrained.config import (CONFIG_NAME, WEIGHTS_NAME, build_dictionary, build_encoder, load_state, model_config,
                                 read_model_config, save_weights)
@@ -120,7 +121,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     L0) and ``coeff`` starts at ``l1_coeff``. The field's training aids are arguments:
     ``matryoshka_widths`` (every prefix of the latents reconstructs on its own, the losses summed),
     ``auxk_coeff``/``auxk_k``/``dead_tokens`` (AuxK on the latents that have not fired for
-    ``dead_tokens`` tokens), ``resample_every`` (Anthropic's dead-latent resampling), ``target_l0``/
+    ``dead_tokens`` tokens), ``resample_every`` (Anthropic's dead-latent resampling; both held by
+    ``model.dead_latents``, :mod:`sae_zoo.dead_latents`), ``target_l0``/
     ``target_l0_rate`` (``coeff`` tuned until the batches' L0 averages the target, the run started and ended
     on it: :mod:`sae_zoo.sparsity`),
     ``sparsity_warmup_steps``, ``lr_warmup_steps``/``lr_decay_steps`` (a number of steps, or for the
@@ -149,13 +151,12 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         super().__init__()
         if not lr > 0 or not l1_coeff >= 0:
             raise ValueError(f"SparseCoder needs lr > 0 and l1_coeff >= 0, got lr={lr!r}, l1_coeff={l1_coeff!r}")
-        for name, value in {"auxk_coeff": auxk_coeff, "resample_every": resample_every,
-                            "sparsity_warmup_steps": sparsity_warmup_steps, "lr_warmup_steps": lr_warmup_steps,
+        for name, value in {"sparsity_warmup_steps": sparsity_warmup_steps, "lr_warmup_steps": lr_warmup_steps,
                             "lr_decay_steps": lr_decay_steps}.items():
             if not value >= 0:
                 raise ValueError(f"SparseCoder needs {name} >= 0, got {name}={value!r}")
-        for name, value in {"dead_tokens": dead_tokens, "auxk_k": auxk_k, "bias_init_samples": bias_init_samples,
-                            "target_l0": target_l0, "target_l0_rate": target_l0_rate}.items():
+        for name, value in {"bias_init_samples": bias_init_samples, "target_l0": target_l0,
+                            "target_l0_rate": target_l0_rate}.items():
             if value is not None and not value > 0:
                 raise ValueError(f"SparseCoder needs {name} > 0, got {name}={value!r}")
         if decoder_bias_init not in (None, "mean", "geometric_median"):
@@ -189,7 +190,6 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                     "decoder_bias_init": decoder_bias_init, "bias_init_samples": int(bias_init_samples),
                     "tied_init": bool(tied_init)}
         self.training_options = training
-        self.auxk_k = auxk_k or max(1, dictionary.d_model // 2)
         self.save_hyperparameters({"encoder": encoder.config(), "dictionary": dictionary.config(),
                                    "l1_coeff": self.l1_coeff, "lr": self.lr, "supervised": self.supervised,
                                    "sparse_decode": self.sparse_decode, "code_recovery": self.code_recovery,
@@ -197,10 +197,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.sparsity = SparsityControl(self.l1_coeff, target_l0, target_l0_rate, sparsity_warmup_steps)
         #: after a run that targets an L0: the L0 the controller reached and the threshold shift that ends on it
         self.l0_calibration: dict[str, float] | None = None
-        # tokens since each latent last fired, for AuxK and resampling ("dead": at least dead_tokens)
-        tracks = auxk_coeff > 0 or resample_every > 0
-        self.register_buffer("tokens_since_fired", torch.zeros(dictionary.n_latents) if tracks else None,
-                             persistent=False)
+        self.dead_latents = DeadLatents(dictionary.n_latents, dictionary.d_model, auxk_coeff, auxk_k, dead_tokens,
+                                        resample_every)
         if true_dictionary is not None and tuple(true_dictionary.shape[1:]) != (dictionary.d_model,):
             raise ValueError(f"true_dictionary must have shape (n, {dictionary.d_model}), got {tuple(true_dictionary.shape)}")
         self.register_buffer("true_dictionary", true_dictionary, persistent=False)
@@ -260,14 +258,11 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         if out.aux_loss is not None:
             losses["aux"] = out.aux_loss
             loss = loss + out.aux_loss
-        if self.tokens_since_fired is not None:
-            fired = fired_latents(codes, self.dictionary.n_latents)
-            n_tokens = values[..., 0].numel()
-            self.tokens_since_fired.copy_(torch.where(fired, 0, self.tokens_since_fired + n_tokens))
-        if self.training_options["auxk_coeff"] > 0:
-            dead = self.tokens_since_fired >= self.training_options["dead_tokens"]
-            losses["auxk"] = auxk_loss(self.encoder, self.dictionary, x, x_hat, dead, self.auxk_k)
-            loss = loss + self.training_options["auxk_coeff"] * losses["auxk"]
+        self.dead_latents.observe(codes)
+        auxk = self.dead_latents.auxk(self.encoder, self.dictionary, x, x_hat)
+        if auxk is not None:
+            losses["auxk"] = auxk
+            loss = loss + self.dead_latents.auxk_coeff * auxk
         return {"loss": loss, **losses}
 
     def tuned_losses(self, batch: Batch, measure_l0: bool = False) -> dict[str, Tensor]:
@@ -287,9 +282,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                 raise FloatingPointError(f"the training loss is {losses['loss'].item()} at step {self.global_step}: "
                                          "check the inputs for NaN/Inf, or lower the learning rate")
             self.log_dict({f"train/{k}": v for k, v in losses.items()})
-            if self.tokens_since_fired is not None:
-                dead = (self.tokens_since_fired >= self.training_options["dead_tokens"]).float().mean()
-                self.log("train/dead_fraction", dead)
+            if self.dead_latents.tracks:
+                self.log("train/dead_fraction", self.dead_latents.dead().float().mean())
             if targets_l0:
                 self.log("train/sparsity_coeff", self.sparsity.coeff)
             self.log("loss", losses["loss"], prog_bar=True, logger=False)
@@ -307,40 +301,15 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         self.encoder.on_train_progress(training_progress(self.trainer))
-        every = self.training_options["resample_every"]
-        if every and self.global_step and self.global_step % every == 0:
+        if self.dead_latents.resample_due(self.global_step):
             self.resample_dead_latents(unpack_batch(batch)[0])
 
-    @torch.no_grad()
     def resample_dead_latents(self, x: Tensor) -> int:
-        """Anthropic's resampling (2023): every dead latent gets the direction of an input of ``x`` drawn
-        with probability proportional to its squared reconstruction error, as its atom (if the dictionary
-        trains) and encoder row; its optimiser state is cleared. Returns how many were resampled."""
-        dead = (self.tokens_since_fired >= self.training_options["dead_tokens"]).nonzero().squeeze(-1)
-        x = x.reshape(-1, x.shape[-1])
-        if dead.numel() == 0 or x.shape[0] == 0:
-            return 0
-        error = (self(x).x_hat - x).square().sum(-1).double()
-        if not error.sum() > 0:
-            return 0
-        picks = torch.multinomial(error / error.sum(), dead.numel(), replacement=dead.numel() > x.shape[0])
-        centred = x[picks] - (self.dictionary.bias if self.dictionary.bias is not None else 0)
-        directions = F.normalize(centred.to(self.dictionary.weight.dtype), dim=-1)
-        self.encoder.reset_latents(dead, directions)
-        touched = [p for p in self.encoder.parameters() if p.ndim and p.shape[0] == self.dictionary.n_latents]
-        if self.dictionary.trainable:
-            self.dictionary.weight[dead] = directions
-            touched.append(self.dictionary.weight)
-        if self.dictionary.learns_norms:
-            self.dictionary.atom_norms[dead] = 1.0
-            touched.append(self.dictionary.atom_norms)
+        """Resample the dead latents on inputs ``x`` (:meth:`DeadLatents.resample`); returns how many."""
         optimizer = self.optimizers().optimizer if self._trainer is not None else None
-        for parameter in touched if optimizer is not None else ():
-            for value in optimizer.state.get(parameter, {}).values():
-                if isinstance(value, Tensor) and value.shape[:1] == parameter.shape[:1]:
-                    value[dead] = 0
-        self.tokens_since_fired[dead] = 0
-        return dead.numel()
+        with torch.no_grad():
+            x_hat = self(x).x_hat
+        return self.dead_latents.resample(self.encoder, self.dictionary, x, x_hat, optimizer)
 
     def on_train_start(self) -> None:
         """A fresh run (not a resumed one) reads ``bias_init_samples`` training rows when it sets the decoder
@@ -427,14 +396,14 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         checkpoint["decoder_provenance"] = self.dictionary.provenance
         checkpoint["sparsity_coeff"] = float(self.sparsity.coeff)
         checkpoint["sparsity_integral"] = float(self.sparsity.integral)
-        if self.tokens_since_fired is not None:
-            checkpoint["tokens_since_fired"] = self.tokens_since_fired.cpu()
+        if self.dead_latents.tracks:
+            checkpoint["tokens_since_fired"] = self.dead_latents.tokens_since_fired.cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.dictionary.provenance = dict(checkpoint.get("decoder_provenance") or {})
         self.sparsity.restore(checkpoint.get("sparsity_coeff", self.l1_coeff), checkpoint.get("sparsity_integral"))
-        if self.tokens_since_fired is not None and "tokens_since_fired" in checkpoint:
-            self.tokens_since_fired.copy_(checkpoint["tokens_since_fired"])
+        if self.dead_latents.tracks and "tokens_since_fired" in checkpoint:
+            self.dead_latents.tokens_since_fired.copy_(checkpoint["tokens_since_fired"])
 
     def configure_optimizers(self) -> Any:
         """Adam (learned atom norms at ``lr * dictionary.norm_lr_scale``); with ``lr_warmup_steps``/

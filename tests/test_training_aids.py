@@ -142,7 +142,7 @@ def test_auxk_loss_is_gao_et_als_and_trains_only_the_dead():
 def test_auxk_needs_a_head_with_pre_activations():
     model = SparseCoder(create_encoder("mlp", d_model=4, n_latents=8, hidden=4), Dictionary(8, 4), auxk_coeff=0.1,
                         dead_tokens=1)
-    model.tokens_since_fired.fill_(5)
+    model.dead_latents.tokens_since_fired.fill_(5)
     with pytest.raises(ValueError, match="mlp head has no linear pre-activations, which AuxK needs"):
         model.training_losses(torch.randn(3, 4))
 
@@ -155,11 +155,11 @@ def test_dead_latents_are_counted_in_tokens_and_resampled():
     losses = model.training_losses(x)
     fired = torch.zeros(12, dtype=torch.bool)
     fired[head(x, model.dictionary).nonzero()[:, 1]] = True
-    assert torch.equal(model.tokens_since_fired, torch.where(fired, 0.0, 32.0)) and losses["l0"] == 2
+    assert torch.equal(model.dead_latents.tokens_since_fired, torch.where(fired, 0.0, 32.0)) and losses["l0"] == 2
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.training_losses(x)["loss"].backward()
     optimizer.step()
-    model.tokens_since_fired[:4] = 100  # latents 0-3 dead
+    model.dead_latents.tokens_since_fired[:4] = 100  # latents 0-3 dead
     model.optimizers = lambda: type("Wrapped", (), {"optimizer": optimizer})()
     model._trainer = object()  # resampling runs inside a fit, where the optimizer exists
     before = model.dictionary.weight.clone()
@@ -170,7 +170,7 @@ def test_dead_latents_are_counted_in_tokens_and_resampled():
     centred = F.normalize(x - model.dictionary.bias, dim=-1)
     assert ((atoms[:4] @ centred.T).max(-1).values > 1 - 1e-5).all()  # each new atom is an input's direction
     torch.testing.assert_close(F.normalize(head.linear.weight[:4], dim=-1), atoms[:4])
-    assert (head.linear.bias[:4] == 0).all() and (model.tokens_since_fired[:4] == 0).all()
+    assert (head.linear.bias[:4] == 0).all() and (model.dead_latents.tokens_since_fired[:4] == 0).all()
     for parameter in (head.linear.weight, model.dictionary.weight):
         state = optimizer.state[parameter]
         assert (state["exp_avg"][:4] == 0).all() and (state["exp_avg_sq"][:4] == 0).all()

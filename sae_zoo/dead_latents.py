@@ -1,0 +1,96 @@
+"""Dead latents, and what training does about them: the AuxK loss (Gao et al. 2024) and Anthropic's
+resampling (2023).
+
+A latent is dead once it has not fired for ``dead_tokens`` training tokens. :class:`DeadLatents` counts the
+tokens since each latent last fired (from every training batch's codes), adds the AuxK term to the loss,
+and resamples the dead latents every ``resample_every`` steps. ``SparseCoder`` owns one (``model.dead_latents``)
+and calls it; a run that asks for neither keeps no counts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .encoders import EncoderHead, SparseCodes
+from .objectives import auxk_loss, fired_latents
+
+
+class DeadLatents(nn.Module):
+    """``auxk_coeff`` weighs the AuxK loss (the ``auxk_k`` largest pre-activations among the dead latents
+    reconstruct what the live ones leave; default ``d_model // 2``); ``resample_every`` steps, every dead
+    latent is resampled (:meth:`resample`). The counts are a buffer, saved in checkpoints."""
+
+    def __init__(self, n_latents: int, d_model: int, auxk_coeff: float = 0.0, auxk_k: int | None = None,
+                 dead_tokens: int = 10_000_000, resample_every: int = 0) -> None:
+        super().__init__()
+        for name, value in {"auxk_coeff": auxk_coeff, "resample_every": resample_every}.items():
+            if not value >= 0:
+                raise ValueError(f"SparseCoder needs {name} >= 0, got {name}={value!r}")
+        for name, value in {"dead_tokens": dead_tokens, "auxk_k": auxk_k}.items():
+            if value is not None and not value > 0:
+                raise ValueError(f"SparseCoder needs {name} > 0, got {name}={value!r}")
+        self.auxk_coeff, self.dead_tokens, self.resample_every = float(auxk_coeff), int(dead_tokens), int(resample_every)
+        self.auxk_k = auxk_k or max(1, d_model // 2)
+        tracks = self.auxk_coeff > 0 or self.resample_every > 0
+        self.register_buffer("tokens_since_fired", torch.zeros(n_latents) if tracks else None, persistent=False)
+
+    @property
+    def tracks(self) -> bool:
+        """Whether this run counts firings at all (it does when it uses AuxK or resampling)."""
+        return self.tokens_since_fired is not None
+
+    def dead(self) -> Tensor:
+        """Boolean ``(n_latents,)``: the latents that have not fired for ``dead_tokens`` tokens."""
+        return self.tokens_since_fired >= self.dead_tokens
+
+    def observe(self, codes: Tensor | SparseCodes) -> None:
+        """Count one training batch: a latent that fired in it is reset to 0, every other ages by its tokens."""
+        if not self.tracks:
+            return
+        values = codes.values if isinstance(codes, SparseCodes) else codes
+        fired = fired_latents(codes, self.tokens_since_fired.shape[0])
+        n_tokens = values[..., 0].numel()
+        self.tokens_since_fired.copy_(torch.where(fired, 0, self.tokens_since_fired + n_tokens))
+
+    def auxk(self, head: EncoderHead, dictionary: nn.Module, x: Tensor, x_hat: Tensor) -> Tensor | None:
+        """The AuxK loss of this batch (unweighted), or None when the run has no AuxK."""
+        if self.auxk_coeff == 0:
+            return None
+        return auxk_loss(head, dictionary, x, x_hat, self.dead(), self.auxk_k)
+
+    def resample_due(self, step: int) -> bool:
+        return bool(self.resample_every) and step > 0 and step % self.resample_every == 0
+
+    @torch.no_grad()
+    def resample(self, head: EncoderHead, dictionary: nn.Module, x: Tensor, x_hat: Tensor,
+                 optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Anthropic's resampling (2023): every dead latent gets the direction of an input of ``x`` drawn with
+        probability proportional to its squared reconstruction error (``x_hat``'s), as its atom (if the
+        dictionary trains) and encoder row; its ``optimizer`` state is cleared. Returns how many were
+        resampled."""
+        dead = self.dead().nonzero().squeeze(-1)
+        x, x_hat = x.reshape(-1, x.shape[-1]), x_hat.reshape(-1, x.shape[-1])
+        if dead.numel() == 0 or x.shape[0] == 0:
+            return 0
+        error = (x_hat - x).square().sum(-1).double()
+        if not error.sum() > 0:
+            return 0
+        picks = torch.multinomial(error / error.sum(), dead.numel(), replacement=dead.numel() > x.shape[0])
+        centred = x[picks] - (dictionary.bias if dictionary.bias is not None else 0)
+        directions = F.normalize(centred.to(dictionary.weight.dtype), dim=-1)
+        head.reset_latents(dead, directions)
+        touched = [p for p in head.parameters() if p.ndim and p.shape[0] == dictionary.n_latents]
+        if dictionary.trainable:
+            dictionary.weight[dead] = directions
+            touched.append(dictionary.weight)
+        if dictionary.learns_norms:
+            dictionary.atom_norms[dead] = 1.0
+            touched.append(dictionary.atom_norms)
+        for parameter in touched if optimizer is not None else ():
+            for value in optimizer.state.get(parameter, {}).values():
+                if isinstance(value, Tensor) and value.shape[:1] == parameter.shape[:1]:
+                    value[dead] = 0
+        self.tokens_since_fired[dead] = 0
+        return dead.numel()
