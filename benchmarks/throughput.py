@@ -3,8 +3,10 @@ the same work, measured in the same run.
 
 For every head, the dense matrix products its step needs (e.g. the five of a linear SAE's training
 step: encoder forward and weight gradient, decoder forward, weight gradient and code gradient) are
-timed alone with ``torch.matmul`` at the same shapes and dtype; ``B / (their summed time)`` is the
-head's bound in tokens/s. A training step is the library's own: ``SparseCoder.training_losses``,
+timed alone with ``torch.matmul`` at the same shapes and dtype (the gated SAE's step has two more: its
+gate path's reconstruction and that product's code gradient); ``B / (their summed time)`` is the head's
+bound in tokens/s. Step and products are timed in turn within each repeat, and the least disturbed
+repeat of each is kept, so that load from other processes moves both alike. A training step is the library's own: ``SparseCoder.training_losses``,
 backward, Adam, and the decoder renormalisation. Inference is ``SparseCoder.encode``.
 
     python benchmarks/throughput.py --quick                      # d_model 576, batch 1024: a minute on CPU

@@ -52,7 +52,7 @@ def latent_cosine_loss(codes: Tensor, true_codes: Tensor) -> Tensor:
 def tie_encoder_to_decoder(encoder: EncoderHead, dictionary: Dictionary) -> None:
     """Start the encoder's linear map as the decoder's transpose, with zero bias (Gao et al. 2024;
     dictionary_learning does the same): every latent starts out reading its own atom, so few start dead."""
-    linear = getattr(encoder, "linear", None)
+    linear = getattr(encoder, "linear", None) or getattr(encoder.trained_part(), "linear", None)  # or a warm start's
     if not isinstance(linear, torch.nn.Linear) or tuple(linear.weight.shape) != tuple(dictionary.weight.shape):
         raise ValueError(f"tied_init needs a head built on one linear map of shape (n_latents, d_model); the "
                          f"{encoder.name!r} head has none")

@@ -315,3 +315,34 @@ def test_lr_decay_steps_may_be_a_fraction_of_the_run():
                         (True, " must be a number of steps >= 0 or a fraction of the run in \\(0, 1\\), ")):
         with pytest.raises(ValueError, match=rf"lr_decay_steps{reason}.*{bad!r}"):
             SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), lr_decay_steps=bad)
+
+
+def test_iht_refine_in_training_trains_the_dictionary_on_refined_codes():
+    """The model's loss reconstructs from the IHT solve started at the warm head's codes (so the dictionary
+    learns from refined codes), and the warm head learns only from its own reconstruction through a frozen
+    copy of the decoder."""
+    torch.manual_seed(0)
+    head = create_encoder("iht", d_model=16, n_latents=32, steps=5, refine_in_training=True,
+                          warm_start={"name": "batchtopk", "k": 3, "subtract_decoder_bias": True})
+    dictionary = Dictionary(32, 16, bias=True)
+    x = torch.randn(64, 16)
+    out = head.training_codes(x, dictionary)
+    warm = head.warm_start.training_codes(x, dictionary, sparse=False).codes
+    with torch.no_grad():
+        expected, _ = head.solve(x - dictionary.bias, dictionary.atoms, warm)
+    torch.testing.assert_close(out.codes, expected)
+    assert not out.codes.requires_grad and not torch.equal(out.codes, warm)
+    torch.testing.assert_close(out.aux_loss, F.mse_loss(warm @ dictionary.atoms + dictionary.bias, x))
+    out.aux_loss.backward()
+    assert dictionary.weight.grad is None and head.warm_start.linear.weight.grad.abs().sum() > 0
+    head.eval()  # inference is the usual warm start, then the solve
+    torch.testing.assert_close(head(x, dictionary), head.solve(x - dictionary.bias, dictionary.atoms,
+                                                               head.warm_start(x, dictionary))[0])
+
+
+def test_iht_refine_in_training_needs_a_trainable_warm_start():
+    with pytest.raises(ValueError, match="refine_in_training=True refines the warm-start head's codes"):
+        create_encoder("iht", d_model=8, n_latents=16, threshold=0.1, refine_in_training=True)
+    frozen = create_encoder("batchtopk", d_model=8, n_latents=16, k=2).requires_grad_(False)
+    with pytest.raises(ValueError, match="this warm start is frozen"):
+        create_encoder("iht", d_model=8, n_latents=16, warm_start=frozen, refine_in_training=True)
