@@ -66,8 +66,8 @@ class GatePathLosses(torch.autograd.Function):
         residual, atoms, per_latent, weights = ctx.saved_tensors
         per_element = grad_sparsity / (residual.shape[0] * atoms.shape[0])
         row = per_element * (torch.ones_like(per_latent) if weights is None else weights)
-        grad_acts = torch.addmm(row.to(residual.dtype), residual, atoms.t().to(residual.dtype),
-                                alpha=float(2 * grad_aux / residual.numel()))
+        scaled = residual * (2 * grad_aux / residual.numel()).to(residual.dtype)  # no float(): no device sync
+        grad_acts = torch.addmm(row.to(residual.dtype), scaled, atoms.t().to(residual.dtype))
         grad_weights = per_element * per_latent if weights is not None and ctx.needs_input_grad[4] else None
         return grad_acts.reshape(ctx.shape), None, None, None, grad_weights
 
