@@ -6,8 +6,9 @@ step: encoder forward and weight gradient, decoder forward, weight gradient and 
 timed alone with ``torch.matmul`` at the same shapes and dtype (the gated SAE's step has two more: its
 gate path's reconstruction and that product's code gradient); ``B / (their summed time)`` is the head's
 bound in tokens/s. Step and products are timed in turn within each repeat, and the least disturbed
-repeat of each is kept, so that load from other processes moves both alike. A training step is the library's own: ``SparseCoder.training_losses``,
-backward, Adam, and the decoder renormalisation. Inference is ``SparseCoder.encode``.
+repeat of each is kept, so that load from other processes moves both alike. A training step is the
+library's own: ``SparseCoder.training_losses``, backward, Adam, and the decoder renormalisation.
+Inference is ``SparseCoder.encode``.
 
     python benchmarks/throughput.py --quick                      # d_model 576, batch 1024: a minute on CPU
     python benchmarks/throughput.py                              # d_model 576, 768, 2048; batch 4096

@@ -93,8 +93,12 @@ class GatedEncoder(EncoderHead):
         self.r_mag = nn.Parameter(torch.zeros(n_latents))
         self.b_mag = nn.Parameter(torch.zeros(n_latents))
 
+    def _shared(self, x: Tensor, dictionary: nn.Module | None) -> Tensor:
+        """``W x`` (of the centred input): what both paths start from."""
+        return self.centred_linear(self.check_input(x, dictionary), dictionary, self.linear.weight)
+
     def _paths(self, x: Tensor, dictionary: nn.Module | None) -> tuple[Tensor, Tensor]:
-        z = self.centred_linear(self.check_input(x, dictionary), dictionary, self.linear.weight)
+        z = self._shared(x, dictionary)
         return z + self.b_gate, z * self.r_mag.exp() + self.b_mag
 
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
@@ -104,8 +108,7 @@ class GatedEncoder(EncoderHead):
     def training_codes(self, x: Tensor, dictionary: nn.Module | None = None, sparse: bool = True) -> TrainingCodes:
         if dictionary is None:
             raise ValueError("the gated head trains against the dictionary: training_codes(x, dictionary)")
-        z = self.centred_linear(self.check_input(x, dictionary), dictionary, self.linear.weight)
-        codes, gate_acts = GatedFunction.apply(z, self.b_gate, self.r_mag.exp(), self.b_mag)
+        codes, gate_acts = GatedFunction.apply(self._shared(x, dictionary), self.b_gate, self.r_mag.exp(), self.b_mag)
         bias = None if dictionary.bias is None else dictionary.bias.detach()
         aux, sparsity = GatePathLosses.apply(gate_acts, dictionary.atoms.detach(), bias, x,
                                              getattr(dictionary, "atom_norms", None))
