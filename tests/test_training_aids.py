@@ -297,6 +297,34 @@ def test_k_anneal_trains_denser_first_and_ends_at_k(head):
         create_encoder(head, d_model=16, n_latents=32, k=3, k_anneal=0.5)
 
 
+@pytest.mark.parametrize("head", ["topk", "batchtopk"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_k_train_factor_trains_denser_and_infers_at_k(head, sparse):
+    torch.manual_seed(0)
+    dm = SyntheticSparseDataModule(n_latents=32, d_model=16, k=4, n_train=1024, n_test=512, batch_size=64,
+                                   steps_per_epoch=30)
+    # (BatchTopK's threshold follows the last batches closely, as the model still moves in 30 steps)
+    extra = {"threshold_lr": 0.5} if head == "batchtopk" else {}
+    encoder = create_encoder(head, d_model=16, n_latents=32, k=3, k_train_factor=2.0, **extra)
+    model = SparseCoder(encoder, Dictionary(32, 16), l1_coeff=0.0, lr=3e-3, sparse_decode=sparse)
+    assert encoder.train_k == 6 and encoder.training_k == 6
+    L.Trainer(max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu").fit(model, dm)
+    x = dm.test_x[:256]
+    model.train()
+    assert float(model.training_losses((x,))["l0"]) == pytest.approx(6, rel=0.05)
+    model.eval()
+    codes = model.encode(x)
+    assert float((codes != 0).sum(-1).float().mean()) == pytest.approx(3, rel=0.2)
+    if head == "batchtopk":  # the threshold is the (3 x samples)-th largest training value, not the 6 x samples-th
+        with torch.no_grad():
+            acts = encoder.linear_map(x, model.dictionary).relu().flatten()
+        third, sixth = acts.topk(3 * 256).values[-1], acts.topk(6 * 256).values[-1]
+        assert abs(float(encoder.threshold) - third) < abs(float(encoder.threshold) - sixth)
+    with pytest.raises(ValueError, match=r"k_train_factor >= 1 .* got k_train_factor=0.5"):
+        create_encoder(head, d_model=16, n_latents=32, k=3, k_train_factor=0.5)
+
+
 def test_lr_decay_steps_may_be_a_fraction_of_the_run():
     torch.manual_seed(0)
     dm = SyntheticSparseDataModule(n_latents=8, d_model=4, n_train=64, n_test=32, batch_size=16, steps_per_epoch=20)

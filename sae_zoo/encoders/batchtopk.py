@@ -24,7 +24,9 @@ class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
 
     Reproduces dictionary_learning's ``BatchTopKSAE`` and ``MatryoshkaBatchTopKSAE``, whose inference is
     that threshold (SAELens saves its BatchTopK SAEs as ``jumprelu`` ones, which the jumprelu head loads).
-    ``k_anneal`` starts training at a larger k (:class:`~sae_zoo.encoders.topk.AnnealedK`).
+    ``k_train_factor`` and ``k_anneal`` train with more latents per sample
+    (:class:`~sae_zoo.encoders.topk.AnnealedK`); the threshold is then the smallest of each training batch's
+    ``k x batch`` largest values, so inference keeps ``k`` per sample on average.
     """
 
     nonnegative_codes = True
@@ -35,13 +37,14 @@ class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
                                    "encoder": {**FIELD_SAE_DEFAULTS["encoder"], "k_anneal": 2.0}}
 
     def __init__(self, d_model: int, n_latents: int, k: int, threshold_lr: float = 0.01,
-                 subtract_decoder_bias: bool = False, k_anneal: float = 1.0, k_anneal_fraction: float = 0.5) -> None:
+                 subtract_decoder_bias: bool = False, k_anneal: float = 1.0, k_anneal_fraction: float = 0.5,
+                 k_train_factor: float = 1.0) -> None:
         super().__init__(d_model, n_latents)
         require_k("batchtopk", k, n_latents)
         if not 0 < threshold_lr <= 1:
             raise ValueError(f"batchtopk needs 0 < threshold_lr <= 1, got threshold_lr={threshold_lr!r}")
         self.k, self.threshold_lr = int(k), float(threshold_lr)
-        self.init_annealing(k_anneal, k_anneal_fraction)
+        self.init_annealing(k_anneal, k_anneal_fraction, k_train_factor)
         self.subtract_decoder_bias = bool(subtract_decoder_bias)
         self.linear = nn.Linear(d_model, n_latents)
         #: the running smallest kept activation; negative until the first training batch sets it
@@ -58,21 +61,24 @@ class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
             x = self.check_input(x, dictionary)
             codes = SparseCodes(*SparseTopKLinear.apply(self.centre(x, dictionary), self.linear.weight,
                                                         self.linear.bias, self.training_k, True))
-            self._update_threshold(codes.values.detach().reshape(-1))
+            self._update_threshold(codes.values.detach().reshape(-1), x.shape[:-1].numel())
             return TrainingCodes(codes)
         acts = self.linear_map(x, dictionary).relu()
         flat = acts.reshape(-1)
-        kept = flat.topk(self.training_k * (flat.numel() // self.n_latents), sorted=False)  # k <= n_latents
+        samples = flat.numel() // self.n_latents
+        kept = flat.topk(self.training_k * samples, sorted=False)  # k <= n_latents
         codes = torch.zeros_like(flat).scatter(0, kept.indices, kept.values).reshape(acts.shape)
-        self._update_threshold(kept.values.detach())
+        self._update_threshold(kept.values.detach(), samples)
         return TrainingCodes(codes)
 
     @torch.no_grad()
-    def _update_threshold(self, kept: Tensor) -> None:
+    def _update_threshold(self, kept: Tensor, samples: int) -> None:
         # on the device, without a synchronisation: a batch with no positive value leaves it unchanged; while k
-        # is annealed down the kept values are not k's, so the estimate starts when training reaches k
-        if self.training_k != self.k:
+        # is annealed down the kept values are not train_k's, so the estimate starts when training reaches it
+        if self.training_k != self.train_k:
             return
+        if self.train_k != self.k:  # inference keeps the k x samples largest of them
+            kept = kept.topk(min(kept.numel(), self.k * samples), sorted=False).values
         kept = kept.to(self.threshold.dtype)
         smallest = torch.where(kept > 0, kept, torch.inf).min() if kept.numel() else kept.new_tensor(torch.inf)
         moved = torch.where(self.threshold < 0, smallest, torch.lerp(self.threshold, smallest, self.threshold_lr))

@@ -31,17 +31,28 @@ def require_k(head: str, k: int, n_latents: int) -> None:
 
 
 class AnnealedK:
-    """``k_anneal``: training starts with ``k_anneal`` times ``k`` active latents per sample (at most
-    ``n_latents``) and comes down linearly to ``k`` over the first ``k_anneal_fraction`` of the steps; the
-    rest of training, and inference, keep ``k``. Denser early steps give every latent gradient while the
-    dictionary takes shape. ``training_k`` is the k of the current step."""
+    """How many latents a top-k head keeps per sample in training, when that is not ``k``.
 
-    def init_annealing(self, k_anneal: float, k_anneal_fraction: float) -> None:
+    * ``k_train_factor``: training keeps ``train_k = round(k_train_factor * k)`` latents per sample (at most
+      ``n_latents``), inference ``k``. The dictionary learns from denser codes, and inference keeps the
+      strongest ``k`` of them: on SynthSAEBench each latent then fires less often without its feature.
+    * ``k_anneal``: training starts with ``k_anneal`` times ``train_k`` and comes down linearly to
+      ``train_k`` over the first ``k_anneal_fraction`` of the steps. Denser early steps give every latent
+      gradient while the dictionary takes shape.
+
+    ``training_k`` is the k of the current step."""
+
+    def init_annealing(self, k_anneal: float, k_anneal_fraction: float, k_train_factor: float = 1.0) -> None:
         if not k_anneal >= 1 or not 0 < k_anneal_fraction <= 1:
             raise ValueError(f"{self.name} needs k_anneal >= 1 and 0 < k_anneal_fraction <= 1, got "
                              f"k_anneal={k_anneal!r}, k_anneal_fraction={k_anneal_fraction!r}")
+        if not k_train_factor >= 1:
+            raise ValueError(f"{self.name} needs k_train_factor >= 1 (training keeps at least the k of inference), "
+                             f"got k_train_factor={k_train_factor!r}")
         self.k_anneal, self.k_anneal_fraction = float(k_anneal), float(k_anneal_fraction)
-        self.training_k = self.k
+        self.k_train_factor = float(k_train_factor)
+        self.train_k = min(self.n_latents, round(self.k * self.k_train_factor))
+        self.training_k = self.train_k
 
     def on_train_progress(self, progress: float | None) -> None:
         if self.k_anneal == 1:
@@ -50,7 +61,7 @@ class AnnealedK:
             raise ValueError(f"{self.name} anneals k over the run (k_anneal={self.k_anneal}), which needs a known "
                              "number of training steps: set trainer.max_steps")
         left = max(0.0, 1 - progress / self.k_anneal_fraction)
-        self.training_k = min(self.n_latents, round(self.k * (1 + (self.k_anneal - 1) * left)))
+        self.training_k = min(self.n_latents, round(self.train_k * (1 + (self.k_anneal - 1) * left)))
 
 
 @register_encoder("topk")
@@ -58,7 +69,7 @@ class TopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
     """``codes = ReLU(TopK_k(W x + b))``: every other latent is set to zero.
 
     ``subtract_decoder_bias=True`` encodes ``x - b_dec``, as SAELens, sparsify and dictionary_learning do.
-    ``k_anneal`` starts training at a larger k (:class:`AnnealedK`).
+    ``k_train_factor`` and ``k_anneal`` train with more latents per sample (:class:`AnnealedK`).
     Reproduces SAELens's ``topk`` SAE (and sparsify's and dictionary_learning's top-k SAEs).
     """
 
@@ -68,11 +79,12 @@ class TopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
     learned_dictionary_defaults = FIELD_SAE_DEFAULTS
 
     def __init__(self, d_model: int, n_latents: int, k: int, bias: bool = True,
-                 subtract_decoder_bias: bool = False, k_anneal: float = 1.0, k_anneal_fraction: float = 0.5) -> None:
+                 subtract_decoder_bias: bool = False, k_anneal: float = 1.0, k_anneal_fraction: float = 0.5,
+                 k_train_factor: float = 1.0) -> None:
         super().__init__(d_model, n_latents)
         require_k("topk", k, n_latents)
         self.k = int(k)
-        self.init_annealing(k_anneal, k_anneal_fraction)
+        self.init_annealing(k_anneal, k_anneal_fraction, k_train_factor)
         self.subtract_decoder_bias = bool(subtract_decoder_bias)
         self.linear = nn.Linear(d_model, n_latents, bias=bias)
 
