@@ -185,14 +185,17 @@ def test_training_matches_the_authors_loop_step_for_step():
 
 def test_a_batchtopk_sae_written_plainly_gets_the_training_that_recovers_features_best(tmp_path):
     """`encoder: {name: batchtopk, k: ...}` on a learned dictionary gets the head's defaults (learned atom norms,
-    a decoder bias subtracted before encoding, a tied start, k annealed), shown in the saved config; a recipe that sets a
+    a decoder bias subtracted before encoding, a tied start, training at 1.25k annealed from twice that), shown in
+    the saved config; a recipe that sets a
     key keeps its own value; frozen and pretrained dictionaries, and the paper's heads, get none."""
     plain = ["setting=unknown", "encoder.name=batchtopk", "encoder.k=3", "~encoder.bias",
              "model.matryoshka_widths=[4,16]"]
     cfg = load_recipe(KNOWN_D, [*TINY, *plain])
     assert cfg.dictionary == {"bias": True, "atom_norms": "learned"}
     assert cfg.encoder.subtract_decoder_bias is True and cfg.model.tied_init is True and cfg.encoder.k_anneal == 2
+    assert cfg.encoder.k_train_factor == 1.25
     _, model = build(cfg)
+    assert model.encoder.train_k == 4 and model.encoder.k == 3  # 3.75, rounded half up
     assert model.dictionary.learns_norms and model.dictionary.bias is not None
     torch.testing.assert_close(model.encoder.linear.weight, model.dictionary.weight)  # the tied start
     run_dir, _ = fit(load_recipe(KNOWN_D, [*TINY, *plain, f"run_dir={tmp_path / 'run'}"]), progress=False)
@@ -201,8 +204,9 @@ def test_a_batchtopk_sae_written_plainly_gets_the_training_that_recovers_feature
     assert not torch.allclose(SparseCoder.load_from_checkpoint(run_dir / "model.ckpt").dictionary.atom_norms,
                               torch.ones(16))  # the norms trained
     kept = load_recipe(KNOWN_D, [*TINY, *plain, "dictionary.atom_norms=false", "model.tied_init=false",
-                                 "encoder.k_anneal=1"])
+                                 "encoder.k_anneal=1", "encoder.k_train_factor=1"])
     assert kept.dictionary.atom_norms is False and kept.model.tied_init is False and kept.encoder.k_anneal == 1
+    assert kept.encoder.k_train_factor == 1
     assert "atom_norms" not in load_recipe(KNOWN_D, [*TINY, "encoder.name=batchtopk", "encoder.k=3",
                                                      "~encoder.bias"]).dictionary  # frozen: the true dictionary
     assert load_recipe(RECIPES / "unknown.yaml").dictionary == {"bias": False}  # the paper's SAE: as published

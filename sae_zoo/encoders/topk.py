@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -33,8 +34,8 @@ def require_k(head: str, k: int, n_latents: int) -> None:
 class AnnealedK:
     """How many latents a top-k head keeps per sample in training, when that is not ``k``.
 
-    * ``k_train_factor``: training keeps ``train_k = round(k_train_factor * k)`` latents per sample (at most
-      ``n_latents``), inference ``k``. The dictionary learns from denser codes, and inference keeps the
+    * ``k_train_factor``: training keeps ``train_k = k_train_factor * k`` latents per sample (rounded half
+      up, at most ``n_latents``), inference ``k``. The dictionary learns from denser codes, and inference keeps the
       strongest ``k`` of them: on SynthSAEBench each latent then fires less often without its feature.
     * ``k_anneal``: training starts with ``k_anneal`` times ``train_k`` and comes down linearly to
       ``train_k`` over the first ``k_anneal_fraction`` of the steps. Denser early steps give every latent
@@ -51,7 +52,7 @@ class AnnealedK:
                              f"got k_train_factor={k_train_factor!r}")
         self.k_anneal, self.k_anneal_fraction = float(k_anneal), float(k_anneal_fraction)
         self.k_train_factor = float(k_train_factor)
-        self.train_k = min(self.n_latents, round(self.k * self.k_train_factor))
+        self.train_k = min(self.n_latents, math.floor(self.k * self.k_train_factor + 0.5))
         self.training_k = self.train_k
 
     def on_train_progress(self, progress: float | None) -> None:
