@@ -32,7 +32,7 @@ browser:
 
 test: install browser
 	$(BIN)/lint-imports  # the import layers of pyproject.toml's [tool.importlinter]
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal  # one worker per core (tests/conftest.py: one thread each)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
