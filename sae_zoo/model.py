@@ -253,7 +253,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                                                                              self.encoder.nonnegative_codes)
         losses = {"mse": mse, "sparsity": sparsity}
         if measure_l0:
-            losses["l0"] = (values.detach() != 0).sum(-1).float().mean()
+            # the mean of each sample's count, as one count over the batch: no (batch, n_latents) integer copy
+            losses["l0"] = torch.count_nonzero(values.detach()).float() / max(1, values[..., 0].numel())
         loss = mse + self.sparsity.value(self.global_step if self._trainer is not None else None) * sparsity
         if out.aux_loss is not None:
             losses["aux"] = out.aux_loss
