@@ -19,13 +19,14 @@ os.environ.update({"HF_ENDPOINT": HUB.url, "HF_TOKEN": "hf_loopback_test_token",
 os.environ.pop("HF_HUB_OFFLINE", None)
 # pytest-xdist runs one worker per core (the Makefile's `-n auto`): each keeps to one thread, as do the processes
 # it starts, or the workers' thread pools contend for the same cores and every test runs many times slower
-if os.environ.get("PYTEST_XDIST_WORKER"):
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:
     os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if XDIST_WORKER:
     torch.set_num_threads(1)
 
 from sae_zoo.data import generate_sparse_data  # noqa: E402

@@ -186,8 +186,8 @@ def test_training_matches_the_authors_loop_step_for_step():
 def test_a_batchtopk_sae_written_plainly_gets_the_training_that_recovers_features_best(tmp_path):
     """`encoder: {name: batchtopk, k: ...}` on a learned dictionary gets the head's defaults (learned atom norms,
     a decoder bias subtracted before encoding, a tied start, training at 1.25k annealed from twice that), shown in
-    the saved config; a recipe that sets a
-    key keeps its own value; frozen and pretrained dictionaries, and the paper's heads, get none."""
+    the saved config; a recipe that sets a key keeps its own value; frozen and pretrained dictionaries, and the
+    paper's heads, get none."""
     plain = ["setting=unknown", "encoder.name=batchtopk", "encoder.k=3", "~encoder.bias",
              "model.matryoshka_widths=[4,16]"]
     cfg = load_recipe(KNOWN_D, [*TINY, *plain])
