@@ -2,7 +2,8 @@
 
 One :class:`Dictionary` (the decoder) is paired with an interchangeable encoder head in a
 :class:`SparseCoder` LightningModule. Heads live in a registry: :func:`list_encoders`,
-:func:`create_encoder`, :func:`register_encoder`. Public SAEs load by name:
+:func:`create_encoder`, :func:`register_encoder`; so do training aids (:class:`TrainingAid`,
+:func:`register_training_aid`, :func:`list_training_aids`). Public SAEs load by name:
 :func:`list_pretrained`, :func:`load_sae`.
 """
 
@@ -12,8 +13,10 @@ from .dictionary import Dictionary
 from .encoders import EncoderHead, create_encoder, list_encoders, register_encoder
 from .hub import list_pretrained, load_sae
 from .model import SparseCoder
+from .training import TrainingAid, list_training_aids, register_training_aid
 
 __version__ = version("sae_zoo")
 
-__all__ = ["Dictionary", "EncoderHead", "SparseCoder", "create_encoder", "list_encoders", "list_pretrained",
-           "load_sae", "register_encoder", "__version__"]
+__all__ = ["Dictionary", "EncoderHead", "SparseCoder", "TrainingAid", "create_encoder", "list_encoders",
+           "list_pretrained", "list_training_aids", "load_sae", "register_encoder", "register_training_aid",
+           "__version__"]

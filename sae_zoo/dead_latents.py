@@ -3,11 +3,14 @@ resampling (2023).
 
 A latent is dead once it has not fired for ``dead_tokens`` training tokens. :class:`DeadLatents` counts the
 tokens since each latent last fired (from every training batch's codes), adds the AuxK term to the loss,
-and resamples the dead latents every ``resample_every`` steps. ``SparseCoder`` owns one (``model.dead_latents``)
-and calls it; a run that asks for neither keeps no counts.
+and resamples the dead latents every ``resample_every`` steps. It is a training aid (:mod:`sae_zoo.training`);
+``SparseCoder`` builds one from its ``auxk_coeff``, ``auxk_k``, ``dead_tokens`` and ``resample_every``
+(``model.dead_latents``). A run that asks for neither keeps no counts.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,15 +18,17 @@ from torch import Tensor, nn
 
 from .encoders import EncoderHead, SparseCodes
 from .objectives import auxk_loss, fired_latents
+from .training import LossTerm, TrainingAid, register_training_aid
 
 
-class DeadLatents(nn.Module):
+@register_training_aid("dead_latents")
+class DeadLatents(TrainingAid):
     """``auxk_coeff`` weighs the AuxK loss (the ``auxk_k`` largest pre-activations among the dead latents
     reconstruct what the live ones leave; default ``d_model // 2``); ``resample_every`` steps, every dead
     latent is resampled (:meth:`resample`). The counts are a buffer, saved in checkpoints."""
 
-    def __init__(self, n_latents: int, d_model: int, auxk_coeff: float = 0.0, auxk_k: int | None = None,
-                 dead_tokens: int = 10_000_000, resample_every: int = 0) -> None:
+    def __init__(self, auxk_coeff: float = 0.0, auxk_k: int | None = None, dead_tokens: int = 10_000_000,
+                 resample_every: int = 0) -> None:
         super().__init__()
         for name, value in {"auxk_coeff": auxk_coeff, "resample_every": resample_every}.items():
             if not value >= 0:
@@ -32,14 +37,51 @@ class DeadLatents(nn.Module):
             if value is not None and not value > 0:
                 raise ValueError(f"SparseCoder needs {name} > 0, got {name}={value!r}")
         self.auxk_coeff, self.dead_tokens, self.resample_every = float(auxk_coeff), int(dead_tokens), int(resample_every)
-        self.auxk_k = auxk_k or max(1, d_model // 2)
-        tracks = self.auxk_coeff > 0 or self.resample_every > 0
-        self.register_buffer("tokens_since_fired", torch.zeros(n_latents) if tracks else None, persistent=False)
+        self.auxk_k_option, self.auxk_k = auxk_k, auxk_k
+        self.register_buffer("tokens_since_fired", None, persistent=False)
 
     @property
     def tracks(self) -> bool:
         """Whether this run counts firings at all (it does when it uses AuxK or resampling)."""
-        return self.tokens_since_fired is not None
+        return self.auxk_coeff > 0 or self.resample_every > 0
+
+    @property
+    def active(self) -> bool:
+        return self.tracks
+
+    @property
+    def solo(self) -> bool:  # resampling clears the model's own optimiser state
+        return self.resample_every > 0
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "auxk_coeff": self.auxk_coeff, "auxk_k": self.auxk_k_option,
+                "dead_tokens": self.dead_tokens, "resample_every": self.resample_every}
+
+    def setup(self, model: nn.Module) -> None:
+        self.auxk_k = self.auxk_k_option or max(1, model.dictionary.d_model // 2)
+        if self.tracks:
+            self.tokens_since_fired = torch.zeros(model.dictionary.n_latents, device=model.dictionary.weight.device)
+
+    def before_batch(self, model: nn.Module, x: Tensor) -> None:
+        if self.resample_due(model.global_step):
+            model.resample_dead_latents(x)
+
+    def loss_terms(self, model: nn.Module, x: Tensor, codes: Tensor | SparseCodes,
+                   x_hat: Tensor) -> dict[str, LossTerm]:
+        self.observe(codes)
+        auxk = self.auxk(model.encoder, model.dictionary, x, x_hat)
+        return {} if auxk is None else {"auxk": LossTerm(auxk, self.auxk_coeff)}
+
+    def log_values(self) -> dict[str, Tensor]:
+        return {"dead_fraction": self.dead().float().mean()} if self.tracks else {}
+
+    def save_state(self, checkpoint: dict[str, Any]) -> None:
+        if self.tracks:
+            checkpoint["tokens_since_fired"] = self.tokens_since_fired.cpu()
+
+    def load_state(self, checkpoint: dict[str, Any]) -> None:
+        if self.tracks and "tokens_since_fired" in checkpoint:
+            self.tokens_since_fired.copy_(checkpoint["tokens_since_fired"])
 
     def dead(self) -> Tensor:
         """Boolean ``(n_latents,)``: the latents that have not fired for ``dead_tokens`` tokens."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelHubMixin
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._io import atomic_directory, atomic_write_json, read_safetensors
 from .data.base import Batch
@@ -17,13 +18,13 @@ from .dictionary import Dictionary
 from .encoders import EncoderHead, SparseCodes, create_encoder
 from .metrics import SparseCodingMetrics
 from .dead_latents import DeadLatents
-from .objectives import (adam, check_matryoshka_widths, geometric_median, lr_factor, reconstruction_loss,
-                         steps_or_fraction)
+from .objectives import adam, check_matryoshka_widths, reconstruction_loss, steps_or_fraction
 from .pretrained import model_card
 from .pretrained.config import (CONFIG_NAME, WEIGHTS_NAME, build_dictionary, build_encoder, load_state, model_config,
                                 read_model_config, save_weights)
 from .pretrained.files import resolve_file
 from .sparsity import SparsityControl, calibrate_l0, start_at_l0
+from .training import DecoderBiasInit, LRSchedule, TrainingAid, create_training_aid, gives_schedule
 
 
 class Reconstruction(NamedTuple):
@@ -116,19 +117,25 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     fraction; dictionary MCC too when ``true_dictionary`` is given. ``sparse_decode`` lets a top-k head
     decode from its k atoms per sample in training.
 
-    The loss is ``MSE + coeff * sparsity`` (element means), where the sparsity penalty is the head's own
-    (:meth:`EncoderHead.training_codes`: the L1 of the codes unless the head has another, as JumpReLU's
-    L0) and ``coeff`` starts at ``l1_coeff``. The field's training aids are arguments:
-    ``matryoshka_widths`` (every prefix of the latents reconstructs on its own, the losses summed),
-    ``auxk_coeff``/``auxk_k``/``dead_tokens`` (AuxK on the latents that have not fired for
-    ``dead_tokens`` tokens), ``resample_every`` (Anthropic's dead-latent resampling; both held by
-    ``model.dead_latents``, :mod:`sae_zoo.dead_latents`), ``target_l0``/
-    ``target_l0_rate`` (``coeff`` tuned until the batches' L0 averages the target, the run started and ended
-    on it: :mod:`sae_zoo.sparsity`),
-    ``sparsity_warmup_steps``, ``lr_warmup_steps``/``lr_decay_steps`` (a number of steps, or for the
-    decay a fraction of the run, e.g. 0.2: the last 20%), ``decoder_bias_init`` (the data's
-    ``mean`` or ``geometric_median``, from ``bias_init_samples`` training rows) and ``tied_init`` (the
-    encoder starts as the decoder's transpose).
+    The loss is ``MSE + coeff * sparsity`` (element means) plus the training aids' terms, where the sparsity
+    penalty is the head's own (:meth:`EncoderHead.training_codes`: the L1 of the codes unless the head has
+    another, as JumpReLU's L0). Its options, by what they set:
+
+    * **the objective**: ``matryoshka_widths`` (every prefix of the latents reconstructs on its own, the losses
+      summed);
+    * **the sparsity coefficient** (``model.sparsity``, :mod:`sae_zoo.sparsity`): ``l1_coeff`` to start,
+      ``sparsity_warmup_steps``, and ``target_l0``/``target_l0_rate`` (``coeff`` tuned until the batches' L0
+      averages the target, the run started and ended on it);
+    * **the start**: ``tied_init`` (the encoder starts as the decoder's transpose), and ``bias_init_samples``
+      training rows for what starts from the data;
+    * **training aids** (``model.aids``, :mod:`sae_zoo.training`; each one object with its hooks): the field's,
+      set by flat options that saved configurations keep, ``auxk_coeff``/``auxk_k``/``dead_tokens``/
+      ``resample_every`` (AuxK on the latents that have not fired for ``dead_tokens`` tokens, and Anthropic's
+      resampling: ``model.dead_latents``), ``lr_warmup_steps``/``lr_decay_steps`` (a number of steps, or for
+      the decay a fraction of the run, e.g. 0.2: the last 20%) and ``decoder_bias_init`` (the data's ``mean`` or
+      ``geometric_median``); and any further :class:`~sae_zoo.training.TrainingAid` in ``aids`` (objects, or
+      ``{"name": ..., **options}`` dicts of registered ones), which is how a new training method joins
+      without a new option here.
 
     ``encoder`` and ``dictionary`` may also be given as their ``config()`` dicts, which is how
     ``SparseCoder.load_from_checkpoint`` rebuilds them.
@@ -147,7 +154,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                  resample_every: int = 0, target_l0: float | None = None, target_l0_rate: float = 0.02,
                  sparsity_warmup_steps: int = 0, lr_warmup_steps: int = 0, lr_decay_steps: int | float = 0,
                  decoder_bias_init: Literal["mean", "geometric_median"] | None = None,
-                 bias_init_samples: int = 32768, tied_init: bool = False) -> None:
+                 bias_init_samples: int = 32768, tied_init: bool = False,
+                 aids: Sequence[TrainingAid | dict[str, Any]] = ()) -> None:
         super().__init__()
         if not lr > 0 or not l1_coeff >= 0:
             raise ValueError(f"SparseCoder needs lr > 0 and l1_coeff >= 0, got lr={lr!r}, l1_coeff={l1_coeff!r}")
@@ -155,11 +163,18 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                             "lr_decay_steps": lr_decay_steps}.items():
             if not value >= 0:
                 raise ValueError(f"SparseCoder needs {name} >= 0, got {name}={value!r}")
+        extra_aids = [create_training_aid(**aid) if isinstance(aid, dict) else aid for aid in aids]
+        for aid in extra_aids:
+            if not isinstance(aid, TrainingAid):
+                raise TypeError(f"aids takes TrainingAid objects or {{'name': ..., **options}} dicts, got {aid!r}")
+            if aid.name in BUILTIN_AIDS:
+                raise ValueError(f"aids: {aid.name!r} is set by SparseCoder's own options "
+                                 f"({', '.join(BUILTIN_AIDS[aid.name])}); set those instead")
         for name, value in {"bias_init_samples": bias_init_samples, "target_l0": target_l0,
                             "target_l0_rate": target_l0_rate}.items():
             if value is not None and not value > 0:
                 raise ValueError(f"SparseCoder needs {name} > 0, got {name}={value!r}")
-        if decoder_bias_init not in (None, "mean", "geometric_median"):
+        if decoder_bias_init not in (None, "mean", "geometric_median"):  # before the head is built
             raise ValueError(f"decoder_bias_init must be 'mean', 'geometric_median' or None, got {decoder_bias_init!r}")
         encoder = create_encoder(**encoder) if isinstance(encoder, dict) else encoder
         dictionary = Dictionary(**dictionary) if isinstance(dictionary, dict) else dictionary
@@ -176,8 +191,6 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.encoder, self.dictionary = encoder, dictionary
         self.l1_coeff, self.lr, self.supervised = float(l1_coeff), float(lr), bool(supervised)
         self.sparse_decode, self.code_recovery = bool(sparse_decode), bool(code_recovery)
-        if decoder_bias_init is not None and dictionary.bias is None:
-            raise ValueError(f"decoder_bias_init={decoder_bias_init!r} needs a dictionary with a bias (bias=True)")
         if tied_init:
             tie_encoder_to_decoder(encoder, dictionary)
         self.matryoshka_widths = (None if matryoshka_widths is None
@@ -193,12 +206,19 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.save_hyperparameters({"encoder": encoder.config(), "dictionary": dictionary.config(),
                                    "l1_coeff": self.l1_coeff, "lr": self.lr, "supervised": self.supervised,
                                    "sparse_decode": self.sparse_decode, "code_recovery": self.code_recovery,
-                                   **training})
+                                   **training, **({"aids": [aid.config() for aid in extra_aids]} if extra_aids else {})})
         self.sparsity = SparsityControl(self.l1_coeff, target_l0, target_l0_rate, sparsity_warmup_steps)
         #: after a run that targets an L0: the L0 the controller reached and the threshold shift that ends on it
         self.l0_calibration: dict[str, float] | None = None
-        self.dead_latents = DeadLatents(dictionary.n_latents, dictionary.d_model, auxk_coeff, auxk_k, dead_tokens,
-                                        resample_every)
+        self.dead_latents = DeadLatents(auxk_coeff, auxk_k, dead_tokens, resample_every)
+        #: every training aid, the field's first, in the order their hooks run
+        self.aids = nn.ModuleList([DecoderBiasInit(decoder_bias_init), self.dead_latents,
+                                   LRSchedule(int(lr_warmup_steps), lr_decay_steps), *extra_aids])
+        for aid in self.aids:
+            aid.setup(self)
+        schedules = [aid.name for aid in self.aids if aid.active and gives_schedule(aid)]
+        if len(schedules) > 1:
+            raise ValueError(f"aids: {', '.join(schedules)} each set the learning-rate schedule; keep one")
         if true_dictionary is not None and tuple(true_dictionary.shape[1:]) != (dictionary.d_model,):
             raise ValueError(f"true_dictionary must have shape (n, {dictionary.d_model}), got {tuple(true_dictionary.shape)}")
         self.register_buffer("true_dictionary", true_dictionary, persistent=False)
@@ -259,11 +279,12 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         if out.aux_loss is not None:
             losses["aux"] = out.aux_loss
             loss = loss + out.aux_loss
-        self.dead_latents.observe(codes)
-        auxk = self.dead_latents.auxk(self.encoder, self.dictionary, x, x_hat)
-        if auxk is not None:
-            losses["auxk"] = auxk
-            loss = loss + self.dead_latents.auxk_coeff * auxk
+        for aid in self.aids:
+            for name, term in aid.loss_terms(self, x, codes, x_hat).items():
+                if name in losses:
+                    raise ValueError(f"training aid {aid.name!r} adds a loss term {name!r}, a name already taken")
+                losses[name] = term.value
+                loss = loss + term.weight * term.value
         return {"loss": loss, **losses}
 
     def tuned_losses(self, batch: Batch, measure_l0: bool = False) -> dict[str, Tensor]:
@@ -283,8 +304,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                 raise FloatingPointError(f"the training loss is {losses['loss'].item()} at step {self.global_step}: "
                                          "check the inputs for NaN/Inf, or lower the learning rate")
             self.log_dict({f"train/{k}": v for k, v in losses.items()})
-            if self.dead_latents.tracks:
-                self.log("train/dead_fraction", self.dead_latents.dead().float().mean())
+            for aid in self.aids:
+                self.log_dict({f"train/{k}": v for k, v in aid.log_values().items()})
             if targets_l0:
                 self.log("train/sparsity_coeff", self.sparsity.coeff)
             self.log("loss", losses["loss"], prog_bar=True, logger=False)
@@ -301,9 +322,14 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             self.dictionary.normalize_()
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
-        self.encoder.on_train_progress(training_progress(self.trainer))
-        if self.dead_latents.resample_due(self.global_step):
-            self.resample_dead_latents(unpack_batch(batch)[0])
+        self.before_training_batch(unpack_batch(batch)[0], training_progress(self.trainer))
+
+    def before_training_batch(self, x: Tensor, progress: float | None) -> None:
+        """Before a training step on inputs ``x``, ``progress`` (0 to 1) through the run: the head's schedule
+        (a top-k head's annealed k), then every aid's :meth:`~sae_zoo.training.TrainingAid.before_batch`."""
+        self.encoder.on_train_progress(progress)
+        for aid in self.aids:
+            aid.before_batch(self, x)
 
     def resample_dead_latents(self, x: Tensor) -> int:
         """Resample the dead latents on inputs ``x`` (:meth:`DeadLatents.resample`); returns how many."""
@@ -312,35 +338,46 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             x_hat = self(x).x_hat
         return self.dead_latents.resample(self.encoder, self.dictionary, x, x_hat, optimizer)
 
+    def reads_training_rows(self) -> str | None:
+        """Why the start and end of a run read ``bias_init_samples`` training rows (None: they do not): an aid
+        that starts from the data, or a ``target_l0``."""
+        readers = [f"{aid.name} aid" for aid in self.aids if aid.reads_rows]
+        if self.sparsity.targets_l0:
+            readers.append(f"target_l0={self.sparsity.target_l0}")
+        return ", ".join(readers) or None
+
     def on_train_start(self) -> None:
-        """A fresh run (not a resumed one) reads ``bias_init_samples`` training rows when it sets the decoder
-        bias from the data (``decoder_bias_init``) or targets an L0 (:meth:`start_training`)."""
-        how = self.training_options["decoder_bias_init"]
-        if self.global_step or (how is None and not self.sparsity.targets_l0):
+        """A fresh run (not a resumed one) starts each aid and the sparsity (:meth:`start_training`), on training
+        rows when one of them reads them."""
+        if self.global_step:
             return
-        why = f"decoder_bias_init={how!r}" if how is not None else f"target_l0={self.sparsity.target_l0}"
-        points = training_sample(self.trainer, self.dictionary.d_model, self.training_options["bias_init_samples"], why)
-        if how is not None:
-            with torch.no_grad():
-                self.dictionary.bias.copy_(points.mean(0) if how == "mean" else geometric_median(points))
+        why = self.reads_training_rows()
+        points = (None if why is None else
+                  training_sample(self.trainer, self.dictionary.d_model, self.training_options["bias_init_samples"], why))
         self.start_training(points)
 
     def on_train_end(self) -> None:
-        if self.sparsity.targets_l0:
-            points = training_sample(self.trainer, self.dictionary.d_model, self.training_options["bias_init_samples"],
-                                     f"target_l0={self.sparsity.target_l0}")
-            self.finish_training(points)
+        why = self.reads_training_rows()
+        points = (None if why is None else
+                  training_sample(self.trainer, self.dictionary.d_model, self.training_options["bias_init_samples"], why))
+        self.finish_training(points)
 
-    def start_training(self, points: Tensor) -> None:
-        """Before the first step of a run that targets an L0: the head starts near the target on training rows
-        ``points`` (:func:`sae_zoo.sparsity.start_at_l0`), so that the controller starts near where it settles."""
+    def start_training(self, points: Tensor | None) -> None:
+        """Before the first step of a run: every aid's :meth:`~sae_zoo.training.TrainingAid.start` on training
+        rows ``points``; then a run that targets an L0 starts its head near the target
+        (:func:`sae_zoo.sparsity.start_at_l0`), so that the controller starts near where it settles."""
+        for aid in self.aids:
+            aid.start(self, points)
         if self.sparsity.targets_l0:
             start_at_l0(self.encoder, points.to(self.dictionary.weight.dtype), self.dictionary, self.sparsity.target_l0)
 
-    def finish_training(self, points: Tensor) -> None:
-        """After a run that targets an L0: the coefficient it settled on becomes the model's ``l1_coeff``
-        (config.json, the card), and one shift of the head's thresholds lands the L0 of training rows ``points``
-        on the target (:func:`sae_zoo.sparsity.calibrate_l0`; recorded in ``l0_calibration``)."""
+    def finish_training(self, points: Tensor | None) -> None:
+        """After a run: every aid's :meth:`~sae_zoo.training.TrainingAid.finish`. After a run that targets an L0,
+        the coefficient it settled on becomes the model's ``l1_coeff`` (config.json, the card), and one shift of
+        the head's thresholds lands the L0 of training rows ``points`` on the target
+        (:func:`sae_zoo.sparsity.calibrate_l0`; recorded in ``l0_calibration``)."""
+        for aid in self.aids:
+            aid.finish(self, points)
         if not self.sparsity.targets_l0:
             return
         self.l1_coeff = self.hparams["l1_coeff"] = float(self.sparsity.coeff)
@@ -397,18 +434,19 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         checkpoint["decoder_provenance"] = self.dictionary.provenance
         checkpoint["sparsity_coeff"] = float(self.sparsity.coeff)
         checkpoint["sparsity_integral"] = float(self.sparsity.integral)
-        if self.dead_latents.tracks:
-            checkpoint["tokens_since_fired"] = self.dead_latents.tokens_since_fired.cpu()
+        for aid in self.aids:
+            aid.save_state(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.dictionary.provenance = dict(checkpoint.get("decoder_provenance") or {})
         self.sparsity.restore(checkpoint.get("sparsity_coeff", self.l1_coeff), checkpoint.get("sparsity_integral"))
-        if self.dead_latents.tracks and "tokens_since_fired" in checkpoint:
-            self.dead_latents.tokens_since_fired.copy_(checkpoint["tokens_since_fired"])
+        for aid in self.aids:
+            aid.load_state(checkpoint)
 
     def configure_optimizers(self) -> Any:
-        """Adam (learned atom norms at ``lr * dictionary.norm_lr_scale``); with ``lr_warmup_steps``/
-        ``lr_decay_steps``, a per-step linear warm-up and final decay."""
+        """Adam (learned atom norms at ``lr * dictionary.norm_lr_scale``), with the per-step learning-rate
+        schedule of the aid that gives one (``lr_warmup_steps``/``lr_decay_steps``: a linear warm-up and final
+        decay)."""
         norms = self.dictionary.atom_norms if self.dictionary.learns_norms else None
         params = [p for p in self.parameters() if p.requires_grad and p is not norms]
         if not params:
@@ -417,15 +455,10 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         if norms is not None:  # see Dictionary.norm_lr_scale
             groups.append({"params": [norms], "lr": self.lr * self.dictionary.norm_lr_scale})
         optimizer = adam(groups, lr=self.lr)
-        warmup, decay = self.training_options["lr_warmup_steps"], self.training_options["lr_decay_steps"]
-        if not (warmup or decay):
+        scheduling = [aid for aid in self.aids if aid.active and gives_schedule(aid)]  # at most one (__init__)
+        schedule = scheduling[0].schedule(optimizer, self.trainer.estimated_stepping_batches) if scheduling else None
+        if schedule is None:
             return optimizer
-        total = self.trainer.estimated_stepping_batches
-        if decay and not 0 < total < float("inf"):
-            raise ValueError("lr_decay_steps needs a known number of training steps: set trainer.max_steps")
-        if isinstance(decay, float):  # a fraction of the run
-            decay = round(decay * total)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, int(total), warmup, decay))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- Hugging Face Hub (ModelHubMixin): sae_zoo's files in sae_zoo.pretrained, transport in sae_zoo.hub ----
@@ -492,3 +525,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
 
 #: what ``from_pretrained`` may set beside config.json (for further training, or the device)
 PRETRAINED_OVERRIDES = ("l1_coeff", "lr", "true_dictionary", "sparse_decode")
+
+#: the field's training aids, which SparseCoder's own (flat) options set: registry name -> those options
+BUILTIN_AIDS = {"decoder_bias_init": ("decoder_bias_init",),
+                "dead_latents": ("auxk_coeff", "auxk_k", "dead_tokens", "resample_every"),
+                "lr_schedule": ("lr_warmup_steps", "lr_decay_steps")}

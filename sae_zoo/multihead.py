@@ -16,10 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from .data.base import Batch
-from .model import SparseCoder, training_progress, training_sample
+from .model import BUILTIN_AIDS, SparseCoder, training_progress, training_sample, unpack_batch
 from .objectives import adam
 
-#: training options a bank does not reproduce (they need a model's own trainer): train such a model alone
+#: SparseCoder's options that a bank does not reproduce (they need a model's own trainer): train such a model
+#: alone. A further training aid says so itself (``TrainingAid.solo``).
 SOLO_OPTIONS = ("resample_every", "lr_warmup_steps", "lr_decay_steps", "sparsity_warmup_steps", "decoder_bias_init")
 
 
@@ -35,6 +36,8 @@ class HeadBank(L.LightningModule):
         owners: dict[int, str] = {}
         for name, model in models.items():
             used = [k for k in SOLO_OPTIONS if model.training_options[k]]
+            used += [f"the {aid.name!r} aid" for aid in model.aids
+                     if aid.name not in BUILTIN_AIDS and aid.active and aid.solo]
             if used:
                 raise ValueError(f"HeadBank: model {name!r} sets {', '.join(used)}, which needs its own trainer; "
                                  "train it alone with Trainer.fit(model)")
@@ -60,9 +63,9 @@ class HeadBank(L.LightningModule):
         return total
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
-        progress = training_progress(self.trainer)
+        progress, x = training_progress(self.trainer), unpack_batch(batch)[0]
         for model in self.models:
-            model.encoder.on_train_progress(progress)
+            model.before_training_batch(x, progress)
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         for model in self.models:
@@ -75,16 +78,18 @@ class HeadBank(L.LightningModule):
         self._each_on_training_rows("finish_training")
 
     def _each_on_training_rows(self, method: str) -> None:
-        """Models that target an L0 start and end on training rows (``SparseCoder.start_training`` and
-        ``finish_training``); one read of the data serves them all."""
-        targeting = [m for m in self.models if m.sparsity.targets_l0]
-        if targeting and not (method == "start_training" and self.global_step):
-            first = targeting[0]
-            points = training_sample(self.trainer, first.dictionary.d_model,
-                                     max(m.training_options["bias_init_samples"] for m in targeting),
-                                     f"target_l0={first.sparsity.target_l0}")
-            for model in targeting:
-                getattr(model, method)(points[:model.training_options["bias_init_samples"]])
+        """Every model starts and ends its run (``SparseCoder.start_training`` and ``finish_training``), on
+        training rows where it reads them (a ``target_l0``, an aid); one read of the data serves them all."""
+        if method == "start_training" and self.global_step:
+            return
+        reading = [(m, why) for m in self.models if (why := m.reads_training_rows()) is not None]
+        points = None
+        if reading:
+            points = training_sample(self.trainer, self.models[0].dictionary.d_model,
+                                     max(m.training_options["bias_init_samples"] for m, _ in reading), reading[0][1])
+        for model in self.models:
+            rows = None if model.reads_training_rows() is None else points[:model.training_options["bias_init_samples"]]
+            getattr(model, method)(rows)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """One Adam with a parameter group per model, at that model's learning rate."""

@@ -44,6 +44,7 @@ from .encoders import create_encoder, get_encoder_class
 from .evaluation import ProbingConfig, downstream_metrics, evaluate
 from .hub import load_sae
 from .model import SparseCoder
+from .training import get_training_aid_class
 
 SETTINGS = ("known_codes", "known_dictionary", "unknown")
 
@@ -248,6 +249,18 @@ def _named(section: Any, key: str) -> tuple[str, dict[str, Any]]:
     return kwargs.pop("name"), kwargs
 
 
+def check_training_aid(spec: Any, key: str) -> None:
+    """A recipe's training aid (``{name: ..., **options}``): a registered name, with options its class takes."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{key} must be a mapping with a name (a registered training aid), got {spec!r}")
+    name, options = _named(spec, key)
+    try:
+        aid_class = get_training_aid_class(name)
+    except ValueError as e:
+        raise ValueError(f"{key}.name: {e}") from None
+    check_kwargs(aid_class.__init__, options, what=f"training aid {name!r}", key_prefix=f"{key}.")
+
+
 def import_modules(modules: list[str]) -> None:
     """Import dotted module names or ``.py`` files (which register heads as a side effect)."""
     for module in modules:
@@ -338,6 +351,8 @@ def plan(cfg: DictConfig) -> Plan:
     model_kwargs = _plain(cfg.model)
     check_kwargs(SparseCoder.__init__, model_kwargs, what="SparseCoder",
                  skip=("encoder", "dictionary", "supervised", "true_dictionary"), key_prefix="model.")
+    for i, spec in enumerate(model_kwargs.get("aids", [])):
+        check_training_aid(spec, f"model.aids[{i}]")
     if not model_kwargs.get("lr", 1.0) > 0:
         raise ValueError(f"model.lr must be positive, got {model_kwargs['lr']!r}")
     if not model_kwargs.get("l1_coeff", 0.0) >= 0:

@@ -90,3 +90,63 @@ def test_tied_head_uses_the_dictionary_it_is_given(tmp_path):
     d = Dictionary.from_tensor(torch.eye(4, 3) + 0.1)
     x = torch.randn(5, 3)
     torch.testing.assert_close(head(x, d), torch.relu(x @ d.atoms.T))
+
+
+def contributed_aid(tmp_path: Path):
+    """The guide's training aid, imported from its own file as a user's module."""
+    path = tmp_path / "decorrelation_aid.py"
+    path.write_text(guide_blocks()[2])
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import decorrelation_aid
+    finally:
+        sys.path.remove(str(tmp_path))
+    return path, decorrelation_aid
+
+
+def test_a_training_aid_joins_the_loss_without_an_edit_to_the_model(tmp_path):
+    _, module = contributed_aid(tmp_path)
+    dm = SyntheticSparseDataModule(n_train=64, n_test=64)
+    x = dm.test_x[:32]
+
+    def model(**kwargs):
+        torch.manual_seed(0)
+        return SparseCoder({"name": "linear", "d_model": 8, "n_latents": 16},
+                           Dictionary(16, 8, trainable=True), **kwargs)
+
+    plain, aided = model(), model(aids=[{"name": "atom_decorrelation", "coeff": 2.0}])
+    assert isinstance(aided.aids[-1], module.AtomDecorrelation) and aided.hparams["aids"] == [
+        {"name": "atom_decorrelation", "coeff": 2.0}]
+    atoms = torch.nn.functional.normalize(aided.dictionary.directions, dim=-1)
+    cosines = atoms @ atoms.T
+    expected = cosines[~torch.eye(16, dtype=torch.bool)].square().mean()
+    losses, base = aided.training_losses(x), plain.training_losses(x)
+    torch.testing.assert_close(losses["atom_cosine"], expected)
+    torch.testing.assert_close(losses["loss"], base["loss"] + 2.0 * expected)  # the only change to the loss
+
+
+def test_a_training_aid_trains_through_a_recipe_by_name_and_reloads(tmp_path):
+    aid_file, module = contributed_aid(tmp_path)
+    runs = {}
+    for label, aids in (("plain", "[]"), ("aided", "[{name: atom_decorrelation, coeff: 10.0}]")):
+        runs[label] = tmp_path / label
+        cmd = [sys.executable, "-m", "sae_zoo.cli", "fit", str(ROOT / "recipes/synthetic/unknown.yaml"),
+               f"imports=[{aid_file}]", f"model.aids={aids}", "data.n_train=128", "data.n_test=128",
+               "data.steps_per_epoch=50", "trainer.max_steps=100", "trainer.accelerator=cpu",
+               f"run_dir={runs[label]}", "--no-progress"]
+        subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tmp_path)
+
+    def mean_square_cosine(run: Path) -> float:
+        model = SparseCoder.load_from_checkpoint(run / "model.ckpt")
+        atoms = torch.nn.functional.normalize(model.dictionary.directions.detach(), dim=-1)
+        return float((atoms @ atoms.T).square().sum() - 16) / (16 * 15), model
+
+    plain, _ = mean_square_cosine(runs["plain"])
+    aided, model = mean_square_cosine(runs["aided"])
+    assert isinstance(model.aids[-1], module.AtomDecorrelation) and model.aids[-1].coeff == 10.0
+    assert aided < 0.8 * plain, (aided, plain)  # the same seed and data: the aid pushed the atoms apart
+
+    bad = subprocess.run([sys.executable, "-m", "sae_zoo.cli", "fit", str(ROOT / "recipes/synthetic/unknown.yaml"),
+                          f"imports=[{aid_file}]", "model.aids=[{name: atom_decorrelation, coef: 1.0}]",
+                          f"run_dir={tmp_path / 'bad'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode != 0 and "model.aids[0].coef" in bad.stderr, bad.stderr

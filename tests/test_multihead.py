@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from sae_zoo import Dictionary, SparseCoder, create_encoder
 from sae_zoo.multihead import HeadBank
+from sae_zoo.training import TrainingAid
 
 D, N = 8, 24
 
@@ -54,3 +55,12 @@ def test_a_bank_refuses_shared_trained_parameters_and_solo_options():
     frozen = Dictionary(N, D, trainable=False)
     with pytest.raises(ValueError, match="'a' sets resample_every"):
         HeadBank({"a": SparseCoder(create_encoder("linear", d_model=D, n_latents=N), frozen, resample_every=10)})
+
+    class OwnOptimiser(TrainingAid):  # a further aid that needs its model's own trainer says so
+        name, solo = "own_optimiser", True
+
+        def config(self):
+            return {"name": self.name}
+
+    with pytest.raises(ValueError, match="'a' sets the 'own_optimiser' aid, which needs its own trainer"):
+        HeadBank({"a": SparseCoder(create_encoder("linear", d_model=D, n_latents=N), frozen, aids=[OwnOptimiser()])})

@@ -13,6 +13,7 @@ from sae_zoo.data import SyntheticSparseDataModule
 from sae_zoo.encoders import SparseCodes
 from sae_zoo.evaluation import evaluate
 from sae_zoo.sparsity import SparsityControl
+from sae_zoo.training import TrainingAid, create_training_aid, list_training_aids
 from sae_zoo.objectives import auxk_loss, check_matryoshka_widths, geometric_median, lr_factor, reconstruction_loss
 
 
@@ -20,6 +21,21 @@ def fit(model, dm, steps):
     L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, accelerator="cpu").fit(model, dm)
     return evaluate(model, dm)
+
+
+def learning_rates(model, steps=20):
+    """The learning rate of each of ``steps`` training steps of ``model`` on a small synthetic set."""
+    torch.manual_seed(0)
+    dm = SyntheticSparseDataModule(n_latents=8, d_model=4, n_train=64, n_test=32, batch_size=16, steps_per_epoch=20)
+    rates = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", callbacks=[Record()]).fit(model, dm)
+    return rates
 
 
 @pytest.mark.parametrize("head", ["jumprelu", "linear", "gated"])
@@ -200,6 +216,44 @@ def test_learning_rate_and_sparsity_warm_up_and_decay():
         SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), lr_warmup_steps=-1)
 
 
+def test_the_fields_aids_are_registered_objects_set_by_the_flat_options():
+    model = SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), auxk_coeff=0.5,
+                        lr_decay_steps=0.2)
+    assert [aid.name for aid in model.aids] == ["decoder_bias_init", "dead_latents", "lr_schedule"]
+    assert [aid.active for aid in model.aids] == [False, True, True] and model.aids[1] is model.dead_latents
+    assert {"dead_latents", "decoder_bias_init", "lr_schedule"} <= set(list_training_aids())
+    for aid in model.aids:  # config() rebuilds each one
+        assert create_training_aid(**aid.config()).config() == aid.config()
+    assert model.dead_latents.auxk_k == 2 and model.dead_latents.tokens_since_fired.shape == (8,)
+    assert "aids" not in model.hparams  # the saved hyper-parameters are the flat options, as before
+
+    # an option of the model's own is not set twice, and a run has one learning-rate schedule
+    with pytest.raises(ValueError, match="'dead_latents' is set by SparseCoder's own options \\(auxk_coeff"):
+        SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4),
+                    aids=[{"name": "dead_latents", "auxk_coeff": 1.0}])
+
+    class Cosine(TrainingAid):
+        name = "cosine_schedule"
+
+        def config(self):
+            return {"name": self.name}
+
+        def schedule(self, optimizer, total_steps):
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(total_steps))
+
+    with pytest.raises(ValueError, match="lr_schedule, cosine_schedule each set the learning-rate schedule"):
+        SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), lr_warmup_steps=3,
+                    aids=[Cosine()])
+    with pytest.raises(ValueError, match="unknown training aid 'nope'; registered: .*dead_latents"):
+        SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), aids=[{"name": "nope"}])
+    with pytest.raises(TypeError, match="aids takes TrainingAid objects"):
+        SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), aids=["auxk"])
+
+    # the aid's schedule is the run's, step by step
+    model = SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), lr=1e-2, aids=[Cosine()])
+    assert learning_rates(model, steps=10) == pytest.approx([5e-3 * (1 + math.cos(math.pi * s / 10)) for s in range(10)])
+
+
 def test_geometric_median_resists_outliers_and_initialises_the_decoder_bias():
     torch.manual_seed(0)
     points = torch.randn(500, 3) + torch.tensor([1.0, -2.0, 0.5])
@@ -326,17 +380,8 @@ def test_k_train_factor_trains_denser_and_infers_at_k(head, sparse):
 
 
 def test_lr_decay_steps_may_be_a_fraction_of_the_run():
-    torch.manual_seed(0)
-    dm = SyntheticSparseDataModule(n_latents=8, d_model=4, n_train=64, n_test=32, batch_size=16, steps_per_epoch=20)
     model = SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), lr=1e-2, lr_decay_steps=0.25)
-    rates = []
-
-    class Record(L.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-    L.Trainer(max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, accelerator="cpu", callbacks=[Record()]).fit(model, dm)
+    rates = learning_rates(model)
     assert rates[:16] == pytest.approx([1e-2] * 16) and rates[16:] == pytest.approx([8e-3, 6e-3, 4e-3, 2e-3])
     assert model.hparams["lr_decay_steps"] == 0.25
     for bad, reason in ((1.5, " >= 1 counts steps, so it must be a whole number"), (-1, " >= 0, got lr_decay_steps="),
