@@ -457,6 +457,34 @@ def test_export_to_saelens_round_trips_and_matches_saelens_formulas(tmp_path, na
     torch.testing.assert_close(back_hat, ours_hat, atol=1e-5, rtol=1e-5)
 
 
+def test_batchtopk_threshold_on_contributions_exports_as_a_threshold_per_latent(tmp_path, x):
+    """``threshold_on="contribution"``: a latent fires when its code times its atom's norm passes the threshold;
+    SAELens gets that as a JumpReLU threshold per latent (the threshold over the norm), with the same codes."""
+    torch.manual_seed(0)
+    head = create_encoder("batchtopk", d_model=D_IN, n_latents=D_SAE, k=K, subtract_decoder_bias=True,
+                          threshold_on="contribution")
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+        head.threshold.fill_(0.1)
+    atoms = torch.randn(D_SAE, D_IN) * (0.3 + torch.rand(D_SAE, 1))
+    model = SparseCoder(head, Dictionary.from_tensor(atoms, bias=torch.randn(D_IN), keep_norms="learned",
+                                                     trainable=True)).eval()
+    with torch.no_grad():
+        ours = model.encode(x)
+        acts = head.linear_map(x, model.dictionary).relu()
+    norms = model.dictionary.atom_norms.detach()
+    torch.testing.assert_close(ours, acts * (acts * norms > 0.1))
+    assert not torch.equal(ours > 0, acts > 0.1)  # not the threshold on the codes
+    out = export_saelens(model, tmp_path / "exported")
+    cfg, w = json.loads((out / "cfg.json").read_text()), load_file(str(out / "sae_weights.safetensors"))
+    assert cfg["architecture"] == "jumprelu"
+    torch.testing.assert_close(w["threshold"], 0.1 / norms)
+    torch.testing.assert_close(saelens_codes("jumprelu", w, cfg, x), ours, atol=ATOL, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(load_sae(out).model().encode(x), ours, atol=1e-5, rtol=1e-5)
+
+
 def test_export_of_a_head_saelens_lacks(tmp_path):
     model = SparseCoder(create_encoder("mlp", d_model=D_IN, n_latents=D_SAE, hidden=8), Dictionary(D_SAE, D_IN))
     with pytest.raises(ValueError, match="SAELens has no encoder like sae_zoo's 'mlp' head"):

@@ -84,6 +84,31 @@ def test_batchtopk_keeps_k_per_sample_on_average_in_training_and_its_threshold_a
     assert metrics["l0"] == pytest.approx(4, rel=0.25)  # the threshold gives about k per sample at inference
 
 
+def test_batchtopk_threshold_on_contributions_keeps_k_per_sample_after_training():
+    """With learned atom norms, the running threshold ranks the kept codes by code x norm, so that the
+    threshold on contributions keeps about k latents per sample at inference."""
+    torch.manual_seed(0)
+    dm = SyntheticSparseDataModule(n_latents=32, d_model=16, k=4, n_train=2048, n_test=1024, batch_size=128,
+                                   steps_per_epoch=200)
+    head = create_encoder("batchtopk", d_model=16, n_latents=32, k=4, k_train_factor=1.5, threshold_on="contribution")
+    model = SparseCoder(head, Dictionary(32, 16, atom_norms="learned"), l1_coeff=0.0, lr=3e-3)
+    metrics = fit(model, dm, 200)
+    norms = model.dictionary.atom_norms.detach()
+    assert norms.std() > 0.05  # the norms moved apart, so ranking by contribution differs from ranking by code
+    assert metrics["l0"] == pytest.approx(4, rel=0.25)
+    head.train()
+    head.threshold_lr = 1.0  # the estimate is then this batch's alone
+    for sparse in (False, True):
+        with torch.no_grad():
+            kept = head.training_codes(dm.train_x[:128], model.dictionary, sparse=False).codes
+            head.training_codes(dm.train_x[:128], model.dictionary, sparse=sparse)
+        # the smallest of the batch's k x 128 largest contributions among those kept (6 per sample in training)
+        by_contribution = (kept * norms).reshape(-1).topk(4 * 128).values[-1]
+        by_code = kept.reshape(-1).topk(4 * 128).values[-1]
+        assert float(head.threshold) == pytest.approx(float(by_contribution), rel=1e-5)
+        assert abs(float(by_code) - float(by_contribution)) > 0.05 * float(by_contribution)
+
+
 def test_matryoshka_prefixes_reconstruct_on_their_own():
     widths = [4, 16, 64]
     torch.manual_seed(0)

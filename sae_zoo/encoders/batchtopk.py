@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,12 @@ class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
     ``k_train_factor`` and ``k_anneal`` train with more latents per sample
     (:class:`~sae_zoo.encoders.topk.AnnealedK`); the threshold is then the smallest of each training batch's
     ``k x batch`` largest values, so inference keeps ``k`` per sample on average.
+
+    ``threshold_on="contribution"`` sets the threshold on each code times its atom's norm (what the latent adds
+    to the reconstruction) instead of on the code, where the dictionary learns its norms: a latent fires when
+    it explains enough of the input, whatever the split between its code and its norm. Training still selects
+    on the codes; the threshold estimate ranks the kept codes by contribution. It is a threshold per latent on
+    the code (the threshold over the atom's norm), which is how it exports.
     """
 
     nonnegative_codes = True
@@ -40,12 +46,14 @@ class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
 
     def __init__(self, d_model: int, n_latents: int, k: int, threshold_lr: float = 0.01,
                  subtract_decoder_bias: bool = False, k_anneal: float = 1.0, k_anneal_fraction: float = 0.5,
-                 k_train_factor: float = 1.0) -> None:
+                 k_train_factor: float = 1.0, threshold_on: Literal["code", "contribution"] = "code") -> None:
         super().__init__(d_model, n_latents)
         require_k("batchtopk", k, n_latents)
         if not 0 < threshold_lr <= 1:
             raise ValueError(f"batchtopk needs 0 < threshold_lr <= 1, got threshold_lr={threshold_lr!r}")
-        self.k, self.threshold_lr = int(k), float(threshold_lr)
+        if threshold_on not in ("code", "contribution"):
+            raise ValueError(f"batchtopk threshold_on must be 'code' or 'contribution', got {threshold_on!r}")
+        self.k, self.threshold_lr, self.threshold_on = int(k), float(threshold_lr), threshold_on
         self.init_annealing(k_anneal, k_anneal_fraction, k_train_factor)
         self.subtract_decoder_bias = bool(subtract_decoder_bias)
         self.linear = nn.Linear(d_model, n_latents)
@@ -56,29 +64,40 @@ class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
         if self.training:
             return self.training_codes(x, dictionary, sparse=False).codes
         acts = self.linear_map(x, dictionary).relu()
-        return acts * (acts > self.threshold)
+        weights = self.contribution_weights(dictionary)
+        return acts * ((acts if weights is None else acts * weights) > self.threshold)
+
+    def contribution_weights(self, dictionary: nn.Module | None) -> Tensor | None:
+        """What each latent's code is weighed by before the threshold: its atom's norm with
+        ``threshold_on="contribution"`` where the dictionary has norms; None (the code itself) otherwise."""
+        norms = getattr(dictionary, "atom_norms", None) if self.threshold_on == "contribution" else None
+        return None if norms is None else norms.detach()
 
     def training_codes(self, x: Tensor, dictionary: nn.Module | None = None, sparse: bool = True) -> TrainingCodes:
         if sparse:  # the same codes, as each sample's non-zero values (zero-padded to a common width)
             x = self.check_input(x, dictionary)
             codes = SparseCodes(*SparseTopKLinear.apply(self.centre(x, dictionary), self.linear.weight,
                                                         self.linear.bias, self.training_k, True))
-            self._update_threshold(codes.values.detach().reshape(-1), x.shape[:-1].numel())
+            self._update_threshold(codes.values.detach().reshape(-1), codes.indices.reshape(-1),
+                                   x.shape[:-1].numel(), dictionary)
             return TrainingCodes(codes)
         acts = self.linear_map(x, dictionary).relu()
         flat = acts.reshape(-1)
         samples = flat.numel() // self.n_latents
         kept = flat.topk(self.training_k * samples, sorted=False)  # k <= n_latents
         codes = torch.zeros_like(flat).scatter(0, kept.indices, kept.values).reshape(acts.shape)
-        self._update_threshold(kept.values.detach(), samples)
+        self._update_threshold(kept.values.detach(), kept.indices % self.n_latents, samples, dictionary)
         return TrainingCodes(codes)
 
     @torch.no_grad()
-    def _update_threshold(self, kept: Tensor, samples: int) -> None:
+    def _update_threshold(self, kept: Tensor, latents: Tensor, samples: int, dictionary: nn.Module | None) -> None:
         # on the device, without a synchronisation: a batch with no positive value leaves it unchanged; while k
         # is annealed down the kept values are not train_k's, so the estimate starts when training reaches it
         if self.training_k != self.train_k:
             return
+        weights = self.contribution_weights(dictionary)
+        if weights is not None:
+            kept = kept * weights[latents]
         if self.train_k != self.k:  # inference keeps the k x samples largest of them
             kept = kept.topk(min(kept.numel(), self.k * samples), sorted=False).values
         kept = kept.to(self.threshold.dtype)
@@ -91,8 +110,11 @@ class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
         return self.k
 
     def encode_flops(self) -> tuple[float, float]:
-        # inference: ReLU, the comparison and the mask (and the decoder-bias subtraction)
-        return 2 * self.d_model * self.n_latents, 3 * self.n_latents + self.subtract_decoder_bias * self.d_model
+        # inference: ReLU, (the weighing by the atom norms,) the comparison and the mask (and the decoder-bias
+        # subtraction)
+        weighed = self.threshold_on == "contribution"
+        return (2 * self.d_model * self.n_latents,
+                (3 + weighed) * self.n_latents + self.subtract_decoder_bias * self.d_model)
 
     @classmethod
     def from_foreign(cls, sae: ForeignSAE) -> "BatchTopKEncoder":
@@ -108,6 +130,9 @@ class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
         return head
 
     def to_foreign(self, dictionary: nn.Module) -> ForeignSAE:
-        # SAELens saves a BatchTopK SAE for inference as a JumpReLU SAE with the threshold on every latent
+        # SAELens saves a BatchTopK SAE for inference as a JumpReLU SAE with the threshold on every latent; a
+        # threshold on contributions is one on each code of the threshold over its atom's norm
+        threshold = self.threshold.clamp_min(0).expand(self.n_latents)
+        weights = self.contribution_weights(dictionary)
         return linear_export(self, dictionary, "jumprelu",
-                             params={"threshold": self.threshold.clamp_min(0).expand(self.n_latents)})
+                             params={"threshold": threshold if weights is None else threshold / weights})
