@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import lightning as L
@@ -163,6 +163,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                             "lr_decay_steps": lr_decay_steps}.items():
             if not value >= 0:
                 raise ValueError(f"SparseCoder needs {name} >= 0, got {name}={value!r}")
+        if any(isinstance(aid, dict) and "name" not in aid for aid in aids):
+            raise ValueError(f"aids: each dict names a registered training aid ({{'name': ..., **options}}), got {aids!r}")
         extra_aids = [create_training_aid(**aid) if isinstance(aid, dict) else aid for aid in aids]
         for aid in extra_aids:
             if not isinstance(aid, TrainingAid):
@@ -174,7 +176,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                             "target_l0_rate": target_l0_rate}.items():
             if value is not None and not value > 0:
                 raise ValueError(f"SparseCoder needs {name} > 0, got {name}={value!r}")
-        if decoder_bias_init not in (None, "mean", "geometric_median"):  # before the head is built
+        if decoder_bias_init not in (None, "mean", "geometric_median"):
             raise ValueError(f"decoder_bias_init must be 'mean', 'geometric_median' or None, got {decoder_bias_init!r}")
         encoder = create_encoder(**encoder) if isinstance(encoder, dict) else encoder
         dictionary = Dictionary(**dictionary) if isinstance(dictionary, dict) else dictionary

@@ -15,7 +15,8 @@ class GatedFunction(torch.autograd.Function):
     ReLU(z + b_gate)`` and ``codes = 1[z + b_gate > 0] * ReLU(scale * z + b_mag)``, with autograd's
     gradients (none through the gate's step). Writing a fresh ``(batch, n_latents)`` float tensor is what
     costs on a CPU, and the composed operations write twice as many as this does: the gate's activations
-    take ``z``'s place, both masks are read off the outputs, and the scale's gradient comes from the codes
+    take ``z``'s place and the codes the magnitudes', both masks are read off the outputs, and the scale's
+    gradient comes from the codes
     (``z = (codes - b_mag) / scale`` where a latent fires)."""
 
     @staticmethod
@@ -23,7 +24,7 @@ class GatedFunction(torch.autograd.Function):
         magnitude = torch.addcmul(b_mag, z, scale).clamp_min_(0)
         gate_acts = z.add_(b_gate).clamp_min_(0)  # z is not needed again
         ctx.mark_dirty(z)
-        codes = kept_where_positive(magnitude, gate_acts)
+        codes = kept_where_positive(magnitude, gate_acts, in_place=True)  # magnitude is not needed again
         ctx.save_for_backward(codes, gate_acts, scale, b_mag)
         return codes, gate_acts
 

@@ -27,8 +27,11 @@ class JumpReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
-        fires = z > threshold
-        near = (z > threshold - bandwidth / 2) & (z < threshold + bandwidth / 2)
+        # two boolean (batch, n_latents) tensors in all: the second holds the band's upper side, then the step
+        near = z > threshold - bandwidth / 2
+        fires = torch.lt(z, threshold + bandwidth / 2)
+        near &= fires
+        fires = torch.gt(z, threshold, out=fires)
         codes = torch.where(fires, z, z.new_zeros(()), out=z)  # in z's place: nothing else reads it
         ctx.mark_dirty(z)
         ctx.save_for_backward(threshold, codes, near)
