@@ -48,7 +48,7 @@ def _pyplot():
 
 
 def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))  # legends outside
     _pyplot().close(fig)
     return Path(path)
 
