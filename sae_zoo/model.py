@@ -18,7 +18,7 @@ from .dictionary import Dictionary
 from .encoders import EncoderHead, SparseCodes, create_encoder
 from .metrics import SparseCodingMetrics
 from .dead_latents import DeadLatents
-from .objectives import adam, check_matryoshka_widths, reconstruction_loss, steps_or_fraction
+from .objectives import adam, check_matryoshka_widths, reconstruction_loss
 from .pretrained import model_card
 from .pretrained.config import (CONFIG_NAME, WEIGHTS_NAME, build_dictionary, build_encoder, load_state, model_config,
                                 read_model_config, save_weights)
@@ -159,10 +159,12 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         super().__init__()
         if not lr > 0 or not l1_coeff >= 0:
             raise ValueError(f"SparseCoder needs lr > 0 and l1_coeff >= 0, got lr={lr!r}, l1_coeff={l1_coeff!r}")
-        for name, value in {"sparsity_warmup_steps": sparsity_warmup_steps, "lr_warmup_steps": lr_warmup_steps,
-                            "lr_decay_steps": lr_decay_steps}.items():
-            if not value >= 0:
-                raise ValueError(f"SparseCoder needs {name} >= 0, got {name}={value!r}")
+        if not sparsity_warmup_steps >= 0:
+            raise ValueError(f"SparseCoder needs sparsity_warmup_steps >= 0, got "
+                             f"sparsity_warmup_steps={sparsity_warmup_steps!r}")
+        # the field's aids check their own options (each error names the SparseCoder option)
+        bias_init, schedule = DecoderBiasInit(decoder_bias_init), LRSchedule(lr_warmup_steps, lr_decay_steps)
+        dead_latents = DeadLatents(auxk_coeff, auxk_k, dead_tokens, resample_every)
         if any(isinstance(aid, dict) and "name" not in aid for aid in aids):
             raise ValueError(f"aids: each dict names a registered training aid ({{'name': ..., **options}}), got {aids!r}")
         extra_aids = [create_training_aid(**aid) if isinstance(aid, dict) else aid for aid in aids]
@@ -176,8 +178,6 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                             "target_l0_rate": target_l0_rate}.items():
             if value is not None and not value > 0:
                 raise ValueError(f"SparseCoder needs {name} > 0, got {name}={value!r}")
-        if decoder_bias_init not in (None, "mean", "geometric_median"):
-            raise ValueError(f"decoder_bias_init must be 'mean', 'geometric_median' or None, got {decoder_bias_init!r}")
         encoder = create_encoder(**encoder) if isinstance(encoder, dict) else encoder
         dictionary = Dictionary(**dictionary) if isinstance(dictionary, dict) else dictionary
         if (encoder.d_model, encoder.n_latents) != (dictionary.d_model, dictionary.n_latents):
@@ -200,8 +200,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         training = {"matryoshka_widths": self.matryoshka_widths, "auxk_coeff": float(auxk_coeff), "auxk_k": auxk_k,
                     "dead_tokens": int(dead_tokens), "resample_every": int(resample_every), "target_l0": target_l0,
                     "target_l0_rate": float(target_l0_rate), "sparsity_warmup_steps": int(sparsity_warmup_steps),
-                    "lr_warmup_steps": int(lr_warmup_steps),
-                    "lr_decay_steps": steps_or_fraction(lr_decay_steps, "lr_decay_steps"),
+                    "lr_warmup_steps": schedule.warmup_steps, "lr_decay_steps": schedule.decay_steps,
                     "decoder_bias_init": decoder_bias_init, "bias_init_samples": int(bias_init_samples),
                     "tied_init": bool(tied_init)}
         self.training_options = training
@@ -212,10 +211,9 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.sparsity = SparsityControl(self.l1_coeff, target_l0, target_l0_rate, sparsity_warmup_steps)
         #: after a run that targets an L0: the L0 the controller reached and the threshold shift that ends on it
         self.l0_calibration: dict[str, float] | None = None
-        self.dead_latents = DeadLatents(auxk_coeff, auxk_k, dead_tokens, resample_every)
+        self.dead_latents = dead_latents
         #: every training aid, the field's first, in the order their hooks run
-        self.aids = nn.ModuleList([DecoderBiasInit(decoder_bias_init), self.dead_latents,
-                                   LRSchedule(int(lr_warmup_steps), lr_decay_steps), *extra_aids])
+        self.aids = nn.ModuleList([bias_init, dead_latents, schedule, *extra_aids])
         for aid in self.aids:
             aid.setup(self)
         schedules = [aid.name for aid in self.aids if aid.active and gives_schedule(aid)]
@@ -351,18 +349,17 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     def on_train_start(self) -> None:
         """A fresh run (not a resumed one) starts each aid and the sparsity (:meth:`start_training`), on training
         rows when one of them reads them."""
-        if self.global_step:
-            return
-        why = self.reads_training_rows()
-        points = (None if why is None else
-                  training_sample(self.trainer, self.dictionary.d_model, self.training_options["bias_init_samples"], why))
-        self.start_training(points)
+        if not self.global_step:
+            self.start_training(self._training_rows())
 
     def on_train_end(self) -> None:
+        self.finish_training(self._training_rows())
+
+    def _training_rows(self) -> Tensor | None:
+        """``bias_init_samples`` rows of the training data where the start or end of the run reads them."""
         why = self.reads_training_rows()
-        points = (None if why is None else
-                  training_sample(self.trainer, self.dictionary.d_model, self.training_options["bias_init_samples"], why))
-        self.finish_training(points)
+        return None if why is None else training_sample(self.trainer, self.dictionary.d_model,
+                                                        self.training_options["bias_init_samples"], why)
 
     def start_training(self, points: Tensor | None) -> None:
         """Before the first step of a run: every aid's :meth:`~sae_zoo.training.TrainingAid.start` on training

@@ -82,14 +82,14 @@ class HeadBank(L.LightningModule):
         training rows where it reads them (a ``target_l0``, an aid); one read of the data serves them all."""
         if method == "start_training" and self.global_step:
             return
-        reading = [(m, why) for m in self.models if (why := m.reads_training_rows()) is not None]
+        why = {i: reason for i, m in enumerate(self.models) if (reason := m.reads_training_rows()) is not None}
         points = None
-        if reading:
+        if why:
             points = training_sample(self.trainer, self.models[0].dictionary.d_model,
-                                     max(m.training_options["bias_init_samples"] for m, _ in reading), reading[0][1])
-        for model in self.models:
-            rows = None if model.reads_training_rows() is None else points[:model.training_options["bias_init_samples"]]
-            getattr(model, method)(rows)
+                                     max(self.models[i].training_options["bias_init_samples"] for i in why),
+                                     next(iter(why.values())))
+        for i, model in enumerate(self.models):
+            getattr(model, method)(points[:model.training_options["bias_init_samples"]] if i in why else None)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """One Adam with a parameter group per model, at that model's learning rate."""

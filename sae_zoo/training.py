@@ -156,9 +156,10 @@ class LRSchedule(TrainingAid):
 
     def __init__(self, warmup_steps: int = 0, decay_steps: int | float = 0) -> None:
         super().__init__()
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"lr_warmup_steps must be a whole number of steps >= 0, got {warmup_steps!r}")
-        self.warmup_steps, self.decay_steps = warmup_steps, steps_or_fraction(decay_steps, "lr_decay_steps")
+        for name, value in {"lr_warmup_steps": warmup_steps, "lr_decay_steps": decay_steps}.items():
+            if not value >= 0:
+                raise ValueError(f"SparseCoder needs {name} >= 0, got {name}={value!r}")
+        self.warmup_steps, self.decay_steps = int(warmup_steps), steps_or_fraction(decay_steps, "lr_decay_steps")
 
     @property
     def active(self) -> bool:
