@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from sae_zoo import Dictionary, SparseCoder, create_encoder
+from sae_zoo.sparsity import calibrate_l0
 
 Shape = tuple[int, int, int]  # (m, k, n): an (m, k) @ (k, n) product
 
@@ -91,12 +92,19 @@ def inference_products(model: SparseCoder, batch: int) -> list[Shape]:
     return [(batch, layer.in_features, layer.out_features) for layer in linear_layers(encoder)]
 
 
-def make_heads(d_model: int, k: int) -> dict[str, Callable[[], SparseCoder]]:
+def make_heads(d_model: int, k: int, x: torch.Tensor) -> dict[str, Callable[[], SparseCoder]]:
+    """Every head at ``n_latents = 32 x d_model``. The threshold heads come twice: as built (about half of
+    their latents fire, as at the start of a run without a target L0) and with their thresholds shifted so
+    that ``k`` fire per sample of ``x`` (where a run that targets L0 ``k`` spends its steps)."""
     n = 32 * d_model
 
     def coder(head: dict, atom_norms: bool | str = False, **kwargs) -> SparseCoder:
         return SparseCoder(create_encoder(d_model=d_model, n_latents=n, **head),
                            Dictionary(n, d_model, bias=True, atom_norms=atom_norms), code_recovery=False, **kwargs)
+
+    def at_l0(model: SparseCoder) -> SparseCoder:
+        calibrate_l0(model.encoder, x.to(model.dictionary.weight.device), model.dictionary, k)
+        return model
 
     return {
         "linear SAE": lambda: coder({"name": "linear", "subtract_decoder_bias": True}),
@@ -111,8 +119,10 @@ def make_heads(d_model: int, k: int) -> dict[str, Callable[[], SparseCoder]]:
         f"Matryoshka BatchTopK (k={k}), learned norms": lambda: coder(
             {"name": "batchtopk", "k": k, "subtract_decoder_bias": True}, atom_norms="learned",
             matryoshka_widths=[n // 16, n // 4, n]),
-        "JumpReLU SAE": lambda: coder({"name": "jumprelu", "subtract_decoder_bias": True}),
-        "gated SAE": lambda: coder({"name": "gated", "subtract_decoder_bias": True}),
+        "JumpReLU SAE, as built": lambda: coder({"name": "jumprelu", "subtract_decoder_bias": True}),
+        f"JumpReLU SAE, at L0 {k}": lambda: at_l0(coder({"name": "jumprelu", "subtract_decoder_bias": True})),
+        "gated SAE, as built": lambda: coder({"name": "gated", "subtract_decoder_bias": True}),
+        f"gated SAE, at L0 {k}": lambda: at_l0(coder({"name": "gated", "subtract_decoder_bias": True})),
         f"MLP head (hidden {4 * d_model})": lambda: coder({"name": "mlp", "hidden": 4 * d_model}),
     }
 
@@ -134,7 +144,7 @@ def benchmark(d_model: int, batch: int, k: int, fista_steps: int, device: str, d
     matmul_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     x = torch.randn(batch, d_model, device=device)
     rows = []
-    heads = {label: build for label, build in make_heads(d_model, k).items()
+    heads = {label: build for label, build in make_heads(d_model, k, x).items()
              if only is None or any(word.lower() in label.lower() for word in only)}
     for label, build in heads.items():
         model = build().to(device)

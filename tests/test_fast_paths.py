@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_zoo import Dictionary, SparseCoder, create_encoder
+from sae_zoo.encoders import SparseCodes
 from sae_zoo.recipe import RecipeError, fit, load_recipe
 
 
@@ -200,17 +201,25 @@ def test_gated_training_codes_give_the_plain_formulas_values_and_gradients(norms
     assert out.codes.count_nonzero() > 0 and (out.codes == 0).any()
 
 
-@pytest.mark.parametrize("name", ["linear", "jumprelu", "gated"])
-def test_fused_training_paths_run_under_bf16_autocast_close_to_float32(name):
-    """The heads' own autograd functions keep dtypes straight under autocast: the loss and every
-    gradient stay close to float32's."""
+@pytest.mark.parametrize("name, sparse", [("linear", False), ("jumprelu", False), ("gated", False),
+                                          ("jumprelu", True), ("gated", True)])
+def test_fused_training_paths_run_under_bf16_autocast_close_to_float32(name, sparse):
+    """The heads' own autograd functions (dense, and the threshold heads' sparse ones) keep dtypes straight
+    under autocast: the loss and every gradient stay close to float32's."""
+    x = torch.randn(256, 24, generator=torch.Generator().manual_seed(2))
+
     def loss_and_grads(autocast: bool):
-        torch.manual_seed(0)
-        head = create_encoder(name, d_model=24, n_latents=96, subtract_decoder_bias=True)
-        model = SparseCoder(head, Dictionary(96, 24, bias=True, atom_norms="learned"), l1_coeff=0.05)
-        x = torch.randn(256, 24, generator=torch.Generator().manual_seed(2))
+        if sparse:
+            model = threshold_model({"name": name}, "learned", None, True)
+            model.training_losses(x)  # records that few latents fire: the next batch goes the sparse way
+        else:
+            torch.manual_seed(0)
+            head = create_encoder(name, d_model=24, n_latents=96, subtract_decoder_bias=True)
+            model = SparseCoder(head, Dictionary(96, 24, bias=True, atom_norms="learned"), l1_coeff=0.05)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            assert isinstance(model.encoder.training_codes(x, model.dictionary).codes, SparseCodes) == sparse
             loss = model.training_losses(x)["loss"]
+        model.zero_grad()
         loss.backward()
         return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
@@ -218,3 +227,70 @@ def test_fused_training_paths_run_under_bf16_autocast_close_to_float32(name):
     assert mixed == pytest.approx(plain, rel=3e-2)
     assert torch.isfinite(mixed_grads).all() and mixed_grads.shape == plain_grads.shape
     assert torch.nn.functional.cosine_similarity(mixed_grads, plain_grads, dim=0) > 0.98
+
+
+def test_padded_entries_lists_each_samples_entries_padded_to_the_widest():
+    from sae_zoo.encoders.sparse_linear import padded_entries
+    mask = torch.tensor([[False, True, False, True], [False, False, False, False], [True, True, True, False]])
+    values = torch.arange(12.0).reshape(3, 4) + 1
+    indices, real, (gathered,) = padded_entries(mask, values)
+    assert indices.tolist() == [[1, 3, 0], [0, 0, 0], [0, 1, 2]]
+    assert real.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
+    assert gathered.tolist() == [[2.0, 4.0, 0.0], [0.0, 0.0, 0.0], [9.0, 10.0, 11.0]]
+    empty_indices, empty_real, _ = padded_entries(torch.zeros(2, 5, dtype=torch.bool))
+    assert empty_indices.shape == (2, 1) and not empty_real.any()
+
+
+def threshold_model(head: dict, norms, widths, sparse_decode: bool) -> SparseCoder:
+    """A threshold head at about 1 active latent of 96 per sample, where its training goes the sparse way."""
+    from sae_zoo.sparsity import calibrate_l0
+    torch.manual_seed(0)
+    model = SparseCoder(create_encoder(d_model=24, n_latents=96, subtract_decoder_bias=True, **head),
+                        Dictionary(96, 24, bias=True, atom_norms=norms), l1_coeff=0.1, matryoshka_widths=widths,
+                        sparse_decode=sparse_decode)
+    with torch.no_grad():
+        model.dictionary.bias.normal_(0, 0.3)
+        if norms:
+            model.dictionary.atom_norms.uniform_(0.5, 2)
+    calibrate_l0(model.encoder, torch.randn(512, 24, generator=torch.Generator().manual_seed(3)),
+                 model.dictionary, 1.0)
+    if head["name"] == "jumprelu":  # a wide kernel, so that many entries near the thresholds do not fire
+        model.encoder.bandwidth = 0.5
+    return model
+
+
+@pytest.mark.parametrize("head", [{"name": "jumprelu"}, {"name": "jumprelu", "sparsity_loss": "tanh"},
+                                  {"name": "gated"}], ids=["jumprelu", "jumprelu-tanh", "gated"])
+@pytest.mark.parametrize("norms, widths", [(False, None), ("learned", [8, 32, 96])], ids=["unit", "matryoshka"])
+def test_threshold_heads_train_on_their_entries_with_the_dense_paths_values_and_gradients(head, norms, widths):
+    """After a sparse enough batch, JumpReLU and gated train on each sample's active entries (and JumpReLU's
+    kernel's): the losses and every gradient equal the dense path's."""
+    x = torch.randn(200, 24, generator=torch.Generator().manual_seed(1))
+    results = []
+    for sparse in (True, False):
+        model = threshold_model(head, norms, widths, sparse)
+        model.training_losses(x)  # the first batch goes the dense way and records how many latents fired
+        codes = model.encoder.training_codes(x, model.dictionary, sparse=sparse).codes
+        assert isinstance(codes, SparseCodes) == sparse
+        model.zero_grad()
+        out = model.training_losses(x)
+        out["loss"].backward()
+        results.append(({k: v.item() for k, v in out.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (sparse_losses, sparse_grads), (dense_losses, dense_grads) = results
+    assert 0.5 < dense_losses["l0"] < 3
+    assert sparse_losses == pytest.approx(dense_losses, rel=1e-5, abs=1e-7)
+    assert sparse_grads.keys() == dense_grads.keys()
+    for name in dense_grads:
+        torch.testing.assert_close(sparse_grads[name], dense_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    threshold = "threshold" if head["name"] == "jumprelu" else "b_gate"
+    assert dense_grads[f"encoder.{threshold}"].abs().sum() > 0
+
+
+def test_threshold_heads_train_densely_while_many_latents_fire():
+    model = SparseCoder(create_encoder("jumprelu", d_model=24, n_latents=96), Dictionary(96, 24))
+    x = torch.randn(64, 24)
+    for _ in range(2):  # as built, about half fire: every batch goes the dense way
+        assert model.training_losses(x)["l0"] > 96 / 48
+        assert not isinstance(model.encoder.training_codes(x, model.dictionary).codes, SparseCodes)
+

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import EncoderHead, TrainingCodes, kept_where_positive
+from .base import EncoderHead, SparseCodes, TrainingCodes, kept_where_positive
 from .interop import ForeignSAE
 from .registry import register_encoder
+from .sparse_linear import DensityRecord, linear_grads_at, padded_entries
 
 
 class GatedFunction(torch.autograd.Function):
@@ -73,14 +75,55 @@ class GatePathLosses(torch.autograd.Function):
         return grad_acts.reshape(ctx.shape), None, None, None, grad_weights
 
 
+class SparseGatedLinear(torch.autograd.Function):
+    """:class:`GatedFunction` of ``z = x W^T``, as each sample's entries whose gate fires
+    (``(codes, gate_acts, indices)``, padded: :func:`~sae_zoo.encoders.sparse_linear.padded_entries`): the only
+    entries with a code, a gate activation or a gradient. The same gradients as the dense way, from products
+    over the entries instead of dense ones (:func:`~sae_zoo.encoders.sparse_linear.linear_grads_at`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, b_gate: Tensor, scale: Tensor, b_mag: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        z = F.linear(x, weight)
+        flat = z.reshape(-1, z.shape[-1])
+        indices, real, (z_at,) = padded_entries(flat + b_gate > 0, flat)
+        gate_acts = (z_at + b_gate[indices]) * real
+        codes = torch.addcmul(b_mag[indices], z_at, scale[indices]).clamp_min_(0) * real
+        ctx.save_for_backward(x, weight, indices, z_at, codes, gate_acts, scale)
+        ctx.mark_non_differentiable(indices)
+        shape = (*z.shape[:-1], indices.shape[-1])
+        return codes.reshape(shape), gate_acts.reshape(shape), indices.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad_codes: Tensor | None, grad_gate: Tensor | None,
+                 grad_indices: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, weight, indices, z_at, codes, gate_acts, scale = ctx.saved_tensors
+        n = scale.shape[-1]
+
+        def per_latent(values: Tensor) -> Tensor:
+            return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, indices.flatten(),
+                                                                                        values.flatten())
+
+        on_gate = (torch.zeros_like(gate_acts) if grad_gate is None
+                   else kept_where_positive(grad_gate.reshape(gate_acts.shape), gate_acts))
+        on_fired = (torch.zeros_like(codes) if grad_codes is None
+                    else kept_where_positive(grad_codes.reshape(codes.shape), codes))
+        grad_z = on_gate + on_fired * scale[indices]
+        grad_x, grad_weight, _ = linear_grads_at(x, weight, indices, grad_z,
+                                                 (ctx.needs_input_grad[0], ctx.needs_input_grad[1], False))
+        return grad_x, grad_weight, per_latent(on_gate), per_latent(on_fired * z_at), per_latent(on_fired)
+
+
 @register_encoder("gated")
-class GatedEncoder(EncoderHead):
+class GatedEncoder(DensityRecord, EncoderHead):
     """``codes = 1[W x + b_gate > 0] * ReLU(exp(r_mag) * (W x) + b_mag)``: the gate path decides which
     latents fire, the magnitude path (the same ``W``, rescaled per latent by ``exp(r_mag)``) how strongly.
 
     The gate has no gradient, so training adds the paper's two terms: the sparsity penalty is the L1 of
     ``ReLU(W x + b_gate)`` (times the atom norms), and ``aux_loss`` asks that gate path alone to
-    reconstruct ``x`` through a frozen copy of the decoder. Reproduces SAELens's ``gated`` SAE.
+    reconstruct ``x`` through a frozen copy of the decoder. Reproduces SAELens's ``gated`` SAE. Once few gates
+    fire (at most :data:`~sae_zoo.encoders.sparse_linear.SPARSE_FRACTION` in the last batch), training runs on
+    each sample's firing entries (:class:`SparseGatedLinear`), with the dense path's gradients.
     """
 
     nonnegative_codes = True
@@ -109,10 +152,25 @@ class GatedEncoder(EncoderHead):
     def training_codes(self, x: Tensor, dictionary: nn.Module | None = None, sparse: bool = True) -> TrainingCodes:
         if dictionary is None:
             raise ValueError("the gated head trains against the dictionary: training_codes(x, dictionary)")
-        codes, gate_acts = GatedFunction.apply(self._shared(x, dictionary), self.b_gate, self.r_mag.exp(), self.b_mag)
         bias = None if dictionary.bias is None else dictionary.bias.detach()
-        aux, sparsity = GatePathLosses.apply(gate_acts, dictionary.atoms.detach(), bias, x,
-                                             getattr(dictionary, "atom_norms", None))
+        norms = getattr(dictionary, "atom_norms", None)
+        if self.trains_sparse(sparse):
+            x = self.check_input(x, dictionary)
+            values, gate_acts, indices = SparseGatedLinear.apply(self.centre(x, dictionary), self.linear.weight,
+                                                                 self.b_gate, self.r_mag.exp(), self.b_mag)
+            # the gate path's reconstruction through a frozen copy of the decoder, and its (weighted) L1
+            weights = gate_acts if norms is None else gate_acts * norms.detach()[indices]
+            gate_hat = F.embedding_bag(indices.reshape(-1, indices.shape[-1]), dictionary.weight.detach(),
+                                       per_sample_weights=weights.reshape(-1, indices.shape[-1]),
+                                       mode="sum").reshape(x.shape)
+            aux = F.mse_loss(gate_hat if bias is None else gate_hat + bias, x)
+            weighed = gate_acts if norms is None else gate_acts * norms[indices]
+            self.record_density(torch.count_nonzero(gate_acts) / (gate_acts[..., 0].numel() * self.n_latents))
+            return TrainingCodes(SparseCodes(values, indices),
+                                 sparsity=weighed.sum() / (gate_acts[..., 0].numel() * self.n_latents), aux_loss=aux)
+        codes, gate_acts = GatedFunction.apply(self._shared(x, dictionary), self.b_gate, self.r_mag.exp(), self.b_mag)
+        aux, sparsity = GatePathLosses.apply(gate_acts, dictionary.atoms.detach(), bias, x, norms)
+        self.record_density(torch.count_nonzero(gate_acts) / gate_acts.numel())
         return TrainingCodes(codes, sparsity=sparsity, aux_loss=aux)
 
     def firing_margins(self, x: Tensor, dictionary: nn.Module | None) -> Tensor | None:

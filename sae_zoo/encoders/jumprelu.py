@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import EncoderHead, TrainingCodes, kept_where_positive
+from .base import EncoderHead, SparseCodes, TrainingCodes, kept_where_positive
 from .interop import ForeignSAE
 from .linear import LinearPreActivations, linear_export, load_linear
 from .registry import register_encoder
+from .sparse_linear import DensityRecord, linear_grads_at, padded_entries
 
 
 class JumpReLUFunction(torch.autograd.Function):
@@ -53,15 +55,58 @@ class JumpReLUFunction(torch.autograd.Function):
         return grad_z, grad_threshold.to(threshold.dtype), None
 
 
+class SparseJumpReLULinear(torch.autograd.Function):
+    """:class:`JumpReLUFunction` of ``z = x W^T + b``, as each sample's entries that fire or lie within the
+    kernel (``(values, indices, l0)``, padded: :func:`~sae_zoo.encoders.sparse_linear.padded_entries`; the
+    kernel's entries that do not fire have value 0, and are listed so that the decoder's backward gives their
+    gradient, which the threshold's estimator needs). The same gradients as the dense way, from products over
+    the entries instead of dense ones (:func:`~sae_zoo.encoders.sparse_linear.linear_grads_at`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, threshold: Tensor, bandwidth: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        z = F.linear(x, weight, bias)
+        flat = z.reshape(-1, z.shape[-1])
+        fires = flat > threshold
+        listed = flat > threshold - bandwidth / 2
+        listed &= torch.lt(flat, threshold + bandwidth / 2)
+        listed |= fires
+        indices, real, (values,) = padded_entries(listed, flat)
+        at = threshold[indices]
+        near = real & (values > at - bandwidth / 2) & (values < at + bandwidth / 2)
+        values = values * (values > at)  # the padding (0 at latent 0) never fires: thresholds are >= 0
+        ctx.save_for_backward(x, weight, threshold, indices, values, near)
+        ctx.bandwidth, ctx.numel = bandwidth, flat.numel()
+        ctx.mark_non_differentiable(indices)
+        l0 = fires.count_nonzero().to(torch.float32) / fires.numel()
+        shape = (*z.shape[:-1], indices.shape[-1])
+        return values.reshape(shape), indices.reshape(shape), l0
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor, grad_indices: Tensor, grad_l0: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, threshold, indices, values, near = ctx.saved_tensors
+        grad_values = grad_values.reshape(values.shape)
+        latents = indices[near]
+        summed = torch.zeros(threshold.shape[-1], dtype=torch.float32, device=threshold.device)
+        summed.index_add_(0, latents, grad_values[near].to(torch.float32))
+        count = torch.bincount(latents, minlength=threshold.shape[-1]).to(torch.float32)
+        grad_threshold = -(threshold * summed + count * (grad_l0 / ctx.numel)) / ctx.bandwidth
+        grad_z = kept_where_positive(grad_values, values)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        return (*linear_grads_at(x, weight, indices, grad_z, needs), grad_threshold.to(threshold.dtype), None)
+
+
 @register_encoder("jumprelu")
-class JumpReLUEncoder(LinearPreActivations, EncoderHead):
+class JumpReLUEncoder(DensityRecord, LinearPreActivations, EncoderHead):
     """``codes = ReLU(z) * (z > threshold)`` with ``z = W x + b`` and one learned threshold per latent.
 
     Trained as in Rajamanoharan et al. (2024) and SAELens: the threshold learns through a
     straight-through estimator (rectangle kernel of width ``bandwidth``), and the sparsity penalty is
     the L0 itself (``sparsity_loss="step"``), or Anthropic's ``tanh(tanh_scale * code)`` (``"tanh"``).
     The model's ``l1_coeff`` weighs that penalty, a mean over samples and latents (L0 / n_latents).
-    The threshold is kept >= 0 in training, as SAELens does.
+    The threshold is kept >= 0 in training, as SAELens does. Once few latents fire (at most
+    :data:`~sae_zoo.encoders.sparse_linear.SPARSE_FRACTION` of them in the last batch), training runs on each
+    sample's active entries (:class:`SparseJumpReLULinear`), with the dense path's gradients.
 
     Reproduces SAELens's and Gemma Scope's ``jumprelu`` SAEs (and BatchTopK and Matryoshka SAEs that
     SAELens saved for inference), and dictionary_learning's ``JumpReluAutoEncoder``.
@@ -95,10 +140,17 @@ class JumpReLUEncoder(LinearPreActivations, EncoderHead):
     def training_codes(self, x: Tensor, dictionary: nn.Module | None = None, sparse: bool = True) -> TrainingCodes:
         with torch.no_grad():
             self.threshold.clamp_(min=0)
-        z = self.linear_map(x, dictionary)
-        codes, l0 = JumpReLUFunction.apply(z, self.threshold, self.bandwidth)
-        sparsity = torch.tanh(self.tanh_scale * codes).mean() if self.sparsity_loss == "tanh" else l0
-        return TrainingCodes(codes, sparsity=sparsity)
+        if self.trains_sparse(sparse):
+            x = self.check_input(x, dictionary)
+            values, indices, l0 = SparseJumpReLULinear.apply(self.centre(x, dictionary), self.linear.weight,
+                                                             self.linear.bias, self.threshold, self.bandwidth)
+            codes: Tensor | SparseCodes = SparseCodes(values, indices)
+            tanh = torch.tanh(self.tanh_scale * values).sum() / (values[..., 0].numel() * self.n_latents)
+        else:
+            codes, l0 = JumpReLUFunction.apply(self.linear_map(x, dictionary), self.threshold, self.bandwidth)
+            tanh = torch.tanh(self.tanh_scale * codes).mean()
+        self.record_density(l0)
+        return TrainingCodes(codes, sparsity=tanh if self.sparsity_loss == "tanh" else l0)
 
     def firing_margins(self, x: Tensor, dictionary: nn.Module | None) -> Tensor | None:
         return self.linear_map(x, dictionary) - self.threshold.clamp_min(0)

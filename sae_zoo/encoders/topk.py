@@ -13,6 +13,7 @@ from .base import EncoderHead, SparseCodes, require_at_least
 from .interop import ForeignSAE
 from .linear import LinearPreActivations, linear_export, load_linear
 from .registry import register_encoder
+from .sparse_linear import linear_grads_at
 
 
 #: How the field's top-k SAEs train best (SynthSAEBench cpu2k, README): a decoder bias subtracted before
@@ -166,16 +167,6 @@ class SparseTopKLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values: Tensor, grad_indices: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, indices, values = ctx.saved_tensors
-        k, d_model = indices.shape[-1], weight.shape[1]
-        grad = (grad_values * (values > 0)).reshape(-1, k).to(weight.dtype)  # through the ReLU
-        rows, flat_x = indices.reshape(-1, k), x.reshape(-1, d_model).to(weight.dtype)
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(rows, weight, per_sample_weights=grad, mode="sum").reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.zeros_like(weight).index_add_(0, rows.flatten(),
-                                                              (grad[..., None] * flat_x[:, None, :]).reshape(-1, d_model))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device).index_add_(
-                0, rows.flatten(), grad.flatten())
-        return grad_x, grad_weight, grad_bias, None, None
+        grad = grad_values * (values > 0)  # through the ReLU
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        return (*linear_grads_at(x, weight, indices, grad, needs), None, None)
