@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import warnings
 from datetime import datetime
@@ -83,10 +84,19 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def first_sentence(doc: str | None) -> str:
+    """The first sentence of a docstring's first paragraph, whole (on one line, without RST's double
+    backticks); a full stop after "e.g", "i.e", "et al" or "vs" does not end it."""
+    paragraph = " ".join((doc or "").strip().split("\n\n")[0].split()).replace("``", "")
+    for end in re.finditer(r"(?<!\.)[.!?](?=\s|$)", paragraph):
+        if not re.search(r"\b(e\.g|i\.e|et al|vs|cf)$", paragraph[:end.start()]):
+            return paragraph[:end.end()]
+    return paragraph
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     for name in list_encoders(args.filter):
-        doc = (get_encoder_class(name).__doc__ or "").strip().splitlines()
-        print(f"{name:<16} {doc[0] if doc else ''}")
+        print(f"{name:<16} {first_sentence(get_encoder_class(name).__doc__)}")
     return 0
 
 
@@ -172,18 +182,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def _subcommand(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` opens with the line ``sae-zoo --help`` lists it by."""
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-zoo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    fit = sub.add_parser("fit", help="train and test a recipe (or each run of a suite), writing run directories")
+    fit = _subcommand(sub, "fit", help="train and test a recipe (or each run of a suite), writing run directories")
     fit.add_argument("recipe", help="a recipe YAML file, e.g. recipes/synthetic/known_dictionary.yaml")
     fit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encoder.name=mlp seed=1")
     fit.add_argument("--quick", action="store_true", help="the recipe's quick preset (minutes on a CPU)")
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     fit.set_defaults(func=cmd_fit)
 
-    front = sub.add_parser("frontier", help="test MCC against total FLOPs for many methods (CSV, PNG, report)")
+    front = _subcommand(sub, "frontier", help="test MCC against total FLOPs for many methods (CSV, PNG, report)")
     front.add_argument("recipe", help="a frontier recipe, e.g. recipes/synthetic/frontier.yaml")
     front.add_argument("--quick", action="store_true", help="the recipe's quick preset (minutes)")
     front.add_argument("--out", default=None, help="output folder (default runs/frontier[-quick])")
@@ -191,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     front.add_argument("--no-progress", action="store_true", help="print no per-point progress")
     front.set_defaults(func=cmd_frontier)
 
-    up = sub.add_parser("upgrade", help="try other encoders on an SAE's frozen decoder, compared at its own L0")
+    up = _subcommand(sub, "upgrade", help="try other encoders on an SAE's frozen decoder, compared at its own L0")
     up.add_argument("source", help="a sae-zoo fit run, an SAE folder or Hub repo, or a catalogue name "
                                    "(sae_zoo.list_pretrained()), e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre")
     up.add_argument("overrides", nargs="*", help="data.KEY=VALUE overrides of the activation data, e.g. "
@@ -214,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     up.set_defaults(func=cmd_upgrade)
 
-    dash = sub.add_parser("dashboard", help="write static HTML pages showing what a run's latents fire on")
+    dash = _subcommand(sub, "dashboard", help="write static HTML pages showing what a run's latents fire on")
     dash.add_argument("run_dir", help="a run directory of sae-zoo fit, on language-model activations")
     dash.add_argument("--latents", default=None, help="comma-separated latent indices (default: --n-latents drawn "
                                                       "at random from those that fire)")
@@ -227,11 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--out", default=None, help="output folder (default RUN_DIR/dashboard[-vs-OTHER])")
     dash.set_defaults(func=cmd_dashboard)
 
-    lst = sub.add_parser("list", help="list the registered encoder heads")
+    lst = _subcommand(sub, "list", help="list the registered encoder heads, each with the first sentence of its docstring")
     lst.add_argument("filter", nargs="?", default="*", help="shell-style pattern, e.g. 'top*'")
     lst.set_defaults(func=cmd_list)
 
-    demo = sub.add_parser("demo", help="SAE vs MLP on the paper's known-dictionary data")
+    demo = _subcommand(sub, "demo", help="SAE vs MLP on the paper's known-dictionary data")
     demo.add_argument("--steps", type=_positive, default=20_000, help="full-batch training steps (paper: 20000)")
     demo.add_argument("--seed", type=int, default=20240625, help="model seed")
     demo.add_argument("--seeds", type=_positive, default=1, help="model seeds from --seed on (the paper: 5)")
@@ -240,12 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(func=cmd_demo)
 
-    card = sub.add_parser("card", help="write RUN_DIR/README.md, the run's model card")
+    card = _subcommand(sub, "card", help="write RUN_DIR/README.md, the run's model card")
     card.add_argument("run_dir", help="a run directory written by sae-zoo fit")
     card.add_argument("--repo-id", default=None, help="the Hub repo the card's usage snippet names")
     card.set_defaults(func=cmd_card)
 
-    push = sub.add_parser("push", help="push a run's model and card to the Hugging Face Hub")
+    push = _subcommand(sub, "push", help="push a run's model and card to the Hugging Face Hub")
     push.add_argument("run_dir", help="a run directory written by sae-zoo fit, or a saved model's folder (e.g. an "
                                       "upgrade's cards/NAME)")
     push.add_argument("repo_id", help="the Hub repo, e.g. user/sae-mlp-known-dictionary (created if needed)")
@@ -253,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None, help="the branch to push to (created from main if needed)")
     push.set_defaults(func=cmd_push)
 
-    export = sub.add_parser("export", help="write a run's linear or topk SAE in SAELens's format")
+    export = _subcommand(sub, "export", help="write a run's SAE in SAELens's format (linear, top-k, BatchTopK, "
+                                           "JumpReLU, gated and matching-pursuit heads; --decoder-only for others)")
     export.add_argument("run_dir", help="a run directory written by sae-zoo fit")
     export.add_argument("out", help="the folder to write cfg.json and sae_weights.safetensors to")
     export.add_argument("--hook-name", default=None, help="the hook the SAE reads, recorded in cfg.json")

@@ -13,8 +13,29 @@ TINY = ["data.n_train=128", "data.n_test=128", "data.steps_per_epoch=50", "train
 
 def test_list_prints_the_heads():
     out = subprocess.run([sys.executable, "-m", "sae_zoo.cli", "list"], capture_output=True, text=True, check=True).stdout
-    names = [line.split()[0] for line in out.splitlines()]
-    assert {"linear", "mlp", "topk"} <= set(names)
+    lines = dict(line.split(maxsplit=1) for line in out.splitlines())
+    assert {"linear", "mlp", "topk"} <= set(lines)
+    # each head's first sentence, whole and on one line, without RST's double backticks
+    assert lines["batchtopk"] == ("In training, ReLU(W x + b) keeps the k x batch largest values of the whole batch, "
+                                  "so samples share a budget of k latents on average.")
+    assert lines["mlp"].startswith("codes = ReLU(W_L ... ReLU(W_1 x + b_1) ... + b_L) with hidden widths hidden")
+    assert all(text.endswith(".") and "``" not in text for text in lines.values())
+
+
+def test_first_sentence_is_not_cut_at_an_abbreviation():
+    from sae_zoo.cli import first_sentence
+    assert first_sentence("Top-k (Gao et al. 2024), e.g. for\n  big SAEs.  More here.\n\nNext.") == \
+        "Top-k (Gao et al. 2024), e.g. for big SAEs."
+    assert first_sentence(None) == ""
+
+
+def test_every_subcommand_help_says_what_it_does(capsys):
+    import argparse
+    from sae_zoo.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        assert parser.description and parser.description[0].isupper(), name
+    assert "BatchTopK, JumpReLU, gated" in sub.choices["export"].description
 
 
 def test_fit_prints_metrics_and_writes_the_run(tmp_path, capsys):

@@ -72,6 +72,9 @@ def test_agrees_on_bad_and_odd_inputs(name, data):
     torch.testing.assert_close(head(x.double(), dictionary), head(x, dictionary))  # float64 is cast
     with pytest.raises(TypeError, match="floating-point inputs, got torch.int64"):
         head(x.long(), dictionary)
+    with pytest.raises(TypeError, match=f"{name} head expects a torch.Tensor, got numpy.ndarray; convert with "
+                                        r"torch.as_tensor\(x, dtype=torch.float32\)"):
+        head(x.numpy(), dictionary)
     bad = x.clone()
     bad[3, 2] = float("nan")
     bad[5, 0] = float("inf")

@@ -213,6 +213,9 @@ class EncoderHead(nn.Module, metaclass=ABCMeta):
         floating one; outside training every value must be finite (training leaves that to the loss,
         whose check costs no extra synchronisation)."""
         head = self.name or type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{head} head expects a torch.Tensor, got {type(x).__module__}.{type(x).__qualname__}; "
+                            "convert with torch.as_tensor(x, dtype=torch.float32)")
         if x.ndim == 0 or x.shape[-1] != self.d_model:
             raise ValueError(f"{head} head expects inputs of width {self.d_model}, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
