@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard, ModelHubMixin
 from torch import Tensor, nn
 
 from ._io import atomic_directory, atomic_write_json, read_safetensors
+from ._modes import evaluating
 from .data.base import Batch
 from .dictionary import Dictionary
 from .encoders import EncoderHead, SparseCodes, create_encoder
@@ -332,9 +333,11 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             aid.before_batch(self, x)
 
     def resample_dead_latents(self, x: Tensor) -> int:
-        """Resample the dead latents on inputs ``x`` (:meth:`DeadLatents.resample`); returns how many."""
+        """Resample the dead latents on inputs ``x`` (:meth:`DeadLatents.resample`); returns how many. The
+        reconstruction that weighs the draw is the model's in eval mode: a training-mode pass would move state
+        that training keeps (BatchTopK's threshold estimate) on a batch it does not train on."""
         optimizer = self.optimizers().optimizer if self._trainer is not None else None
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(self):
             x_hat = self(x).x_hat
         return self.dead_latents.resample(self.encoder, self.dictionary, x, x_hat, optimizer)
 
@@ -380,11 +383,9 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         if not self.sparsity.targets_l0:
             return
         self.l1_coeff = self.hparams["l1_coeff"] = float(self.sparsity.coeff)
-        was_training = self.encoder.training
-        self.encoder.eval()
-        self.l0_calibration = calibrate_l0(self.encoder, points.to(self.dictionary.weight.dtype), self.dictionary,
-                                           self.sparsity.target_l0)
-        self.encoder.train(was_training)
+        with evaluating(self.encoder):
+            self.l0_calibration = calibrate_l0(self.encoder, points.to(self.dictionary.weight.dtype), self.dictionary,
+                                               self.sparsity.target_l0)
 
     def update_metrics(self, metrics: SparseCodingMetrics, batch: Batch) -> None:
         """Add one held-out batch to ``metrics`` (the one way every evaluation scores a model)."""

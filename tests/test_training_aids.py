@@ -444,3 +444,14 @@ def test_iht_refine_in_training_needs_a_trainable_warm_start():
     frozen = create_encoder("batchtopk", d_model=8, n_latents=16, k=2).requires_grad_(False)
     with pytest.raises(ValueError, match="this warm start is frozen"):
         create_encoder("iht", d_model=8, n_latents=16, warm_start=frozen, refine_in_training=True)
+
+
+def test_resampling_leaves_the_batchtopk_threshold_and_the_mode_as_training_left_them():
+    torch.manual_seed(0)
+    head = create_encoder("batchtopk", d_model=6, n_latents=12, k=2, threshold_lr=0.5)
+    model = SparseCoder(head, Dictionary(12, 6), resample_every=10, dead_tokens=100)
+    model.training_losses(torch.randn(32, 6))  # the first training batch sets the threshold
+    threshold = head.threshold.clone()
+    model.dead_latents.tokens_since_fired[:4] = 100
+    assert model.resample_dead_latents(3 * torch.randn(32, 6)) == 4  # a batch whose kept values differ
+    assert torch.equal(head.threshold, threshold) and model.training

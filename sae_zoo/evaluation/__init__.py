@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .._modes import evaluating
 from ..data.activations import ActivationDataModule
 from ..data.base import SparseCodingData
 from ..model import SparseCoder
@@ -22,16 +23,12 @@ def evaluate(model: SparseCoder, datamodule: SparseCodingData) -> dict[str, floa
     data know the truth), computed on this process over every held-out batch, in eval mode, with the
     metrics and update the model's own test step uses."""
     metrics = model.new_metrics(sync_on_compute=False)  # every held-out batch is seen here
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for batch in datamodule.held_out_batches():
             batch = batch.to(model.device) if isinstance(batch, torch.Tensor) else [t.to(model.device) for t in batch]
             model.update_metrics(metrics, batch)
         model.update_dictionary_metrics(metrics)
         return metrics.compute()
-    finally:
-        model.train(was_training)
 
 
 def downstream_metrics(model: SparseCoder, datamodule: SparseCodingData,

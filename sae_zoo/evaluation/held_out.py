@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._modes import evaluating
 from ..data.activations import ActivationDataModule, outlier_mask
 from ..model import SparseCoder
 from .bootstrap import bootstrap_se
@@ -29,9 +30,8 @@ def context_sums(model: SparseCoder, datamodule: ActivationDataModule) -> dict[s
     # per context: squared error, tokens, sum of ||x||^2 and sum of x, for the clean tokens and for all
     stats = {kind: [torch.zeros(n_contexts, dtype=torch.float64) for _ in range(3)]
              + [torch.zeros(n_contexts, datamodule.d_model, dtype=torch.float64)] for kind in ("clean", "all")}
-    was_training, start = model.training, 0
-    model.eval()
-    try:
+    start = 0
+    with evaluating(model):
         for x in rows:
             context = torch.arange(start, start + len(x)) // per_context
             start += len(x)
@@ -42,8 +42,6 @@ def context_sums(model: SparseCoder, datamodule: ActivationDataModule) -> dict[s
             for kind, keep in (("clean", clean), ("all", slice(None))):
                 for total, value in zip(stats[kind], values):
                     total.index_add_(0, context[keep], value[keep])
-    finally:
-        model.train(was_training)
     return stats
 
 

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .._modes import evaluating
 from ..data.activations import ActivationDataModule
 from ..lm import next_token_loss
 from ..model import SparseCoder
@@ -58,13 +59,9 @@ def ce_spliced(coder: SparseCoder, datamodule: ActivationDataModule) -> Tensor:
 
     replace = _splice(reconstruct, scale, keep_first, datamodule.outlier_norm)
     spliced = []
-    was_training = coder.training
-    coder.eval()  # inference behaviour (an iterative head solves instead of returning its warm start)
-    try:
+    with evaluating(coder):  # inference behaviour (an iterative head solves instead of returning its warm start)
         for chunk in tokens.split(datamodule.hparams.model_batch_size):
             spliced.append(next_token_loss(lm, chunk, hook, replace))
-    finally:
-        coder.train(was_training)
     return torch.cat(spliced).double().cpu()
 
 

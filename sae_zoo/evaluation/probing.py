@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._modes import evaluating
 from ..data.activations import ActivationDataModule, outlier_mask
 from ..data.windows import read_windows
 from ..lm import resolve_package_path
@@ -256,12 +257,9 @@ def probe_tallies(model: SparseCoder, datamodule: ActivationDataModule,
     config = config or ProbingConfig()
     probes = probe_set(datamodule, config)
     scale, outlier_norm = datamodule.scale, datamodule.outlier_norm
-    device, was_training = model.device, model.training
-    model.eval()
-    try:
+    device = model.device
+    with evaluating(model):
         codes = pooled(lambda x: model.encode(x.to(device)), probes, scale, outlier_norm)
-    finally:
-        model.train(was_training)
     dense = pooled(lambda x: x, probes, scale, outlier_norm)
     tallies = {}
     for name, task in config.task_table().items():
