@@ -538,3 +538,61 @@ def test_fista_warm_started_by_a_pretrained_saes_own_encoder(tmp_path, weights, 
     reloaded = SparseCoder.from_pretrained(tmp_path / "refined")
     assert reloaded.encoder.config()["warm_start"]["subtract_decoder_bias"] is True
     assert torch.equal(reloaded.encode(x), refined.encode(x))
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
+def test_export_of_a_normalised_run_gives_its_codes_on_raw_activations(tmp_path, name, x):
+    """A run trained on activations scaled by ``input_scale`` (``data.normalize: true``) exports the scale folded
+    into its weights: SAELens's formulas on raw activations give the model's codes of the scaled ones, and its
+    reconstruction over the scale."""
+    torch.manual_seed(0)
+    scale = 2.5
+    iterative = name == "mp"
+    head = create_encoder(name, d_model=D_IN, n_latents=D_SAE, **{**get_encoder_class(name).example_kwargs,
+                                                                  **({} if iterative else {"subtract_decoder_bias": True})})
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+        if name == "batchtopk":
+            head.threshold.fill_(0.05)
+    dictionary = Dictionary.from_tensor(torch.randn(D_SAE, D_IN) * (0.3 + torch.rand(D_SAE, 1)), bias=torch.randn(D_IN),
+                                        keep_norms=not iterative and "learned", trainable=True)  # mp: unit rows
+    dictionary.provenance = {"input_scale": scale}
+    model = SparseCoder(head, dictionary).eval()
+    if iterative:
+        with pytest.raises(ValueError, match="scaled by 2.5 .* no export gives this model's codes on raw activations"):
+            export_saelens(model, tmp_path / "exported")
+        return
+    out = export_saelens(model, tmp_path / "exported")
+    cfg, w = json.loads((out / "cfg.json").read_text()), load_file(str(out / "sae_weights.safetensors"))
+    assert cfg["normalize_activations"] == "none" and cfg["metadata"]["sae_zoo_input_scale_folded"] == scale
+    raw = x / scale  # what the model saw, before the run's normalisation
+    codes = saelens_codes(cfg["architecture"], w, cfg, raw)
+    with torch.no_grad():
+        ours_hat, ours = model(x)
+    assert 0 < (codes > 0).float().mean() < 1
+    torch.testing.assert_close(codes, ours, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(codes @ w["W_dec"] + w["b_dec"], ours_hat / scale, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linear", "jumprelu", "gated"])
+def test_saelens_loads_the_export_of_a_normalised_run_with_its_codes(tmp_path, name, x):
+    """SAELens's own loader and encoder, on raw activations, against the model on the scaled ones."""
+    sae_lens = pytest.importorskip("sae_lens")
+    torch.manual_seed(0)
+    head = create_encoder(name, d_model=D_IN, n_latents=D_SAE, subtract_decoder_bias=True,
+                          **get_encoder_class(name).example_kwargs)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    dictionary = Dictionary.from_tensor(torch.randn(D_SAE, D_IN), bias=torch.randn(D_IN), keep_norms="learned",
+                                        trainable=True)
+    dictionary.provenance = {"input_scale": 0.4}
+    model = SparseCoder(head, dictionary).eval()
+    sae = sae_lens.SAE.load_from_disk(export_saelens(model, tmp_path / "exported"), device="cpu")
+    with torch.no_grad():
+        ours_hat, ours = model(x)
+        codes = sae.encode(x / 0.4)
+        torch.testing.assert_close(codes, ours, atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(sae.decode(codes), ours_hat / 0.4, atol=ATOL, rtol=1e-5)
+    assert 0 < (codes > 0).float().mean() < 1

@@ -37,6 +37,7 @@ says why.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -344,10 +345,28 @@ READERS: dict[str, Reader] = {"saelens": _saelens, "sparsify": _sparsify, "dicti
                               "gemma_scope": _gemma_scope}
 
 
+def fold_input_scale(sae: ForeignSAE, scale: float) -> ForeignSAE:
+    """``sae``, trained on inputs multiplied by ``scale`` (a run with ``normalize: true``), as an SAE of the raw
+    inputs with the same codes: ``W_enc`` times ``scale``, ``W_dec`` and ``b_dec`` over it (then
+    ``(x - b_dec / s) (s W_enc)^T = (s x - b_dec) W_enc^T``, and the reconstruction is the scaled one over
+    ``s``). SAELens's own ``normalize_activations`` cannot say this: its loaders apply no scale. Matching
+    pursuit takes ``r . w`` as a code, so its codes change with the scale of the input and cannot be kept."""
+    if sae.architecture == "matching_pursuit":
+        raise ValueError(f"this run was trained on activations scaled by {scale:g} (data.normalize: true), and "
+                         "SAELens's matching pursuit's codes scale with its input, so no export gives this model's "
+                         "codes on raw activations; train with data.normalize=false to export it")
+    if sae.config.get("rescale_acts_by_decoder_norm"):
+        raise ValueError(f"cannot fold the input scale {scale:g} into an SAE that rescales its codes by the decoder "
+                         "norms (rescale_acts_by_decoder_norm)")
+    return dataclasses.replace(sae, W_enc=None if sae.W_enc is None else sae.W_enc * scale, W_dec=sae.W_dec / scale,
+                               b_dec=None if sae.b_dec is None else sae.b_dec / scale)
+
+
 def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | None = None,
                    model_name: str | None = None, decoder_only: bool = False) -> Path:
     """Write ``model`` as a SAELens SAE (``cfg.json`` + ``sae_weights.safetensors``) that SAELens's
-    ``SAE.load_from_disk`` reads, through the head's ``to_foreign``, with identical codes: ``linear`` heads
+    ``SAE.load_from_disk`` reads, through the head's ``to_foreign``, with identical codes (on raw activations,
+    for a run trained on normalised ones: :func:`fold_input_scale`): ``linear`` heads
     export as ``standard`` SAEs, ``topk``, ``jumprelu`` and ``gated`` as themselves, ``mp`` as
     ``matching_pursuit``, ``batchtopk`` as the ``jumprelu`` SAE SAELens saves for inference.
     ``decoder_only=True`` exports any head's dictionary with a tied encoder ``W_enc = W_dec^T`` (SAELens
@@ -364,6 +383,9 @@ def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | 
             raise ValueError(f"SAELens has no encoder like sae_zoo's {encoder.name!r} head ({e}); export a head that "
                              "converts (see sae_zoo.encoders.list_architectures), or pass decoder_only=True to export "
                              "the dictionary with a tied encoder (W_enc = W_dec^T)") from None
+    scale = float(dictionary.provenance.get("input_scale", 1.0))
+    if scale != 1.0:
+        sae = fold_input_scale(sae, scale)
     cfg: dict[str, Any] = {
         "architecture": sae.architecture, "d_in": sae.d_model, "d_sae": sae.n_latents, "dtype": "float32",
         "device": "cpu", "apply_b_dec_to_input": bool(sae.config.get("apply_b_dec_to_input", False)),
@@ -372,7 +394,8 @@ def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | 
                      "model_name": model_name or dictionary.provenance.get("model_name"),
                      "hook_name": hook_name or dictionary.provenance.get("hook_name"),
                      "exported_by": f"sae_zoo {version('sae_zoo')}",
-                     "sae_zoo_encoder": "tied (decoder only)" if decoder_only else encoder.name}}
+                     "sae_zoo_encoder": "tied (decoder only)" if decoder_only else encoder.name,
+                     **({"sae_zoo_input_scale_folded": scale} if scale != 1.0 else {})}}
     cfg.update({k: v for k, v in sae.config.items() if k != "apply_b_dec_to_input"})
     tensors = {"W_dec": sae.W_dec, "b_dec": torch.zeros(sae.d_model) if sae.b_dec is None else sae.b_dec, **sae.params}
     if sae.W_enc is not None:  # matching pursuit's encoder is its decoder
