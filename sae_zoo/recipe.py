@@ -44,6 +44,7 @@ from .encoders import create_encoder, get_encoder_class
 from .evaluation import ProbingConfig, downstream_metrics, evaluate
 from .hub import load_sae
 from .model import SparseCoder
+from .tracking import logger_specs, make_loggers
 from .training import get_training_aid_class
 
 SETTINGS = ("known_codes", "known_dictionary", "unknown")
@@ -78,6 +79,9 @@ class Recipe:
     #: ``torch.set_float32_matmul_precision`` while the run lasts: ``highest`` (exact float32),
     #: ``high`` (TF32 on GPUs that have it), ``medium``. Mixed precision is ``trainer.precision``.
     matmul_precision: str = "highest"
+    #: Experiment trackers beside ``logs/metrics.csv`` (:mod:`sae_zoo.tracking`): names or ``{name: {options}}``,
+    #: e.g. ``[tensorboard, {wandb: {project: saes, mode: offline}}]``.
+    loggers: list[Any] = field(default_factory=list)
 
 
 #: A recipe may hold a ``quick:`` mapping, merged over the recipe by ``--quick`` for a run of minutes.
@@ -297,6 +301,8 @@ class Plan:
     model_kwargs: dict[str, Any]
     trainer_kwargs: dict[str, Any]
     probing: ProbingConfig
+    #: the recipe's ``loggers`` (:func:`~sae_zoo.tracking.logger_specs`), beside the CSV log
+    loggers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -362,8 +368,10 @@ def plan(cfg: DictConfig) -> Plan:
                  skip=("logger", "default_root_dir", "callbacks"), key_prefix="trainer.")
     probing_kwargs = _plain(cfg.probing)
     check_kwargs(ProbingConfig.__init__, probing_kwargs, what="sparse probing", key_prefix="probing.")
+    loggers = cfg.get("loggers") or []
+    loggers = logger_specs(OmegaConf.to_container(loggers, resolve=True) if OmegaConf.is_config(loggers) else loggers)
     return Plan(cfg, data_class, data_kwargs, encoder_name, encoder_kwargs, pretrained, dictionary_kwargs,
-                model_kwargs, {**TRAINER_DEFAULTS, **trainer_kwargs}, ProbingConfig(**probing_kwargs))
+                model_kwargs, {**TRAINER_DEFAULTS, **trainer_kwargs}, ProbingConfig(**probing_kwargs), loggers)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -484,7 +492,8 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True) -> 
         check_run_dir(run_dir)
     p = plan(cfg)
     datamodule, model = build(p)
-    trainer = make_trainer(p, progress=progress, root_dir=run_dir, logger=CSVLogger(run_dir, name="logs", version=""))
+    trainer = make_trainer(p, progress=progress, root_dir=run_dir,
+                           logger=[CSVLogger(run_dir, name="logs", version=""), *make_loggers(p.loggers, run_dir)])
     if rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
