@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import any_rank, summed
 from .encoders import EncoderHead, SparseCodes
 from .objectives import auxk_loss, fired_latents
 from .training import LossTerm, TrainingAid, register_training_aid
@@ -88,12 +89,14 @@ class DeadLatents(TrainingAid):
         return self.tokens_since_fired >= self.dead_tokens
 
     def observe(self, codes: Tensor | SparseCodes) -> None:
-        """Count one training batch: a latent that fired in it is reset to 0, every other ages by its tokens."""
+        """Count one training batch: a latent that fired in it is reset to 0, every other ages by its tokens. In a
+        multi-device run the batch is the global one: a latent is dead only if it fired on no rank, and it ages by
+        every rank's tokens, so every rank keeps the counts one process would."""
         if not self.tracks:
             return
         values = codes.values if isinstance(codes, SparseCodes) else codes
-        fired = fired_latents(codes, self.tokens_since_fired.shape[0])
-        n_tokens = values[..., 0].numel()
+        fired = any_rank(fired_latents(codes, self.tokens_since_fired.shape[0]))
+        n_tokens = summed(torch.tensor(float(values[..., 0].numel()), device=self.tokens_since_fired.device))
         self.tokens_since_fired.copy_(torch.where(fired, 0, self.tokens_since_fired + n_tokens))
 
     def auxk(self, head: EncoderHead, dictionary: nn.Module, x: Tensor, x_hat: Tensor) -> Tensor | None:
@@ -107,11 +110,11 @@ class DeadLatents(TrainingAid):
 
     @torch.no_grad()
     def resample(self, head: EncoderHead, dictionary: nn.Module, x: Tensor, x_hat: Tensor,
-                 optimizer: torch.optim.Optimizer | None = None) -> int:
+                 optimizer: torch.optim.Optimizer | None = None, generator: torch.Generator | None = None) -> int:
         """Anthropic's resampling (2023): every dead latent gets the direction of an input of ``x`` drawn with
         probability proportional to its squared reconstruction error (``x_hat``'s), as its atom (if the
-        dictionary trains) and encoder row; its ``optimizer`` state is cleared. Returns how many were
-        resampled."""
+        dictionary trains) and encoder row; its ``optimizer`` state is cleared. The draw uses ``generator``
+        (the default one if None). Returns how many were resampled."""
         dead = self.dead().nonzero().squeeze(-1)
         x, x_hat = x.reshape(-1, x.shape[-1]), x_hat.reshape(-1, x.shape[-1])
         if dead.numel() == 0 or x.shape[0] == 0:
@@ -119,7 +122,8 @@ class DeadLatents(TrainingAid):
         error = (x_hat - x).square().sum(-1).double()
         if not error.sum() > 0:
             return 0
-        picks = torch.multinomial(error / error.sum(), dead.numel(), replacement=dead.numel() > x.shape[0])
+        picks = torch.multinomial(error / error.sum(), dead.numel(), replacement=dead.numel() > x.shape[0],
+                                  generator=generator)
         centred = x[picks] - (dictionary.bias if dictionary.bias is not None else 0)
         directions = F.normalize(centred.to(dictionary.weight.dtype), dim=-1)
         head.reset_latents(dead, directions)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ._io import atomic_directory, atomic_write_json, read_safetensors
 from ._modes import evaluating
+from .distributed import gathered_rows
 from .data.base import Batch
 from .dictionary import Dictionary
 from .encoders import EncoderHead, SparseCodes, create_encoder
@@ -335,11 +336,16 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     def resample_dead_latents(self, x: Tensor) -> int:
         """Resample the dead latents on inputs ``x`` (:meth:`DeadLatents.resample`); returns how many. The
         reconstruction that weighs the draw is the model's in eval mode: a training-mode pass would move state
-        that training keeps (BatchTopK's threshold estimate) on a batch it does not train on."""
+        that training keeps (BatchTopK's threshold estimate) on a batch it does not train on. In a multi-device
+        run ``x`` is every rank's slice of the global batch, and the draw's generator is seeded by the run's seed
+        and the step, so that every rank resamples alike, as one process would."""
         optimizer = self.optimizers().optimizer if self._trainer is not None else None
+        x = gathered_rows(x.reshape(-1, x.shape[-1]))
         with torch.no_grad(), evaluating(self):
             x_hat = self(x).x_hat
-        return self.dead_latents.resample(self.encoder, self.dictionary, x, x_hat, optimizer)
+        step = int(getattr(self._trainer, "global_step", 0))  # 0 outside a fit
+        generator = torch.Generator(device=x.device).manual_seed((torch.initial_seed() + step) % 2**63)
+        return self.dead_latents.resample(self.encoder, self.dictionary, x, x_hat, optimizer, generator)
 
     def reads_training_rows(self) -> str | None:
         """Why the start and end of a run read ``bias_init_samples`` training rows (None: they do not): an aid

@@ -2,6 +2,7 @@
 global batch: the activation batches are split across ranks, gradients are averaged, the decoder is
 renormalised on every rank, and the test metrics (torchmetrics states) are synced."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -14,16 +15,19 @@ SAE_ZOO = [sys.executable, "-m", "sae_zoo.cli"]
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
+    """A Matryoshka BatchTopK SAE with AuxK and resampling, trained at 1.5k: the batch-wide top-k, the threshold
+    estimate, the dead-latent counts and the resampling draw are the global batch's on every rank."""
     model, files = write_tiny_llama(tmp_path / "model"), write_corpus(tmp_path / "text")
     recipe = {"setting": "unknown",
               "data": {"name": "activations", "model": model, "hook": "resid_post.1", "data_files": files,
                        "context_len": 16, "n_train_tokens": 1500, "n_test_tokens": 300, "test_stride": 4, "shard_tokens": 400,
                        "batch_size": 100, "model_batch_size": 8, "cache_dir": str(tmp_path / "cache"),
                        "ce_contexts": 8, "shuffle_buffer": 600},
-              "dictionary": {"n_latents": 32, "bias": True},
-              "encoder": {"name": "linear", "subtract_decoder_bias": True},
-              "model": {"l1_coeff": 0.1, "lr": 0.003},
-              "trainer": {"max_steps": 40, "accelerator": "cpu", "limit_val_batches": 0}}
+              "dictionary": {"n_latents": 32},
+              "encoder": {"name": "batchtopk", "k": 2, "k_train_factor": 1.5, "threshold_lr": 0.2},
+              "model": {"matryoshka_widths": [8, 32], "auxk_coeff": 0.05, "auxk_k": 4, "dead_tokens": 300,
+                        "resample_every": 10},
+              "trainer": {"max_steps": 40, "accelerator": "cpu", "limit_val_batches": 0, "log_every_n_steps": 5}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     for name, extra in (("one", []), ("two", ["trainer.devices=2", "trainer.strategy=ddp"])):
         done = subprocess.run([*SAE_ZOO, "fit", "recipe.yaml", f"run_dir={name}", "--no-progress", *extra],
@@ -34,12 +38,19 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
     assert (one["devices"], two["devices"]) == (1, 2) and one["steps"] == two["steps"] == 40
     for key, value in one["test"].items():
-        if key == "ce_loss_recovered":  # a random LM's zero-ablation gap is tiny: the ratio magnifies 1e-7s
+        if key.startswith("ce_loss_recovered"):  # a random LM's zero-ablation gap is tiny: the ratio magnifies 1e-7s
             continue
         assert abs(two["test"][key] - value) <= 1e-5 * max(1.0, abs(value)), key
-    weights = [torch.load(tmp_path / n / "model.ckpt", weights_only=False)["state_dict"] for n in ("one", "two")]
-    for key in weights[0]:
-        torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-6, rtol=1e-5)
+    checkpoints = [torch.load(tmp_path / n / "model.ckpt", weights_only=False) for n in ("one", "two")]
+    for key in checkpoints[0]["state_dict"]:  # the weights, and the threshold estimate beside them
+        torch.testing.assert_close(checkpoints[1]["state_dict"][key], checkpoints[0]["state_dict"][key],
+                                   atol=1e-6, rtol=1e-5, msg=key)
+    assert checkpoints[0]["state_dict"]["encoder.threshold"] > 0
+    dead_counts = [c["tokens_since_fired"] for c in checkpoints]
+    torch.testing.assert_close(dead_counts[1], dead_counts[0])
+    # latents died (so AuxK and the resampling had work) and the counts are tokens of the global batch
+    with open(tmp_path / "one" / "logs" / "metrics.csv") as f:
+        assert max(float(row["train/dead_fraction"]) for row in csv.DictReader(f) if row["train/dead_fraction"]) > 0
+    assert (dead_counts[0] % 100 == 0).all()
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["config.yaml", "logs", "metrics.json", "model.ckpt"]
-    # and the single run really trained: its weights moved from the initialisation
-    assert one["test"]["fvu"] < 0.9
+    assert one["test"]["fvu"] < 0.9  # and the single run really trained

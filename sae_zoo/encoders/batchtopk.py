@@ -11,7 +11,8 @@ from .base import EncoderHead, SparseCodes, TrainingCodes
 from .interop import ForeignSAE
 from .linear import LinearPreActivations, linear_export, load_linear
 from .registry import register_encoder
-from .topk import FIELD_SAE_DEFAULTS, AnnealedK, SparseTopKLinear, require_k
+from ..distributed import smallest as distributed_smallest
+from .topk import FIELD_SAE_DEFAULTS, AnnealedK, SparseTopKLinear, global_cutoff, require_k
 
 
 @register_encoder("batchtopk")
@@ -86,24 +87,34 @@ class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
         acts = self.linear_map(x, dictionary).relu()
         flat = acts.reshape(-1)
         samples = flat.numel() // self.n_latents
-        kept = flat.topk(self.training_k * samples, sorted=False)  # k <= n_latents
-        codes = torch.zeros_like(flat).scatter(0, kept.indices, kept.values).reshape(acts.shape)
-        self._update_threshold(kept.values.detach(), kept.indices % self.n_latents, samples, dictionary)
+        cutoff = global_cutoff(flat, self.training_k, samples)
+        if cutoff is None:
+            kept = flat.topk(self.training_k * samples, sorted=False)  # k <= n_latents
+            values, indices = kept.values, kept.indices
+        else:  # a multi-device run: the global batch's top k x samples
+            indices = (flat >= cutoff).nonzero().squeeze(-1)
+            values = flat[indices]
+        codes = torch.zeros_like(flat).scatter(0, indices, values).reshape(acts.shape)
+        self._update_threshold(values.detach(), indices % self.n_latents, samples, dictionary)
         return TrainingCodes(codes)
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor, latents: Tensor, samples: int, dictionary: nn.Module | None) -> None:
         # on the device, without a synchronisation: a batch with no positive value leaves it unchanged; while k
-        # is annealed down the kept values are not train_k's, so the estimate starts when training reaches it
+        # is annealed down the kept values are not train_k's, so the estimate starts when training reaches it. In a
+        # multi-device run the kept values are the global batch's, and every rank takes the same smallest one.
         if self.training_k != self.train_k:
             return
         weights = self.contribution_weights(dictionary)
         if weights is not None:
             kept = kept * weights[latents]
         if self.train_k != self.k:  # inference keeps the k x samples largest of them
-            kept = kept.topk(min(kept.numel(), self.k * samples), sorted=False).values
+            cutoff = global_cutoff(kept, self.k, samples)
+            kept = (kept.topk(min(kept.numel(), self.k * samples), sorted=False).values if cutoff is None
+                    else kept[kept >= cutoff])
         kept = kept.to(self.threshold.dtype)
-        smallest = torch.where(kept > 0, kept, torch.inf).min() if kept.numel() else kept.new_tensor(torch.inf)
+        local = torch.where(kept > 0, kept, torch.inf).min() if kept.numel() else kept.new_tensor(torch.inf)
+        smallest = distributed_smallest(local)
         moved = torch.where(self.threshold < 0, smallest, torch.lerp(self.threshold, smallest, self.threshold_lr))
         self.threshold.copy_(torch.where(torch.isfinite(smallest), moved, self.threshold))
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import kth_largest, summed, world_size
 from .base import EncoderHead, SparseCodes, require_at_least
 from .interop import ForeignSAE
 from .linear import LinearPreActivations, linear_export, load_linear
@@ -122,20 +123,34 @@ class TopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
         return linear_export(self, dictionary, "topk", k=self.k, rescale_acts_by_decoder_norm=False)
 
 
+def global_cutoff(values: Tensor, k: int, samples: int) -> Tensor | None:
+    """In a multi-device run, the ``k x (every rank's samples)``-th largest of every rank's ``values``: the
+    smallest value a batch-wide top-k over the global batch keeps. None in a single process."""
+    if world_size() == 1:
+        return None
+    return kth_largest(values.detach(), k * int(summed(torch.tensor(samples, device=values.device))))
+
+
 def batch_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``ReLU`` of the ``k x samples`` largest of ``pre`` ``(samples, n_latents)`` over the whole batch, as
     ``(values, indices)`` of shape ``(samples, m)``: each sample's ``m`` largest pre-activations, the ones
     outside the batch's top ``k x samples`` set to 0. ``m`` starts at ``4k`` and doubles while some sample
     keeps all of its ``m`` positive candidates (it might keep more), so the kept codes are exactly the
-    batch-wide top-k's, found without sorting all ``samples x n_latents`` values."""
+    batch-wide top-k's, found without sorting all ``samples x n_latents`` values. In a multi-device run the batch
+    is the global one: a rank keeps its values at or above the ``k x samples``-th largest of every rank's
+    (:func:`~sae_zoo.distributed.kth_largest`), as one process given the whole batch would."""
     samples, n_latents = pre.shape
     budget, m = k * samples, min(n_latents, 4 * k)
+    cutoff = global_cutoff(pre, k, samples)
     while True:
         values, indices = pre.topk(m, dim=-1, sorted=True)
-        flat = values.reshape(-1)
-        kept = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, flat.topk(min(budget, flat.numel()),
-                                                                             sorted=False).indices, True)
-        kept = kept.reshape(samples, m)
+        if cutoff is None:
+            flat = values.reshape(-1)
+            kept = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, flat.topk(min(budget, flat.numel()),
+                                                                                 sorted=False).indices, True)
+            kept = kept.reshape(samples, m)
+        else:
+            kept = values >= cutoff
         # a sample whose smallest candidate is kept and positive might keep more (non-positive ones add nothing)
         if m == n_latents or not bool((kept[:, -1] & (values[:, -1] > 0)).any()):
             return values.clamp_min(0) * kept, indices
