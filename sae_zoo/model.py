@@ -393,10 +393,11 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             self.l0_calibration = calibrate_l0(self.encoder, points.to(self.dictionary.weight.dtype), self.dictionary,
                                                self.sparsity.target_l0)
 
-    def update_metrics(self, metrics: SparseCodingMetrics, batch: Batch) -> None:
-        """Add one held-out batch to ``metrics`` (the one way every evaluation scores a model)."""
+    def update_metrics(self, metrics: SparseCodingMetrics, batch: Batch, out: Reconstruction | None = None) -> None:
+        """Add one held-out batch to ``metrics`` (the one way every evaluation scores a model); ``out``: the model's
+        output on it, when already computed."""
         x, true_codes = unpack_batch(batch)
-        x_hat, codes = self(x)
+        x_hat, codes = out if out is not None else self(x)
         metrics.update(x_hat, x, codes, true_codes, atoms=self.dictionary.directions,
                        true_atoms=self.true_dictionary)
 

@@ -41,7 +41,7 @@ from ._signature import UnknownArgumentError, check_kwargs
 from .data import DATAMODULES, PAPER_SEED, SparseCodingData
 from .dictionary import Dictionary
 from .encoders import create_encoder, get_encoder_class
-from .evaluation import ProbingConfig, downstream_metrics, evaluate
+from .evaluation import ProbingConfig, downstream_metrics, held_out_pass
 from .hub import load_sae
 from .model import SparseCoder
 from .tracking import logger_specs, make_loggers
@@ -547,8 +547,10 @@ def _train_and_evaluate(cfg: DictConfig, trainer: L.Trainer, datamodule: SparseC
 
 def evaluate_run(model: SparseCoder, datamodule: SparseCodingData,
                  probing: ProbingConfig | None = None) -> dict[str, Any]:
-    """Every held-out figure a run reports: :func:`~sae_zoo.evaluation.evaluate`, then the downstream ones."""
-    return {**evaluate(model, datamodule), **downstream_metrics(model, datamodule, probing)}
+    """Every held-out figure a run reports: :func:`~sae_zoo.evaluation.evaluate`'s, then the downstream ones,
+    from one pass of the model over the held-out data."""
+    test, sums = held_out_pass(model, datamodule)  # one pass over the held-out data for both
+    return {**test, **downstream_metrics(model, datamodule, probing, sums)}
 
 
 def run_record(cfg: DictConfig, datamodule: SparseCodingData, model: SparseCoder, test: dict[str, Any], *,

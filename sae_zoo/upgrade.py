@@ -52,7 +52,7 @@ from ._io import atomic_write, atomic_write_json, atomic_write_text
 from .data.activations import ActivationDataModule
 from .encoders import EncoderHead, create_encoder
 from .encoders.mlp import ResidualMLPEncoder
-from .evaluation import (ProbingConfig, ce_baselines, ce_figures, ce_spliced, context_fvu, context_sums, evaluate,
+from .evaluation import (ProbingConfig, ce_baselines, ce_figures, ce_spliced, context_fvu, held_out_pass,
                          held_out_statistics, recovered_fraction)
 from .evaluation.bootstrap import bootstrap_se
 from .evaluation.probing import mean_accuracy, probe_tallies, probing_figures
@@ -261,8 +261,7 @@ def measure(model: SparseCoder, datamodule: ActivationDataModule, baselines: dic
     is None), and its per-context sums, from which the standard error of its difference to another model on
     the same contexts follows."""
     start = time.perf_counter()
-    test = evaluate(model, datamodule)
-    sums = context_sums(model, datamodule)
+    test, sums = held_out_pass(model, datamodule)  # one pass: the metrics and the per-context sums
     stats = held_out_statistics(model, datamodule, sums)
     spliced = ce_spliced(model, datamodule)
     ce = ce_figures(baselines, spliced)

@@ -274,3 +274,36 @@ def test_outlier_tokens_are_left_out_counted_and_reported_with_standard_errors(l
     assert kept.outlier_norm is None and held_out_statistics(model, kept)["outlier_tokens"] == 0
     with pytest.raises(ValueError, match="data.outlier_factor must be above 1"):
         ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache", outlier_factor=0.5))
+
+
+def test_one_pass_over_the_held_out_tokens_gives_the_two_passes_figures(lm_files, tmp_path):
+    """``held_out_pass`` reads every held-out token once, for the test metrics and the per-context sums, with the
+    figures of the metrics over the held-out batches and of a separate pass of ``context_sums``."""
+    from sae_zoo import Dictionary, SparseCoder, create_encoder
+    from sae_zoo.evaluation import context_sums, held_out_pass, held_out_statistics
+
+    dm = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache"))
+    dm.prepare_data()
+    path = dm.cache_dir / dm.manifest()["splits"]["test"]["shards"][0]["file"]  # two outlier tokens
+    rows = load_file(str(path))["activations"]
+    rows[[3, 40]] *= 200
+    save_file({"activations": rows}, str(path))
+    dm = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = SparseCoder(create_encoder("topk", d_model=16, n_latents=32, k=4), Dictionary(32, 16, bias=True)).eval()
+    encoded = []
+    model.register_forward_hook(lambda module, args, out: encoded.append(len(args[0])))
+    test, sums = held_out_pass(model, dm)
+    stats = held_out_statistics(model, dm, sums)
+    assert sum(encoded) == stats["held_out_tokens"] and stats["outlier_tokens"] > 0  # each token once
+
+    reference = model.new_metrics(sync_on_compute=False)  # the two passes: the metrics' own batches, then the sums
+    with torch.no_grad():
+        for batch in dm.held_out_batches():
+            model.update_metrics(reference, batch)
+    expected = {name: float(value) for name, value in reference.compute().items()}
+    assert {name: float(value) for name, value in test.items()} == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    separate = context_sums(model, dm)
+    for kind in ("clean", "all"):
+        for ours, theirs in zip(sums[kind], separate[kind]):
+            torch.testing.assert_close(ours, theirs)

@@ -8,7 +8,8 @@ from torch import Tensor
 
 from .._modes import evaluating
 from ..data.activations import ActivationDataModule, outlier_mask
-from ..model import SparseCoder
+from ..metrics import SparseCodingMetrics
+from ..model import Reconstruction, SparseCoder
 from .bootstrap import bootstrap_se
 
 
@@ -20,10 +21,12 @@ def context_fvu(weights: Tensor, sse: Tensor, n: Tensor, sum_sq: Tensor, sum_x: 
 
 
 @torch.no_grad()
-def context_sums(model: SparseCoder, datamodule: ActivationDataModule) -> dict[str, list[Tensor]]:
+def context_sums(model: SparseCoder, datamodule: ActivationDataModule,
+                 metrics: SparseCodingMetrics | None = None) -> dict[str, list[Tensor]]:
     """Per held-out context, for the ``clean`` tokens (outliers left out) and for ``all``: the summed squared
     error, the token count, the summed ``||x||^2`` and the summed ``x`` (float64), from which
-    :func:`context_fvu` gives the FVU of any weighting of the contexts (bootstrap resamples included)."""
+    :func:`context_fvu` gives the FVU of any weighting of the contexts (bootstrap resamples included). In the
+    same pass, the clean tokens are added to ``metrics`` (the model's test metrics), if given."""
     rows, per_context = datamodule.held_out_rows(), datamodule.tokens_per_context
     max_norm = datamodule.outlier_norm
     n_contexts = -(-int(rows.offsets[-1]) // per_context)
@@ -35,10 +38,14 @@ def context_sums(model: SparseCoder, datamodule: ActivationDataModule) -> dict[s
         for x in rows:
             context = torch.arange(start, start + len(x)) // per_context
             start += len(x)
-            x_hat = model(x.to(model.device)).x_hat.double().cpu()
-            x = x.double()
-            values = ((x - x_hat).square().sum(-1), torch.ones(len(x), dtype=torch.float64), x.square().sum(-1), x)
+            out = model(x.to(model.device))
             clean = ~outlier_mask(x, max_norm)
+            if metrics is not None:
+                on_device = clean.to(model.device)
+                model.update_metrics(metrics, x.to(model.device)[on_device],
+                                     Reconstruction(out.x_hat[on_device], out.codes[on_device]))
+            x_hat, x = out.x_hat.double().cpu(), x.double()
+            values = ((x - x_hat).square().sum(-1), torch.ones(len(x), dtype=torch.float64), x.square().sum(-1), x)
             for kind, keep in (("clean", clean), ("all", slice(None))):
                 for total, value in zip(stats[kind], values):
                     total.index_add_(0, context[keep], value[keep])
