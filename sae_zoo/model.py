@@ -133,8 +133,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     * **training aids** (``model.aids``, :mod:`sae_zoo.training`; each one object with its hooks): the field's,
       set by flat options that saved configurations keep, ``auxk_coeff``/``auxk_k``/``dead_tokens``/
       ``resample_every`` (AuxK on the latents that have not fired for ``dead_tokens`` tokens, and Anthropic's
-      resampling: ``model.dead_latents``), ``lr_warmup_steps``/``lr_decay_steps`` (a number of steps, or for
-      the decay a fraction of the run, e.g. 0.2: the last 20%) and ``decoder_bias_init`` (the data's ``mean`` or
+      resampling: ``model.dead_latents``), ``lr_warmup_steps``/``lr_decay_steps`` (a number of steps, or a
+      fraction of the run, e.g. 0.1: the first 10%, 0.2: the last 20%) and ``decoder_bias_init`` (the data's ``mean`` or
       ``geometric_median``); and any further :class:`~sae_zoo.training.TrainingAid` in ``aids`` (objects, or
       ``{"name": ..., **options}`` dicts of registered ones), which is how a new training method joins
       without a new option here.
@@ -154,7 +154,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                  code_recovery: bool = True, matryoshka_widths: list[int] | None = None,
                  auxk_coeff: float = 0.0, auxk_k: int | None = None, dead_tokens: int = 10_000_000,
                  resample_every: int = 0, target_l0: float | None = None, target_l0_rate: float = 0.02,
-                 sparsity_warmup_steps: int = 0, lr_warmup_steps: int = 0, lr_decay_steps: int | float = 0,
+                 sparsity_warmup_steps: int = 0, lr_warmup_steps: int | float = 0, lr_decay_steps: int | float = 0,
                  decoder_bias_init: Literal["mean", "geometric_median"] | None = None,
                  bias_init_samples: int = 32768, tied_init: bool = False,
                  aids: Sequence[TrainingAid | dict[str, Any]] = ()) -> None:

@@ -149,17 +149,16 @@ def create_training_aid(name: str, **options: Any) -> TrainingAid:
 @register_training_aid("lr_schedule")
 class LRSchedule(TrainingAid):
     """Linear learning-rate warm-up from 0 over ``warmup_steps``, then constant, then linear decay to 0 over
-    the last ``decay_steps`` (a number of steps, or a fraction of the run such as 0.2: its last 20%), as SAELens
-    and dictionary_learning do. ``SparseCoder``'s ``lr_warmup_steps`` and ``lr_decay_steps`` set it."""
+    the last ``decay_steps``, as SAELens and dictionary_learning do. Each is a number of steps, or a fraction of
+    the run (0.1: its first 10%; 0.2: its last 20%). ``SparseCoder``'s ``lr_warmup_steps`` and
+    ``lr_decay_steps`` set it."""
 
     solo = True
 
-    def __init__(self, warmup_steps: int = 0, decay_steps: int | float = 0) -> None:
+    def __init__(self, warmup_steps: int | float = 0, decay_steps: int | float = 0) -> None:
         super().__init__()
-        for name, value in {"lr_warmup_steps": warmup_steps, "lr_decay_steps": decay_steps}.items():
-            if not value >= 0:
-                raise ValueError(f"SparseCoder needs {name} >= 0, got {name}={value!r}")
-        self.warmup_steps, self.decay_steps = int(warmup_steps), steps_or_fraction(decay_steps, "lr_decay_steps")
+        self.warmup_steps = steps_or_fraction(warmup_steps, "lr_warmup_steps")
+        self.decay_steps = steps_or_fraction(decay_steps, "lr_decay_steps")
 
     @property
     def active(self) -> bool:
@@ -175,10 +174,13 @@ class LRSchedule(TrainingAid):
         known = 0 < total_steps < float("inf")
         if self.decay_steps and not known:
             raise ValueError("lr_decay_steps needs a known number of training steps: set trainer.max_steps")
-        decay = round(self.decay_steps * total_steps) if isinstance(self.decay_steps, float) else self.decay_steps
+        if isinstance(self.warmup_steps, float) and not known:
+            raise ValueError(f"lr_warmup_steps={self.warmup_steps} is a fraction of the run, which needs a known number "
+                             "of training steps: set trainer.max_steps, or give the warm-up in steps")
+        warmup, decay = (max(1, round(n * total_steps)) if isinstance(n, float) else n
+                         for n in (self.warmup_steps, self.decay_steps))
         total = int(total_steps) if known else 0
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, total, self.warmup_steps, decay))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, decay))
 
 
 @register_training_aid("decoder_bias_init")

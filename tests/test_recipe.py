@@ -185,8 +185,8 @@ def test_training_matches_the_authors_loop_step_for_step():
 
 def test_a_batchtopk_sae_written_plainly_gets_the_training_that_recovers_features_best(tmp_path):
     """`encoder: {name: batchtopk, k: ...}` on a learned dictionary gets the head's defaults (learned atom norms,
-    a decoder bias subtracted before encoding, a tied start, training at 1.25k annealed from twice that, lr 5e-3
-    decayed over the last 20%), shown in
+    a decoder bias subtracted before encoding, a tied start, training at 1.25k annealed from twice that, lr 7e-3
+    warmed up over the first 10% of the steps and decayed over the last 20%), shown in
     the saved config; a recipe that sets a key keeps its own value; frozen and pretrained dictionaries, and the
     paper's heads, get none."""
     plain = ["setting=unknown", "encoder.name=batchtopk", "encoder.k=3", "~encoder.bias",
@@ -196,7 +196,7 @@ def test_a_batchtopk_sae_written_plainly_gets_the_training_that_recovers_feature
     assert cfg.encoder.subtract_decoder_bias is True and cfg.model.tied_init is True and cfg.encoder.k_anneal == 2
     assert cfg.encoder.k_train_factor == 1.25 and cfg.model.lr == 1e-3  # the recipe sets its learning rate
     unset = load_recipe(KNOWN_D, [*TINY, *plain, "~model.lr"]).model
-    assert unset.lr == 5e-3 and unset.lr_decay_steps == 0.2
+    assert unset.lr == 7e-3 and unset.lr_warmup_steps == 0.1 and unset.lr_decay_steps == 0.2
     assert load_recipe(KNOWN_D, [*TINY, "setting=unknown", "encoder.name=topk", "encoder.k=3", "~encoder.bias",
                                  "~model.lr"]).model.lr == 3e-3  # the top-k head's own
     _, model = build(cfg)

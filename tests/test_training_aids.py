@@ -218,13 +218,14 @@ def test_dead_latents_are_counted_in_tokens_and_resampled():
         assert (state["exp_avg"][4:] != 0).any()
 
 
-def test_learning_rate_and_sparsity_warm_up_and_decay():
+@pytest.mark.parametrize("warmup", [5, 0.25], ids=["steps", "fraction"])  # 0.25 of 20 steps: 5
+def test_learning_rate_and_sparsity_warm_up_and_decay(warmup):
     assert [lr_factor(s, 10, 4, 0) for s in (0, 1, 3, 9)] == [0.25, 0.5, 1.0, 1.0]
     assert [lr_factor(s, 10, 0, 4) for s in (5, 6, 8, 9)] == [1.0, 1.0, 0.5, 0.25]
     torch.manual_seed(0)
     dm = SyntheticSparseDataModule(n_latents=8, d_model=4, n_train=64, n_test=32, batch_size=16, steps_per_epoch=20)
     model = SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), lr=1e-2,
-                        lr_warmup_steps=5, lr_decay_steps=5, sparsity_warmup_steps=10)
+                        lr_warmup_steps=warmup, lr_decay_steps=5, sparsity_warmup_steps=10)
     rates, coefficients = [], []
 
     class Record(L.Callback):
@@ -237,8 +238,10 @@ def test_learning_rate_and_sparsity_warm_up_and_decay():
     assert rates[:6] == pytest.approx([2e-3, 4e-3, 6e-3, 8e-3, 1e-2, 1e-2])
     assert rates[-2:] == pytest.approx([4e-3, 2e-3])
     assert coefficients[:3] == pytest.approx([0.001, 0.002, 0.003]) and coefficients[-1] == pytest.approx(0.01)
-    with pytest.raises(ValueError, match="lr_warmup_steps >= 0"):
-        SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), lr_warmup_steps=-1)
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match=f"lr_warmup_steps must be a number of steps >= 0 or a fraction .* {bad}|"
+                                             f"lr_warmup_steps >= 1 counts steps, so it must be a whole number, got {bad}"):
+            SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), lr_warmup_steps=bad)
 
 
 def test_the_fields_aids_are_registered_objects_set_by_the_flat_options():
@@ -409,7 +412,7 @@ def test_lr_decay_steps_may_be_a_fraction_of_the_run():
     rates = learning_rates(model)
     assert rates[:16] == pytest.approx([1e-2] * 16) and rates[16:] == pytest.approx([8e-3, 6e-3, 4e-3, 2e-3])
     assert model.hparams["lr_decay_steps"] == 0.25
-    for bad, reason in ((1.5, " >= 1 counts steps, so it must be a whole number"), (-1, " >= 0, got lr_decay_steps="),
+    for bad, reason in ((1.5, " >= 1 counts steps, so it must be a whole number"), (-1, " must be a number of steps >= 0"),
                         (True, " must be a number of steps >= 0 or a fraction of the run in \\(0, 1\\), ")):
         with pytest.raises(ValueError, match=rf"lr_decay_steps{reason}.*{bad!r}"):
             SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), lr_decay_steps=bad)
