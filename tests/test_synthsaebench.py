@@ -214,7 +214,8 @@ def test_a_suite_over_seeds_with_saelens_beside_ours(tmp_path):
         assert "Ratio, ours / SAELens's: F1" in report
 
 
-@pytest.mark.parametrize("recipe", ["cpu2k.yaml", "cpu3k.yaml", "cpu2k_l0_sweep.yaml", "bench16k.yaml"])
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "recipes"
+                                                            / "synthsaebench").glob("*.yaml")))
 @pytest.mark.parametrize("quick", [False, True])
 def test_the_synthsaebench_suites_check_out(recipe, quick, tmp_path):
     """Every run of the shipped suites (and their quick presets) resolves and passes the recipe checks, run:NAME
