@@ -62,7 +62,8 @@ def linear_grads_at(x: Tensor, weight: Tensor, indices: Tensor, grad: Tensor,
 
 class DensityRecord:
     """For a threshold head: the fraction of entries active in its last training batch (a tensor written
-    without a synchronisation, read before the next), and whether the next one trains on its entries."""
+    without a synchronisation, read before the next: on a GPU, one synchronisation per step), and whether the
+    next one trains on its entries. The choice changes the speed only: both ways give the same gradients."""
 
     def record_density(self, fraction: Tensor) -> None:
         self._last_density = fraction.detach()
