@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--out", default=None, help="output folder (default RUN_DIR/dashboard[-vs-OTHER])")
     dash.set_defaults(func=cmd_dashboard)
 
-    lst = _subcommand(sub, "list", help="list the registered encoder heads, each with the first sentence of its docstring")
+    lst = _subcommand(sub, "list",
+                      help="list the registered encoder heads, each with the first sentence of its docstring")
     lst.add_argument("filter", nargs="?", default="*", help="shell-style pattern, e.g. 'top*'")
     lst.set_defaults(func=cmd_list)
 

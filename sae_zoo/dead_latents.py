@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distributed import any_rank, summed
+from .distributed import any_rank, summed, world_size
 from .encoders import EncoderHead, SparseCodes
 from .objectives import auxk_loss, fired_latents
 from .training import LossTerm, TrainingAid, register_training_aid
@@ -96,7 +96,9 @@ class DeadLatents(TrainingAid):
             return
         values = codes.values if isinstance(codes, SparseCodes) else codes
         fired = any_rank(fired_latents(codes, self.tokens_since_fired.shape[0]))
-        n_tokens = summed(torch.tensor(float(values[..., 0].numel()), device=self.tokens_since_fired.device))
+        n_tokens: int | Tensor = values[..., 0].numel()
+        if world_size() > 1:
+            n_tokens = summed(torch.tensor(float(n_tokens), device=self.tokens_since_fired.device))
         self.tokens_since_fired.copy_(torch.where(fired, 0, self.tokens_since_fired + n_tokens))
 
     def auxk(self, head: EncoderHead, dictionary: nn.Module, x: Tensor, x_hat: Tensor) -> Tensor | None:

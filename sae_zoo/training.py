@@ -177,7 +177,7 @@ class LRSchedule(TrainingAid):
         if isinstance(self.warmup_steps, float) and not known:
             raise ValueError(f"lr_warmup_steps={self.warmup_steps} is a fraction of the run, which needs a known number "
                              "of training steps: set trainer.max_steps, or give the warm-up in steps")
-        warmup, decay = (max(1, round(n * total_steps)) if isinstance(n, float) else n
+        warmup, decay = (round(n * total_steps) if isinstance(n, float) else n
                          for n in (self.warmup_steps, self.decay_steps))
         total = int(total_steps) if known else 0
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, decay))

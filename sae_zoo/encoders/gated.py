@@ -165,9 +165,9 @@ class GatedEncoder(DensityRecord, EncoderHead):
                                        mode="sum").reshape(x.shape)
             aux = F.mse_loss(gate_hat if bias is None else gate_hat + bias, x)
             weighed = gate_acts if norms is None else gate_acts * norms[indices]
-            self.record_density(torch.count_nonzero(gate_acts) / (gate_acts[..., 0].numel() * self.n_latents))
-            return TrainingCodes(SparseCodes(values, indices),
-                                 sparsity=weighed.sum() / (gate_acts[..., 0].numel() * self.n_latents), aux_loss=aux)
+            entries = gate_acts[..., 0].numel() * self.n_latents  # every sample's latents, listed or not
+            self.record_density(torch.count_nonzero(gate_acts) / entries)
+            return TrainingCodes(SparseCodes(values, indices), sparsity=weighed.sum() / entries, aux_loss=aux)
         codes, gate_acts = GatedFunction.apply(self._shared(x, dictionary), self.b_gate, self.r_mag.exp(), self.b_mag)
         aux, sparsity = GatePathLosses.apply(gate_acts, dictionary.atoms.detach(), bias, x, norms)
         self.record_density(torch.count_nonzero(gate_acts) / gate_acts.numel())

@@ -145,12 +145,15 @@ class JumpReLUEncoder(DensityRecord, LinearPreActivations, EncoderHead):
             values, indices, l0 = SparseJumpReLULinear.apply(self.centre(x, dictionary), self.linear.weight,
                                                              self.linear.bias, self.threshold, self.bandwidth)
             codes: Tensor | SparseCodes = SparseCodes(values, indices)
-            tanh = torch.tanh(self.tanh_scale * values).sum() / (values[..., 0].numel() * self.n_latents)
         else:
             codes, l0 = JumpReLUFunction.apply(self.linear_map(x, dictionary), self.threshold, self.bandwidth)
-            tanh = torch.tanh(self.tanh_scale * codes).mean()
+            values = codes
         self.record_density(l0)
-        return TrainingCodes(codes, sparsity=tanh if self.sparsity_loss == "tanh" else l0)
+        if self.sparsity_loss == "step":
+            return TrainingCodes(codes, sparsity=l0)
+        # the mean over samples and latents; the entries left out of sparse codes add tanh(0) = 0
+        tanh = torch.tanh(self.tanh_scale * values).sum() / (values[..., 0].numel() * self.n_latents)
+        return TrainingCodes(codes, sparsity=tanh)
 
     def firing_margins(self, x: Tensor, dictionary: nn.Module | None) -> Tensor | None:
         return self.linear_map(x, dictionary) - self.threshold.clamp_min(0)

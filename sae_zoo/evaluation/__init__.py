@@ -61,5 +61,4 @@ def downstream_metrics(model: SparseCoder, datamodule: SparseCodingData, probing
 
 __all__ = ["TASKS", "ProbeTask", "ProbingConfig", "ce_baselines", "ce_figures", "ce_loss_recovered", "ce_spliced",
            "context_fvu", "context_sums", "downstream_metrics", "evaluate", "held_out_pass", "held_out_statistics",
-           "recovered_fraction",
-           "sparse_probing"]
+           "recovered_fraction", "sparse_probing"]

@@ -38,12 +38,12 @@ def context_sums(model: SparseCoder, datamodule: ActivationDataModule,
         for x in rows:
             context = torch.arange(start, start + len(x)) // per_context
             start += len(x)
-            out = model(x.to(model.device))
+            on_device = x.to(model.device)
+            out = model(on_device)
             clean = ~outlier_mask(x, max_norm)
             if metrics is not None:
-                on_device = clean.to(model.device)
-                model.update_metrics(metrics, x.to(model.device)[on_device],
-                                     Reconstruction(out.x_hat[on_device], out.codes[on_device]))
+                keep = clean.to(model.device)
+                model.update_metrics(metrics, on_device[keep], Reconstruction(out.x_hat[keep], out.codes[keep]))
             x_hat, x = out.x_hat.double().cpu(), x.double()
             values = ((x - x_hat).square().sum(-1), torch.ones(len(x), dtype=torch.float64), x.square().sum(-1), x)
             for kind, keep in (("clean", clean), ("all", slice(None))):
