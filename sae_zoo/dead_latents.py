@@ -128,8 +128,7 @@ class DeadLatents(TrainingAid):
                                   generator=generator)
         centred = x[picks] - (dictionary.bias if dictionary.bias is not None else 0)
         directions = F.normalize(centred.to(dictionary.weight.dtype), dim=-1)
-        head.reset_latents(dead, directions)
-        touched = [p for p in head.parameters() if p.ndim and p.shape[0] == dictionary.n_latents]
+        touched = list(head.reset_latents(dead, directions))  # the head says which rows it reset
         if dictionary.trainable:
             dictionary.weight[dead] = directions
             touched.append(dictionary.weight)

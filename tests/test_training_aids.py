@@ -458,3 +458,28 @@ def test_resampling_leaves_the_batchtopk_threshold_and_the_mode_as_training_left
     model.dead_latents.tokens_since_fired[:4] = 100
     assert model.resample_dead_latents(3 * torch.randn(32, 6)) == 4  # a batch whose kept values differ
     assert torch.equal(head.threshold, threshold) and model.training
+
+
+def test_resampling_clears_the_optimizer_state_of_the_rows_it_reset_only():
+    """A residual MLP whose hidden layer is as wide as its latents: resampling resets its linear map's rows, and
+    the hidden layer's Adam state (rows of the same count, other units) is kept."""
+    torch.manual_seed(0)
+    head = create_encoder("residual_mlp", d_model=6, n_latents=12, hidden=12)
+    model = SparseCoder(head, Dictionary(12, 6, bias=True), resample_every=10, dead_tokens=100)
+    x = torch.randn(32, 6)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(2):  # the correction's output layer starts at zero: the hidden layer learns from the second step
+        optimizer.zero_grad()
+        model.training_losses(x)["loss"].backward()
+        optimizer.step()
+    hidden = head.correction[0].weight
+    kept = {k: v.clone() for k, v in optimizer.state[hidden].items()}
+    model.dead_latents.tokens_since_fired[:4] = 100
+    model.optimizers = lambda: type("Wrapped", (), {"optimizer": optimizer})()
+    model._trainer = object()
+    assert model.resample_dead_latents(x) == 4
+    model._trainer = None
+    for name, value in kept.items():
+        torch.testing.assert_close(optimizer.state[hidden][name], value, msg=name)
+    assert (optimizer.state[hidden]["exp_avg"][:4] != 0).any()
+    assert (optimizer.state[head.linear.weight]["exp_avg_sq"][:4] == 0).all()

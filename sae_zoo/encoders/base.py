@@ -131,9 +131,10 @@ class EncoderHead(nn.Module, metaclass=ABCMeta):
         and dead-latent resampling. Heads built on one linear map have them."""
         raise ValueError(self._no_linear_map("AuxK"))
 
-    def reset_latents(self, latents: Tensor, directions: Tensor) -> None:
+    def reset_latents(self, latents: Tensor, directions: Tensor) -> list[nn.Parameter]:
         """Point the encoder rows of ``latents`` along ``directions`` ``(len(latents), d_model)`` (unit
-        rows) and zero their biases: dead-latent resampling. Heads built on one linear map implement it."""
+        rows) and zero their biases: dead-latent resampling. Returns the parameters whose rows ``latents`` it
+        reset (their optimizer state is cleared there). Heads built on one linear map implement it."""
         raise ValueError(self._no_linear_map("dead-latent resampling"))
 
     def _no_linear_map(self, what: str) -> str:

@@ -25,7 +25,7 @@ class LinearPreActivations:
         return F.linear(x, self.linear.weight[latents], bias)
 
     @torch.no_grad()
-    def reset_latents(self, latents: Tensor, directions: Tensor) -> None:
+    def reset_latents(self, latents: Tensor, directions: Tensor) -> list[nn.Parameter]:
         # Anthropic's resampling: the new encoder row is the direction at 0.2 x the mean norm of the live rows
         weight = self.linear.weight
         live = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
@@ -34,6 +34,7 @@ class LinearPreActivations:
         weight[latents] = directions.to(weight.dtype) * scale
         if self.linear.bias is not None:
             self.linear.bias[latents] = 0
+        return [p for p in (self.linear.weight, self.linear.bias) if p is not None]
 
 
 @register_encoder("linear")
