@@ -127,7 +127,8 @@ def select_latents(latents: list[int] | None, n_latents: int, fired: Tensor, cou
 
 def logit_lens(datamodule: ActivationDataModule, atoms: Tensor, top: int = 10) -> tuple[list | None, str]:
     """Per atom, the ``top`` tokens its direction promotes and suppresses through the unembedding, with the
-    final norm's weight folded in; None with the reason when the hook's width is not the unembedding's."""
+    final norm's weight folded in where the LM has one, and how they were read; None with the reason when the
+    hook's width is not the unembedding's."""
     lm, tokenizer, _ = datamodule.language_model()
     unembed = lm.get_output_embeddings()
     if unembed is None or unembed.weight.shape[1] != atoms.shape[1]:
@@ -137,7 +138,8 @@ def logit_lens(datamodule: ActivationDataModule, atoms: Tensor, top: int = 10) -
     norm = next((getattr(base, n) for n in ("norm", "ln_f", "final_layernorm", "final_layer_norm")
                  if hasattr(base, n)), None)
     weight = unembed.weight.detach().float().cpu()
-    if norm is not None and getattr(norm, "weight", None) is not None:
+    folded = norm is not None and getattr(norm, "weight", None) is not None
+    if folded:
         weight = weight * norm.weight.detach().float().cpu()
     logits = atoms.detach().float().cpu() @ weight.T  # (atoms, vocab)
     out = []
@@ -146,7 +148,8 @@ def logit_lens(datamodule: ActivationDataModule, atoms: Tensor, top: int = 10) -
         out.append({"promoted": [(token_text(tokenizer, int(i)), float(v)) for v, i in zip(up.values, up.indices)],
                     "suppressed": [(token_text(tokenizer, int(i)), -float(v))
                                    for v, i in zip(down.values, down.indices)]})
-    return out, "through the unembedding, the final norm's weight folded in"
+    return out, ("through the unembedding, the final norm's weight folded in" if folded else
+                 "through the unembedding alone (no final norm with a weight was found to fold in)")
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:

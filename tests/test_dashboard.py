@@ -153,3 +153,20 @@ def test_bad_dashboard_input_is_named(runs, tmp_path, capsys):
         dashboard(synthetic, tmp_path / "c")
     assert main(["dashboard", str(sae), "--latents", "1,x"]) == 2
     assert "--latents: '1,x' is not a comma-separated list" in capsys.readouterr().err
+
+
+def test_the_logit_lens_says_whether_it_folded_a_final_norm_in():
+    from types import SimpleNamespace
+
+    from sae_zoo.dashboard import logit_lens
+
+    torch.manual_seed(0)
+    unembed = torch.nn.Linear(4, 6, bias=False)
+    tokenizer = SimpleNamespace(decode=lambda ids: f"t{ids[0]}")
+    atoms = torch.randn(2, 4)
+    for base, folded in ((SimpleNamespace(), False), (SimpleNamespace(norm=torch.nn.LayerNorm(4)), True)):
+        lm = SimpleNamespace(get_output_embeddings=lambda: unembed, base_model=base)
+        datamodule = SimpleNamespace(language_model=lambda: (lm, tokenizer, None))
+        tokens, how = logit_lens(datamodule, atoms, top=2)
+        assert ("final norm's weight folded in" in how) == folded and ("no final norm" in how) != folded
+        assert len(tokens) == 2 and len(tokens[0]["promoted"]) == 2
