@@ -1,9 +1,10 @@
-"""Files: atomic writes (write beside the target, then rename, so a failure never leaves half a file),
+"""Files: cache keys, atomic writes (write beside the target, then rename, so a failure never leaves half a file),
 atomic folder replacement, and readers whose errors name the file at fault."""
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import shutil
@@ -17,6 +18,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
+
+
+def cache_key(identity: Any) -> str:
+    """The name of what ``identity`` (JSON-able) defines, in a cache: 16 hex digits of the sha256 of its JSON
+    with sorted keys."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

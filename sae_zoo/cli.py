@@ -21,6 +21,29 @@ from .report import print_table
 PAPER_KNOWN_DICTIONARY = {("linear", None): (0.609, 0.038), ("mlp", 32): (0.781, None), ("mlp", 256): (0.818, 0.113)}
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stdout`` is when a record comes (a test may have replaced it)."""
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+def _show_progress() -> None:
+    """What the library logs (logger ``sae_zoo``: progress, the upgrade's tables) is what the command shows, as
+    plain lines on standard output; a program that imports sae_zoo decides for itself."""
+    logger = logging.getLogger("sae_zoo")
+    if not any(isinstance(h, _CurrentStdout) for h in logger.handlers):
+        handler = _CurrentStdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def _quiet_lightning() -> None:
     """In-memory tensors need no DataLoader workers; keep Lightning's advice about them off the terminal."""
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -34,11 +57,11 @@ def _quiet_lightning() -> None:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from .recipe import fit, load_recipe
-    from .suite import is_suite, print_comparison, run_suite
+    from .suite import comparison_text, is_suite, run_suite
 
     if is_suite(args.recipe):
         out, rows = run_suite(args.recipe, args.overrides, quick=args.quick, progress=not args.no_progress)
-        print_comparison(out, rows)
+        print(comparison_text(out, rows))
         return 0
     cfg = load_recipe(args.recipe, args.overrides, quick=args.quick)
     run_dir, metrics = fit(cfg, recipe_name=Path(args.recipe).stem, progress=not args.no_progress)
@@ -290,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     _quiet_lightning()
+    _show_progress()
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError, FloatingPointError) as e:  # a user's mistake: no traceback

@@ -13,6 +13,7 @@ and ``report.md`` (each method's best figure beside the paper's).
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from ._io import atomic_write_text
 from .evaluation import evaluate
 from .recipe import RecipeError, apply_quick, build, make_trainer, plan, read_recipe_file, recipe_from_content
 from .report import format_table, plot_frontier, write_csv
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["panel", "setting", "method", "seed", "budget", "train_steps", "train_flops", "inference_flops", "total_flops",
            "mcc", "dictionary_mcc", "fvu", "l0"]
@@ -118,8 +121,8 @@ def run_frontier(spec: dict[str, Any], progress: bool = True) -> list[dict[str, 
                               lambda steps: steps, trainer_kwargs)
         if progress:
             best = max(r["mcc"] for r in rows if r["method"] == label and r["panel"] == panel)
-            print(f"[{i}/{len(points)} {time.perf_counter() - start:6.0f}s] {panel:<16} {label:<22} seed {seed}: "
-                  f"best MCC so far {best:.4f}", flush=True)
+            log.info("[%d/%d %6.0fs] %-16s %-22s seed %s: best MCC so far %.4f", i, len(points),
+                     time.perf_counter() - start, panel, label, seed, best)
     return rows
 
 

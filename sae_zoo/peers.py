@@ -15,6 +15,7 @@ the same generator.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import time
 from collections.abc import Iterator
@@ -24,14 +25,24 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ._io import atomic_directory, atomic_write_json, atomic_write_text
+from ._io import atomic_directory
 from .hub import load_sae
 from .model import SparseCoder
-from .recipe import (INIT_SEED_OFFSET, RecipeError, check_run_dir, default_run_dir, evaluate_run, plan,
-                     run_record)
+from .recipe import RecipeError, RunFolder, evaluate_run, initialising, plan, scoring
 
 #: samples SAELens's evaluator draws for its own figures
 SAELENS_EVAL_SAMPLES = 16_384
+#: the learning rate of a run whose recipe gives none: sae_zoo's own default (:class:`~sae_zoo.SparseCoder`)
+DEFAULT_LR = inspect.signature(SparseCoder.__init__).parameters["lr"].default
+
+
+def _steps(trainer_kwargs: dict[str, Any], where: str) -> int:
+    """The run's step count: ``trainer.max_steps``, as sae_zoo's runs of the recipe take it."""
+    steps = trainer_kwargs.get("max_steps", -1)
+    if steps is None or steps < 1:
+        raise RecipeError(f"{where}: a SAELens run trains for trainer.max_steps steps; the recipe's trainer section "
+                          "sets none (sae_zoo's runs would train for Lightning's default epochs): set it")
+    return int(steps)
 
 
 def _batches(datamodule: Any, device: str) -> Iterator[torch.Tensor]:
@@ -75,48 +86,41 @@ def fit_saelens(cfg: DictConfig, saelens: dict[str, Any], recipe_name: str = "re
     if architecture is None:
         raise RecipeError(f"{where}: saelens.architecture is required (e.g. batchtopk)")
     p = plan(cfg)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, recipe_name)
-    check_run_dir(run_dir)
+    run = RunFolder(cfg, recipe_name)
     n_latents = p.dictionary_kwargs.get("n_latents")
     if cfg.setting != "unknown" or n_latents is None:
         raise RecipeError(f"{where}: a SAELens run learns its dictionary: it needs setting=unknown and "
                           "dictionary.n_latents")
     datamodule = p.data_class(**p.data_kwargs)
-    batch_size, steps = int(p.data_kwargs.get("batch_size", 1024)), int(p.trainer_kwargs.get("max_steps", 1000))
+    batch_size, steps = int(datamodule.hparams.batch_size), _steps(p.trainer_kwargs, where)
     device = _device(p.trainer_kwargs)
     sae_class, sae_cfg = saelens_config(architecture, {"device": device, **options}, datamodule.d_model, n_latents,
                                         where)
     try:
         trainer_cfg = SyntheticSAERunnerConfig(synthetic_model="the recipe's data", sae=sae_cfg,
                                                training_samples=steps * batch_size, batch_size=batch_size,
-                                               lr=float(p.model_kwargs.get("lr", 3e-4)),
+                                               lr=float(p.model_kwargs.get("lr", DEFAULT_LR)),
                                                logger=LoggingConfig(log_to_wandb=False), device=device,
                                                **runner_options).to_sae_trainer_config()
     except (TypeError, ValueError) as e:
         raise RecipeError(f"{where}: SAELens rejects saelens.trainer={runner_options!r}: {e}") from None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml({**OmegaConf.to_container(cfg), "saelens": saelens}))
+    run.start({**OmegaConf.to_container(cfg), "saelens": saelens})
     datamodule.prepare_data()
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed + INIT_SEED_OFFSET)
+    with initialising(cfg.seed):
         sae = sae_class(sae_cfg)
         start = time.perf_counter()
         trained = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_batches(datamodule, device),
                              save_checkpoint_fn=lambda path: None).fit()
         train_seconds = time.perf_counter() - start
-    with atomic_directory(run_dir / "saelens", replaces=("cfg.json",)) as staging:
+    with atomic_directory(run.path / "saelens", replaces=("cfg.json",)) as staging:
         trained.save_inference_model(staging)
-    loaded = load_sae(run_dir / "saelens")
-    truth = datamodule.ground_truth
-    model = SparseCoder(loaded.encoder, loaded.dictionary, true_dictionary=datamodule.dictionary if truth else None,
-                        code_recovery=bool(p.model_kwargs.get("code_recovery", truth)) and truth).to(device).eval()
+    loaded = load_sae(run.path / "saelens")
+    model = SparseCoder(loaded.encoder, loaded.dictionary, **scoring(p, datamodule)).to(device).eval()
     test = evaluate_run(model, datamodule, p.probing)
     theirs = eval_sae_on_synthetic_data(trained, datamodule.generator.feature_dict,
                                         datamodule.generator.activation_generator, num_samples=SAELENS_EVAL_SAMPLES,
                                         batch_size=batch_size) if hasattr(datamodule, "generator") else None
-    metrics = run_record(cfg, datamodule, model, test, encoder=f"saelens:{architecture}", steps=steps,
-                         train_seconds=train_seconds, devices=1)
-    if theirs is not None:
-        metrics["saelens_evaluator"] = theirs.to_dict()
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    return run_dir, metrics
+    extra = {} if theirs is None else {"saelens_evaluator": theirs.to_dict()}
+    metrics = run.finish(datamodule, model, test, encoder=f"saelens:{architecture}", steps=steps,
+                         train_seconds=train_seconds, devices=1, extra=extra)
+    return run.path, metrics

@@ -20,7 +20,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
@@ -36,12 +38,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import flops
-from ._io import atomic_write, atomic_write_json, atomic_write_text
+from ._io import atomic_write, atomic_write_json, atomic_write_text, cache_key
 from ._signature import UnknownArgumentError, check_kwargs
 from .data import DATAMODULES, PAPER_SEED, SparseCodingData
 from .dictionary import Dictionary
 from .encoders import create_encoder, get_encoder_class
-from .evaluation import ProbingConfig, downstream_metrics, held_out_pass
+from .evaluation import ProbingConfig, evaluate_model
 from .hub import load_sae
 from .model import SparseCoder
 from .tracking import logger_specs, make_loggers
@@ -266,18 +268,27 @@ def check_training_aid(spec: Any, key: str) -> None:
 
 
 def import_modules(modules: list[str]) -> None:
-    """Import dotted module names or ``.py`` files (which register heads as a side effect)."""
+    """Import dotted module names or ``.py`` files (which register heads as a side effect). A file is imported
+    once (by its resolved path), under its stem, or a name of its own when another module has that stem (a
+    user's ``utils.py`` beside some package's ``utils``)."""
     for module in modules:
         if module.endswith(".py"):
             file = Path(module)
             if not file.is_file():
                 raise ValueError(f"imports: no such file {module}")
-            if file.stem in sys.modules:
+            path = file.resolve()
+            if any(Path(getattr(m, "__file__", None) or "").resolve() == path for m in list(sys.modules.values())
+                   if getattr(m, "__file__", None)):
                 continue
-            spec = importlib.util.spec_from_file_location(file.stem, file)
+            name = file.stem if file.stem not in sys.modules else f"{file.stem}_{cache_key(str(path))}"
+            spec = importlib.util.spec_from_file_location(name, path)
             loaded = importlib.util.module_from_spec(spec)
-            sys.modules[file.stem] = loaded
-            spec.loader.exec_module(loaded)
+            sys.modules[name] = loaded
+            try:
+                spec.loader.exec_module(loaded)
+            except BaseException:
+                del sys.modules[name]  # a file that failed to import is not half-registered as imported
+                raise
         else:
             try:
                 importlib.import_module(module)
@@ -397,8 +408,7 @@ def build(cfg: DictConfig | Plan) -> tuple[SparseCodingData, SparseCoder]:
                  else dictionary_kwargs.pop("n_latents", datamodule.n_latents))
 
     L.seed_everything(cfg.seed, verbose=False)
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed + INIT_SEED_OFFSET)
+    with initialising(cfg.seed):
         encoder_kwargs = dict(p.encoder_kwargs)
         warm_start = encoder_kwargs.get("warm_start")
         if isinstance(warm_start, dict) and "pretrained" in warm_start:  # a trained head, e.g. the SAE's own
@@ -419,13 +429,29 @@ def build(cfg: DictConfig | Plan) -> tuple[SparseCodingData, SparseCoder]:
     model_kwargs = dict(p.model_kwargs)
     if datamodule.ground_truth:
         check_target_l0(model_kwargs.get("target_l0"), datamodule, n_latents)
-    # the true dictionary scores a learned or pretrained one (the known_* settings decode with it)
-    learned = cfg.setting == "unknown" or p.pretrained is not None
-    truth = datamodule.ground_truth
+    model_kwargs.pop("code_recovery", None)
     model = SparseCoder(encoder, dictionary, supervised=cfg.setting == "known_codes",
-                        true_dictionary=datamodule.dictionary if learned and truth else None,
-                        code_recovery=model_kwargs.pop("code_recovery", truth) and truth, **model_kwargs)
+                        **scoring(p, datamodule, learned=cfg.setting == "unknown" or p.pretrained is not None),
+                        **model_kwargs)
     return datamodule, model
+
+
+@contextmanager
+def initialising(seed: int) -> Iterator[None]:
+    """The RNG a run's model is initialised under (``seed`` + :data:`INIT_SEED_OFFSET`), forked so that the
+    data's draws do not depend on it; every run (sae_zoo's or a peer library's) starts in it."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + INIT_SEED_OFFSET)
+        yield
+
+
+def scoring(p: Plan, datamodule: SparseCodingData, learned: bool = True) -> dict[str, Any]:
+    """The :class:`~sae_zoo.SparseCoder` arguments that score a run against the data's truth: the true dictionary
+    scores a learned or pretrained one (the known_* settings decode with it), and code recovery is measured
+    where the data know the codes, unless ``model.code_recovery`` turns it off."""
+    truth = datamodule.ground_truth
+    return {"true_dictionary": datamodule.dictionary if learned and truth else None,
+            "code_recovery": bool(p.model_kwargs.get("code_recovery", truth)) and truth}
 
 
 def check_target_l0(target_l0: float | None, datamodule: SparseCodingData, n_latents: int) -> None:
@@ -442,32 +468,28 @@ def check_target_l0(target_l0: float | None, datamodule: SparseCodingData, n_lat
                           "choose a target at or below it")
 
 
-def make_trainer(p: Plan, *, callbacks: Sequence[L.Callback] = (), logger: Any = False, progress: bool = True,
+def make_trainer(p: Plan | dict[str, Any], *, callbacks: Sequence[L.Callback] = (), logger: Any = False, progress: bool = True,
                  root_dir: Path | None = None, **overrides: Any) -> L.Trainer:
-    """The recipe's Trainer (any accelerator): :data:`TRAINER_DEFAULTS`, then ``trainer:``, then
-    ``overrides``. A Trainer that cannot be built (no such accelerator, a bad precision or step count)
-    raises :class:`RecipeError` naming the ``trainer`` section."""
-    kwargs = {**p.trainer_kwargs, "enable_progress_bar": progress and p.trainer_kwargs.get("enable_progress_bar", True),
+    """The recipe's Trainer (any accelerator): :data:`TRAINER_DEFAULTS`, then ``trainer:`` (of the plan ``p``, or
+    the mapping ``p`` itself, for a run that has no recipe), then ``overrides``. A Trainer that cannot be built
+    (no such accelerator, a bad precision or step count) raises :class:`RecipeError` naming the ``trainer``
+    section."""
+    trainer_kwargs = p.trainer_kwargs if isinstance(p, Plan) else {**TRAINER_DEFAULTS, **p}
+    kwargs = {**trainer_kwargs, "enable_progress_bar": progress and trainer_kwargs.get("enable_progress_bar", True),
               **overrides}
     if kwargs["enable_progress_bar"]:
         callbacks = [*callbacks, TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)]
     try:
         return L.Trainer(**kwargs, callbacks=list(callbacks), logger=logger, default_root_dir=root_dir)
-    except Exception as e:  # Lightning raises MisconfigurationException, ValueError, RuntimeError, ...
-        given = ", ".join(f"trainer.{k}={v!r}" for k, v in p.trainer_kwargs.items() if k not in TRAINER_DEFAULTS
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as e:  # what Lightning
+        # raises for bad arguments (a device it lacks; an accelerator whose package is missing); a bug stays itself
+        given = ", ".join(f"trainer.{k}={v!r}" for k, v in trainer_kwargs.items() if k not in TRAINER_DEFAULTS
                           or TRAINER_DEFAULTS[k] != v)
         raise RecipeError(f"trainer: lightning.Trainer cannot be built from {given or 'the defaults'}: "
-                          f"{str(e).splitlines()[0]}") from None
-
-
-#: Set by rank 0 before Lightning starts the other ranks of a multi-device run, so they all write
-#: to the run directory rank 0 chose (its default name holds the start time).
-RUN_DIR_ENV = "SAE_ZOO_RUN_DIR"
+                          f"{str(e).splitlines()[0]}") from e
 
 
 def default_run_dir(cfg: DictConfig, recipe_name: str) -> Path:
-    if os.environ.get(RUN_DIR_ENV):
-        return Path(os.environ[RUN_DIR_ENV])
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("runs") / recipe_name / f"{cfg.encoder.name}-seed{cfg.seed}-{stamp}"
     run_dir, n = base, 1
@@ -475,6 +497,37 @@ def default_run_dir(cfg: DictConfig, recipe_name: str) -> Path:
         n += 1
         run_dir = base.with_name(f"{base.name}-{n}")
     return run_dir
+
+
+class RunFolder:
+    """A run's folder, the one lifecycle of every run (sae_zoo's :func:`fit`, a peer library's, an upgrade's
+    models): checked before any work (new, empty, or left by a run that did not finish), then ``config.yaml``
+    at the start, and ``metrics.json`` (:func:`run_record`) once the run is evaluated. Only rank zero writes."""
+
+    def __init__(self, cfg: DictConfig, recipe_name: str = "recipe") -> None:
+        self.cfg = cfg
+        self.path = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, recipe_name)
+        self.rank_zero = rank_zero_only.rank == 0
+        if self.rank_zero:
+            check_run_dir(self.path)
+
+    def start(self, config: DictConfig | dict[str, Any] | None = None) -> None:
+        """Create the folder and write the resolved recipe (``config``, default the run's)."""
+        if self.rank_zero:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(self.cfg if config is None else config))
+
+    def agree(self, trainer: L.Trainer) -> None:
+        """Every rank of a multi-device run takes rank zero's folder (a default name holds the start time, which
+        the ranks read apart), by the strategy's own broadcast."""
+        self.path = Path(trainer.strategy.broadcast(str(self.path), src=0))
+
+    def finish(self, datamodule: SparseCodingData, model: SparseCoder, test: dict[str, Any], *,
+               extra: dict[str, Any] | None = None, **record: Any) -> dict[str, Any]:
+        """Write ``metrics.json`` (:func:`run_record` of ``test`` and ``record``, then ``extra``) and return it."""
+        metrics = {**run_record(self.cfg, datamodule, model, test, **record), **(extra or {})}
+        atomic_write_json(self.path / "metrics.json", metrics)
+        return metrics
 
 
 def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True) -> tuple[Path, dict[str, Any]]:
@@ -486,28 +539,18 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True) -> 
     checkpoint (a run that failed) may be reused. With several devices (``trainer.devices``,
     ``trainer.strategy``) every rank trains and rank zero evaluates and writes.
     """
-    rank_zero = rank_zero_only.rank == 0
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, recipe_name)
-    if rank_zero:
-        check_run_dir(run_dir)
+    run = RunFolder(cfg, recipe_name)
     p = plan(cfg)
     datamodule, model = build(p)
-    trainer = make_trainer(p, progress=progress, root_dir=run_dir,
-                           logger=[CSVLogger(run_dir, name="logs", version=""), *make_loggers(p.loggers, run_dir)])
-    if rank_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-    previous, precision = os.environ.get(RUN_DIR_ENV), torch.get_float32_matmul_precision()
-    os.environ[RUN_DIR_ENV] = str(run_dir)
+    trainer = make_trainer(p, progress=progress, root_dir=run.path,
+                           logger=[CSVLogger(run.path, name="logs", version=""), *make_loggers(p.loggers, run.path)])
+    run.start()
+    precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     try:
-        return _train_and_evaluate(cfg, trainer, datamodule, model, run_dir)
+        return _train_and_evaluate(run, trainer, datamodule, model)
     finally:
         torch.set_float32_matmul_precision(precision)
-        if previous is None:
-            os.environ.pop(RUN_DIR_ENV, None)
-        else:
-            os.environ[RUN_DIR_ENV] = previous
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -519,8 +562,9 @@ def check_run_dir(run_dir: Path) -> None:
         raise RecipeError(f"run_dir: {run_dir} already exists and holds a finished run; choose another run_dir")
 
 
-def _train_and_evaluate(cfg: DictConfig, trainer: L.Trainer, datamodule: SparseCodingData, model: SparseCoder,
-                        run_dir: Path) -> tuple[Path, dict[str, Any]]:
+def _train_and_evaluate(run: RunFolder, trainer: L.Trainer, datamodule: SparseCodingData,
+                        model: SparseCoder) -> tuple[Path, dict[str, Any]]:
+    cfg = run.cfg
     if trainer.is_global_zero:
         datamodule.prepare_data()  # e.g. collect activations, so that train_seconds counts training only
     start = time.perf_counter()
@@ -529,6 +573,9 @@ def _train_and_evaluate(cfg: DictConfig, trainer: L.Trainer, datamodule: SparseC
         trainer.fit(torch.compile(model) if cfg.compile else model, datamodule=datamodule)
     # else: a pure inference head (e.g. FISTA) on a frozen dictionary has nothing to train
     train_seconds = time.perf_counter() - start
+    if trained:
+        run.agree(trainer)
+    run_dir = run.path
     model.dictionary.provenance = {**datamodule.describe(), **model.dictionary.provenance}
     partial = run_dir / ".model.ckpt.partial"
     if trained:  # saving is collective (rank zero writes)
@@ -539,18 +586,15 @@ def _train_and_evaluate(cfg: DictConfig, trainer: L.Trainer, datamodule: SparseC
         _save_untrained_checkpoint(model, partial)
     test = evaluate_run(model, datamodule, ProbingConfig(**_plain(cfg.probing)))
     os.replace(partial, run_dir / "model.ckpt")
-    metrics = run_record(cfg, datamodule, model, test, encoder=cfg.encoder.name, steps=trainer.global_step,
-                         train_seconds=train_seconds, devices=trainer.world_size)
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    return run_dir, metrics
+    return run_dir, run.finish(datamodule, model, test, encoder=cfg.encoder.name, steps=trainer.global_step,
+                               train_seconds=train_seconds, devices=trainer.world_size)
 
 
 def evaluate_run(model: SparseCoder, datamodule: SparseCodingData,
                  probing: ProbingConfig | None = None) -> dict[str, Any]:
     """Every held-out figure a run reports: :func:`~sae_zoo.evaluation.evaluate`'s, then the downstream ones,
     from one pass of the model over the held-out data."""
-    test, sums = held_out_pass(model, datamodule)  # one pass over the held-out data for both
-    return {**test, **downstream_metrics(model, datamodule, probing, sums)}
+    return evaluate_model(model, datamodule, probing).figures()
 
 
 def run_record(cfg: DictConfig, datamodule: SparseCodingData, model: SparseCoder, test: dict[str, Any], *,

@@ -22,6 +22,7 @@ L0 and against inference FLOPs, and ``report.md`` compares the best sae_zoo meth
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from datetime import datetime
@@ -34,7 +35,9 @@ from omegaconf import OmegaConf
 from ._io import atomic_write_text
 from .peers import fit_saelens
 from .recipe import RecipeError, apply_quick, fit, read_recipe_file, recipe_from_content
-from .report import format_table, plot_comparison, plot_recovery, print_table, write_csv
+from .report import format_table, plot_comparison, plot_recovery, write_csv
+
+log = logging.getLogger(__name__)
 
 REPLACED_SECTIONS = ("encoder", "dictionary")
 RUN_REFERENCE = "run:"
@@ -91,7 +94,7 @@ def run_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, 
     rows, start = [], time.perf_counter()
     for i, (spec, cfg, where) in enumerate(jobs, 1):
         label = spec.get("label", spec["name"])
-        print(f"\n== [{i}/{len(jobs)}, {time.perf_counter() - start:.0f}s] {label} (seed {cfg.seed}) ==", flush=True)
+        log.info("\n== [%d/%d, %.0fs] %s (seed %s) ==", i, len(jobs), time.perf_counter() - start, label, cfg.seed)
         if "saelens" in spec:
             run_dir, metrics = fit_saelens(cfg, dict(spec["saelens"]), recipe_name=Path(path).stem, where=where)
         else:
@@ -269,14 +272,12 @@ def _fmt(value: Any) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
-def print_comparison(out: Path, rows: list[dict[str, Any]]) -> None:
+def comparison_text(out: Path, rows: list[dict[str, Any]]) -> str:
+    """The suite's table, its notes and sae_zoo's best against SAELens's best, as a terminal shows them."""
     header, body = comparison_table(rows)
-    print()
-    print_table(body, header)
-    for line in comparison_notes(rows):
-        print(line)
+    lines = ["", format_table(body, header), *comparison_notes(rows)]
     best = best_against_peer(rows)
     if best is not None:
-        print(f"best sae_zoo method at SAELens's best L0: {best['ours']['label']}; ratio to {best['theirs']['label']}: "
-              f"F1 {best['f1_ratio']:.3f}, MCC {best['mcc_ratio']:.3f}")
-    print(f"\nruns, comparison.csv/.md and comparison.png: {out}")
+        lines.append(f"best sae_zoo method at SAELens's best L0: {best['ours']['label']}; ratio to "
+                     f"{best['theirs']['label']}: F1 {best['f1_ratio']:.3f}, MCC {best['mcc_ratio']:.3f}")
+    return "\n".join([*lines, f"\nruns, comparison.csv/.md and comparison.png: {out}"])

@@ -228,8 +228,11 @@ def test_an_activation_width_that_does_not_match_the_dictionary(lm_files, tmp_pa
 
 def test_outlier_tokens_are_left_out_counted_and_reported_with_standard_errors(lm_files, tmp_path):
     from sae_zoo import Dictionary, SparseCoder, create_encoder
-    from sae_zoo.evaluation import evaluate, held_out_statistics
+    from sae_zoo.evaluation import evaluate, held_out_pass
     from sae_zoo.metrics.functional import fraction_of_variance_unexplained
+
+    def held_out_statistics(model, dm):
+        return held_out_pass(model, dm).tokens.figures()
 
     dm = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache"))
     dm.prepare_data()
@@ -280,7 +283,8 @@ def test_one_pass_over_the_held_out_tokens_gives_the_two_passes_figures(lm_files
     """``held_out_pass`` reads every held-out token once, for the test metrics and the per-context sums, with the
     figures of the metrics over the held-out batches and of a separate pass of ``context_sums``."""
     from sae_zoo import Dictionary, SparseCoder, create_encoder
-    from sae_zoo.evaluation import context_sums, held_out_pass, held_out_statistics
+    from sae_zoo.evaluation import held_out_pass
+    from sae_zoo.evaluation.held_out import token_sums
 
     dm = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache"))
     dm.prepare_data()
@@ -293,8 +297,9 @@ def test_one_pass_over_the_held_out_tokens_gives_the_two_passes_figures(lm_files
     model = SparseCoder(create_encoder("topk", d_model=16, n_latents=32, k=4), Dictionary(32, 16, bias=True)).eval()
     encoded = []
     model.register_forward_hook(lambda module, args, out: encoded.append(len(args[0])))
-    test, sums = held_out_pass(model, dm)
-    stats = held_out_statistics(model, dm, sums)
+    evaluation = held_out_pass(model, dm)
+    test, sums = evaluation.metrics, evaluation.tokens
+    stats = sums.figures()
     assert sum(encoded) == stats["held_out_tokens"] and stats["outlier_tokens"] > 0  # each token once
 
     reference = model.new_metrics(sync_on_compute=False)  # the two passes: the metrics' own batches, then the sums
@@ -303,7 +308,34 @@ def test_one_pass_over_the_held_out_tokens_gives_the_two_passes_figures(lm_files
             model.update_metrics(reference, batch)
     expected = {name: float(value) for name, value in reference.compute().items()}
     assert {name: float(value) for name, value in test.items()} == pytest.approx(expected, rel=1e-5, abs=1e-7)
-    separate = context_sums(model, dm)
-    for kind in ("clean", "all"):
-        for ours, theirs in zip(sums[kind], separate[kind]):
-            torch.testing.assert_close(ours, theirs)
+    separate = token_sums(model, dm)
+    for kind in ("clean", "every"):
+        for name in ("sse", "tokens", "sum_sq", "sum_x"):
+            torch.testing.assert_close(getattr(getattr(sums, kind), name), getattr(getattr(separate, kind), name))
+
+
+def test_an_outlier_is_one_definition_on_any_device(lm_files, tmp_path, monkeypatch):
+    """``outlier_mask`` answers on its input's device, with or without an outlier norm, and CE-loss recovered's
+    splice leaves out exactly the tokens it names (one definition of an outlier for the data and the splice)."""
+    import sae_zoo.evaluation.language_model as language_model
+    from sae_zoo.data.activations import outlier_mask
+
+    x = torch.ones(2, 3, 4, device="meta")
+    assert outlier_mask(x, None).device.type == "meta" and outlier_mask(x, 1.0).device.type == "meta"
+    named = []
+
+    def every_token_an_outlier(acts, max_norm):
+        named.append(max_norm)
+        return torch.ones(acts.shape[:-1], dtype=torch.bool, device=acts.device)
+
+    monkeypatch.setattr(language_model, "outlier_mask", every_token_an_outlier)
+    replace = language_model._splice(torch.zeros_like, 2.0, False, 7.0)
+    acts = torch.randn(2, 5, 4)
+    assert torch.equal(replace(acts), acts) and named == [7.0]  # every token kept its own activations
+
+
+def test_the_caches_are_named_by_one_cache_key(lm_files, tmp_path):
+    from sae_zoo._io import cache_key
+
+    dm = ActivationDataModule(**{**data_kwargs(lm_files, tmp_path / "unused"), "cache_dir": None})
+    assert dm.cache_dir.name == cache_key(dm.identity) and len(cache_key(dm.identity)) == 16

@@ -257,7 +257,7 @@ def test_a_run_that_failed_before_its_checkpoint_can_be_retried_in_its_folder(tm
     cfg = load_recipe(KNOWN_D, [*TINY, f"run_dir={run_dir}"])
     import sae_zoo.recipe as recipe
 
-    monkeypatch.setattr(recipe, "held_out_pass", lambda *a: (_ for _ in ()).throw(RuntimeError("stopped")))
+    monkeypatch.setattr(recipe, "evaluate_model", lambda *a: (_ for _ in ()).throw(RuntimeError("stopped")))
     with pytest.raises(RuntimeError, match="stopped"):
         fit(cfg, progress=False)
     assert (run_dir / "config.yaml").exists() and not (run_dir / "model.ckpt").exists()

@@ -29,12 +29,15 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
                         "resample_every": 10},
               "trainer": {"max_steps": 40, "accelerator": "cpu", "limit_val_batches": 0, "log_every_n_steps": 5}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    for name, extra in (("one", []), ("two", ["trainer.devices=2", "trainer.strategy=ddp"])):
-        done = subprocess.run([*SAE_ZOO, "fit", "recipe.yaml", f"run_dir={name}", "--no-progress", *extra],
+    # the two-process run takes the default folder, whose name holds the start time: the ranks agree on it
+    for name, extra in (("one", ["run_dir=one"]), ("two", ["trainer.devices=2", "trainer.strategy=ddp"])):
+        done = subprocess.run([*SAE_ZOO, "fit", "recipe.yaml", "--no-progress", *extra],
                               cwd=tmp_path, timeout=600, capture_output=True, text=True)
         # on failure, say how and show what the run printed (a flake under load died with SIGKILL, silently)
         assert done.returncode == 0, (f"the {name}-process run exited with {done.returncode}:\n"
                                       f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    (two_dir,) = (tmp_path / "runs" / "recipe").iterdir()  # one folder, written by rank zero alone
+    two_dir.rename(tmp_path / "two")
     one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
     assert (one["devices"], two["devices"]) == (1, 2) and one["steps"] == two["steps"] == 40
     for key, value in one["test"].items():

@@ -215,3 +215,43 @@ def test_a_batchtopk_sae_written_plainly_gets_the_training_that_recovers_feature
     assert "atom_norms" not in load_recipe(KNOWN_D, [*TINY, "encoder.name=batchtopk", "encoder.k=3",
                                                      "~encoder.bias"]).dictionary  # frozen: the true dictionary
     assert load_recipe(RECIPES / "unknown.yaml").dictionary == {"bias": False}  # the paper's SAE: as published
+
+
+def test_a_users_file_is_imported_even_when_its_stem_names_another_module(tmp_path, monkeypatch):
+    """A user's ``utils.py`` beside some package's ``utils``: it is imported (once), not skipped."""
+    import sys
+    import types
+
+    from sae_zoo.recipe import import_modules
+
+    monkeypatch.setitem(sys.modules, "utils", types.ModuleType("utils"))  # somebody else's utils
+    marker = tmp_path / "imported.txt"
+    user = tmp_path / "utils.py"
+    user.write_text(f"from pathlib import Path\np = Path({str(marker)!r})\np.write_text(p.read_text() + 'x' "
+                    "if p.exists() else 'x')\n")
+    import_modules([str(user)])
+    import_modules([str(user)])
+    assert marker.read_text() == "x"
+
+
+def test_a_bug_while_building_the_trainer_is_not_reported_as_a_bad_recipe(monkeypatch):
+    import lightning
+
+    from sae_zoo.recipe import make_trainer, plan
+
+    p = plan(load_recipe(None, ["trainer.accelerator=cpu"]))
+    with pytest.raises(RecipeError, match=r"trainer: lightning.Trainer cannot be built from trainer.accelerator='tpu'"):
+        make_trainer(plan(load_recipe(None, ["trainer.accelerator=tpu"])))
+
+    def broken(**kwargs):
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr(lightning, "Trainer", broken)
+    with pytest.raises(AttributeError, match="a bug"):
+        make_trainer(p)
+
+
+@pytest.mark.parametrize("tasks", [5, "party"])
+def test_probing_tasks_are_checked_like_every_key(tasks):
+    with pytest.raises(RecipeError, match=rf"probing.tasks={tasks!r} for sparse probing has type"):
+        load_recipe(None, [f"probing.tasks={tasks}"])

@@ -236,3 +236,53 @@ def test_the_synthsaebench_suites_check_out(recipe, quick, tmp_path):
         if spec["name"].startswith("iht_on_saelens"):
             assert cfg.dictionary.pretrained == str(tmp_path / "out" / spec["recipe"]["dictionary"]["pretrained"]
                                                     .split(":")[1].split("/")[0] / f"seed{cfg.seed}" / "saelens")
+
+
+def test_a_model_the_hub_cannot_serve_is_named_and_a_bug_stays_itself(monkeypatch):
+    from sae_zoo.data.synthsaebench import load_model
+
+    def offline(source, device="cpu"):
+        raise OSError("offline")
+
+    monkeypatch.setattr(SyntheticModel, "load_from_source", offline)
+    with pytest.raises(ValueError, match=r"data.model: 'someone/model' is neither a folder nor .* \(OSError: offline\)") \
+            as raised:
+        load_model("someone/model")
+    assert isinstance(raised.value.__cause__, OSError)  # the Hub's own error, kept for a traceback
+
+    def buggy(source, device="cpu"):
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr(SyntheticModel, "load_from_source", buggy)
+    with pytest.raises(AttributeError, match="a bug"):
+        load_model("someone/model")
+
+
+def test_saelens_trains_with_the_recipes_defaults_as_our_runs_do(tmp_path, monkeypatch):
+    """A recipe that gives no learning rate gives SAELens's run the one sae_zoo's run of it takes (its head's
+    default, else SparseCoder's), not SAELens's own, and one that gives no step count is refused by name: a
+    comparison must not differ silently."""
+    import sae_lens.synthetic
+
+    from sae_zoo.peers import DEFAULT_LR, fit_saelens
+
+    given = {}
+
+    class Stop(Exception):
+        pass
+
+    def runner_config(**kwargs):
+        given.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(sae_lens.synthetic, "SyntheticSAERunnerConfig", runner_config)
+    for encoder, lr in (({"name": "linear"}, DEFAULT_LR), ({"name": "topk", "k": 3}, 3e-3)):
+        cfg = load_recipe(recipe_file(tmp_path, model={"l1_coeff": 0.0, "code_recovery": False}, encoder=encoder),
+                          [f"run_dir={tmp_path / encoder['name']}"])
+        with pytest.raises(Stop):
+            fit_saelens(cfg, {"architecture": "batchtopk", "k": 3})
+        assert given["lr"] == lr == plan(cfg).model_kwargs.get("lr", DEFAULT_LR)
+    assert DEFAULT_LR == 1e-3 and given["training_samples"] == 40 * 256  # the recipe's 40 steps of 256
+    cfg = load_recipe(recipe_file(tmp_path, trainer={"enable_progress_bar": False}), [f"run_dir={tmp_path / 'run2'}"])
+    with pytest.raises(RecipeError, match="a SAELens run trains for trainer.max_steps steps"):
+        fit_saelens(cfg, {"architecture": "batchtopk", "k": 3})

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import pytest
 import torch
 from lm_fixtures import write_corpus, write_tiny_llama
 
-import sae_zoo.upgrade as upgrade_module
+import sae_zoo.upgrade.sweep as upgrade_module
 from sae_zoo import SparseCoder
 from sae_zoo.cli import main
 from sae_zoo.hub import export_saelens, load_run
@@ -38,9 +39,10 @@ def read_points(out):
         return list(csv.DictReader(f))
 
 
-def test_upgrade_a_run_measures_the_sae_sweeps_every_candidate_and_writes_the_comparison(sae_run, tmp_path, capsys,
+def test_upgrade_a_run_measures_the_sae_sweeps_every_candidate_and_writes_the_comparison(sae_run, tmp_path, caplog,
                                                                                           hub):
     run_dir, metrics, _ = sae_run
+    caplog.set_level(logging.INFO, logger="sae_zoo")
     out = upgrade(run_dir, tmp_path / "up", UpgradeOptions(**OPTIONS), progress=False)
     rows = read_points(out)
     assert len(rows) == 1 + 5 * 3 and rows[0]["candidate"] == "source"
@@ -69,7 +71,7 @@ def test_upgrade_a_run_measures_the_sae_sweeps_every_candidate_and_writes_the_co
     # every candidate read at the SAE's L0 has its gain at each k, with its paired standard error
     interpolated = probing.count(" interpolated |")
     assert interpolated >= 3 and probing.count(" ± ") == 1 + 4 * interpolated
-    printed = capsys.readouterr().out
+    printed = caplog.text  # progress and the tables are logged: the command line shows them
     assert "At the SAE's L0" in printed and "FISTA from the SAE's codes" in printed
     # a model and card per candidate, at the point nearest the SAE's L0, ready for push
     card = (out / "cards" / "residual_mlp" / "README.md").read_text()
@@ -163,49 +165,56 @@ def test_the_l1_coefficient_at_which_codes_are_optimal():
 
 
 def test_gains_have_paired_standard_errors():
-    from sae_zoo.evaluation import context_fvu
+    from sae_zoo.evaluation import CELosses, ContextSums, Evaluation, TokenSums
     from sae_zoo.evaluation.bootstrap import bootstrap_se
-    from sae_zoo.upgrade import paired_gain_se
+    from sae_zoo.upgrade.report import gain_standard_errors
 
     g = torch.Generator().manual_seed(0)
-    n, c = torch.full((20,), 10.0, dtype=torch.float64), 20
-    clean = [torch.rand(c, generator=g, dtype=torch.float64) + 0.5, n,
-             torch.rand(c, generator=g, dtype=torch.float64) + 5, torch.randn(c, 4, generator=g, dtype=torch.float64)]
-    baselines = {"ce_clean": torch.full((8,), 4.0, dtype=torch.float64),
-                 "ce_zero_ablation": torch.rand(8, generator=g, dtype=torch.float64) + 9}
-    source = {"clean": clean, "ce_spliced": torch.rand(8, generator=g, dtype=torch.float64) + 5}
-    better = {"clean": [0.9 * clean[0], *clean[1:]], "ce_spliced": source["ce_spliced"]}
-    fvu_se, ce_se = paired_gain_se(source, [(better, 1.0)], baselines)
+    c = 20
+    clean = ContextSums(torch.rand(c, generator=g, dtype=torch.float64) + 0.5, torch.full((c,), 10.0, dtype=torch.float64),
+                        torch.rand(c, generator=g, dtype=torch.float64) + 5, torch.randn(c, 4, generator=g, dtype=torch.float64))
+    ce = CELosses(torch.full((8,), 4.0, dtype=torch.float64), torch.rand(8, generator=g, dtype=torch.float64) + 9,
+                  torch.rand(8, generator=g, dtype=torch.float64) + 5)
+    source = Evaluation({}, TokenSums(clean, clean), ce)
+    fewer_errors = ContextSums(0.9 * clean.sse, clean.tokens, clean.sum_sq, clean.sum_x)
+    better = Evaluation({}, TokenSums(fewer_errors, fewer_errors), ce)
+    se = gain_standard_errors(source, [(better, 1.0)])
     # 10% less squared error in every context: the gain is 0.1 x the SAE's FVU in every resample
-    assert fvu_se == pytest.approx(0.1 * bootstrap_se(lambda w: context_fvu(w, *clean), c), rel=1e-9)
-    assert ce_se == 0  # the same spliced losses: no gain in any resample
+    assert se["fvu"] == pytest.approx(0.1 * bootstrap_se(clean.fvu, c), rel=1e-9)
+    assert se["ce_loss_recovered"] == 0  # the same spliced losses: no gain in any resample
     # a mix of two points, as at an interpolated L0, is the mix of their resampled values
-    half = paired_gain_se(source, [(better, 0.5), (source, 0.5)], baselines)[0]
-    assert half == pytest.approx(fvu_se / 2, rel=1e-9)
+    half = gain_standard_errors(source, [(better, 0.5), (source, 0.5)])["fvu"]
+    assert half == pytest.approx(se["fvu"] / 2, rel=1e-9)
+    # an evaluation read back from its saved state gives the same figures
+    again = Evaluation.from_state(source.state())
+    assert gain_standard_errors(again, [(better, 1.0)]) == se
 
 
 def test_each_candidate_sweeps_the_knob_its_kind_has():
     from sae_zoo import create_encoder
-    from sae_zoo.upgrade import candidate_head
+    from sae_zoo.upgrade import CANDIDATES, Start
+    from sae_zoo.upgrade.candidates import check_candidates
+
+    def build(name, ratio, head, l0, **options):
+        return CANDIDATES[name].build(Start(head, l0, 0.3, UpgradeOptions(**options)), ratio)
 
     topk = create_encoder("topk", d_model=8, n_latents=24, k=4, subtract_decoder_bias=True)
-    head, kwargs, knob = candidate_head("residual_mlp", 1.5, topk, 4.0, 0.3, UpgradeOptions(hidden=8))
+    head, kwargs, knob = build("residual_mlp", 1.5, topk, 4.0, hidden=8)
     assert (head.k, head.config()["k"], kwargs, knob) == (6, 6, {"l1_coeff": 0.0, "lr": 1e-3}, "k=6")
-    head, _, _ = candidate_head("retrained", 0.5, topk, 4.0, 0.3, UpgradeOptions())
+    head, _, _ = build("retrained", 0.5, topk, 4.0)
     assert head.k == head.config()["k"] == 2 and topk.k == 4  # a copy with its own k, kept when it is saved
     torch.testing.assert_close(head.linear.weight, topk.linear.weight)
     linear = create_encoder("linear", d_model=8, n_latents=24, subtract_decoder_bias=True)
-    _, kwargs, knob = candidate_head("retrained", 0.5, linear, 30.0, 0.3, UpgradeOptions())
+    _, kwargs, knob = build("retrained", 0.5, linear, 30.0)
     assert kwargs == {"l1_coeff": 0.3, "lr": 1e-3, "target_l0": 15.0} and knob == "target L0 15.0"
-    fista, kwargs, knob = candidate_head("fista", 0.5, linear, 30.0, 0.3, UpgradeOptions(solver_steps=7))
+    fista, kwargs, knob = build("fista", 0.5, linear, 30.0, solver_steps=7)
     assert (fista.k, fista.steps, fista.l1_coeff, kwargs, knob) == (15, 7, 0.3, {}, "k=15")
     assert torch.equal(fista.warm_start.linear.weight, linear.linear.weight) and not fista.warm_start.training
     batchtopk = create_encoder("batchtopk", d_model=8, n_latents=24, k=4, subtract_decoder_bias=True)
-    head, kwargs, knob = candidate_head("residual_mlp", 2.0, batchtopk, 4.0, 0.3, UpgradeOptions(hidden=8))
+    head, kwargs, knob = build("residual_mlp", 2.0, batchtopk, 4.0, hidden=8)
     assert head.threshold is not None and kwargs["target_l0"] == 8.0 and knob == "target L0 8.0"
-    head, kwargs, knob = candidate_head("retrained", 2.0, batchtopk, 4.0, 0.3, UpgradeOptions())
+    head, kwargs, knob = build("retrained", 2.0, batchtopk, 4.0)
     assert head.config()["k"] == 8 and knob == "k=8"
-    from sae_zoo.upgrade import check_candidates
 
     with pytest.raises(ValueError, match="a 'mlp' head; the residual MLP starts from a linear, topk, jumprelu"):
         check_candidates("s", create_encoder("mlp", d_model=8, n_latents=24, hidden=4), ("residual_mlp",))
@@ -213,3 +222,31 @@ def test_each_candidate_sweeps_the_knob_its_kind_has():
         check_candidates("s", create_encoder("mp", d_model=8, n_latents=24, k=3), ("retrained", "fista"))
     with pytest.raises(ValueError, match="candidates: lasso; choose from retrained, residual_mlp"):
         UpgradeOptions(candidates=("lasso",))
+
+
+def test_a_new_candidate_is_one_registered_object(sae_run, tmp_path):
+    """CONTRIBUTING.md's candidate, run as written: registered, it is swept, reported and carded beside the
+    built-in ones, with no other file touched."""
+    import re
+    from pathlib import Path
+
+    from sae_zoo.upgrade import CANDIDATES
+
+    guide = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text()
+    block = re.search(r"## An upgrade candidate.*?```python\n(.*?)```", guide, re.S).group(1)
+    run_dir, _, _ = sae_run
+    try:
+        exec(compile(block, "contributed_candidate.py", "exec"), {})
+        assert CANDIDATES["lca"].label == "LCA from the SAE's codes" and not CANDIDATES["lca"].trains
+        out = upgrade(run_dir, tmp_path / "up", UpgradeOptions(**{**OPTIONS, "candidates": ("lca", "mp")}),
+                      progress=False)
+    finally:
+        CANDIDATES.pop("lca", None)
+    rows = read_points(out)
+    l0 = float(rows[0]["l0"])
+    lca = [r for r in rows if r["candidate"] == "lca"]
+    assert [float(r["ratio"]) for r in lca] == list(OPTIONS["ratios"])
+    assert all(0 < float(r["l0"]) <= round(float(r["ratio"]) * l0) for r in lca)
+    assert "| LCA from the SAE's codes" in (out / "comparison.md").read_text()
+    card = SparseCoder.from_pretrained(out / "cards" / "lca")
+    assert card.encoder.name == "lca"

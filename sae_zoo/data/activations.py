@@ -23,8 +23,8 @@ global batch, so N devices see exactly the batches one device would.
 
 from __future__ import annotations
 
+import logging
 import glob
-import hashlib
 import json
 import math
 import time
@@ -42,9 +42,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from .._io import atomic_write, atomic_write_json
+from .._io import atomic_write, atomic_write_json, cache_key
 from ..lm import HookPoint, load_language_model, max_context, read_activations, resolve_hook, resolve_package_path
 from .base import SparseCodingData
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
@@ -65,7 +67,9 @@ def load_shard(path: Path, name: str) -> Tensor:
 
 def outlier_mask(x: Tensor, max_norm: float | None) -> Tensor:
     """Which rows of ``x`` (``(..., d)``) are outlier tokens: norm above ``max_norm`` (none when it is None)."""
-    return x.norm(dim=-1) > max_norm if max_norm is not None else torch.zeros(x.shape[:-1], dtype=torch.bool)
+    if max_norm is None:
+        return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+    return x.norm(dim=-1) > max_norm
 
 
 def shard_rows(path: Path, name: str = ACTIVATIONS) -> int:
@@ -163,7 +167,7 @@ class ActivationDataModule(SparseCodingData):
     manifest). Every ``test_stride``-th context is held out (``n_test_tokens`` of them), the rest train.
     Outlier tokens, the "massive activations" some positions carry, whose norm exceeds ``outlier_factor``
     times the median norm (measured on the first training shard), are left out of training and of the
-    held-out metrics, as BOS tokens are; :func:`sae_zoo.evaluation.held_out_statistics` counts them and
+    held-out metrics, as BOS tokens are; :class:`sae_zoo.evaluation.TokenSums` counts them and
     reports the FVU with them too. ``outlier_factor=None`` keeps every token.
     ``batch_size`` is in tokens; ``model_batch_size`` contexts go through the LM at once.
     """
@@ -199,7 +203,7 @@ class ActivationDataModule(SparseCodingData):
                          "prepend_bos": prepend_bos, "drop_bos": drop_bos, "cache_dtype": cache_dtype,
                          "n_train_tokens": n_train_tokens, "n_test_tokens": n_test_tokens,
                          "test_stride": test_stride, "shard_tokens": shard_tokens, "cache_format": CACHE_FORMAT}
-        key = hashlib.sha1(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:12]
+        key = cache_key(self.identity)
         self.cache_dir = Path(cache_dir) if cache_dir else Path("runs") / "activation_cache" / key
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.tokens_per_context = context_len - (prepend_bos and drop_bos)
@@ -349,8 +353,8 @@ class ActivationDataModule(SparseCodingData):
                 progress.update(count * self.tokens_per_context)
         progress.close()
         tokens, seconds = (done - resumed_at) * self.tokens_per_context, time.perf_counter() - start
-        print(f"collected {tokens:,} tokens of {h.hook} activations in {seconds:.0f} s "
-              f"({tokens / max(seconds, 1e-9):,.0f} tokens/s on {self.device}) into {self.cache_dir}", flush=True)
+        log.info("collected %s tokens of %s activations in %.0f s (%s tokens/s on %s) into %s", f"{tokens:,}", h.hook,
+                 seconds, f"{tokens / max(seconds, 1e-9):,.0f}", self.device, self.cache_dir)
 
     @torch.no_grad()
     def read_contexts(self, tokens: Tensor) -> Tensor:

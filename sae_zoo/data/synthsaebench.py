@@ -21,6 +21,7 @@ benchmark's and not a look-alike.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import itertools
 import json
@@ -36,9 +37,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from .._io import atomic_directory, atomic_write_json, read_json, read_safetensors
+from .._io import atomic_directory, atomic_write_json, cache_key, read_json, read_safetensors
 from .activations import ShardedActivations, save_shard
 from .base import Batch, SparseCodingData
+
+log = logging.getLogger(__name__)
 
 #: beside the generator's files: the sha256 of each, checked on every load
 SHA256_RECORD = "sae_zoo_sha256.json"
@@ -137,9 +140,9 @@ def load_model(source: str, device: str = "cpu") -> Any:
         return synthetic.SyntheticModel.load_from_disk(path, device=device)
     try:
         return synthetic.SyntheticModel.load_from_source(source, device=device)
-    except Exception as e:  # the Hub client raises many kinds (offline, missing repo, missing file)
+    except (OSError, ValueError) as e:  # the Hub client's errors (offline, no such repo or file; a bad repo id)
         raise ValueError(f"data.model: {source!r} is neither a folder nor a SynthSAEBench model the Hub serves "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 def fingerprint(model: Any) -> str:
@@ -273,15 +276,15 @@ class SynthSAEBenchDataModule(SparseCodingData):
         if h.config is None:
             return load_model(h.model, device=h.device)
         cfg = model_config(dict(h.config))
-        key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        key = cache_key(cfg.to_dict())
         folder = Path(h.model) if h.model is not None else self.cache_root / "models" / key
         synthetic = _synthetic()
         if not folder.exists():
             folder.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(folder) + ".lock"):
                 if not folder.exists():
-                    print(f"building the SynthSAEBench model ({cfg.num_features} features in {cfg.hidden_dim} "
-                          f"dimensions) into {folder}", flush=True)
+                    log.info("building the SynthSAEBench model (%d features in %d dimensions) into %s",
+                             cfg.num_features, cfg.hidden_dim, folder)
                     save_model(synthetic.SyntheticModel(cfg), folder)
         saved = read_json(folder / synthetic.SYNTHETIC_MODEL_CONFIG_FILENAME) if folder.is_dir() else None
         if saved is not None and saved != json.loads(json.dumps(cfg.to_dict())):
@@ -334,7 +337,7 @@ class SynthSAEBenchDataModule(SparseCodingData):
         h = self.hparams
         identity = {"model": self.fingerprint, "seed": h.seed, "n_train": 0 if h.stream else h.n_train,
                     "n_test": h.n_test, "format": SAMPLES_FORMAT}
-        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        key = cache_key(identity)
         return self.cache_root / "samples" / key
 
     def prepare_data(self) -> None:

@@ -6,8 +6,6 @@ rather than the first few. They are read once and cached in the activation cache
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -16,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._io import atomic_write
+from .._io import atomic_write, cache_key
 from .activations import ActivationDataModule
 
 
@@ -48,7 +46,7 @@ def read_windows(datamodule: ActivationDataModule, kind: str, texts: Iterable[st
     key_fields = {k: h[k] for k in ("model", "gguf_file", "revision", "model_dtype", "hook", "prepend_bos",
                                     "drop_bos", "cache_dtype")}
     key_fields.update(identity or {}, kind=kind, context_len=context_len, per_document=per_document, limit=limit)
-    key = hashlib.sha1(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:12]
+    key = cache_key(key_fields)
     path = datamodule.cache_dir / f"{kind}-{key}" / "windows.safetensors"
     if path.exists():
         return Windows(**load_file(str(path)))

@@ -1,64 +1,63 @@
-"""Evaluating a trained model: the held-out metrics every method reports (one path, for ``fit``, suites
-and the frontier alike), and the downstream metrics a kind of data adds (CE-loss recovered and sparse
-probing for language-model activations)."""
+"""Evaluating a trained model: the held-out metrics every method reports (one path, for ``fit``, suites,
+the frontier and upgrades alike), and the downstream metrics a kind of data adds (CE-loss recovered and
+sparse probing for language-model activations), from one pass of the model over the held-out data into
+an :class:`Evaluation`."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import Tensor
 
 from .._modes import evaluating
 from ..data.activations import ActivationDataModule
 from ..data.base import SparseCodingData
 from ..model import SparseCoder
-from .held_out import context_fvu, context_sums, held_out_statistics
-from .language_model import ce_baselines, ce_figures, ce_loss_recovered, ce_spliced, recovered_fraction
-from .probing import TASKS, ProbeTask, ProbingConfig, sparse_probing
+from .held_out import ContextSums, TokenSums, token_sums
+from .language_model import CELosses, ce_baselines, ce_loss_recovered, ce_spliced
+from .probing import TASKS, Probe, ProbeTask, ProbingConfig, probe_tallies, sparse_probing
+from .result import Evaluation, paired_gain_se
 
 
 @torch.no_grad()
-def held_out_pass(model: SparseCoder, datamodule: SparseCodingData
-                  ) -> tuple[dict[str, float], dict[str, list[Tensor]] | None]:
-    """One pass of the model over the held-out data, in eval mode: its held-out metrics (:func:`evaluate`) and,
-    on language-model activations, the per-context sums (:func:`context_sums`, outlier tokens included there
-    and left out of the metrics) that the standard errors and paired differences come from; else None."""
+def held_out_pass(model: SparseCoder, datamodule: SparseCodingData) -> Evaluation:
+    """One pass of the model over the held-out data, in eval mode: its test metrics (:func:`evaluate`) and, on
+    language-model activations, its per-context sums (:func:`~sae_zoo.evaluation.held_out.token_sums`, outlier
+    tokens counted there and left out of the metrics)."""
     metrics = model.new_metrics(sync_on_compute=False)  # every held-out batch is seen here
-    sums = None
+    tokens = None
     with evaluating(model):
         if isinstance(datamodule, ActivationDataModule):
-            sums = context_sums(model, datamodule, metrics)
+            tokens = token_sums(model, datamodule, metrics)
         else:
             for batch in datamodule.held_out_batches():
                 batch = (batch.to(model.device) if isinstance(batch, torch.Tensor)
                          else [t.to(model.device) for t in batch])
                 model.update_metrics(metrics, batch)
         model.update_dictionary_metrics(metrics)
-        return metrics.compute(), sums
+        return Evaluation(metrics.compute(), tokens)
 
 
 def evaluate(model: SparseCoder, datamodule: SparseCodingData) -> dict[str, float]:
     """The model's held-out metrics (FVU, MSE, L0, L1, dead fraction; MCC and dictionary MCC where the
     data know the truth), computed on this process over every held-out batch, in eval mode, with the
     metrics and update the model's own test step uses."""
-    return held_out_pass(model, datamodule)[0]
+    return held_out_pass(model, datamodule).metrics
 
 
-def downstream_metrics(model: SparseCoder, datamodule: SparseCodingData, probing: ProbingConfig | None = None,
-                       sums: dict[str, list[Tensor]] | None = None) -> dict[str, Any]:
-    """Metrics beyond the held-out reconstruction that the data make possible (none for synthetic data):
-    on language-model activations, FVU with and without the outlier tokens with standard errors
-    (:func:`held_out_statistics`), CE-loss recovered (:func:`ce_loss_recovered`) and k-sparse probing
-    accuracy (:func:`sparse_probing`; ``probing``: its settings, default :class:`ProbingConfig`). ``sums``: the
-    model's per-context sums from :func:`held_out_pass`, which spare a second pass over the held-out tokens."""
-    if not isinstance(datamodule, ActivationDataModule):
-        return {}
-    probing = probing or ProbingConfig()
-    return {**held_out_statistics(model, datamodule, sums), **ce_loss_recovered(model, datamodule),
-            **(sparse_probing(model, datamodule, probing) if probing.enabled else {})}
+def evaluate_model(model: SparseCoder, datamodule: SparseCodingData, probing: ProbingConfig | None = None,
+                   baselines: CELosses | None = None) -> Evaluation:
+    """Everything measured of the model on held-out data (:class:`Evaluation`; ``.figures()`` gives the figures):
+    the held-out pass (:func:`held_out_pass`) and what the data make possible beyond it (nothing for synthetic
+    data). On language-model activations: CE-loss recovered (``baselines``, :func:`ce_baselines`, spare the clean
+    and zero-ablated LM passes when many models are measured on the same data) and k-sparse probing
+    (``probing``: its settings, default :class:`ProbingConfig`; ``ProbingConfig(enabled=False)`` skips it)."""
+    evaluation = held_out_pass(model, datamodule)
+    if isinstance(datamodule, ActivationDataModule):
+        probing = probing or ProbingConfig()
+        evaluation.ce = ce_spliced(model, datamodule, baselines)
+        evaluation.probes = probe_tallies(model, datamodule, probing) if probing.enabled else {}
+    return evaluation
 
 
-__all__ = ["TASKS", "ProbeTask", "ProbingConfig", "ce_baselines", "ce_figures", "ce_loss_recovered", "ce_spliced",
-           "context_fvu", "context_sums", "downstream_metrics", "evaluate", "held_out_pass", "held_out_statistics",
-           "recovered_fraction", "sparse_probing"]
+__all__ = ["TASKS", "CELosses", "ContextSums", "Evaluation", "Probe", "ProbeTask", "ProbingConfig", "TokenSums",
+           "ce_baselines", "ce_loss_recovered", "ce_spliced", "evaluate", "evaluate_model", "held_out_pass",
+           "paired_gain_se", "probe_tallies", "sparse_probing"]

@@ -3,69 +3,94 @@ standard errors by bootstrap over contexts."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from .._modes import evaluating
 from ..data.activations import ActivationDataModule, outlier_mask
 from ..metrics import SparseCodingMetrics
+from ..metrics.functional import _fvu_compute
 from ..model import Reconstruction, SparseCoder
 from .bootstrap import bootstrap_se
 
 
-def context_fvu(weights: Tensor, sse: Tensor, n: Tensor, sum_sq: Tensor, sum_x: Tensor) -> Tensor:
-    """FVU of contexts weighted by ``weights`` (``(..., C)``): summed squared error over the summed squared
-    deviation from the weighted mean (the formula of :class:`~sae_zoo.metrics.FVU`)."""
-    total_x = weights @ sum_x
-    return (weights @ sse) / (weights @ sum_sq - total_x.square().sum(-1) / (weights @ n))
+@dataclass
+class ContextSums:
+    """Per held-out context (float64): the summed squared error, the token count, the summed ``||x||^2`` and the
+    summed ``x``: the sufficient statistics of FVU for any weighting of the contexts (bootstrap resamples
+    included)."""
+
+    sse: Tensor      # (contexts,)
+    tokens: Tensor   # (contexts,)
+    sum_sq: Tensor   # (contexts,)
+    sum_x: Tensor    # (contexts, d)
+
+    @classmethod
+    def zeros(cls, n_contexts: int, d_model: int) -> ContextSums:
+        return cls(*(torch.zeros(n_contexts, dtype=torch.float64) for _ in range(3)),
+                   torch.zeros(n_contexts, d_model, dtype=torch.float64))
+
+    def add(self, context: Tensor, x: Tensor, x_hat: Tensor) -> None:
+        """Add tokens ``x`` (float64, ``(n, d)``) of contexts ``context`` and their reconstructions ``x_hat``."""
+        values = ((x - x_hat).square().sum(-1), torch.ones(len(x), dtype=torch.float64), x.square().sum(-1), x)
+        for total, value in zip((self.sse, self.tokens, self.sum_sq, self.sum_x), values):
+            total.index_add_(0, context, value)
+
+    @property
+    def n_contexts(self) -> int:
+        return len(self.tokens)
+
+    def fvu(self, weights: Tensor) -> Tensor:
+        """FVU of the contexts weighted by ``weights`` (``(..., contexts)``): the metrics package's FVU
+        (:class:`~sae_zoo.metrics.FVU`) of the weighted sums."""
+        return _fvu_compute(weights @ self.sse, weights @ self.sum_x, weights @ self.sum_sq, weights @ self.tokens)
+
+
+@dataclass
+class TokenSums:
+    """:class:`ContextSums` of the ``clean`` held-out tokens (the outliers left out, as the data leave them out)
+    and of ``every`` one, and the scaled norm above which a token is an outlier (None: no outliers)."""
+
+    clean: ContextSums
+    every: ContextSums
+    outlier_norm: float | None = None
+
+    def figures(self) -> dict[str, float]:
+        """FVU without the outlier tokens (what the test metrics report) and with them, each with its standard
+        error over contexts; how many held-out tokens are outliers and the norm that makes one."""
+        n_contexts = self.every.n_contexts
+        ones = torch.ones(n_contexts, dtype=torch.float64)
+        out = {"held_out_tokens": int(self.every.tokens.sum()),
+               "outlier_tokens": int(self.every.tokens.sum() - self.clean.tokens.sum())}
+        for sums, suffix in ((self.clean, ""), (self.every, "_with_outliers")):
+            out[f"fvu{suffix}"] = float(sums.fvu(ones))
+            out[f"fvu{suffix}_se"] = bootstrap_se(sums.fvu, n_contexts)
+        if self.outlier_norm is not None:
+            out["outlier_norm"] = float(self.outlier_norm)
+        return out
 
 
 @torch.no_grad()
-def context_sums(model: SparseCoder, datamodule: ActivationDataModule,
-                 metrics: SparseCodingMetrics | None = None) -> dict[str, list[Tensor]]:
-    """Per held-out context, for the ``clean`` tokens (outliers left out) and for ``all``: the summed squared
-    error, the token count, the summed ``||x||^2`` and the summed ``x`` (float64), from which
-    :func:`context_fvu` gives the FVU of any weighting of the contexts (bootstrap resamples included). In the
-    same pass, the clean tokens are added to ``metrics`` (the model's test metrics), if given."""
-    rows, per_context = datamodule.held_out_rows(), datamodule.tokens_per_context
-    max_norm = datamodule.outlier_norm
+def token_sums(model: SparseCoder, datamodule: ActivationDataModule,
+               metrics: SparseCodingMetrics | None = None) -> TokenSums:
+    """The model's :class:`TokenSums` over the held-out tokens, and, in the same pass, the clean tokens added to
+    ``metrics`` (the model's test metrics) if given. The caller sets the model's mode
+    (:func:`~sae_zoo.evaluation.held_out_pass` evaluates it in eval mode)."""
+    rows, per_context, max_norm = datamodule.held_out_rows(), datamodule.tokens_per_context, datamodule.outlier_norm
     n_contexts = -(-int(rows.offsets[-1]) // per_context)
-    # per context: squared error, tokens, sum of ||x||^2 and sum of x, for the clean tokens and for all
-    stats = {kind: [torch.zeros(n_contexts, dtype=torch.float64) for _ in range(3)]
-             + [torch.zeros(n_contexts, datamodule.d_model, dtype=torch.float64)] for kind in ("clean", "all")}
+    sums = TokenSums(*(ContextSums.zeros(n_contexts, datamodule.d_model) for _ in range(2)), max_norm)
     start = 0
-    with evaluating(model):
-        for x in rows:
-            context = torch.arange(start, start + len(x)) // per_context
-            start += len(x)
-            on_device = x.to(model.device)
-            out = model(on_device)
-            clean = ~outlier_mask(x, max_norm)
-            if metrics is not None:
-                keep = clean.to(model.device)
-                model.update_metrics(metrics, on_device[keep], Reconstruction(out.x_hat[keep], out.codes[keep]))
-            x_hat, x = out.x_hat.double().cpu(), x.double()
-            values = ((x - x_hat).square().sum(-1), torch.ones(len(x), dtype=torch.float64), x.square().sum(-1), x)
-            for kind, keep in (("clean", clean), ("all", slice(None))):
-                for total, value in zip(stats[kind], values):
-                    total.index_add_(0, context[keep], value[keep])
-    return stats
-
-
-@torch.no_grad()
-def held_out_statistics(model: SparseCoder, datamodule: ActivationDataModule,
-                        sums: dict[str, list[Tensor]] | None = None) -> dict[str, float]:
-    """FVU without the outlier tokens (what ``evaluate`` reports) and with them, each with its standard
-    error over contexts; how many held-out tokens are outliers and the norm that makes one. ``sums``:
-    the model's :func:`context_sums`, when already computed."""
-    stats, max_norm = sums or context_sums(model, datamodule), datamodule.outlier_norm
-    n_contexts = len(stats["all"][1])
-    ones = torch.ones(n_contexts, dtype=torch.float64)
-    out = {"held_out_tokens": int(stats["all"][1].sum()),
-           "outlier_tokens": int(stats["all"][1].sum() - stats["clean"][1].sum())}
-    for kind, suffix in (("clean", ""), ("all", "_with_outliers")):
-        out[f"fvu{suffix}"] = float(context_fvu(ones, *stats[kind]))
-        out[f"fvu{suffix}_se"] = bootstrap_se(lambda w, s=stats[kind]: context_fvu(w, *s), n_contexts)
-    if max_norm is not None:
-        out["outlier_norm"] = float(max_norm)
-    return out
+    for x in rows:
+        context = torch.arange(start, start + len(x)) // per_context
+        start += len(x)
+        on_device = x.to(model.device)
+        out = model(on_device)
+        clean = ~outlier_mask(x, max_norm)
+        if metrics is not None:
+            keep = clean.to(model.device)
+            model.update_metrics(metrics, on_device[keep], Reconstruction(out.x_hat[keep], out.codes[keep]))
+        x_hat, x = out.x_hat.double().cpu(), x.double()
+        sums.clean.add(context[clean], x[clean], x_hat[clean])
+        sums.every.add(context, x, x_hat)
+    return sums

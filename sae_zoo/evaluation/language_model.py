@@ -3,13 +3,15 @@ sparse coder's reconstruction."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .._modes import evaluating
-from ..data.activations import ActivationDataModule
+from ..data.activations import ActivationDataModule, outlier_mask
 from ..lm import next_token_loss
 from ..model import SparseCoder
 from .bootstrap import bootstrap_se
@@ -22,33 +24,57 @@ def _splice(fn: Callable[[Tensor], Tensor], scale: float, keep_first: bool,
 
     def replace(acts: Tensor) -> Tensor:
         new = fn(acts)
-        keep = torch.zeros(acts.shape[:-1], dtype=torch.bool, device=acts.device)
+        keep = outlier_mask(acts.float() * scale, outlier_norm)  # the data leave these tokens out
         if keep_first:  # BOS positions were not in the data: leave them as they were
             keep[:, 0] = True
-        if outlier_norm is not None:
-            keep |= acts.float().norm(dim=-1) * scale > outlier_norm
         return torch.where(keep[..., None], acts, new)
     return replace
 
 
+@dataclass(frozen=True)
+class CELosses:
+    """Per-context next-token losses (float64, ``(ce_contexts,)``) on the ``ce_contexts`` held-out contexts:
+    ``clean``, with the hook's activations zeroed (``zero_ablation``), and, once a model is measured, with its
+    reconstruction spliced in (``spliced``)."""
+
+    clean: Tensor
+    zero_ablation: Tensor
+    spliced: Tensor | None = None
+
+    def recovered(self, weights: Tensor) -> Tensor:
+        """CE-loss recovered of contexts weighted by ``weights`` (``(..., contexts)``)."""
+        return 1 - (weights @ (self.spliced - self.clean)) / (weights @ (self.zero_ablation - self.clean))
+
+    def figures(self) -> dict[str, float]:
+        """The mean losses, CE-loss recovered and its standard error by bootstrap over contexts."""
+        means = {"ce_clean": float(self.clean.mean()), "ce_zero_ablation": float(self.zero_ablation.mean()),
+                 "ce_spliced": float(self.spliced.mean())}
+        gap = means["ce_zero_ablation"] - means["ce_clean"]
+        means["ce_loss_recovered"] = float(self.recovered(torch.ones_like(self.clean))) if gap else float("nan")
+        means["ce_loss_recovered_se"] = bootstrap_se(self.recovered, len(self.clean)) if gap else float("nan")
+        means["ce_contexts"] = len(self.clean)
+        return means
+
+
 @torch.no_grad()
-def ce_baselines(datamodule: ActivationDataModule) -> dict[str, Tensor]:
-    """Per-context next-token losses ``ce_clean`` and ``ce_zero_ablation`` (the hook's activations zeroed) on
-    the ``ce_contexts`` held-out contexts: what every model's CE-loss recovered is measured against."""
+def ce_baselines(datamodule: ActivationDataModule) -> CELosses:
+    """Per-context next-token losses, clean and with the hook's activations zeroed, on the ``ce_contexts``
+    held-out contexts: what every model's CE-loss recovered is measured against."""
     tokens, scale, keep_first = datamodule.ce_batches()
     lm, _, hook = datamodule.language_model()
     zeroed = _splice(torch.zeros_like, scale, keep_first, datamodule.outlier_norm)
-    losses: dict[str, list[Tensor]] = {"ce_clean": [], "ce_zero_ablation": []}
+    clean, zero = [], []
     for chunk in tokens.split(datamodule.hparams.model_batch_size):
-        losses["ce_clean"].append(next_token_loss(lm, chunk))
-        losses["ce_zero_ablation"].append(next_token_loss(lm, chunk, hook, zeroed))
-    return {k: torch.cat(v).double().cpu() for k, v in losses.items()}
+        clean.append(next_token_loss(lm, chunk))
+        zero.append(next_token_loss(lm, chunk, hook, zeroed))
+    return CELosses(*(torch.cat(v).double().cpu() for v in (clean, zero)))
 
 
 @torch.no_grad()
-def ce_spliced(coder: SparseCoder, datamodule: ActivationDataModule) -> Tensor:
-    """Per-context next-token loss (float64, ``(ce_contexts,)``) with the hook's activations replaced by
-    ``coder``'s reconstruction (see :func:`ce_loss_recovered`)."""
+def ce_spliced(coder: SparseCoder, datamodule: ActivationDataModule, baselines: CELosses | None = None) -> CELosses:
+    """``baselines`` (:func:`ce_baselines`, computed when not given) with the per-context losses with the hook's
+    activations replaced by ``coder``'s reconstruction (see :func:`ce_loss_recovered`)."""
+    baselines = ce_baselines(datamodule) if baselines is None else baselines
     tokens, scale, keep_first = datamodule.ce_batches()
     lm, _, hook = datamodule.language_model()
     device = next(coder.parameters(), torch.empty(0)).device
@@ -62,39 +88,15 @@ def ce_spliced(coder: SparseCoder, datamodule: ActivationDataModule) -> Tensor:
     with evaluating(coder):  # inference behaviour (an iterative head solves instead of returning its warm start)
         for chunk in tokens.split(datamodule.hparams.model_batch_size):
             spliced.append(next_token_loss(lm, chunk, hook, replace))
-    return torch.cat(spliced).double().cpu()
+    return dataclasses.replace(baselines, spliced=torch.cat(spliced).double().cpu())
 
 
-def recovered_fraction(weights: Tensor, spliced: Tensor, clean: Tensor, zero: Tensor) -> Tensor:
-    """CE-loss recovered of contexts weighted by ``weights`` (``(..., C)``)."""
-    return 1 - (weights @ (spliced - clean)) / (weights @ (zero - clean))
-
-
-@torch.no_grad()
 def ce_loss_recovered(coder: SparseCoder, datamodule: ActivationDataModule,
-                      baselines: dict[str, Tensor] | None = None) -> dict[str, float]:
+                      baselines: CELosses | None = None) -> dict[str, float]:
     """CE-loss recovered on the datamodule's ``ce_contexts`` held-out contexts: the LM's next-token loss
     with the hook's activations replaced by ``coder``'s reconstruction, against the clean loss and the
     loss with them zeroed: ``1 - (CE_recon - CE_clean) / (CE_zero - CE_clean)``, with its standard error
     by bootstrap over contexts. Positions left out of the data (BOS, outlier tokens) keep their own
     activations in both the spliced and the zeroed runs. ``baselines`` (:func:`ce_baselines`) saves the
     clean and zeroed passes when many models are measured on the same data."""
-    baselines = ce_baselines(datamodule) if baselines is None else baselines
-    return ce_figures(baselines, ce_spliced(coder, datamodule))
-
-
-def ce_figures(baselines: dict[str, Tensor], spliced: Tensor) -> dict[str, float]:
-    """The mean losses, CE-loss recovered and its standard error by bootstrap over contexts, from the
-    per-context losses of :func:`ce_baselines` and :func:`ce_spliced`."""
-    per_context = {**baselines, "ce_spliced": spliced}  # (contexts,) each
-    clean, zero = per_context["ce_clean"], per_context["ce_zero_ablation"]
-
-    def recovered(weights: Tensor) -> Tensor:
-        return recovered_fraction(weights, spliced, clean, zero)
-
-    means = {k: float(v.mean()) for k, v in per_context.items()}
-    gap = means["ce_zero_ablation"] - means["ce_clean"]
-    means["ce_loss_recovered"] = float(recovered(torch.ones_like(clean))) if gap else float("nan")
-    means["ce_loss_recovered_se"] = bootstrap_se(recovered, len(clean)) if gap else float("nan")
-    means["ce_contexts"] = len(clean)
-    return means
+    return ce_spliced(coder, datamodule, baselines).figures()

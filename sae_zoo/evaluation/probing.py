@@ -18,17 +18,16 @@ folder (:func:`~sae_zoo.data.windows.read_windows`).
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .._modes import evaluating
+from .._io import cache_key
 from ..data.activations import ActivationDataModule, outlier_mask
 from ..data.windows import read_windows
 from ..lm import resolve_package_path
@@ -75,7 +74,7 @@ class ProbingConfig:
     ``enabled: false`` skips probing.
     """
 
-    tasks: Any = ("party", "era", "delivery")
+    tasks: tuple[str, ...] | list[str] | dict[str, dict[str, Any]] = ("party", "era", "delivery")
     ks: list[int] = field(default_factory=lambda: [1, 2, 5, 20])
     contexts_per_document: int = 4
     context_len: int | None = None
@@ -145,7 +144,7 @@ def probe_set(datamodule: ActivationDataModule, config: ProbingConfig) -> ProbeS
                 raise FileNotFoundError(f"probing.texts: no text file {path} for metadata row {row_index + 2}")
             yield path.read_text()
 
-    identity = {"texts": config.texts, "metadata": hashlib.sha256(json.dumps(metadata).encode()).hexdigest()}
+    identity = {"texts": config.texts, "metadata": cache_key(metadata)}
     windows = read_windows(datamodule, "probing", texts(), config.contexts_per_document, config.context_len,
                            identity=identity)
     return ProbeSet(windows.activations, windows.documents, metadata)
@@ -244,16 +243,23 @@ def probe_accuracy(tally: Tensor) -> tuple[float, float]:
     return float(inside[0].sum() / inside[1].sum()), bootstrap_se(lambda w: accuracy(inside, w), inside.shape[1])
 
 
-def mean_accuracy(tallies: dict[str, Tensor], key: str, weights: Tensor) -> Tensor:
-    """The mean over tasks of the accuracy of probe ``key`` (``k5``, ``dense``) under document weights."""
-    values = [accuracy(t, weights) for name, t in tallies.items() if name.rsplit("_", 1)[1] == key]
+class Probe(NamedTuple):
+    """One probe of a task: ``probe`` is ``k<k>`` (the k latents whose class means differ most) or ``dense``."""
+
+    task: str
+    probe: str
+
+
+def mean_accuracy(tallies: dict[Probe, Tensor], probe: str, weights: Tensor) -> Tensor:
+    """The mean over tasks of the accuracy of ``probe`` (``k5``, ``dense``) under document weights."""
+    values = [accuracy(t, weights) for key, t in tallies.items() if key.probe == probe]
     return sum(values) / len(values)
 
 
 def probe_tallies(model: SparseCoder, datamodule: ActivationDataModule,
-                  config: ProbingConfig | None = None) -> dict[str, Tensor]:
-    """Per task and probe (``party_k5``, ``party_dense``, ...), its :func:`probe_hits` tally: k-sparse probes on
-    ``model``'s mean-pooled codes, and the dense probe on the mean-pooled activations."""
+                  config: ProbingConfig | None = None) -> dict[Probe, Tensor]:
+    """Per task and probe, its :func:`probe_hits` tally: k-sparse probes on ``model``'s mean-pooled codes, and
+    the dense probe on the mean-pooled activations."""
     config = config or ProbingConfig()
     probes = probe_set(datamodule, config)
     scale, outlier_norm = datamodule.scale, datamodule.outlier_norm
@@ -264,21 +270,26 @@ def probe_tallies(model: SparseCoder, datamodule: ActivationDataModule,
     tallies = {}
     for name, task in config.task_table().items():
         label, fold = task_labels(name, task, probes, config)
-        for key, features, k in [*((f"k{k}", codes, k) for k in config.ks), ("dense", dense, None)]:
-            tallies[f"{name}_{key}"] = probe_hits(features, label, fold, probes.documents, k, config.folds,
-                                                  len(probes.metadata))
+        for probe, features, k in [*((f"k{k}", codes, k) for k in config.ks), ("dense", dense, None)]:
+            tallies[Probe(name, probe)] = probe_hits(features, label, fold, probes.documents, k, config.folds,
+                                                     len(probes.metadata))
     return tallies
 
 
-def probing_figures(tallies: dict[str, Tensor]) -> dict[str, float]:
+def probing_figures(tallies: dict[Probe, Tensor]) -> dict[str, float]:
     """``probe_<task>_<probe>`` accuracies with ``_se``, and their means over tasks ``probe_<probe>``."""
     out: dict[str, float] = {}
-    for name, tally in tallies.items():
-        out[f"probe_{name}"], out[f"probe_{name}_se"] = probe_accuracy(tally)
-    for key in dict.fromkeys(name.rsplit("_", 1)[1] for name in tallies):
-        values = [out[f"probe_{name}"] for name in tallies if name.rsplit("_", 1)[1] == key]
-        out[f"probe_{key}"] = sum(values) / len(values)
+    for (task, probe), tally in tallies.items():
+        out[f"probe_{task}_{probe}"], out[f"probe_{task}_{probe}_se"] = probe_accuracy(tally)
+    for probe in probe_names(tallies):
+        values = [out[f"probe_{task}_{probe}"] for task, p in tallies if p == probe]
+        out[f"probe_{probe}"] = sum(values) / len(values)
     return out
+
+
+def probe_names(tallies: dict[Probe, Tensor]) -> list[str]:
+    """The probes the tallies hold (``k1``, ..., ``dense``), each once, in order."""
+    return list(dict.fromkeys(key.probe for key in tallies))
 
 
 def sparse_probing(model: SparseCoder, datamodule: ActivationDataModule,

@@ -23,7 +23,7 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _require_samples(n: Tensor, what: str) -> None:
-    if float(n) == 0:
+    if bool((n == 0).any()):  # n may hold one count per weighting (bootstrap resamples)
         raise ValueError(f"{what} of no samples is undefined: every batch given to it was empty")
 
 
@@ -123,7 +123,7 @@ def _fvu_update(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tenso
 
 def _fvu_compute(sum_squared_error: Tensor, sum_x: Tensor, sum_squared_x: Tensor, n: Tensor) -> Tensor:
     _require_samples(n, "FVU")
-    return sum_squared_error / (sum_squared_x - sum_x.pow(2).sum() / n)
+    return sum_squared_error / (sum_squared_x - sum_x.pow(2).sum(-1) / n)
 
 
 def fraction_of_variance_unexplained(x_hat: Tensor, x: Tensor) -> Tensor:
