@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default=None, help="the language model, when the SAE's metadata names none")
     up.add_argument("--hook", default=None, help="the hook the SAE reads, when its metadata names none")
     up.add_argument("--gguf-file", default=None, help="the GGUF file of --model, for a GGUF checkpoint")
-    up.add_argument("--candidates", default=None, help="comma-separated, from retrained, residual_mlp, fista, mp, ito "
-                                                       "(default: all)")
+    up.add_argument("--candidates", default=None, help="comma-separated registered candidates (built in: retrained, "
+                                                       "residual_mlp, fista, mp, ito; default: all)")
     up.add_argument("--ratios", default=None, help="the sweep, as multiples of the SAE's L0 (default 0.5,0.7,1,1.4,2;"
                                                    " --quick 0.7,1,1.4)")
     up.add_argument("--steps", type=_positive, default=None, help="training steps (default: the run's, or 10000)")

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from .. import flops
 from .._io import atomic_write, atomic_write_json
 from ..data.activations import ActivationDataModule
-from ..evaluation import CELosses, ProbingConfig, ce_baselines, evaluate_model
+from ..evaluation import CELosses, Evaluation, ProbingConfig, ce_baselines, evaluate_model
 from ..hub import PretrainedSAE, load_run, load_sae
 from ..hub.formats import FORMAT_FILES
 from ..model import SparseCoder
@@ -173,7 +173,7 @@ def probing_config(recipe: dict[str, Any] | None, options: UpgradeOptions) -> Pr
 # ---- the sweep ----
 
 def measure(model: SparseCoder, datamodule: ActivationDataModule, baselines: CELosses,
-            probing: ProbingConfig | None = None) -> tuple[dict[str, Any], Any]:
+            probing: ProbingConfig | None = None) -> tuple[dict[str, Any], Evaluation]:
     """One model's held-out figures (L0 and dead latents, FVU with its standard error and with the outlier
     tokens, CE-loss recovered, inference FLOPs per token, and k-sparse probing accuracies unless ``probing``
     is None), and its :class:`~sae_zoo.evaluation.Evaluation`, from which the standard error of its difference
