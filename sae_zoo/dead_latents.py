@@ -68,9 +68,9 @@ class DeadLatents(TrainingAid):
             model.resample_dead_latents(x)
 
     def loss_terms(self, model: nn.Module, x: Tensor, codes: Tensor | SparseCodes,
-                   x_hat: Tensor) -> dict[str, LossTerm]:
+                   x_hat: Tensor, target: Tensor | None = None) -> dict[str, LossTerm]:
         self.observe(codes)
-        auxk = self.auxk(model.encoder, model.dictionary, x, x_hat)
+        auxk = self.auxk(model.encoder, model.dictionary, x, x_hat, target)
         return {} if auxk is None else {"auxk": LossTerm(auxk, self.auxk_coeff)}
 
     def log_values(self) -> dict[str, Tensor]:
@@ -101,11 +101,12 @@ class DeadLatents(TrainingAid):
             n_tokens = summed(torch.tensor(float(n_tokens), device=self.tokens_since_fired.device))
         self.tokens_since_fired.copy_(torch.where(fired, 0, self.tokens_since_fired + n_tokens))
 
-    def auxk(self, head: EncoderHead, dictionary: nn.Module, x: Tensor, x_hat: Tensor) -> Tensor | None:
+    def auxk(self, head: EncoderHead, dictionary: nn.Module, x: Tensor, x_hat: Tensor,
+             target: Tensor | None = None) -> Tensor | None:
         """The AuxK loss of this batch (unweighted), or None when the run has no AuxK."""
         if self.auxk_coeff == 0:
             return None
-        return auxk_loss(head, dictionary, x, x_hat, self.dead(), self.auxk_k)
+        return auxk_loss(head, dictionary, x, x_hat, self.dead(), self.auxk_k, target)
 
     def resample_due(self, step: int) -> bool:
         return bool(self.resample_every) and step > 0 and step % self.resample_every == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from ._io import atomic_directory, atomic_write_json, read_safetensors
 from ._modes import evaluating
 from .distributed import gathered_rows
-from .data.base import Batch
+from .data.base import Batch, Pair
 from .dictionary import Dictionary
 from .encoders import EncoderHead, SparseCodes, create_encoder
 from .metrics import SparseCodingMetrics
@@ -37,12 +38,46 @@ class Reconstruction(NamedTuple):
 
 
 def unpack_batch(batch: Batch) -> tuple[Tensor, Tensor | None]:
-    """``x`` or ``(x, true_codes)`` -> ``(x, true_codes or None)``."""
+    """``x`` or ``(x, true_codes)`` -> ``(x, true_codes or None)``; a transcoder's :class:`Pair` -> ``(x, None)``."""
+    if isinstance(batch, Pair):
+        return batch.x, None
     if isinstance(batch, Tensor):
         return batch, None
     if len(batch) == 1:
         return batch[0], None
     return batch[0], batch[1]
+
+
+def split_batch(batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(x, target, true_codes or None)``: an SAE's target is its input; a transcoder's :class:`Pair` carries it."""
+    if isinstance(batch, Pair):
+        return batch.x, batch.target, None
+    x, true_codes = unpack_batch(batch)
+    return x, x, true_codes
+
+
+def check_transcoder(encoder: EncoderHead, **options: Any) -> None:
+    """Refuse, naming why, what a transcoder cannot be built with: a head that reconstructs its input through the
+    dictionary, a decoder bias subtracted from the input (it lies in the target's space), and the options that
+    read the dictionary as the input's (a tied start, a decoder bias from the inputs, resampling atoms from
+    inputs) or that need the true codes."""
+    if encoder.reads_dictionary:
+        raise ValueError(f"encoder {encoder.name!r} cannot encode for a transcoder: it finds its codes by reconstructing "
+                         "its input through the dictionary, and a transcoder's dictionary writes the target, which is "
+                         "not known at inference. Use an amortised head (linear, topk, batchtopk, jumprelu, mlp, "
+                         "residual_mlp)")
+    if encoder.subtract_decoder_bias:
+        raise ValueError(f"encoder {encoder.name!r} subtracts the decoder bias from its input, but a transcoder's "
+                         "decoder bias lies in the target's space; set subtract_decoder_bias=False (SAELens's and "
+                         "sparsify's transcoders do not subtract it)")
+    why = {"supervised": "known-codes training needs the data's true codes",
+           "true_dictionary": "a true dictionary scores atoms in the input's space",
+           "tied_init": "a tied start copies the decoder into the encoder, which reads another space",
+           "decoder_bias_init": "the decoder bias would start from the inputs, not the targets",
+           "resample_every": "resampling points dead atoms at inputs, which lie in another space"}
+    for name, value in options.items():
+        if value is not None and value is not False and value != 0:
+            raise ValueError(f"a transcoder cannot take {name}={value!r}: {why[name]}")
 
 
 def latent_cosine_loss(codes: Tensor, true_codes: Tensor) -> Tensor:
@@ -157,7 +192,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                  sparsity_warmup_steps: int = 0, lr_warmup_steps: int | float = 0, lr_decay_steps: int | float = 0,
                  decoder_bias_init: Literal["mean", "geometric_median"] | None = None,
                  bias_init_samples: int = 32768, tied_init: bool = False,
-                 aids: Sequence[TrainingAid | dict[str, Any]] = ()) -> None:
+                 aids: Sequence[TrainingAid | dict[str, Any]] = (), transcoder: bool = False,
+                 skip_connection: bool = False, train_skip: bool = True) -> None:
         super().__init__()
         if not lr > 0 or not l1_coeff >= 0:
             raise ValueError(f"SparseCoder needs lr > 0 and l1_coeff >= 0, got lr={lr!r}, l1_coeff={l1_coeff!r}")
@@ -182,9 +218,17 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                 raise ValueError(f"SparseCoder needs {name} > 0, got {name}={value!r}")
         encoder = create_encoder(**encoder) if isinstance(encoder, dict) else encoder
         dictionary = Dictionary(**dictionary) if isinstance(dictionary, dict) else dictionary
-        if (encoder.d_model, encoder.n_latents) != (dictionary.d_model, dictionary.n_latents):
+        if encoder.n_latents != dictionary.n_latents or (encoder.d_model != dictionary.d_model and not transcoder):
             raise ValueError(f"encoder {encoder.name!r} maps {encoder.d_model} -> {encoder.n_latents} latents, but the "
-                             f"dictionary has shape (n_latents={dictionary.n_latents}, d_model={dictionary.d_model})")
+                             f"dictionary has shape (n_latents={dictionary.n_latents}, d_model={dictionary.d_model})"
+                             + ("" if encoder.n_latents != dictionary.n_latents else
+                                "; a transcoder (transcoder=True) may write a width other than it reads"))
+        if skip_connection and not transcoder:
+            raise ValueError("skip_connection=True adds a linear map of the input to the output: a transcoder's "
+                             "(transcoder=True)")
+        if transcoder:
+            check_transcoder(encoder, supervised=supervised, true_dictionary=true_dictionary, tied_init=tied_init,
+                             decoder_bias_init=decoder_bias_init, resample_every=resample_every)
         if target_l0 is not None and encoder.forced_l0 is not None:
             raise ValueError(f"target_l0={target_l0} tunes the sparsity penalty, but the {encoder.name!r} head keeps "
                              f"k={encoder.forced_l0} codes per sample whatever the penalty; set its k instead, and "
@@ -193,6 +237,12 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             raise ValueError(f"encoder {encoder.name!r} subtracts the decoder bias (subtract_decoder_bias=True), "
                              "but the dictionary has none; build it with bias=True")
         self.encoder, self.dictionary = encoder, dictionary
+        self.transcoder = bool(transcoder)
+        #: a skip-transcoder's linear term of the raw input, ``x @ skip.weight.T`` (zero at the start, as SAELens's)
+        self.skip = nn.Linear(encoder.d_model, dictionary.d_model, bias=False) if skip_connection else None
+        if self.skip is not None:
+            nn.init.zeros_(self.skip.weight)
+            self.skip.requires_grad_(bool(train_skip))
         self.l1_coeff, self.lr, self.supervised = float(l1_coeff), float(lr), bool(supervised)
         self.sparse_decode, self.code_recovery = bool(sparse_decode), bool(code_recovery)
         if tied_init:
@@ -209,6 +259,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.save_hyperparameters({"encoder": encoder.config(), "dictionary": dictionary.config(),
                                    "l1_coeff": self.l1_coeff, "lr": self.lr, "supervised": self.supervised,
                                    "sparse_decode": self.sparse_decode, "code_recovery": self.code_recovery,
+                                   **({"transcoder": True, "skip_connection": skip_connection,
+                                       "train_skip": bool(train_skip)} if transcoder else {}),
                                    **training, **({"aids": [aid.config() for aid in extra_aids]} if extra_aids else {})})
         self.sparsity = SparsityControl(self.l1_coeff, target_l0, target_l0_rate, sparsity_warmup_steps)
         #: after a run that targets an L0: the L0 the controller reached and the threshold shift that ends on it
@@ -217,6 +269,9 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         #: every training aid, the field's first, in the order their hooks run
         self.aids = nn.ModuleList([bias_init, dead_latents, schedule, *extra_aids])
         for aid in self.aids:
+            if transcoder and aid.active and "target" not in inspect.signature(aid.loss_terms).parameters:
+                raise ValueError(f"aids: {aid.name!r} has no target argument in loss_terms, so it would treat a "
+                                 "transcoder's input as its target; give it loss_terms(..., target=None)")
             aid.setup(self)
         schedules = [aid.name for aid in self.aids if aid.active and gives_schedule(aid)]
         if len(schedules) > 1:
@@ -251,9 +306,11 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         return self.dictionary.decode(codes)
 
     def forward(self, x: Tensor) -> Reconstruction:
-        """``x -> Reconstruction(x_hat, codes)``."""
+        """``x -> Reconstruction(x_hat, codes)``; a transcoder's ``x_hat`` is its output, the target it predicts
+        (with a skip connection, ``decode(codes) + x @ skip.weight.T``: SAELens's and sparsify's formula)."""
         codes = self.encode(x)
-        return Reconstruction(self.decode(codes), codes)
+        x_hat = self.decode(codes)
+        return Reconstruction(x_hat if self.skip is None else x_hat + self.skip(x), codes)
 
     def training_losses(self, batch: Batch, measure_l0: bool = True) -> dict[str, Tensor]:
         """The objective of one training batch: ``loss``; in the paper's unsupervised settings ``MSE +
@@ -262,14 +319,19 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         unless the head has its own), the head's ``aux`` term and ``auxk``, with the batch's ``l0`` (when
         ``measure_l0``: one more pass over the codes, which a step that neither logs nor targets an L0 skips). A head
         with a sparse form (top-k) is decoded from its k atoms per sample when ``sparse_decode``."""
-        x, true_codes = unpack_batch(batch)
+        x, target, true_codes = self.checked_batch(batch)
         if self.supervised:
             if true_codes is None:
                 raise ValueError("supervised (known-codes) training needs (x, true_codes) batches")
             return {"loss": latent_cosine_loss(self.encode(x), true_codes)}
         out = self.encoder.training_codes(x, self.dictionary, sparse=self.sparse_decode)
         codes = out.codes
-        mse, x_hat = reconstruction_loss(self.dictionary, codes, x, self.matryoshka_widths)
+        # a skip term moves to the target's side: every Matryoshka prefix's output gains it alike
+        skipped = None if self.skip is None else self.skip(x)
+        decoded_target = target if skipped is None else target - skipped
+        mse, x_hat = reconstruction_loss(self.dictionary, codes, decoded_target, self.matryoshka_widths)
+        if skipped is not None:
+            x_hat = x_hat + skipped
         values = codes.values if isinstance(codes, SparseCodes) else codes
         sparsity = out.sparsity if out.sparsity is not None else l1_penalty(codes, self.dictionary,
                                                                              self.encoder.nonnegative_codes)
@@ -282,7 +344,9 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             losses["aux"] = out.aux_loss
             loss = loss + out.aux_loss
         for aid in self.aids:
-            for name, term in aid.loss_terms(self, x, codes, x_hat).items():
+            terms = (aid.loss_terms(self, x, codes, x_hat, target=target) if self.transcoder
+                     else aid.loss_terms(self, x, codes, x_hat))
+            for name, term in terms.items():
                 if name in losses:
                     raise ValueError(f"training aid {aid.name!r} adds a loss term {name!r}, a name already taken")
                 losses[name] = term.value
@@ -396,10 +460,20 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     def update_metrics(self, metrics: SparseCodingMetrics, batch: Batch, out: Reconstruction | None = None) -> None:
         """Add one held-out batch to ``metrics`` (the one way every evaluation scores a model); ``out``: the model's
         output on it, when already computed."""
-        x, true_codes = unpack_batch(batch)
+        x, target, true_codes = self.checked_batch(batch)
         x_hat, codes = out if out is not None else self(x)
-        metrics.update(x_hat, x, codes, true_codes, atoms=self.dictionary.directions,
+        metrics.update(x_hat, target, codes, true_codes, atoms=self.dictionary.directions,
                        true_atoms=self.true_dictionary)
+
+    def checked_batch(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(x, target, true_codes)`` of a batch (:func:`split_batch`): a transcoder learns from :class:`Pair`
+        batches, an SAE from its inputs."""
+        if isinstance(batch, Pair) != self.transcoder:
+            raise ValueError("a transcoder (transcoder=True) learns from Pair(x, target) batches: its data must pair "
+                             "each input with its target" if self.transcoder else
+                             "a Pair(x, target) batch is a transcoder's; this SparseCoder reconstructs its input "
+                             "(build it with transcoder=True to learn the target)")
+        return split_batch(batch)
 
     def update_dictionary_metrics(self, metrics: SparseCodingMetrics) -> None:
         if self.true_dictionary is not None:
@@ -518,6 +592,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                             "sae_zoo.pretrained.load_encoder)")
         model = cls(build_encoder(config, config_path), build_dictionary(config, config_path),
                     supervised=bool(config.get("supervised", False)), code_recovery=bool(config.get("code_recovery", True)),
+                    transcoder=bool(config.get("transcoder", False)),
+                    skip_connection=bool(config.get("skip_connection", False)),
                     **{"l1_coeff": config.get("l1_coeff", 0.01), "lr": config.get("lr", 1e-3), **overrides})
         model.to(getattr(torch, config["dtype"]))
         weights_path = resolve_file(model_id, WEIGHTS_NAME, **download)

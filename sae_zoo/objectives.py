@@ -55,10 +55,11 @@ def fired_latents(codes: Tensor | SparseCodes, n_latents: int) -> Tensor:
 
 
 def auxk_loss(head: EncoderHead, dictionary: nn.Module, x: Tensor, x_hat: Tensor, dead: Tensor,
-              k_aux: int) -> Tensor:
+              k_aux: int, target: Tensor | None = None) -> Tensor:
     """Gao et al. (2024): the ``k_aux`` largest pre-activations among the ``dead`` latents reconstruct the
     residual ``x - x_hat`` of the live ones (MSE, no decoder bias), scaled down by ``n_dead / k_aux`` when
-    fewer than ``k_aux`` are dead. Zero when none is dead."""
+    fewer than ``k_aux`` are dead. Zero when none is dead. A transcoder's residual is ``target - x_hat``: the
+    pre-activations still read ``x``."""
     latents = dead.nonzero().squeeze(-1)
     if latents.numel() == 0:
         return x_hat.new_zeros(())
@@ -66,7 +67,8 @@ def auxk_loss(head: EncoderHead, dictionary: nn.Module, x: Tensor, x_hat: Tensor
     values, picks = head.pre_activations(x, dictionary, latents).relu().topk(k, dim=-1, sorted=False)
     bias = dictionary.bias if dictionary.bias is not None else 0
     residual_hat = dictionary.decode_sparse(values, latents[picks]) - bias
-    return min(latents.numel() / k_aux, 1.0) * F.mse_loss(residual_hat, (x - x_hat).detach())
+    residual = (x if target is None else target) - x_hat
+    return min(latents.numel() / k_aux, 1.0) * F.mse_loss(residual_hat, residual.detach())
 
 
 def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -> Tensor:

@@ -86,9 +86,12 @@ class TrainingAid(nn.Module):
     def before_batch(self, model: SparseCoder, x: Tensor) -> None:
         """Before each training step, on the batch's inputs ``x``."""
 
-    def loss_terms(self, model: SparseCoder, x: Tensor, codes: Any, x_hat: Tensor) -> dict[str, LossTerm]:
+    def loss_terms(self, model: SparseCoder, x: Tensor, codes: Any, x_hat: Tensor,
+                   target: Tensor | None = None) -> dict[str, LossTerm]:
         """Terms added to one training batch's loss, by name; ``codes`` are the head's training codes (a tensor or
-        :class:`~sae_zoo.encoders.SparseCodes`) and ``x_hat`` their reconstruction."""
+        :class:`~sae_zoo.encoders.SparseCodes`) and ``x_hat`` their reconstruction of the target: ``x`` itself
+        for an SAE (``target`` None), ``target`` for a transcoder (an aid that omits the argument is refused
+        by one)."""
         return {}
 
     def log_values(self) -> dict[str, Tensor]:

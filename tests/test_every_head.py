@@ -117,3 +117,24 @@ def test_a_head_with_firing_thresholds_starts_and_ends_on_a_target_l0(name):
         ended = float((head(x, dictionary) != 0).sum(-1).float().mean())
     assert ended == pytest.approx(3.0, rel=0.02) and report["l0_after"] == pytest.approx(ended, rel=1e-6)
     assert report["l0_before"] == pytest.approx(started, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_encodes_for_a_transcoder_or_says_why_not(name):
+    """An amortised head encodes for a transcoder (a dictionary that writes another width, a skip term); a head
+    that reconstructs its input through the dictionary is refused, with the reason."""
+    head = example(name)
+    dictionary = Dictionary(N_LATENTS, 4, bias=True)
+    if head.reads_dictionary:
+        with pytest.raises(ValueError, match=rf"encoder '{name}' cannot encode for a transcoder: it finds its codes"):
+            SparseCoder(head, dictionary, transcoder=True)
+        return
+    model = SparseCoder(head, dictionary, transcoder=True, skip_connection=True)
+    x, y = torch.randn(32, D_MODEL), torch.randn(32, 4)
+    from sae_zoo.data import Pair
+
+    losses = model.training_losses(Pair(x, y))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and model.skip.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    assert model.eval()(x).x_hat.shape == (32, 4)

@@ -2,7 +2,7 @@
 language model."""
 
 from .activations import ActivationDataModule, ShardedActivations
-from .base import Batch, SparseCodingData
+from .base import Batch, Pair, SparseCodingData
 from .synthetic import PAPER_SEED, SyntheticSparseDataModule, generate_sparse_data
 from .synthsaebench import SynthSAEBenchDataModule
 
@@ -11,5 +11,5 @@ DATAMODULES: dict[str, type[SparseCodingData]] = {"synthetic": SyntheticSparseDa
                                                   "synthsaebench": SynthSAEBenchDataModule,
                                                   "activations": ActivationDataModule}
 
-__all__ = ["Batch", "DATAMODULES", "SparseCodingData", "PAPER_SEED", "ActivationDataModule", "ShardedActivations",
+__all__ = ["Batch", "DATAMODULES", "Pair", "SparseCodingData", "PAPER_SEED", "ActivationDataModule", "ShardedActivations",
            "SyntheticSparseDataModule", "SynthSAEBenchDataModule", "generate_sparse_data"]

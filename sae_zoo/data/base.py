@@ -5,13 +5,21 @@ from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
 from torch import Tensor
 
-#: a batch: inputs ``x``, or ``(x, true_codes)`` where the data know their codes
+#: a batch: inputs ``x``, ``(x, true_codes)`` where the data know their codes, or a transcoder's :class:`Pair`
 Batch = Tensor | tuple[Tensor, ...] | list[Tensor]
+
+
+class Pair(NamedTuple):
+    """A transcoder's batch: ``x``, the activations it reads (e.g. an MLP's input), and ``target``, those it
+    writes (that MLP's output), row for row. An SAE's batch is its input alone: its target is the input."""
+
+    x: Tensor
+    target: Tensor
 
 
 class SparseCodingData(L.LightningDataModule, metaclass=ABCMeta):

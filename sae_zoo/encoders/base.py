@@ -80,6 +80,10 @@ class EncoderHead(nn.Module, metaclass=ABCMeta):
     #: Whether every code is >= 0 (a ReLU head): the L1 penalty is then the plain mean of the codes,
     #: which saves an ``abs`` and its backward over the whole (batch x n_latents) tensor.
     nonnegative_codes: ClassVar[bool] = False
+    #: Whether the head's codes, or its training terms, come from reconstructing its input through the dictionary
+    #: (iterative heads; gated's gate path; LISTA's start): such a head cannot encode for a transcoder, whose
+    #: dictionary writes a target that is unknown at inference.
+    reads_dictionary: ClassVar[bool] = False
     #: Where a run that targets an L0 starts a head with firing thresholds: at this multiple of the target
     #: (see :mod:`sae_zoo.sparsity`).
     l0_start_factor: ClassVar[float] = 1.0

@@ -126,6 +126,7 @@ class GatedEncoder(DensityRecord, EncoderHead):
     each sample's firing entries (:class:`SparseGatedLinear`), with the dense path's gradients.
     """
 
+    reads_dictionary = True  # the gate path reconstructs the input through the frozen decoder
     nonnegative_codes = True
     architectures = ("gated",)
 

@@ -70,6 +70,8 @@ WarmStart = Optional[Union[dict[str, Any], EncoderHead]]
 class IterativeHead(EncoderHead):
     """Base of the heads that solve for the codes. Subclasses implement :meth:`solve` and :meth:`solver_flops`."""
 
+    reads_dictionary = True  # they solve for codes that reconstruct the input
+
     def __init__(self, d_model: int, n_latents: int, l1_coeff: float = 0.01, warm_start: WarmStart = None,
                  k: int | None = None) -> None:
         super().__init__(d_model, n_latents)

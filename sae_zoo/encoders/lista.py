@@ -22,6 +22,7 @@ class LISTAEncoder(EncoderHead):
     ``layers`` steps of ISTA and learns from there.
     """
 
+    reads_dictionary = True  # it starts as ISTA's steps on the dictionary
     nonnegative_codes = True
     example_kwargs = {"layers": 3}
 

@@ -41,6 +41,7 @@ def model_config(model: torch.nn.Module) -> dict[str, Any]:
             "decoder_provenance": model.dictionary.provenance, "setting": model.setting,
             "supervised": model.supervised, "code_recovery": model.code_recovery, "l1_coeff": model.l1_coeff,
             "lr": model.lr,
+            **({"transcoder": True, "skip_connection": model.skip is not None} if model.transcoder else {}),
             "dtype": str(model.dictionary.weight.dtype).removeprefix("torch.")}
 
 
