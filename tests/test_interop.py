@@ -246,10 +246,8 @@ def test_sparsify_topk(tmp_path, weights, x):
     torch.testing.assert_close(ours, torch.zeros_like(pre).scatter(-1, idx, acts), atol=ATOL, rtol=1e-5)
     torch.testing.assert_close(ours_hat, x_hat, atol=ATOL, rtol=1e-5)
 
-    with pytest.raises(ValueError, match="'transcode' is true"):
-        load_sae(write_sparsify(tmp_path / "transcoder", tensors, transcode=True))
-    skip = load_sae(write_sparsify(tmp_path / "skip", {**tensors, "W_skip": torch.zeros(D_IN, D_IN)}, skip_connection=True))
-    assert skip.encoder is None and "W_skip" in skip.encoder_unavailable
+    assert not sae.transcoder  # transcoders and skip-transcoders: tests/test_transcoder_formats.py
+    assert load_sae(write_sparsify(tmp_path / "transcoder", tensors, transcode=True)).transcoder
 
 
 # ---- dictionary_learning ----

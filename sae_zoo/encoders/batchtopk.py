@@ -137,7 +137,7 @@ class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
         threshold = sae.require("threshold")["threshold"]
         if threshold.numel() != 1:
             raise ValueError(f"{sae.source}: a BatchTopK SAE keeps one 'threshold', got shape {tuple(threshold.shape)}")
-        head = cls(sae.d_model, sae.n_latents, k=int(sae.config["k"]),
+        head = cls(sae.d_in, sae.n_latents, k=int(sae.config["k"]),
                    subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", True)))
         load_linear(head.linear, *sae.folded_encoder())
         head.threshold.fill_(float(threshold))

@@ -190,7 +190,7 @@ class GatedEncoder(DensityRecord, EncoderHead):
     @classmethod
     def from_foreign(cls, sae: ForeignSAE) -> "GatedEncoder":
         tensors = sae.require("W_enc", "b_gate", "r_mag", "b_mag")
-        head = cls(sae.d_model, sae.n_latents, subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", True)))
+        head = cls(sae.d_in, sae.n_latents, subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", True)))
         with torch.no_grad():
             head.linear.weight.copy_(tensors["W_enc"])
             for name in ("b_gate", "r_mag", "b_mag"):

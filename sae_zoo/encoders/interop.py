@@ -28,6 +28,9 @@ class ForeignSAE:
     decoder rows keep the norms they were saved with. ``config`` holds the hyper-parameters a head needs
     (``k``, ``apply_b_dec_to_input``, ``rescale_acts_by_decoder_norm``, ...), ``params`` any further
     tensors (``threshold``, ...), and ``source`` names the file, for errors.
+
+    A transcoder (``transcoder=True``) reads inputs of width :attr:`d_in` (``W_enc``'s) and writes outputs of
+    width :attr:`d_model` (``W_dec``'s); a skip-transcoder adds ``x @ W_skip.T`` (``W_skip``: ``(d_out, d_in)``).
     """
 
     architecture: str
@@ -38,6 +41,8 @@ class ForeignSAE:
     config: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Tensor] = field(default_factory=dict)
     source: str = "<checkpoint>"
+    transcoder: bool = False
+    W_skip: Tensor | None = None
 
     @classmethod
     def of_dictionary(cls, architecture: str, dictionary: Any, *, W_enc: Tensor | None = None,
@@ -58,7 +63,13 @@ class ForeignSAE:
 
     @property
     def d_model(self) -> int:
+        """The decoder's width: what the SAE reconstructs (a transcoder: its output)."""
         return int(self.W_dec.shape[1])
+
+    @property
+    def d_in(self) -> int:
+        """The encoder's input width: :attr:`d_model`, except for a transcoder's."""
+        return int(self.W_enc.shape[1]) if self.W_enc is not None else self.d_model
 
     @property
     def decoder_norms(self) -> Tensor:
@@ -92,10 +103,11 @@ class ForeignSAE:
                              f"{', '.join(map(repr, missing))} (a {self.architecture} SAE's encoder needs them)")
         for name in names:
             shape = tuple(found[name].shape)
-            expected = (self.n_latents, self.d_model) if name == "W_enc" else (self.n_latents,)
+            expected = (self.n_latents, self.d_in) if name == "W_enc" else (self.n_latents,)
             if shape != expected and not (name == "threshold" and found[name].numel() == 1):
                 raise ValueError(f"{self.source}: tensor {name!r} has shape {shape}, expected {expected} "
-                                 f"(the decoder has {self.n_latents} latents of width {self.d_model})")
+                                 f"(the decoder has {self.n_latents} latents of width {self.d_model}, the "
+                                 f"encoder reads width {self.d_in})")
         return {n: found[n].detach().float() for n in names}
 
 

@@ -173,7 +173,7 @@ class JumpReLUEncoder(DensityRecord, LinearPreActivations, EncoderHead):
     def from_foreign(cls, sae: ForeignSAE) -> "JumpReLUEncoder":
         # one per latent, or one for all (as dictionary_learning's BatchTopK keeps it); require checks the shape
         threshold = sae.require("threshold")["threshold"].reshape(-1).expand(sae.n_latents)
-        head = cls(sae.d_model, sae.n_latents,
+        head = cls(sae.d_in, sae.n_latents,
                    subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", False)))
         weight, bias = sae.folded_encoder()
         scale = 1 if sae.keeps_norms else sae.decoder_norms

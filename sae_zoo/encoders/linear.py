@@ -69,7 +69,7 @@ class LinearEncoder(LinearPreActivations, EncoderHead):
 
     @classmethod
     def from_foreign(cls, sae: ForeignSAE) -> "LinearEncoder":
-        head = cls(sae.d_model, sae.n_latents, subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", True)))
+        head = cls(sae.d_in, sae.n_latents, subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", True)))
         load_linear(head.linear, *sae.folded_encoder())
         return head
 

@@ -114,7 +114,7 @@ class TopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
         and decodes through unit atoms: the norms fold into the encoder (see :attr:`ForeignSAE.keeps_norms`)."""
         if sae.config.get("k") is None:
             raise ValueError(f"{sae.source}: a top-k SAE needs 'k'")
-        head = cls(sae.d_model, sae.n_latents, k=int(sae.config["k"]),
+        head = cls(sae.d_in, sae.n_latents, k=int(sae.config["k"]),
                    subtract_decoder_bias=bool(sae.config.get("apply_b_dec_to_input", True)))
         load_linear(head.linear, *sae.folded_encoder())
         return head

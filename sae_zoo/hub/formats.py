@@ -7,19 +7,26 @@ format                   files                                       encoder rep
                                                                      ``jumprelu`` -> ``jumprelu`` (also BatchTopK and
                                                                      Matryoshka SAEs saved for inference),
                                                                      ``gated`` -> ``gated``,
-                                                                     ``matching_pursuit`` -> ``mp``
-``sparsify``             ``cfg.json`` + ``sae.safetensors``          ``topk`` activation -> ``topk``
+                                                                     ``matching_pursuit`` -> ``mp``; transcoders:
+                                                                     ``(skip_)transcoder`` -> ``linear``,
+                                                                     ``jumprelu_(skip_)transcoder`` -> ``jumprelu``
+``sparsify``             ``cfg.json`` + ``sae.safetensors``          ``topk`` activation -> ``topk`` (SAEs,
+                                                                     transcoders and skip-transcoders)
 ``dictionary_learning``  ``config.json`` + ``ae.pt``                 ``AutoEncoder`` -> ``linear``, ``AutoEncoderTopK``
                                                                      -> ``topk``, ``BatchTopKSAE`` and
                                                                      ``MatryoshkaBatchTopKSAE`` -> ``batchtopk``,
                                                                      ``JumpReluAutoEncoder`` -> ``jumprelu``,
                                                                      ``GatedAutoEncoder`` -> ``gated``
 ``gemma_scope``          ``params.npz``                              ``jumprelu``
+``gemma_scope_2``        ``config.json`` + ``params.safetensors``    ``jumprelu`` (SAEs and transcoders, with their
+                                                                     affine skip connection)
 ``sae_zoo``              ``config.json`` + ``model.safetensors``     the saved head
 ``sae_zoo_run``          ``config.yaml`` + ``model.ckpt``            the run's head (a ``sae-zoo fit`` run)
 =======================  ==========================================  ===========================================
 
-The heads give the source's codes exactly, and the reconstructions too. SAELens, sparsify and
+The heads give the source's codes exactly, and the reconstructions too. A transcoder loads as a
+:class:`~sae_zoo.SparseCoder` with ``transcoder=True`` (its dictionary writes the target's width) and its
+skip term, if any (:attr:`PretrainedSAE.skip`); ``export_saelens`` writes SAELens's transcoder formats. SAELens, sparsify and
 dictionary_learning encode ``x - b_dec`` (SAELens when ``apply_b_dec_to_input``), which the heads
 reproduce with ``subtract_decoder_bias=True``; ``b_dec`` becomes the dictionary's bias. A decoder whose
 rows are not unit-norm keeps its norms (``Dictionary(atom_norms=True)``), so the codes stay in the
@@ -64,10 +71,11 @@ FORMAT_FILES = {
     "sparsify": ("cfg.json", "sae.safetensors"),
     "dictionary_learning": ("config.json", "ae.pt"),
     "gemma_scope": ("params.npz",),
+    "gemma_scope_2": ("config.json", "params.safetensors"),
 }
 #: how each library is named in messages
 LIBRARY_NAMES = {"saelens": "SAELens", "sparsify": "sparsify", "dictionary_learning": "dictionary_learning",
-                 "gemma_scope": "Gemma Scope"}
+                 "gemma_scope": "Gemma Scope", "gemma_scope_2": "Gemma Scope 2"}
 #: the SAELens cfg.json layout export_saelens writes (SAELens >= 6 reads it as its own)
 SAELENS_FORMAT_VERSION = "6.0.0"
 
@@ -82,15 +90,26 @@ class PretrainedSAE:
     format: str
     metadata: dict[str, Any] = field(default_factory=dict)
     encoder_unavailable: str | None = None
+    #: a transcoder's: its dictionary writes the target (an MLP's output) from codes of the input
+    transcoder: bool = False
+    #: a skip-transcoder's linear term of the input, ``(d_out, d_in)``, applied as ``x @ skip.T``
+    skip: torch.Tensor | None = None
 
     def model(self, encoder: EncoderHead | None = None, **kwargs: Any) -> SparseCoder:
-        """A :class:`~sae_zoo.SparseCoder` of ``encoder`` (default: the source's own) and this dictionary, in
-        eval mode (as ``from_pretrained`` returns models: a BatchTopK head then applies its threshold)."""
+        """A :class:`~sae_zoo.SparseCoder` of ``encoder`` (default: the source's own) and this dictionary (and a
+        transcoder's skip term), in eval mode (as ``from_pretrained`` returns models: a BatchTopK head then
+        applies its threshold)."""
         encoder = encoder if encoder is not None else self.encoder
         if encoder is None:
             raise ValueError(f"no sae_zoo head reproduces this {self.format} SAE's encoder ({self.encoder_unavailable}); "
                              "pass encoder=create_encoder(...) to pair another head with its dictionary")
-        return SparseCoder(encoder, self.dictionary, **kwargs).eval()
+        if self.transcoder:
+            kwargs = {"transcoder": True, "skip_connection": self.skip is not None, **kwargs}
+        model = SparseCoder(encoder, self.dictionary, **kwargs)
+        if model.skip is not None and self.skip is not None:
+            with torch.no_grad():
+                model.skip.weight.copy_(self.skip)
+        return model.eval()
 
 
 def detect_format(names: list[str], where: str) -> str:
@@ -173,7 +192,11 @@ def _assemble(fmt: str, sae: ForeignSAE, trainable: bool, provenance: dict[str, 
                 encoder = head_class.from_foreign(sae)
             except UnsupportedConversion as e:
                 unavailable = str(e)
-    return PretrainedSAE(dictionary, encoder, fmt, provenance, unavailable)
+    skip = None if sae.W_skip is None else sae.W_skip.detach().float()
+    if skip is not None and tuple(skip.shape) != (sae.d_model, sae.d_in):
+        raise ValueError(f"{sae.source}: the skip matrix has shape {tuple(skip.shape)}, expected "
+                         f"{(sae.d_model, sae.d_in)} (d_out, d_in)")
+    return PretrainedSAE(dictionary, encoder, fmt, provenance, unavailable, sae.transcoder, skip)
 
 
 # ---- readers: one library's files -> ForeignSAE (and why its encoder cannot be reproduced, if so) ----
@@ -182,10 +205,17 @@ def _assemble(fmt: str, sae: ForeignSAE, trainable: bool, provenance: dict[str, 
 Reader = Callable[..., tuple[ForeignSAE, "str | None"]]
 
 
+#: SAELens's transcoder architectures -> (the encoder's architecture, whether it has a skip term)
+SAELENS_TRANSCODERS = {"transcoder": ("standard", False), "skip_transcoder": ("standard", True),
+                       "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
+
+
 def _saelens(cfg_path: Path, weights_path: Path, provenance: dict[str, Any]) -> tuple[ForeignSAE, str | None]:
     """SAELens 6 (``metadata`` block, ``architecture``) and earlier (flat keys, ``activation_fn``) configs."""
     cfg = read_json(cfg_path)
     require_keys(cfg_path, cfg, ["d_in", "d_sae"])
+    if cfg.get("architecture") in SAELENS_TRANSCODERS:
+        return _saelens_transcoder(cfg, cfg_path, weights_path, provenance)
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     meta = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else cfg
     activation = cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu"
@@ -228,12 +258,44 @@ def _saelens(cfg_path: Path, weights_path: Path, provenance: dict[str, Any]) -> 
                       b_enc=tensors.get("b_enc"), config=config, params=params, source=str(weights_path)), unavailable
 
 
+def _saelens_transcoder(cfg: dict[str, Any], cfg_path: Path, weights_path: Path,
+                        provenance: dict[str, Any]) -> tuple[ForeignSAE, None]:
+    """SAELens's four transcoders: ``h = x @ W_enc + b_enc`` (no ``b_dec`` subtracted: its config refuses
+    ``apply_b_dec_to_input``), ``relu(h)`` (JumpReLU: masked by ``h > threshold``), the output
+    ``codes @ W_dec + b_dec``, plus ``x @ W_skip.T`` of the raw input for the skip variants."""
+    architecture = cfg["architecture"]
+    encoder, has_skip = SAELENS_TRANSCODERS[architecture]
+    d_in, d_sae, d_out = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg.get("d_out") or cfg["d_in"])
+    if cfg.get("apply_b_dec_to_input"):
+        raise ValueError(f"{cfg_path}: apply_b_dec_to_input is true, which SAELens's transcoders refuse (b_dec lies in "
+                         "the output's space)")
+    tensors = read_safetensors(weights_path)
+    names = ["W_enc", "b_enc", "W_dec", "b_dec", *(["W_skip"] if has_skip else []),
+             *(["threshold"] if encoder == "jumprelu" else [])]
+    require_keys(weights_path, tensors, names, what="tensor")
+    because = f"d_in={d_in}, d_sae={d_sae}, d_out={d_out} in {cfg_path.name}"
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,),
+              "W_skip": (d_out, d_in), "threshold": (d_sae,)}
+    for name in names:
+        check_shape(weights_path, name, tensors[name], shapes[name], because)
+    meta = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else cfg
+    provenance.update({key: value for key, value in {
+        "architecture": architecture, "hook_name": meta.get("hook_name"), "hook_name_out": meta.get("hook_name_out"),
+        "model_name": meta.get("model_name"), "sae_lens_version": meta.get("sae_lens_version")}.items()
+        if value is not None})
+    params = {"threshold": tensors["threshold"]} if encoder == "jumprelu" else {}
+    return ForeignSAE(encoder, W_dec=tensors["W_dec"], b_dec=tensors["b_dec"], W_enc=tensors["W_enc"].T,
+                      b_enc=tensors["b_enc"], config={"apply_b_dec_to_input": False}, params=params,
+                      source=str(weights_path), transcoder=True, W_skip=tensors.get("W_skip")), None
+
+
 def _sparsify(cfg_path: Path, weights_path: Path, provenance: dict[str, Any]) -> tuple[ForeignSAE, str | None]:
+    """sparsify's SAEs, transcoders (``transcode``: the input's own ``b_dec`` not subtracted) and
+    skip-transcoders (``+ x @ W_skip.T``). A config that predates the ``transcode`` key but has a skip term is
+    read as a skip-transcoder: sparsify trained skip terms only when transcoding, with ``transcode`` then a
+    training option that the file did not keep."""
     cfg = read_json(cfg_path)
     require_keys(cfg_path, cfg, ["d_in"])
-    if cfg.get("transcode"):
-        raise ValueError(f"{cfg_path}: 'transcode' is true: a transcoder predicts another layer's output, so its "
-                         "decoder is not a dictionary of its input")
     d_in = int(cfg["d_in"])
     n = int(cfg.get("num_latents") or d_in * int(cfg.get("expansion_factor", 32)))
     tensors = read_safetensors(weights_path)
@@ -241,14 +303,25 @@ def _sparsify(cfg_path: Path, weights_path: Path, provenance: dict[str, Any]) ->
     because = f"d_in={d_in} and {n} latents in {cfg_path.name}"
     for name, shape in {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}.items():
         check_shape(weights_path, name, tensors[name], shape, because)
-    unavailable = None
-    if cfg.get("skip_connection") or "W_skip" in tensors:
-        unavailable = "its skip connection adds x @ W_skip^T to the reconstruction, outside the dictionary"
-    provenance.update({"k": cfg.get("k"), "hookpoint": provenance.get("subfolder") or cfg_path.parent.name})
+    skip = tensors.get("W_skip")
+    if cfg.get("skip_connection") and skip is None:
+        raise ValueError(f"{weights_path}: {cfg_path.name} sets skip_connection, but the file has no 'W_skip' tensor")
+    if skip is not None:
+        check_shape(weights_path, "W_skip", skip, (d_in, d_in), because)
+    transcoder = bool(cfg["transcode"]) if "transcode" in cfg else skip is not None
+    if skip is not None and not transcoder:
+        raise ValueError(f"{cfg_path}: 'transcode' is false, but the file has a skip term 'W_skip': an SAE with a skip "
+                         "term is not a format sparsify writes")
+    provenance.update({"k": cfg.get("k"), "hookpoint": provenance.get("subfolder") or cfg_path.parent.name,
+                       **({"transcoder": True} if transcoder else {})})
+    if transcoder and "transcode" not in cfg:
+        provenance["note"] = ("cfg.json predates sparsify's 'transcode' key; its skip term makes it a skip-transcoder "
+                              "(the input's b_dec is not subtracted)")
     sae = ForeignSAE(cfg.get("activation", "topk"), W_dec=tensors["W_dec"], b_dec=tensors["b_dec"],
                      W_enc=tensors["encoder.weight"], b_enc=tensors["encoder.bias"],
-                     config={"k": cfg.get("k", 32), "apply_b_dec_to_input": True}, source=str(weights_path))
-    return sae, unavailable
+                     config={"k": cfg.get("k", 32), "apply_b_dec_to_input": not transcoder}, source=str(weights_path),
+                     transcoder=transcoder, W_skip=skip)
+    return sae, None
 
 
 #: dictionary_learning's classes -> (the field's architecture, its state-dict names -> ForeignSAE names)
@@ -341,8 +414,41 @@ def _gemma_scope(params_path: Path, provenance: dict[str, Any]) -> tuple[Foreign
     return sae, None
 
 
+def _gemma_scope_2(config_path: Path, params_path: Path, provenance: dict[str, Any]) -> tuple[ForeignSAE, None]:
+    """Gemma Scope 2's SAEs and transcoders (``config.json`` + ``params.safetensors``), as Google's example code
+    computes them: ``z = x @ w_enc + b_enc``, ``codes = ReLU(z) * (z > threshold)``, the output
+    ``codes @ w_dec + b_dec``, plus ``x @ affine_skip_connection`` where ``affine_connection`` is set. That
+    reading of the skip matrix (not its transpose) is circuit-tracer's too; the public loaders disagree, and
+    no real weights could be checked here."""
+    cfg = read_json(config_path)
+    tensors = read_safetensors(params_path)
+    require_keys(params_path, tensors, ["w_enc", "w_dec", "b_enc", "b_dec", "threshold"], what="tensor")
+    d_in, width = tensors["w_enc"].shape if tensors["w_enc"].ndim == 2 else (0, 0)
+    d_out = int(tensors["w_dec"].shape[-1]) if tensors["w_dec"].ndim == 2 else 0
+    because = f"w_enc has shape {tuple(tensors['w_enc'].shape)}: (d_in, width)"
+    for name, shape in {"w_dec": (width, d_out), "b_enc": (width,), "b_dec": (d_out,), "threshold": (width,)}.items():
+        check_shape(params_path, name, tensors[name], shape, because)
+    transcoder = cfg.get("type", "sae") == "transcoder"
+    skip = None
+    if cfg.get("affine_connection"):
+        require_keys(params_path, tensors, ["affine_skip_connection"], what="tensor")
+        check_shape(params_path, "affine_skip_connection", tensors["affine_skip_connection"], (d_in, d_out),
+                    "it is applied as x @ affine_skip_connection: (d_in, d_out)")
+        skip = tensors["affine_skip_connection"].T  # x @ A = x @ (A^T)^T: sae_zoo's skip weight is A^T
+    if skip is not None and not transcoder:
+        raise ValueError(f"{config_path}: affine_connection is set, but type is {cfg.get('type')!r}, not 'transcoder'")
+    provenance.update({key: value for key, value in {
+        "architecture": "jumprelu", "model_name": cfg.get("model_name"), "hook_name": cfg.get("hf_hook_point_in"),
+        "hook_name_out": cfg.get("hf_hook_point_out") if transcoder else None, "l0": cfg.get("l0"),
+        **({"transcoder": True} if transcoder else {})}.items() if value is not None})
+    return ForeignSAE("jumprelu", W_dec=tensors["w_dec"], b_dec=tensors["b_dec"], W_enc=tensors["w_enc"].T,
+                      b_enc=tensors["b_enc"], params={"threshold": tensors["threshold"]},
+                      config={"apply_b_dec_to_input": False}, source=str(params_path), transcoder=transcoder,
+                      W_skip=skip), None
+
+
 READERS: dict[str, Reader] = {"saelens": _saelens, "sparsify": _sparsify, "dictionary_learning": _dictionary_learning,
-                              "gemma_scope": _gemma_scope}
+                              "gemma_scope": _gemma_scope, "gemma_scope_2": _gemma_scope_2}
 
 
 def fold_input_scale(sae: ForeignSAE, scale: float) -> ForeignSAE:
@@ -355,11 +461,28 @@ def fold_input_scale(sae: ForeignSAE, scale: float) -> ForeignSAE:
         raise ValueError(f"this run was trained on activations scaled by {scale:g} (data.normalize: true), and "
                          "SAELens's matching pursuit's codes scale with its input, so no export gives this model's "
                          "codes on raw activations; train with data.normalize=false to export it")
+    if sae.transcoder:
+        raise ValueError(f"cannot fold the input scale {scale:g} into a transcoder: its input and its target are "
+                         "scaled apart")
     if sae.config.get("rescale_acts_by_decoder_norm"):
         raise ValueError(f"cannot fold the input scale {scale:g} into an SAE that rescales its codes by the decoder "
                          "norms (rescale_acts_by_decoder_norm)")
     return dataclasses.replace(sae, W_enc=None if sae.W_enc is None else sae.W_enc * scale, W_dec=sae.W_dec / scale,
                                b_dec=None if sae.b_dec is None else sae.b_dec / scale)
+
+
+def _as_saelens_transcoder(sae: ForeignSAE, model: SparseCoder) -> ForeignSAE:
+    """A transcoder's export: SAELens's ``transcoder``/``skip_transcoder`` (a ReLU head) or
+    ``jumprelu_transcoder``/``jumprelu_skip_transcoder`` (JumpReLU, and BatchTopK at inference), with ``d_out``
+    and ``W_skip``; SAELens has no other transcoder encoder."""
+    kinds = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}
+    if sae.architecture not in kinds or sae.config.get("apply_b_dec_to_input"):
+        raise ValueError(f"SAELens's transcoders have ReLU or JumpReLU encoders that read the raw input; sae_zoo's "
+                         f"{model.encoder.name!r} head exports as SAELens's {sae.architecture!r}, which SAELens has "
+                         "no transcoder of")
+    skip = None if model.skip is None else model.skip.weight.detach().float().cpu()
+    kind = kinds[sae.architecture].replace("transcoder", "skip_transcoder") if skip is not None else kinds[sae.architecture]
+    return dataclasses.replace(sae, architecture=kind, transcoder=True, W_skip=skip)
 
 
 def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | None = None,
@@ -384,10 +507,12 @@ def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | 
                              "converts (see sae_zoo.encoders.list_architectures), or pass decoder_only=True to export "
                              "the dictionary with a tied encoder (W_enc = W_dec^T)") from None
     scale = float(dictionary.provenance.get("input_scale", 1.0))
+    if model.transcoder:
+        sae = _as_saelens_transcoder(sae, model)
     if scale != 1.0:
         sae = fold_input_scale(sae, scale)
     cfg: dict[str, Any] = {
-        "architecture": sae.architecture, "d_in": sae.d_model, "d_sae": sae.n_latents, "dtype": "float32",
+        "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.n_latents, "dtype": "float32",
         "device": "cpu", "apply_b_dec_to_input": bool(sae.config.get("apply_b_dec_to_input", False)),
         "normalize_activations": "none", "reshape_activations": "none",
         "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
@@ -398,6 +523,10 @@ def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | 
                      **({"sae_zoo_input_scale_folded": scale} if scale != 1.0 else {})}}
     cfg.update({k: v for k, v in sae.config.items() if k != "apply_b_dec_to_input"})
     tensors = {"W_dec": sae.W_dec, "b_dec": torch.zeros(sae.d_model) if sae.b_dec is None else sae.b_dec, **sae.params}
+    if sae.transcoder:
+        cfg["d_out"] = sae.d_model
+        if sae.W_skip is not None:
+            tensors["W_skip"] = sae.W_skip
     if sae.W_enc is not None:  # matching pursuit's encoder is its decoder
         tensors["W_enc"] = sae.W_enc.T
     if sae.b_enc is not None:  # a gated SAE has b_gate and b_mag instead
