@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from sae_zoo import Dictionary, SparseCoder, create_encoder
 from sae_zoo.hub import export_saelens, load_sae
 
 D_IN, D_SAE, D_OUT = 6, 20, 4
