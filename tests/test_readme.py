@@ -54,3 +54,38 @@ def test_readme_hub_section_runs(tmp_path, monkeypatch, hub, capsys):
     x = torch.randn(5, 8)
     assert torch.equal(namespace["model"].encode(x), model.encode(x))
     assert namespace["refined"].encode(x).shape == (5, 32)
+
+
+def test_readme_transcoder_block_runs_on_the_skip_transcoders_layout(tmp_path, monkeypatch, hub):
+    """The transcoder block, against the loopback Hub holding a sparsify skip-transcoder in the layout of
+    ``EleutherAI/skip-transcoder-SmolLM2-135M-128x`` (``model.layers.N.mlp/{cfg.json, sae.safetensors}``)."""
+    import json
+
+    import torch
+    import torch.nn.functional as F
+    from huggingface_hub import HfApi
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    code = next(b for b in blocks if "skip-transcoder" in b)
+    d, n, k = 8, 32, 4
+    g = torch.Generator().manual_seed(0)
+    tensors = {"encoder.weight": torch.randn(n, d, generator=g), "encoder.bias": torch.randn(n, generator=g),
+               "W_dec": F.normalize(torch.randn(n, d, generator=g), dim=-1), "b_dec": torch.randn(d, generator=g),
+               "W_skip": torch.randn(d, d, generator=g)}
+    for layer in (3, 4):
+        folder = tmp_path / "repo" / f"model.layers.{layer}.mlp"
+        folder.mkdir(parents=True)
+        save_file(tensors, str(folder / "sae.safetensors"))
+        (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "num_latents": n, "k": k,
+                                                     "skip_connection": True, "transcode": True, "d_in": d}))
+    HfApi().create_repo("EleutherAI/skip-transcoder-SmolLM2-135M-128x")
+    HfApi().upload_folder(repo_id="EleutherAI/skip-transcoder-SmolLM2-135M-128x", folder_path=tmp_path / "repo")
+    mlp_in = torch.randn(16, d, generator=g)
+    namespace = {"mlp_in": mlp_in}
+    exec(compile(code, "README.md", "exec"), namespace)
+    pre = F.relu(mlp_in @ tensors["encoder.weight"].T + tensors["encoder.bias"])
+    values, idx = pre.topk(k, dim=-1)
+    expected = (values[..., None] * tensors["W_dec"][idx]).sum(-2) + tensors["b_dec"] + mlp_in @ tensors["W_skip"].T
+    torch.testing.assert_close(namespace["mlp_out"], expected, atol=1e-5, rtol=1e-5)
