@@ -145,12 +145,18 @@ class Dictionary(nn.Module):
         x_hat = codes @ self.atoms
         return x_hat if self.bias is None else x_hat + self.bias
 
+    def gathered_norms(self, indices: Tensor) -> Tensor:
+        """``atom_norms[indices]`` by ``index_select``, whose backward (``index_add_``) sums a learned norm's
+        gradient in a fixed order; advanced indexing's backward accumulates with several CPU threads in an
+        order that varies from run to run, so training was not bitwise reproducible."""
+        return self.atom_norms.index_select(0, indices.reshape(-1)).reshape(indices.shape)
+
     def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
         """``decode`` of codes given by their non-zero ``values`` at ``indices`` (``(..., k)`` each):
         gathers the k atoms per sample instead of a dense ``n_latents``-wide product, forward and backward."""
         lead, k = values.shape[:-1], values.shape[-1]
         if self.atom_norms is not None:
-            values = values * self.atom_norms[indices]
+            values = values * self.gathered_norms(indices)
         x_hat = F.embedding_bag(indices.reshape(-1, k), self.weight, per_sample_weights=values.reshape(-1, k).to(
             self.weight.dtype), mode="sum").reshape(*lead, self.d_model)
         return x_hat if self.bias is None else x_hat + self.bias
@@ -168,7 +174,7 @@ class Dictionary(nn.Module):
         counts = torch.bincount(key, minlength=samples * groups)
         atoms, weights = flat_indices.reshape(-1)[order], flat_values.reshape(-1)[order]
         if self.atom_norms is not None:
-            weights = weights * self.atom_norms[atoms]
+            weights = weights * self.gathered_norms(atoms)
         parts = F.embedding_bag(atoms, self.weight, counts.cumsum(0) - counts, mode="sum",
                                 per_sample_weights=weights.to(self.weight.dtype))
         prefixes = parts.reshape(samples, groups, self.d_model).cumsum(1).reshape(*lead, groups, self.d_model)

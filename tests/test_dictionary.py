@@ -116,3 +116,24 @@ def test_learned_norms_step_faster_than_the_model_learning_rate_and_weigh_the_l1
                                (values * torch.arange(1.0, 7.0)[indices]).sum() / codes.numel())
     # unit atoms: the plain mean |code|
     torch.testing.assert_close(l1_penalty(-codes, Dictionary(6, 16)), codes.mean())
+
+
+def test_learned_norms_get_the_same_gradient_every_time_on_several_threads():
+    """The learned norms' gradient is summed in a fixed order (index_select's backward): with advanced indexing,
+    several CPU threads summed it in an order that varied, and training runs were not bitwise reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        dictionary = Dictionary(512, 16, atom_norms="learned")
+        with torch.no_grad():
+            dictionary.atom_norms.uniform_(0.5, 2)
+        indices, values = torch.randint(0, 512, (4096, 20)), torch.randn(4096, 20)
+        grads = []
+        for _ in range(10):
+            dictionary.zero_grad()
+            dictionary.decode_sparse(values, indices).square().sum().backward()
+            grads.append(dictionary.atom_norms.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads)
