@@ -5,7 +5,8 @@ A run's ``saelens`` mapping names the architecture (``batchtopk``, ``matryoshka_
 ``jumprelu``, ``standard``, ...) and any keys of its SAELens training config (``k``,
 ``matryoshka_widths``, ...); ``d_in`` and ``d_sae`` come from the data and ``dictionary.n_latents``. The
 trainer takes SAELens's synthetic-runner defaults (``SyntheticSAERunnerConfig``), with the recipe's
-``model.lr``, ``data.batch_size`` and ``trainer.max_steps``, and any runner keys under
+``model.lr`` (where it gives none, the one sae_zoo's run of the recipe takes: the head's default, else
+:class:`~sae_zoo.SparseCoder`'s), ``data.batch_size`` and ``trainer.max_steps`` (required), and any runner keys under
 ``saelens.trainer`` (e.g. ``dead_feature_window``). The trained SAE is saved in SAELens's
 inference format (``RUN_DIR/saelens/``), loaded back through :func:`sae_zoo.load_sae` (which gives
 SAELens's codes exactly) and evaluated like every other run (:func:`sae_zoo.recipe.evaluate_run`).
