@@ -74,10 +74,11 @@ def probe_keys(source: Evaluation) -> list[str]:
     return [f"probe_{probe}" for probe in probe_names(source.probes)]
 
 
-def summary(out: Path, points: Points, candidates: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Per candidate: FVU and CE-loss recovered at the SAE's L0 (interpolated), their gains over the SAE and
-    the gains' paired standard errors; ``clear`` when both gains exceed twice their standard error."""
-    src, source = points[SOURCE], read_evaluation(out, SOURCE)
+def summary(out: Path, points: Points, candidates: tuple[str, ...], source: Evaluation) -> list[dict[str, Any]]:
+    """Per candidate: FVU and CE-loss recovered at the SAE's L0 (interpolated), their gains over the SAE
+    (``source``: its evaluation) and the gains' paired standard errors; ``clear`` when both gains exceed twice
+    their standard error."""
+    src = points[SOURCE]
     probes = probe_keys(source)
     keys = ("fvu", "fvu_se", "ce_loss_recovered", "ce_loss_recovered_se", *probes)
     rows = [{"candidate": "source", "label": src["label"], "l0": src["l0"], "inference_flops": src["inference_flops"],
@@ -140,15 +141,16 @@ def comparison_table(rows: list[dict[str, Any]], markdown: bool) -> str:
     return format_table(table, header, markdown=markdown)
 
 
-def write_comparison(out: Path, source: str, points: Points, candidates: tuple[str, ...]) -> str:
+def write_comparison(out: Path, source: str, points: Points, candidates: tuple[str, ...],
+                     source_evaluation: Evaluation) -> str:
     """``comparison.csv`` (every point), ``comparison.png`` and ``comparison.md``; returns the text a terminal
     shows."""
-    rows = summary(out, points, candidates)
+    rows = summary(out, points, candidates, source_evaluation)
     l0 = points[SOURCE]["l0"]
     order = list(CANDIDATES)
     ordered = [points[SOURCE]] + sorted((p for k, p in points.items() if k != SOURCE),
                                         key=lambda p: (order.index(p["candidate"]), p["l0"]))
-    probes = probe_keys(read_evaluation(out, SOURCE))
+    probes = probe_keys(source_evaluation)
     write_csv(ordered, out / "comparison.csv", COLUMNS + [k for k in points[SOURCE] if k.startswith("probe_")])
     plot_upgrade(ordered, l0, out / "comparison.png", title=f"Upgrading {source} on its frozen decoder")
     better = [r for r in rows[1:] if (r.get("fvu_gain") or 0) > 0 and (r.get("ce_gain") or 0) > 0]
@@ -177,10 +179,12 @@ def write_comparison(out: Path, source: str, points: Points, candidates: tuple[s
     return shown + f"\n\nwrote {out / 'comparison.md'}, {out / 'comparison.csv'} and {out / 'comparison.png'}"
 
 
-def write_cards(out: Path, source: str, points: Points, built: dict[PointKey, Built], dictionary: Any) -> None:
-    """Per candidate, the model of the point nearest the SAE's L0, with a card saying what it upgrades."""
+def write_cards(out: Path, source: str, points: Points, built: dict[PointKey, Built], dictionary: Any,
+                probes: list[str]) -> None:
+    """Per candidate, the model of the point nearest the SAE's L0, with a card saying what it upgrades;
+    ``probes``: the probing accuracies the points hold (:func:`probe_keys`)."""
     src = points[SOURCE]
-    probes = [k for k in probe_keys(read_evaluation(out, SOURCE)) if k != "probe_dense"]
+    probes = [k for k in probes if k != "probe_dense"]
     for candidate in {k.candidate for k in points} - {SOURCE.candidate}:
         keys = [k for k in points if k.candidate == candidate]
         key = min(keys, key=lambda k: abs(math.log(max(points[k]["l0"], 1e-9) / src["l0"])))

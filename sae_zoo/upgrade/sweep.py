@@ -29,7 +29,7 @@ from ..model import SparseCoder
 from ..multihead import HeadBank
 from ..recipe import make_trainer
 from .candidates import CANDIDATES, SOURCE, Built, PointKey, Start, check_candidates, stationary_l1
-from .report import Points, evaluation_file, write_cards, write_comparison
+from .report import Points, evaluation_file, probe_keys, read_evaluation, write_cards, write_comparison
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +304,9 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
             model = SparseCoder(head, dictionary, code_recovery=False).eval()
         record(key, knob, model)
 
-    log.info("%s", write_comparison(out, source, points, options.candidates))
-    write_cards(out, source, points, built, dictionary)
+    source_evaluation = read_evaluation(out, SOURCE)  # read once: the gains, the tables and the cards use it
+    log.info("%s", write_comparison(out, source, points, options.candidates, source_evaluation))
+    write_cards(out, source, points, built, dictionary, probe_keys(source_evaluation))
     return out
 
 
