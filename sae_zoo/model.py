@@ -76,7 +76,7 @@ def check_transcoder(encoder: EncoderHead, **options: Any) -> None:
            "decoder_bias_init": "the decoder bias would start from the inputs, not the targets",
            "resample_every": "resampling points dead atoms at inputs, which lie in another space"}
     for name, value in options.items():
-        if value is not None and value is not False and value != 0:
+        if isinstance(value, Tensor) or value:  # a tensor given, or an option that is on
             raise ValueError(f"a transcoder cannot take {name}={value!r}: {why[name]}")
 
 

@@ -87,6 +87,7 @@ def test_a_transcoder_saves_and_reloads_its_skip_term(tmp_path):
     (lambda: transcoder(tied_init=True), "cannot take tied_init=True: a tied start copies the decoder"),
     (lambda: transcoder(resample_every=10), "cannot take resample_every=10: resampling points dead atoms"),
     (lambda: transcoder(decoder_bias_init="mean"), "cannot take decoder_bias_init='mean'"),
+    (lambda: transcoder(true_dictionary=torch.randn(16, 5)), "cannot take true_dictionary=tensor"),
     (lambda: SparseCoder(create_encoder("topk", d_model=8, n_latents=16, k=3), Dictionary(16, 5)),
      "a transcoder \\(transcoder=True\\) may write a width other than it reads"),
     (lambda: SparseCoder(create_encoder("topk", d_model=8, n_latents=16, k=3), Dictionary(16, 8), skip_connection=True),
