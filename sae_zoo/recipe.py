@@ -267,6 +267,10 @@ def check_training_aid(spec: Any, key: str) -> None:
     check_kwargs(aid_class.__init__, options, what=f"training aid {name!r}", key_prefix=f"{key}.")
 
 
+#: the ``.py`` files :func:`import_modules` has imported, by resolved path
+_IMPORTED_FILES: set[Path] = set()
+
+
 def import_modules(modules: list[str]) -> None:
     """Import dotted module names or ``.py`` files (which register heads as a side effect). A file is imported
     once (by its resolved path), under its stem, or a name of its own when another module has that stem (a
@@ -277,10 +281,11 @@ def import_modules(modules: list[str]) -> None:
             if not file.is_file():
                 raise ValueError(f"imports: no such file {module}")
             path = file.resolve()
-            if any(Path(getattr(m, "__file__", None) or "").resolve() == path for m in list(sys.modules.values())
-                   if getattr(m, "__file__", None)):
+            same_stem = sys.modules.get(file.stem)
+            if path in _IMPORTED_FILES or (getattr(same_stem, "__file__", None)
+                                           and Path(same_stem.__file__).resolve() == path):
                 continue
-            name = file.stem if file.stem not in sys.modules else f"{file.stem}_{cache_key(str(path))}"
+            name = file.stem if same_stem is None else f"{file.stem}_{cache_key(str(path))}"
             spec = importlib.util.spec_from_file_location(name, path)
             loaded = importlib.util.module_from_spec(spec)
             sys.modules[name] = loaded
@@ -289,6 +294,7 @@ def import_modules(modules: list[str]) -> None:
             except BaseException:
                 del sys.modules[name]  # a file that failed to import is not half-registered as imported
                 raise
+            _IMPORTED_FILES.add(path)
         else:
             try:
                 importlib.import_module(module)
@@ -468,8 +474,8 @@ def check_target_l0(target_l0: float | None, datamodule: SparseCodingData, n_lat
                           "choose a target at or below it")
 
 
-def make_trainer(p: Plan | dict[str, Any], *, callbacks: Sequence[L.Callback] = (), logger: Any = False, progress: bool = True,
-                 root_dir: Path | None = None, **overrides: Any) -> L.Trainer:
+def make_trainer(p: Plan | dict[str, Any], *, callbacks: Sequence[L.Callback] = (), logger: Any = False,
+                 progress: bool = True, root_dir: Path | None = None, **overrides: Any) -> L.Trainer:
     """The recipe's Trainer (any accelerator): :data:`TRAINER_DEFAULTS`, then ``trainer:`` (of the plan ``p``, or
     the mapping ``p`` itself, for a run that has no recipe), then ``overrides``. A Trainer that cannot be built
     (no such accelerator, a bad precision or step count) raises :class:`RecipeError` naming the ``trainer``
@@ -500,8 +506,8 @@ def default_run_dir(cfg: DictConfig, recipe_name: str) -> Path:
 
 
 class RunFolder:
-    """A run's folder, the one lifecycle of every run (sae_zoo's :func:`fit`, a peer library's, an upgrade's
-    models): checked before any work (new, empty, or left by a run that did not finish), then ``config.yaml``
+    """A run's folder, the one lifecycle of every recipe run (sae_zoo's :func:`fit`, a peer library's in
+    :mod:`sae_zoo.peers`): checked before any work (new, empty, or left by a run that did not finish), then ``config.yaml``
     at the start, and ``metrics.json`` (:func:`run_record`) once the run is evaluated. Only rank zero writes."""
 
     def __init__(self, cfg: DictConfig, recipe_name: str = "recipe") -> None:
