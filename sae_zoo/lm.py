@@ -5,7 +5,10 @@ Hook points are module paths (``model.layers.15``: the module's output; ``layers
 model as sparsify names them, works too) or aliases over the model's
 stack of blocks (found as the ``ModuleList`` with ``num_hidden_layers`` entries, e.g. ``model.layers``
 for Llama, ``transformer.h`` for GPT-2): ``resid_post.L`` (output of block L), ``resid_pre.L`` (its
-input), and SAELens's ``blocks.L.hook_resid_post`` / ``blocks.L.hook_resid_pre``.
+input), ``mlp_in.L`` and ``mlp_out.L`` (the input of block L's MLP, after its norm and gain, and the MLP's
+output: a transcoder's pair), and SAELens's names for the same places (``blocks.L.hook_resid_post``,
+``blocks.L.hook_resid_pre``, ``blocks.L.ln2.hook_normalized``, ``blocks.L.hook_mlp_in``,
+``blocks.L.hook_mlp_out``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import functools
 import importlib.util
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,8 +85,26 @@ class HookPoint:
     side: str  # "input" or "output"
 
 
-_ALIASES = [(re.compile(r"^(?:resid_post\.|blocks\.)(\d+)(?:\.hook_resid_post)?$"), "output"),
-            (re.compile(r"^(?:resid_pre\.(\d+)|blocks\.(\d+)\.hook_resid_pre)$"), "input")]
+    def same_place(self, other: HookPoint) -> bool:
+        return (self.path, self.side) == (other.path, other.side)
+
+
+#: aliases over the stack of blocks: (pattern giving the layer, the block's child it names or None, side)
+_ALIASES = [(re.compile(r"^(?:resid_post\.|blocks\.)(\d+)(?:\.hook_resid_post)?$"), None, "output"),
+            (re.compile(r"^(?:resid_pre\.(\d+)|blocks\.(\d+)\.hook_resid_pre)$"), None, "input"),
+            (re.compile(r"^(?:mlp_in\.(\d+)|blocks\.(\d+)\.(?:ln2\.hook_normalized|hook_mlp_in))$"), "mlp", "input"),
+            (re.compile(r"^(?:mlp_out\.(\d+)|blocks\.(\d+)\.hook_mlp_out)$"), "mlp", "output")]
+#: what a block's MLP is called in the transformers models that have one
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def find_mlp(block: nn.Module, where: str) -> tuple[str, nn.Module]:
+    """``(name, module)`` of a block's MLP: its child called one of :data:`MLP_NAMES`."""
+    for name in MLP_NAMES:
+        if isinstance(getattr(block, name, None), nn.Module):
+            return name, getattr(block, name)
+    raise ValueError(f"{where} ({type(block).__name__}) has no MLP child named {', '.join(MLP_NAMES)}; its children "
+                     f"are {', '.join(n for n, _ in block.named_children())}: name the module to hook by its path")
 
 
 def resolve_hook(lm: nn.Module, hook: str) -> HookPoint:
@@ -96,21 +117,24 @@ def resolve_hook(lm: nn.Module, hook: str) -> HookPoint:
     if hook and f"{prefix}.{hook}" in modules:
         return HookPoint(hook, f"{prefix}.{hook}", modules[f"{prefix}.{hook}"], "output")
     blocks = find_blocks(lm)
-    for pattern, side in _ALIASES:
+    for pattern, child, side in _ALIASES:
         match = pattern.match(hook)
         if match and blocks is not None:
             layer = int(next(g for g in match.groups() if g is not None))
             prefix, stack = blocks
             if not 0 <= layer < len(stack):
                 raise ValueError(f"hook {hook!r}: the model has blocks 0..{len(stack) - 1} ({prefix})")
-            return HookPoint(hook, f"{prefix}.{layer}", stack[layer], side)
-    aliases = [f"resid_post.{i}" for i in range(len(blocks[1]))] + [f"resid_pre.{i}" for i in range(len(blocks[1]))] \
-        if blocks else []
+            if child is None:
+                return HookPoint(hook, f"{prefix}.{layer}", stack[layer], side)
+            name, module = find_mlp(stack[layer], f"hook {hook!r}: block {prefix}.{layer}")
+            return HookPoint(hook, f"{prefix}.{layer}.{name}", module, side)
+    aliases = [f"{alias}.{i}" for alias in ("resid_post", "resid_pre", "mlp_in", "mlp_out")
+               for i in range(len(blocks[1]))] if blocks else []
     close = difflib.get_close_matches(hook, list(modules) + aliases, n=5, cutoff=0.5)
     raise ValueError(f"hook {hook!r} is not a module of {type(lm).__name__} nor an alias"
                      + (f"; close matches: {', '.join(close)}" if close else "")
-                     + (f"; blocks are {blocks[0]}.0..{len(blocks[1]) - 1} (aliases resid_post.L, resid_pre.L)"
-                        if blocks else ""))
+                     + (f"; blocks are {blocks[0]}.0..{len(blocks[1]) - 1} (aliases resid_post.L, resid_pre.L, "
+                        "mlp_in.L, mlp_out.L)" if blocks else ""))
 
 
 class _StopForward(Exception):
@@ -155,6 +179,37 @@ def intercept(hook: HookPoint, fn: Callable[[Tensor], Tensor | None], *, stop: b
         handle.remove()
 
 
+@contextmanager
+def transcoding(reads: HookPoint, writes: HookPoint, fn: Callable[[Tensor, Tensor], Tensor | None], *,
+                stop: bool = False) -> Iterator[None]:
+    """Call ``fn(activations at writes, activations at reads)`` at ``writes`` during forward passes, with the
+    activations ``reads`` saw earlier in the same pass (a transcoder reads an MLP's input and writes its output);
+    a tensor it returns replaces those at ``writes``. ``stop=True`` ends the pass right after."""
+    seen: list[Tensor] = []
+
+    def at_writes(activations: Tensor) -> Tensor | None:
+        if not seen:
+            raise ValueError(f"hook_out {writes.name!r} comes before hook {reads.name!r} in the forward pass: a "
+                             "transcoder reads the earlier hook and writes the later one")
+        return fn(activations, seen.pop())
+
+    with intercept(reads, seen.append), intercept(writes, at_writes, stop=stop):
+        yield
+
+
+@torch.no_grad()
+def read_pair(lm: nn.Module, reads: HookPoint, writes: HookPoint, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Activations ``(batch, context, width)`` at ``reads`` and at ``writes`` (a later hook) for ``tokens``; the
+    forward pass stops at ``writes``."""
+    captured: list[tuple[Tensor, Tensor]] = []
+    with transcoding(reads, writes, lambda out, inp: captured.append((inp.detach(), out.detach())), stop=True):
+        try:
+            lm(tokens.to(lm.device))
+        except _StopForward:
+            pass
+    return captured[0]
+
+
 @torch.no_grad()
 def read_activations(lm: nn.Module, hook: HookPoint, tokens: Tensor) -> Tensor:
     """Activations ``(batch, context, d_model)`` at ``hook`` for ``tokens`` ``(batch, context)``; the
@@ -170,14 +225,14 @@ def read_activations(lm: nn.Module, hook: HookPoint, tokens: Tensor) -> Tensor:
 
 @torch.no_grad()
 def next_token_loss(lm: nn.Module, tokens: Tensor, hook: HookPoint | None = None,
-                    replace: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                    replace: Callable[..., Tensor] | None = None, *, reads: HookPoint | None = None) -> Tensor:
     """Next-token cross-entropy of each context of ``tokens`` ``(n, len)``, a mean over its positions
-    (shape ``(n,)``), with the hook's activations replaced by ``replace(activations)`` when given."""
+    (shape ``(n,)``), with the hook's activations replaced by ``replace(activations)`` when given, or by
+    ``replace(activations, activations at reads)`` when an earlier hook ``reads`` is given (a transcoder's)."""
     tokens = tokens.to(lm.device)
-    if replace is None:
+    with ExitStack() as edits:
+        if replace is not None:
+            edits.enter_context(intercept(hook, replace) if reads is None else transcoding(reads, hook, replace))
         logits = lm(tokens).logits
-    else:
-        with intercept(hook, replace):
-            logits = lm(tokens).logits
     losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
     return losses.reshape(tokens.shape[0], -1).mean(-1)

@@ -56,6 +56,12 @@ def split_batch(batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
     return x, x, true_codes
 
 
+#: recipe keys (``{section: keys}``) a transcoder refuses (:func:`check_transcoder`); a head's recipe defaults
+#: leave them unset on a transcoder
+NOT_FOR_TRANSCODERS = {"encoder": {"subtract_decoder_bias"},
+                       "model": {"tied_init", "decoder_bias_init", "resample_every"}}
+
+
 def check_transcoder(encoder: EncoderHead, **options: Any) -> None:
     """Refuse, naming why, what a transcoder cannot be built with: a head that reconstructs its input through the
     dictionary, a decoder bias subtracted from the input (it lies in the target's space), and the options that
@@ -473,7 +479,11 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                              "each input with its target" if self.transcoder else
                              "a Pair(x, target) batch is a transcoder's; this SparseCoder reconstructs its input "
                              "(build it with transcoder=True to learn the target)")
-        return split_batch(batch)
+        x, target, true_codes = split_batch(batch)
+        if self.transcoder and target.shape[-1] != self.dictionary.d_model:
+            raise ValueError(f"the batch's targets are {target.shape[-1]} wide (shape {tuple(target.shape)}), but this "
+                             f"transcoder writes d_out={self.dictionary.d_model} (its dictionary's width)")
+        return x, target, true_codes
 
     def update_dictionary_metrics(self, metrics: SparseCodingMetrics) -> None:
         if self.true_dictionary is not None:

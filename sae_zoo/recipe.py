@@ -45,7 +45,7 @@ from .dictionary import Dictionary
 from .encoders import create_encoder, get_encoder_class
 from .evaluation import ProbingConfig, evaluate_model
 from .hub import load_sae
-from .model import SparseCoder
+from .model import NOT_FOR_TRANSCODERS, SparseCoder
 from .tracking import logger_specs, make_loggers
 from .training import get_training_aid_class
 
@@ -221,7 +221,9 @@ def apply_head_defaults(cfg: DictConfig) -> None:
     """A run that learns its dictionary (``setting: unknown``, no ``dictionary.pretrained``) gets its head's
     ``learned_dictionary_defaults`` (e.g. a BatchTopK SAE: learned atom norms, a decoder bias subtracted
     before encoding, a tied start) for every key the recipe leaves unset; the run's ``config.yaml`` then
-    shows them. Setting a key, e.g. ``dictionary.atom_norms=false``, overrides its default."""
+    shows them. Setting a key, e.g. ``dictionary.atom_norms=false``, overrides its default. A transcoder's
+    recipe (``data.hook_out`` or ``model.transcoder``) leaves out what a transcoder refuses (a decoder bias
+    subtracted from the input, a tied start)."""
     if cfg.setting != "unknown" or "pretrained" in cfg.dictionary or "name" not in cfg.encoder:
         return
     import_modules(list(cfg.imports))
@@ -229,9 +231,10 @@ def apply_head_defaults(cfg: DictConfig) -> None:
         head = get_encoder_class(cfg.encoder.name)
     except ValueError:
         return  # validate() names the unknown head
+    transcoder = cfg.model.get("transcoder", cfg.data.get("hook_out") is not None)
     for section, defaults in head.learned_dictionary_defaults.items():
         for key, value in defaults.items():
-            if key not in cfg[section]:
+            if key not in cfg[section] and not (transcoder and key in NOT_FOR_TRANSCODERS.get(section, ())):
                 cfg[section][key] = value
 
 
@@ -401,14 +404,26 @@ def build(cfg: DictConfig | Plan) -> tuple[SparseCodingData, SparseCoder]:
     p = cfg if isinstance(cfg, Plan) else plan(cfg)
     cfg = p.cfg
     datamodule = p.data_class(**p.data_kwargs)
-    d_model = datamodule.d_model
+    d_model, d_out = datamodule.d_model, datamodule.d_out
+    model_kwargs = dict(p.model_kwargs)
+    transcoder = model_kwargs.setdefault("transcoder", datamodule.paired)
+    if transcoder != datamodule.paired:
+        raise RecipeError("model.transcoder=true learns a target from an input: the data must pair them "
+                          "(data.hook_out, the target's hook)" if transcoder else
+                          "model.transcoder=false, but the data pair each input with a target (data.hook_out): drop "
+                          "one of them")
     loaded = functools.cache(load_sae)  # the dictionary and a warm start often come from the same SAE
-    pretrained_dictionary = None
+    pretrained_dictionary = pretrained_skip = None
     if p.pretrained is not None:
-        pretrained_dictionary = loaded(p.pretrained).dictionary.requires_grad_(cfg.setting == "unknown").train()
-        if pretrained_dictionary.d_model != d_model:
+        source = loaded(p.pretrained)
+        if source.transcoder != transcoder:
+            raise RecipeError(f"dictionary.pretrained: {p.pretrained} is {'a transcoder' if source.transcoder else 'an SAE'}"
+                              f"'s decoder, and this recipe trains {'a transcoder' if transcoder else 'an SAE'}")
+        pretrained_dictionary = source.dictionary.requires_grad_(cfg.setting == "unknown").train()
+        pretrained_skip = source.skip
+        if pretrained_dictionary.d_model != d_out:
             raise RecipeError(f"dictionary.pretrained: {p.pretrained} has atoms of width {pretrained_dictionary.d_model}, "
-                              f"but the data's inputs are {d_model} wide")
+                              f"but the data's {'targets' if transcoder else 'inputs'} are {d_out} wide")
     dictionary_kwargs = dict(p.dictionary_kwargs)
     n_latents = (pretrained_dictionary.n_latents if pretrained_dictionary is not None
                  else dictionary_kwargs.pop("n_latents", datamodule.n_latents))
@@ -427,18 +442,25 @@ def build(cfg: DictConfig | Plan) -> tuple[SparseCodingData, SparseCoder]:
         if pretrained_dictionary is not None:
             dictionary = pretrained_dictionary
         elif cfg.setting == "unknown":
-            dictionary = Dictionary(n_latents, d_model, trainable=True, **dictionary_kwargs)
+            dictionary = Dictionary(n_latents, d_out, trainable=True, **dictionary_kwargs)
             dictionary.provenance = {"source": "trained with the encoder"}
         else:
             dictionary = Dictionary.from_tensor(datamodule.dictionary, trainable=False,
                                                 provenance={"source": "the data's true dictionary"})
-    model_kwargs = dict(p.model_kwargs)
+    if pretrained_skip is not None:  # a skip-transcoder's decoder comes with its skip term, trained alike
+        if model_kwargs.get("skip_connection") is False:
+            raise RecipeError(f"model.skip_connection=false, but {p.pretrained} is a skip-transcoder: its decoder "
+                              "writes the target beside its skip term")
+        model_kwargs.update(skip_connection=True, train_skip=model_kwargs.get("train_skip", cfg.setting == "unknown"))
     if datamodule.ground_truth:
         check_target_l0(model_kwargs.get("target_l0"), datamodule, n_latents)
     model_kwargs.pop("code_recovery", None)
     model = SparseCoder(encoder, dictionary, supervised=cfg.setting == "known_codes",
                         **scoring(p, datamodule, learned=cfg.setting == "unknown" or p.pretrained is not None),
                         **model_kwargs)
+    if pretrained_skip is not None:
+        with torch.no_grad():
+            model.skip.weight.copy_(pretrained_skip)
     return datamodule, model
 
 

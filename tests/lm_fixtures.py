@@ -21,8 +21,10 @@ def write_corpus(folder: Path, n_files: int = 4, words_per_file: int = 600, seed
     return str(folder / "*.txt")
 
 
-def write_tiny_llama(folder: Path, hidden: int = 16, layers: int = 3, max_positions: int = 64, seed: int = 0) -> str:
-    """A 3-block Llama with a word-level tokenizer over WORDS, saved to ``folder``; returns its path."""
+def write_tiny_llama(folder: Path, hidden: int = 16, layers: int = 3, max_positions: int = 64, seed: int = 0,
+                     initializer_range: float = 0.02) -> str:
+    """A 3-block Llama with a word-level tokenizer over WORDS, saved to ``folder``; returns its path. A larger
+    ``initializer_range`` than transformers' 0.02 gives blocks whose ablation moves the loss."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -35,6 +37,7 @@ def write_tiny_llama(folder: Path, hidden: int = 16, layers: int = 3, max_positi
     config = LlamaConfig(vocab_size=fast.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
                          max_position_embeddings=max_positions, bos_token_id=fast.bos_token_id,
+                         initializer_range=initializer_range,
                          eos_token_id=fast.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
     fast.save_pretrained(folder)

@@ -328,8 +328,15 @@ def test_an_outlier_is_one_definition_on_any_device(lm_files, tmp_path, monkeypa
         named.append(max_norm)
         return torch.ones(acts.shape[:-1], dtype=torch.bool, device=acts.device)
 
+    class Data:  # what the splice reads of a datamodule
+        scale = target_scale = 2.0
+        outlier_norm = target_outlier_norm = 7.0
+
+        def ce_batches(self):
+            return None, 2.0, False
+
     monkeypatch.setattr(language_model, "outlier_mask", every_token_an_outlier)
-    replace = language_model._splice(torch.zeros_like, 2.0, False, 7.0)
+    replace = language_model._splice(torch.zeros_like, Data())
     acts = torch.randn(2, 5, 4)
     assert torch.equal(replace(acts), acts) and named == [7.0]  # every token kept its own activations
 

@@ -2,12 +2,13 @@
 
 ``ActivationDataModule`` tokenises a text dataset (``datasets``) into fixed context windows, runs a
 causal LM (``transformers``) over them under ``torch.no_grad()``, and writes the activations at a
-hook point to shards of a cache folder:
+hook point (and, for a transcoder, those at a second, later hook: its targets) to shards of a cache folder:
 
 * ``manifest.json``: what was collected (model, revision, hook, dataset, context length, BOS
   handling, dtype, token counts), the activation width, the scale factor and the shards done.
 * ``test-00000.safetensors``, ...: held-out activations (tensor ``activations``, one row per token, in
-  ``cache_dtype``, bfloat16 included), whole contexts per shard; ``test-tokens-00000.safetensors``, ...:
+  ``cache_dtype``, bfloat16 included; tensor ``targets`` beside it, row for row, when the data pair each
+  input with a target), whole contexts per shard; ``test-tokens-00000.safetensors``, ...:
   their token ids (tensor ``token_ids``, for the CE-loss evaluation).
 * ``train-00000.safetensors``, ...: training activations.
 
@@ -43,8 +44,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from .._io import atomic_write, atomic_write_json, cache_key
-from ..lm import HookPoint, load_language_model, max_context, read_activations, resolve_hook, resolve_package_path
-from .base import SparseCodingData
+from ..lm import (HookPoint, load_language_model, max_context, read_activations, read_pair, resolve_hook,
+                  resolve_package_path)
+from .base import Pair, SparseCodingData
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +54,13 @@ MANIFEST = "manifest.json"
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 #: the cache's file layout; a cache written in another layout is refused (its manifest identity differs)
 CACHE_FORMAT = "safetensors-1"
-ACTIVATIONS, TOKEN_IDS = "activations", "token_ids"
+ACTIVATIONS, TARGETS, TOKEN_IDS = "activations", "targets", "token_ids"
 
 
-def save_shard(path: Path, name: str, tensor: Tensor) -> None:
-    """One tensor in a safetensors file, written to a temporary file and renamed."""
-    atomic_write(path, lambda tmp: save_file({name: tensor.contiguous()}, str(tmp)))
+def save_shard(path: Path, name: str, tensor: Tensor, **more: Tensor) -> None:
+    """Tensors (``name``, and ``more`` by keyword) in a safetensors file, written to a temporary file and renamed."""
+    tensors = {name: tensor, **more}
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
 def load_shard(path: Path, name: str) -> Tensor:
@@ -77,38 +80,51 @@ def shard_rows(path: Path, name: str = ACTIVATIONS) -> int:
         return int(handle.get_slice(name).get_shape()[0])
 
 
+def select(batch: Tensor | Pair, keep: Tensor) -> Tensor | Pair:
+    """The rows ``keep`` of a batch or of both sides of a :class:`Pair`."""
+    return Pair(batch.x[keep], batch.target[keep]) if isinstance(batch, Pair) else batch[keep]
+
+
 class ShardedActivations(IterableDataset):
-    """Batches of rows of safetensors shards (tensor ``activations``), as float32, scaled.
+    """Batches of rows of safetensors shards (tensor ``activations``), as float32, scaled; with ``target_scale``,
+    :class:`Pair` batches of the shards' ``activations`` and ``targets``, each scaled by its own factor.
 
     ``shuffle=True``: rows are permuted within consecutive windows of ``shuffle_buffer`` rows (fresh
     permutations every pass, seeded), grouped into global batches of ``batch_size`` (an incomplete last
     one is dropped), and this rank yields rows ``[rank * b / world, (rank + 1) * b / world)`` of each.
     ``shuffle=False``: rows in order, every batch split across ranks, nothing dropped. ``max_norm``: rows
     whose (scaled) norm exceeds it are left out of the batches (outlier tokens), so a batch may hold a
-    few rows fewer. A shard is loaded whole when first needed; only the shards a window can touch stay
-    in memory.
+    few rows fewer; ``target_max_norm`` the same of the targets (a row is an outlier when either side is).
+    ``drop_outliers=False`` serves every row; :meth:`outliers` still names the outliers.
+    A shard is loaded whole when first needed; only the shards a window can touch stay in memory.
     """
 
     def __init__(self, files: list[Path], batch_size: int, *, scale: float = 1.0, shuffle: bool = False,
                  shuffle_buffer: int = 65536, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 max_norm: float | None = None) -> None:
+                 max_norm: float | None = None, target_scale: float | None = None,
+                 target_max_norm: float | None = None, drop_outliers: bool = True) -> None:
         if shuffle and batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} must divide evenly across {world_size} devices")
-        self.files, self.batch_size, self.scale, self.max_norm = files, batch_size, scale, max_norm
+        self.files, self.batch_size = files, batch_size
+        self.paired = target_scale is not None
+        self.names = (ACTIVATIONS, TARGETS) if self.paired else (ACTIVATIONS,)
+        self.scales, self.max_norms = (scale, target_scale), (max_norm, target_max_norm if self.paired else None)
+        self.drop_outliers = drop_outliers
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, max(shuffle_buffer, batch_size), seed
         self.rank, self.world_size = rank, world_size
         lengths = [shard_rows(f) for f in files]
         self.offsets = np.cumsum([0] + lengths)
         # a window of shuffle_buffer rows (or a batch) touches at most this many consecutive shards
         self.keep = 1 + math.ceil(max(self.shuffle_buffer, batch_size) / max(1, min(lengths, default=1)))
-        self._loaded: OrderedDict[int, Tensor] = OrderedDict()
+        self._loaded: OrderedDict[int, tuple[Tensor, ...]] = OrderedDict()
         self.epoch = 0
 
-    def _shard(self, index: int) -> Tensor:
+    def _shard(self, index: int) -> tuple[Tensor, ...]:
         if index in self._loaded:
             self._loaded.move_to_end(index)
         else:
-            self._loaded[index] = load_shard(self.files[index], ACTIVATIONS)
+            with safe_open(str(self.files[index]), framework="pt") as handle:
+                self._loaded[index] = tuple(handle.get_tensor(name) for name in self.names)
             while len(self._loaded) > self.keep:
                 self._loaded.popitem(last=False)
         return self._loaded[index]
@@ -117,25 +133,43 @@ class ShardedActivations(IterableDataset):
         n = int(self.offsets[-1])
         return n // self.batch_size if self.shuffle else math.ceil(n / self.batch_size)
 
-    def rows(self, index: np.ndarray) -> Tensor:
-        """The rows at global ``index`` (in that order), as float32, scaled."""
-        shard = np.searchsorted(self.offsets, index, side="right") - 1
+    @property
+    def scale(self) -> float:
+        return self.scales[0]
+
+    @property
+    def max_norm(self) -> float | None:
+        return self.max_norms[0]
+
+    def rows(self, index: np.ndarray) -> Tensor | Pair:
+        """The rows at global ``index`` (in that order), as float32, scaled (a :class:`Pair` of paired shards)."""
+        parts = tuple(self._rows(index, i) for i in range(len(self.names)))
+        return Pair(*parts) if self.paired else parts[0]
+
+    def _rows(self, index: np.ndarray, which: int) -> Tensor:
+        shard, scale = np.searchsorted(self.offsets, index, side="right") - 1, self.scales[which]
         first, last = int(shard.min(initial=0)), int(shard.max(initial=0))
         if first == last:  # most batches of a window lie in one shard
-            out = self._shard(first).index_select(0, torch.from_numpy(index - self.offsets[first])).float()
+            out = self._shard(first)[which].index_select(0, torch.from_numpy(index - self.offsets[first])).float()
         else:
-            out = torch.empty(len(index), self._shard(first).shape[1])
+            out = torch.empty(len(index), self._shard(first)[which].shape[1])
             for s in np.unique(shard):
                 where = np.flatnonzero(shard == s)
-                part = self._shard(int(s)).index_select(0, torch.from_numpy(index[where] - self.offsets[s]))
+                part = self._shard(int(s))[which].index_select(0, torch.from_numpy(index[where] - self.offsets[s]))
                 out.index_copy_(0, torch.from_numpy(where), part.float())
-        return out.mul_(self.scale) if self.scale != 1.0 else out
+        return out.mul_(scale) if scale != 1.0 else out
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def outliers(self, batch: Tensor | Pair) -> Tensor:
+        """Which rows of a (scaled) batch are outlier tokens: either side's norm above its bound."""
+        parts = batch if isinstance(batch, Pair) else (batch,)
+        return torch.stack([outlier_mask(part, bound) for part, bound in zip(parts, self.max_norms)]).any(0)
+
+    def __iter__(self) -> Iterator[Tensor | Pair]:
         for batch in self._batches():
-            yield batch if self.max_norm is None else batch[batch.norm(dim=-1) <= self.max_norm]
+            filtered = self.drop_outliers and any(b is not None for b in self.max_norms)
+            yield select(batch, ~self.outliers(batch)) if filtered else batch
 
-    def _batches(self) -> Iterator[Tensor]:
+    def _batches(self) -> Iterator[Tensor | Pair]:
         n = int(self.offsets[-1])
         if not self.shuffle:
             for start in range(0, n, self.batch_size):
@@ -154,7 +188,9 @@ class ShardedActivations(IterableDataset):
 
 
 class ActivationDataModule(SparseCodingData):
-    """Activations of ``model`` at ``hook`` on a text dataset; see the module docstring.
+    """Activations of ``model`` at ``hook`` on a text dataset; see the module docstring. With ``hook_out`` (a later
+    hook, e.g. ``mlp_out.L`` after ``hook: mlp_in.L``), a transcoder's data: :class:`Pair` batches of the
+    activations at ``hook`` and at ``hook_out``, read in the same forward pass.
 
     ``model``: a Hub id, a local directory or ``package:NAME`` (``gguf_file`` for GGUF checkpoints).
     ``dataset``: a ``datasets`` name (``"text"``, ``"json"``, a Hub dataset) with ``dataset_config``,
@@ -164,18 +200,19 @@ class ActivationDataModule(SparseCodingData):
     ``context_len`` tokens (the first a BOS when ``prepend_bos``); ``drop_bos`` leaves BOS positions
     out of the data (their activations are outliers). ``normalize`` scales activations by one factor so
     that their mean norm is ``sqrt(d_model)`` (measured on the first training shard; kept in the
-    manifest). Every ``test_stride``-th context is held out (``n_test_tokens`` of them), the rest train.
+    manifest), and targets by their own factor to a mean norm ``sqrt(d_out)``. Every ``test_stride``-th context is held out (``n_test_tokens`` of them), the rest train.
     Outlier tokens, the "massive activations" some positions carry, whose norm exceeds ``outlier_factor``
     times the median norm (measured on the first training shard), are left out of training and of the
     held-out metrics, as BOS tokens are; :class:`sae_zoo.evaluation.TokenSums` counts them and
-    reports the FVU with them too. ``outlier_factor=None`` keeps every token.
+    reports the FVU with them too. A pair is an outlier when its input or its target is (each against
+    its own median). ``outlier_factor=None`` keeps every token.
     ``batch_size`` is in tokens; ``model_batch_size`` contexts go through the LM at once.
     """
 
     #: real activations have no true codes or dictionary to score against
     ground_truth = False
 
-    def __init__(self, model: str, hook: str, *, gguf_file: str | None = None, revision: str | None = None,
+    def __init__(self, model: str, hook: str, *, hook_out: str | None = None, gguf_file: str | None = None, revision: str | None = None,
                  model_dtype: str = "float32", dataset: str = "text", dataset_config: str | None = None,
                  data_files: str | list[str] | None = None, split: str = "train", text_column: str = "text",
                  streaming: bool = False, context_len: int = 128, prepend_bos: bool = True, drop_bos: bool = True,
@@ -203,25 +240,39 @@ class ActivationDataModule(SparseCodingData):
                          "prepend_bos": prepend_bos, "drop_bos": drop_bos, "cache_dtype": cache_dtype,
                          "n_train_tokens": n_train_tokens, "n_test_tokens": n_test_tokens,
                          "test_stride": test_stride, "shard_tokens": shard_tokens, "cache_format": CACHE_FORMAT}
+        if hook_out is not None:  # an SAE's cache keeps the identity (and the folder name) it had before pairs
+            self.identity["hook_out"] = hook_out
         key = cache_key(self.identity)
         self.cache_dir = Path(cache_dir) if cache_dir else Path("runs") / "activation_cache" / key
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.tokens_per_context = context_len - (prepend_bos and drop_bos)
         self._lm: tuple[torch.nn.Module, Any, HookPoint] | None = None
+        self._target_hook: HookPoint | None = None
         self._manifest: dict[str, Any] | None = None
-        self._median_norm: float | None = None
+        self._median_norms: dict[str, float] = {}
         # no ground truth on real data: no true codes, no true dictionary
         self.n_latents, self.dictionary = None, None
 
     # ---- the language model, the text and the checks made before any long work ----
 
+    @property
+    def paired(self) -> bool:
+        """Whether the data pair each input with a target (a transcoder's data): ``hook_out`` is set."""
+        return self.hparams.hook_out is not None
+
     def language_model(self) -> tuple[torch.nn.Module, Any, HookPoint]:
-        """``(lm, tokenizer, hook point)``, loaded once; checks the hook and the context length."""
+        """``(lm, tokenizer, hook point)``, loaded once; checks the hooks and the context length."""
         if self._lm is None:
             h = self.hparams
             lm, tokenizer = load_language_model(h.model, gguf_file=h.gguf_file, revision=h.revision,
                                                 dtype=h.model_dtype, device=self.device)
             hook = resolve_hook(lm, h.hook)
+            if self.paired:
+                self._target_hook = resolve_hook(lm, h.hook_out)
+                if self._target_hook.same_place(hook):
+                    raise ValueError(f"data.hook_out {h.hook_out!r} is the same place as data.hook {h.hook!r} (the "
+                                     f"{hook.side} of {hook.path}): a transcoder reads one place and writes another; "
+                                     "drop hook_out to train an SAE there")
             limit = max_context(lm)
             if limit is not None and h.context_len > limit:
                 raise ValueError(f"data.context_len {h.context_len} is longer than {h.model} allows ({limit})")
@@ -229,6 +280,12 @@ class ActivationDataModule(SparseCodingData):
                 raise ValueError(f"data.prepend_bos: the tokenizer of {h.model} has no BOS token; set prepend_bos=false")
             self._lm = (lm, tokenizer, hook)
         return self._lm
+
+    @property
+    def target_hook(self) -> HookPoint:
+        """Where the targets are read and, to measure CE-loss recovered, written: ``hook_out``, else ``hook``."""
+        _, _, hook = self.language_model()
+        return self._target_hook or hook
 
     def documents(self) -> Iterator[str]:
         import datasets
@@ -331,14 +388,17 @@ class ActivationDataModule(SparseCodingData):
                     raise ValueError(f"data: the dataset ran out after {state['contexts_done']} {split} contexts of "
                                      f"{h.context_len} tokens; lower n_train_tokens/n_test_tokens/test_stride or add text")
                 tokens = torch.stack(windows)
-                acts = self.read_contexts(tokens)
-                if "d_model" not in manifest:
-                    manifest["d_model"] = int(acts.shape[-1])
+                acts, targets = self.read_pairs(tokens) if self.paired else (self.read_contexts(tokens), None)
+                manifest.setdefault("d_model", int(acts.shape[-1]))
                 index = len(state["shards"])
                 name = f"{split}-{index:05d}.safetensors"
                 rows = acts.reshape(-1, acts.shape[-1]).to(getattr(torch, h.cache_dtype))
                 shard = {"file": name, "tokens": int(rows.shape[0])}
-                save_shard(self.cache_dir / name, ACTIVATIONS, rows)
+                more = {}
+                if targets is not None:
+                    manifest.setdefault("d_out", int(targets.shape[-1]))
+                    more[TARGETS] = targets.reshape(-1, targets.shape[-1]).to(getattr(torch, h.cache_dtype))
+                save_shard(self.cache_dir / name, ACTIVATIONS, rows, **more)
                 if split == "test":  # the token ids too, for the CE-loss evaluation
                     shard["token_ids"] = f"test-tokens-{index:05d}.safetensors"
                     save_shard(self.cache_dir / shard["token_ids"], TOKEN_IDS, tokens.to(torch.int64))
@@ -347,8 +407,9 @@ class ActivationDataModule(SparseCodingData):
                 done += count
                 state["complete"] = state["contexts_done"] >= total
                 if split == "train" and "scale" not in manifest:
-                    norms = rows.float().norm(dim=-1).mean().item()
-                    manifest["scale"] = math.sqrt(rows.shape[1]) / norms if norms > 0 else 1.0
+                    manifest["scale"] = _unit_scale(rows)
+                    if TARGETS in more:
+                        manifest["target_scale"] = _unit_scale(more[TARGETS])
                 self._save_manifest(manifest)
                 progress.update(count * self.tokens_per_context)
         progress.close()
@@ -365,6 +426,14 @@ class ActivationDataModule(SparseCodingData):
                           for chunk in tokens.split(self.hparams.model_batch_size)])
         return acts[:, 1:] if self.hparams.prepend_bos and self.hparams.drop_bos else acts
 
+    @torch.no_grad()
+    def read_pairs(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``(inputs, targets)`` of paired data, as :meth:`read_contexts` reads inputs, from the same forward passes."""
+        lm, _, hook = self.language_model()
+        pairs = [read_pair(lm, hook, self.target_hook, chunk) for chunk in tokens.split(self.hparams.model_batch_size)]
+        first = 1 if self.hparams.prepend_bos and self.hparams.drop_bos else 0
+        return tuple(torch.cat([pair[i].float().cpu() for pair in pairs])[:, first:] for i in (0, 1))
+
     # ---- serving ----
 
     def _checked_manifest(self) -> dict[str, Any]:
@@ -377,36 +446,80 @@ class ActivationDataModule(SparseCodingData):
     @property
     def d_model(self) -> int:
         """The activation width: from the cache, or else by loading the model and reading one context,
-        which checks the hook, the context length and the dataset before any long work."""
+        which checks the hooks, the context length and the dataset before any long work."""
+        return self._widths()[0]
+
+    @property
+    def d_out(self) -> int:
+        """The targets' width: ``hook_out``'s activations for paired data, else ``d_model``."""
+        return self._widths()[1]
+
+    def _widths(self) -> tuple[int, int]:
         manifest = self.manifest()
         if manifest and "d_model" in manifest:
-            return int(manifest["d_model"])
+            return int(manifest["d_model"]), int(manifest.get("d_out", manifest["d_model"]))
         lm, _, hook = self.language_model()
         probe = next(self.contexts(), None)
         if probe is None:
             raise ValueError(f"data: the dataset holds less than one context of {self.hparams.context_len} tokens")
-        return int(read_activations(lm, hook, probe[None]).shape[-1])
+        if not self.paired:
+            width = int(read_activations(lm, hook, probe[None]).shape[-1])
+            return width, width
+        inputs, targets = read_pair(lm, hook, self.target_hook, probe[None])
+        return int(inputs.shape[-1]), int(targets.shape[-1])
 
     def describe(self) -> dict[str, Any]:
         """Where the activations came from, for the decoder's provenance and the model card."""
         h = self.hparams
-        return {"data": "activations", "model_name": h.model, "hook_name": h.hook, "dataset": h.dataset,
-                "context_len": h.context_len, "input_scale": self.scale, "outlier_factor": h.outlier_factor}
+        out = {"data": "activations", "model_name": h.model, "hook_name": h.hook, "dataset": h.dataset,
+               "context_len": h.context_len, "input_scale": self.scale, "outlier_factor": h.outlier_factor}
+        if self.paired:
+            out.update(hook_name_out=h.hook_out, target_scale=self.target_scale)
+        return out
 
     @property
     def scale(self) -> float:
         return float(self._checked_manifest()["scale"]) if self.hparams.normalize else 1.0
 
     @property
+    def target_scale(self) -> float:
+        """The targets' scale factor (the inputs' of unpaired data, whose targets are their inputs)."""
+        if not self.paired:
+            return self.scale
+        return float(self._checked_manifest()["target_scale"]) if self.hparams.normalize else 1.0
+
+    def _first_train_rows(self, name: str) -> Tensor:
+        first = self._checked_manifest()["splits"]["train"]["shards"][0]["file"]
+        return load_shard(self.cache_dir / first, name).float()
+
+    def _outlier_bound(self, name: str, scale: float) -> float | None:
+        if self.hparams.outlier_factor is None:
+            return None
+        if name not in self._median_norms:
+            self._median_norms[name] = float(self._first_train_rows(name).norm(dim=-1).median())
+        return self.hparams.outlier_factor * self._median_norms[name] * scale
+
+    @property
     def outlier_norm(self) -> float | None:
         """The (scaled) norm above which a token is an outlier: ``outlier_factor`` x the median norm of the
         first training shard's tokens. None when ``outlier_factor`` is None."""
-        if self.hparams.outlier_factor is None:
-            return None
-        if self._median_norm is None:
-            first = self._checked_manifest()["splits"]["train"]["shards"][0]["file"]
-            self._median_norm = float(load_shard(self.cache_dir / first, ACTIVATIONS).float().norm(dim=-1).median())
-        return self.hparams.outlier_factor * self._median_norm * self.scale
+        return self._outlier_bound(ACTIVATIONS, self.scale)
+
+    @property
+    def target_outlier_norm(self) -> float | None:
+        """The same bound for the targets (the inputs' of unpaired data)."""
+        return self._outlier_bound(TARGETS, self.target_scale) if self.paired else self.outlier_norm
+
+    @property
+    def target_mean(self) -> Tensor:
+        """The mean target (unscaled, ``(d_out,)``) of the first training shard's tokens, outliers left out: what
+        mean ablation writes in place of the targets (the activations of unpaired data)."""
+        name = TARGETS if self.paired else ACTIVATIONS
+        rows = self._first_train_rows(name)
+        keep = ~outlier_mask(rows * self.target_scale, self.target_outlier_norm)
+        if self.paired:
+            keep &= ~outlier_mask(self._first_train_rows(ACTIVATIONS) * self.scale, self.outlier_norm)
+        return rows[keep].mean(0)
 
     def _dataset(self, split: str, shuffle: bool, rank: int | None = None,
                  world_size: int | None = None, drop_outliers: bool = True) -> ShardedActivations:
@@ -415,10 +528,11 @@ class ActivationDataModule(SparseCodingData):
         if rank is None or world_size is None:  # the trainer's slice of every batch
             trainer = getattr(self, "trainer", None)
             rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        paired = {"target_scale": self.target_scale, "target_max_norm": self.target_outlier_norm} if self.paired else {}
         return ShardedActivations(files, self.hparams.batch_size, scale=self.scale,
                                   shuffle=shuffle, shuffle_buffer=self.hparams.shuffle_buffer, seed=self.hparams.seed,
-                                  rank=rank, world_size=world_size,
-                                  max_norm=self.outlier_norm if drop_outliers else None)
+                                  rank=rank, world_size=world_size, max_norm=self.outlier_norm,
+                                  drop_outliers=drop_outliers, **paired)
 
     def _loader(self, dataset: ShardedActivations) -> DataLoader:
         return DataLoader(dataset, batch_size=None, pin_memory=torch.cuda.is_available())
@@ -438,7 +552,7 @@ class ActivationDataModule(SparseCodingData):
 
     def held_out_rows(self) -> ShardedActivations:
         """Every held-out token, outliers included, in order: row ``i`` is position ``i % tokens_per_context``
-        of context ``i // tokens_per_context``."""
+        of context ``i // tokens_per_context`` (its ``outliers(batch)`` says which are outliers)."""
         return self._held_out(drop_outliers=False)
 
     def held_out_batches(self) -> Iterator[Tensor]:
@@ -447,10 +561,11 @@ class ActivationDataModule(SparseCodingData):
 
     @property
     def test_x(self) -> Tensor:
-        """All held-out activations (scaled), in order, outlier tokens left out."""
+        """All held-out inputs (scaled), in order, outlier tokens left out."""
         ds = self._held_out()
         rows = ds.rows(np.arange(int(ds.offsets[-1])))
-        return rows if ds.max_norm is None else rows[rows.norm(dim=-1) <= ds.max_norm]
+        rows = select(rows, ~ds.outliers(rows))
+        return rows.x if isinstance(rows, Pair) else rows
 
     def ce_batches(self) -> tuple[Tensor, float, bool]:
         """``(token ids (n, context_len), input scale, whether position 0 was left out of the data)`` of
@@ -458,3 +573,9 @@ class ActivationDataModule(SparseCodingData):
         shards = self._checked_manifest()["splits"]["test"]["shards"]
         tokens = torch.cat([load_shard(self.cache_dir / s["token_ids"], TOKEN_IDS) for s in shards])
         return tokens[: self.hparams.ce_contexts], self.scale, self.hparams.prepend_bos and self.hparams.drop_bos
+
+
+def _unit_scale(rows: Tensor) -> float:
+    """The factor that brings the rows' mean norm to ``sqrt(width)`` (1 for all-zero rows)."""
+    norm = rows.float().norm(dim=-1).mean().item()
+    return math.sqrt(rows.shape[1]) / norm if norm > 0 else 1.0

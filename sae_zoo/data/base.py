@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
+import torch
 from torch import Tensor
 
 #: a batch: inputs ``x``, ``(x, true_codes)`` where the data know their codes, or a transcoder's :class:`Pair`
@@ -22,6 +23,14 @@ class Pair(NamedTuple):
     target: Tensor
 
 
+def move(batch: Batch, device: torch.device | str) -> Batch:
+    """A batch (a tensor, a tuple or list of tensors, a :class:`Pair`) on ``device``, its kind kept."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    moved = [t.to(device) for t in batch]
+    return Pair(*moved) if isinstance(batch, Pair) else type(batch)(moved)
+
+
 class SparseCodingData(L.LightningDataModule, metaclass=ABCMeta):
     """A LightningDataModule of inputs to encode, with what is known about them.
 
@@ -29,6 +38,8 @@ class SparseCodingData(L.LightningDataModule, metaclass=ABCMeta):
       (MCC, dictionary MCC) can be scored; then ``n_latents`` is the true latent count and
       ``dictionary`` the true atoms ``(n_latents, d_model)``, else both are None.
     * ``d_model``: the input width (it may load a model or read a cache to find it).
+    * ``paired``: whether batches are :class:`Pair` batches, a transcoder's inputs with their targets; then ``d_out``
+      is the targets' width (an SAE's targets are its inputs: ``d_out`` is ``d_model``).
     * ``describe()``: where the data came from, for the decoder's provenance and the model card.
     * ``held_out_batches()``: every held-out batch, in order, on the calling process alone (the
       evaluation of a trained model reads them; a multi-device test loader splits them).
@@ -46,6 +57,15 @@ class SparseCodingData(L.LightningDataModule, metaclass=ABCMeta):
     @abstractmethod
     def d_model(self) -> int:
         """The width of the inputs."""
+
+    @property
+    def paired(self) -> bool:
+        return False
+
+    @property
+    def d_out(self) -> int:
+        """The width of the targets."""
+        return self.d_model
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:

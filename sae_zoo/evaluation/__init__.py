@@ -9,9 +9,9 @@ import torch
 
 from .._modes import evaluating
 from ..data.activations import ActivationDataModule
-from ..data.base import SparseCodingData
+from ..data.base import SparseCodingData, move
 from ..model import SparseCoder
-from .held_out import ContextSums, TokenSums, token_sums
+from .held_out import ContextSums, TokenSums, check_pairing, token_sums
 from .language_model import CELosses, ce_baselines, ce_loss_recovered, ce_spliced
 from .probing import TASKS, Probe, ProbeTask, ProbingConfig, probe_tallies, sparse_probing
 from .result import Evaluation, paired_gain_se
@@ -28,10 +28,9 @@ def held_out_pass(model: SparseCoder, datamodule: SparseCodingData) -> Evaluatio
         if isinstance(datamodule, ActivationDataModule):
             tokens = token_sums(model, datamodule, metrics)
         else:
+            check_pairing(model, datamodule)
             for batch in datamodule.held_out_batches():
-                batch = (batch.to(model.device) if isinstance(batch, torch.Tensor)
-                         else [t.to(model.device) for t in batch])
-                model.update_metrics(metrics, batch)
+                model.update_metrics(metrics, move(batch, model.device))
         model.update_dictionary_metrics(metrics)
         return Evaluation(metrics.compute(), tokens)
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..data.activations import ActivationDataModule, outlier_mask
+from ..data.activations import ActivationDataModule, select
+from ..data.base import Pair, SparseCodingData, move
 from ..metrics import SparseCodingMetrics
 from ..metrics.functional import _fvu_compute
 from ..model import Reconstruction, SparseCoder
@@ -71,26 +72,41 @@ class TokenSums:
         return out
 
 
+def check_pairing(model: SparseCoder, datamodule: SparseCodingData) -> None:
+    """Refuse to score a transcoder against its input, or an SAE against another hook's targets."""
+    transcoder = getattr(model, "transcoder", False)  # any module that reconstructs its input is scored as an SAE
+    if transcoder and not datamodule.paired:
+        raise ValueError("this model is a transcoder: its output is a target (e.g. an MLP's output), and these data "
+                         "hold its inputs only, so its output would be scored against its input; give the data the "
+                         "target's hook (data.hook_out)")
+    if datamodule.paired and not transcoder:
+        raise ValueError(f"these data pair each input with a target at another hook ({datamodule.describe().get('hook_name_out')}); "
+                         "this model reconstructs its input: drop data.hook_out, or build a transcoder")
+
+
 @torch.no_grad()
 def token_sums(model: SparseCoder, datamodule: ActivationDataModule,
                metrics: SparseCodingMetrics | None = None) -> TokenSums:
-    """The model's :class:`TokenSums` over the held-out tokens, and, in the same pass, the clean tokens added to
-    ``metrics`` (the model's test metrics) if given. The caller sets the model's mode
-    (:func:`~sae_zoo.evaluation.held_out_pass` evaluates it in eval mode)."""
-    rows, per_context, max_norm = datamodule.held_out_rows(), datamodule.tokens_per_context, datamodule.outlier_norm
+    """The model's :class:`TokenSums` over the held-out tokens (its targets: a transcoder's are the paired
+    targets), and, in the same pass, the clean tokens added to ``metrics`` (the model's test metrics) if given.
+    The caller sets the model's mode (:func:`~sae_zoo.evaluation.held_out_pass` evaluates it in eval mode)."""
+    check_pairing(model, datamodule)
+    rows, per_context = datamodule.held_out_rows(), datamodule.tokens_per_context
     n_contexts = -(-int(rows.offsets[-1]) // per_context)
-    sums = TokenSums(*(ContextSums.zeros(n_contexts, datamodule.d_model) for _ in range(2)), max_norm)
+    sums = TokenSums(*(ContextSums.zeros(n_contexts, datamodule.d_out) for _ in range(2)), datamodule.outlier_norm)
     start = 0
-    for x in rows:
+    for batch in rows:
+        x, target = batch if isinstance(batch, Pair) else (batch, batch)
         context = torch.arange(start, start + len(x)) // per_context
         start += len(x)
         on_device = x.to(model.device)
         out = model(on_device)
-        clean = ~outlier_mask(x, max_norm)
+        clean = ~rows.outliers(batch)
         if metrics is not None:
             keep = clean.to(model.device)
-            model.update_metrics(metrics, on_device[keep], Reconstruction(out.x_hat[keep], out.codes[keep]))
-        x_hat, x = out.x_hat.double().cpu(), x.double()
-        sums.clean.add(context[clean], x[clean], x_hat[clean])
-        sums.every.add(context, x, x_hat)
+            model.update_metrics(metrics, move(select(batch, clean), model.device),
+                                 Reconstruction(out.x_hat[keep], out.codes[keep]))
+        x_hat, target = out.x_hat.double().cpu(), target.double()
+        sums.clean.add(context[clean], target[clean], x_hat[clean])
+        sums.every.add(context, target, x_hat)
     return sums
