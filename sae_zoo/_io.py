@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
@@ -121,6 +122,16 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a readable JSON file ({e})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        value = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: not a readable YAML file ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a YAML mapping, got {type(value).__name__}")
     return value
 
 

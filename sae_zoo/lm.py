@@ -2,7 +2,8 @@
 splice reconstructions back in to measure the CE loss an SAE preserves.
 
 Hook points are module paths (``model.layers.15``: the module's output; ``layers.15``, relative to the base
-model as sparsify names them, works too) or aliases over the model's
+model as sparsify names them, works too; ``.input`` or ``.output`` after a path names that side, as Gemma Scope 2's
+``hf_hook_point_in`` does) or aliases over the model's
 stack of blocks (found as the ``ModuleList`` with ``num_hidden_layers`` entries, e.g. ``model.layers``
 for Llama, ``transformer.h`` for GPT-2): ``resid_post.L`` (output of block L), ``resid_pre.L`` (its
 input), ``mlp_in.L`` and ``mlp_out.L`` (the input of block L's MLP, after its norm and gain, and the MLP's
@@ -110,12 +111,13 @@ def find_mlp(block: nn.Module, where: str) -> tuple[str, nn.Module]:
 def resolve_hook(lm: nn.Module, hook: str) -> HookPoint:
     """The hook point ``hook`` names; an unknown name raises a ``ValueError`` listing close matches."""
     modules = dict(lm.named_modules())
-    if hook in modules and hook:
-        return HookPoint(hook, hook, modules[hook], "output")
+    path, dot, side = hook.rpartition(".")
+    path, side = (path, side) if dot and side in ("input", "output") and hook not in modules else (hook, "output")
     # names relative to the base model, as sparsify writes them (layers.3 is model.layers.3 of a Llama)
     prefix = getattr(lm, "base_model_prefix", "")
-    if hook and f"{prefix}.{hook}" in modules:
-        return HookPoint(hook, f"{prefix}.{hook}", modules[f"{prefix}.{hook}"], "output")
+    for full in (path, f"{prefix}.{path}"):
+        if path and full in modules:
+            return HookPoint(hook, full, modules[full], side)
     blocks = find_blocks(lm)
     for pattern, child, side in _ALIASES:
         match = pattern.match(hook)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ COLUMNS = [("latent_f1", "F1", "{:.3f}"), ("dictionary_mcc", "MCC (decoder)", "{
            ("ve", "VE", "{:.3f}"), ("fvu", "FVU", "{:.4f}"), ("fvu_with_outliers", "FVU, all tokens", "{:.4f}"),
            ("l0", "L0", "{:.1f}"), ("l0_controller", "L0 before the final shift", "{:.1f}"),
            ("dead_latents", "dead", "{:.3f}"), ("ce_loss_recovered", "CE recovered", "{:.3f}"),
+           ("ce_loss_recovered_vs_mean", "CE recovered (vs mean)", "{:.3f}"),
            ("ce_spliced", "CE spliced", "{:.3f}"), ("mcc", "MCC (codes)", "{:.3f}"),
            ("probe_k1", "probe k=1", "{:.3f}"), ("probe_k5", "probe k=5", "{:.3f}"),
            ("probe_k20", "probe k=20", "{:.3f}"),
@@ -84,8 +86,13 @@ def _resolve_references(value: Any, run_dirs: dict[str, Path], where: str) -> An
 
 def run_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, quick: bool = False,
               out_dir: str | Path | None = None, progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
-    """Run every run of the suite at ``path`` (once per seed); returns ``(output folder, one row per method)``."""
+    """Run every run of the suite at ``path`` (once per seed); returns ``(output folder, one row per method)``. The
+    output folder is ``out_dir``, else a ``run_dir=PATH`` override (each run writes ``PATH/NAME``), else a new
+    folder under ``runs/``."""
     source = str(path)
+    named = [o for o in overrides if o.startswith("run_dir=")]
+    overrides = [o for o in overrides if not o.startswith("run_dir=")]
+    out_dir = out_dir or (named[-1].partition("=")[2] if named else None)
     content = apply_quick(read_recipe_file(path), quick, source)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(out_dir) if out_dir else Path("runs") / f"{Path(path).stem}{'-quick' if quick else ''}-{stamp}"
@@ -180,24 +187,46 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     return fmt.format(row[key]) + (f" ± {fmt.format(spread)}" if spread is not None and spread == spread else "")
 
 
+def _by_value(rows: list[dict[str, Any]], value: Callable[[dict[str, Any]], Any]) -> dict[Any, list[str]]:
+    """The rows' labels grouped by ``value(row)`` (rows where it is None left out), in the rows' order."""
+    groups: dict[Any, list[str]] = {}
+    for row in rows:
+        if value(row) is not None:
+            groups.setdefault(value(row), []).append(row["label"])
+    return groups
+
+
 def comparison_notes(rows: list[dict[str, Any]]) -> list[str]:
     """What a reader needs beside the table: the outlier tokens left out, the standard errors' source, and
     whether the methods sit at different L0s."""
     notes = []
-    counted = next((r for r in rows if "outlier_tokens" in r), None)
-    if counted is not None:
-        notes.append(f"{counted['outlier_tokens']} of {counted['held_out_tokens']} held-out tokens are outliers "
+    counts = _by_value(rows, lambda r: (r["outlier_tokens"], r["held_out_tokens"]) if "outlier_tokens" in r else None)
+    if len(counts) == 1:
+        (outliers, held_out), labels = next(iter(counts.items()))
+        counted = next(r for r in rows if "outlier_tokens" in r)
+        notes.append(f"{outliers} of {held_out} held-out tokens are outliers "
                      f"(norm above {counted.get('outlier_norm', float('nan')):.4g}, a multiple of the median) and "
                      "are left out of FVU, L0, dead and CE recovered; 'FVU, all tokens' keeps them.")
+    elif counts:  # rows that read other hooks have other outliers
+        notes.append("Outlier tokens (norm above a multiple of the median) are left out of FVU, L0, dead and CE "
+                     "recovered; 'FVU, all tokens' keeps them. They are "
+                     + "; ".join(f"{o} of {h} held-out tokens for {', '.join(labels)}" for (o, h), labels in counts.items())
+                     + ".")
+    if any("ce_loss_recovered_vs_mean" in r for r in rows):
+        notes.append("CE recovered compares the LM's loss with the activations each model writes (its input for an "
+                     "SAE, the MLP's output for a transcoder) replaced by the model's output, against zeroing them; "
+                     "'(vs mean)' against replacing them by their mean over training tokens.")
     if any(f"{k}_se" in r for r in rows for k, _, _ in COLUMNS):
         notes.append("± is one standard error, by bootstrap over held-out contexts.")
     elif any(r.get("seeds", 1) > 1 for r in rows):
         notes.append(f"Each figure is the mean over {max(r.get('seeds', 1) for r in rows)} model seeds, ± their "
                      "standard deviation.")
-    probed = next((r for r in rows if "probe_dense" in r), None)
-    if probed is not None:
+    dense = _by_value(rows, lambda r: round(r["probe_dense"], 3) if "probe_dense" in r else None)
+    if dense:
+        reaches = (f"reaches {next(iter(dense)):.3f}" if len(dense) == 1 else "reaches " + "; ".join(
+            f"{value:.3f} for {', '.join(labels)}" for value, labels in dense.items()))
         notes.append("'probe k=...' is k-sparse probing accuracy, the mean over the probing tasks (chance 0.5); the "
-                     f"dense probe on the activations themselves reaches {probed['probe_dense']:.3f}.")
+                     f"dense probe on the activations each model reads {reaches}.")
     if any(r.get("peer") for r in rows):
         notes.append("Rows marked SAELens are trained by SAELens's own trainer on the same samples and scored by the "
                      "same evaluation.")

@@ -186,6 +186,9 @@ def test_a_suite_runs_its_runs_in_order_and_compares_them(lm_files, tmp_path, ca
     assert {"comparison.csv", "comparison.md", "comparison.png", "sae", "mlp"} <= {p.name for p in folder.iterdir()}
     mlp = json.loads((folder / "mlp" / "metrics.json").read_text())
     assert mlp["steps"] == 20 and mlp["seed"] == 1
+    # run_dir names the suite's folder, in which each run has its own
+    assert main(["fit", str(path), "--quick", "--no-progress", "run_dir=named"]) == 0
+    assert {"comparison.md", "sae", "mlp"} <= {p.name for p in (tmp_path / "work" / "named").iterdir()}
 
 
 # ---- bad input, each caught before any long work ----

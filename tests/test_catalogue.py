@@ -74,8 +74,30 @@ def dictionary_learning_files(w, dict_class):   # canrager/lm_sae: SAEBench's di
     return {"ae.pt": buffer.getvalue(), "config.json": json.dumps(config).encode()}, codes
 
 
+def sparsify_skip_transcoder_files(w):   # EleutherAI/skip-transcoder-SmolLM2-135M-128x: no b_dec subtracted
+    cfg = {"expansion_factor": N // D, "normalize_decoder": True, "num_latents": 0, "k": K, "multi_topk": False,
+           "skip_connection": True, "d_in": D}   # older sparsify: no 'transcode' key, a skip term
+    weights = {"encoder.weight": w["W_enc"], "encoder.bias": w["b_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"],
+               "W_skip": w["W_skip"]}
+    codes = lambda x: topk(F.relu(x @ w["W_enc"].T + w["b_enc"]), K)  # noqa: E731
+    return {"cfg.json": json.dumps(cfg).encode(), "sae.safetensors": safetensors_bytes(weights)}, codes
+
+
+def gemma_scope_2_files(w):   # google/gemma-scope-2-*: config.json and params.safetensors
+    config = {"hf_hook_point_in": "model.layers.5.pre_feedforward_layernorm.output",
+              "hf_hook_point_out": "model.layers.5.post_feedforward_layernorm.output", "width": N,
+              "architecture": "jump_relu", "type": "transcoder", "affine_connection": True}
+    params = {"w_enc": w["W_enc"].T.contiguous(), "w_dec": w["W_dec"], "b_enc": w["b_enc"], "b_dec": w["b_dec"],
+              "threshold": w["threshold"], "affine_skip_connection": w["W_skip"].T.contiguous()}
+    z = lambda x: x @ w["W_enc"].T + w["b_enc"]  # noqa: E731
+    return ({"config.json": json.dumps(config).encode(), "params.safetensors": safetensors_bytes(params)},
+            lambda x: F.relu(z(x)) * (z(x) > w["threshold"]))
+
+
 LAYOUTS = {"saelens": saelens_files, "gemma_scope": gemma_scope_files, "sparsify": sparsify_files,
            "dictionary_learning": dictionary_learning_files}
+#: transcoders' layouts: their output adds x @ W_skip.T
+TRANSCODER_LAYOUTS = {"sparsify": sparsify_skip_transcoder_files, "gemma_scope_2": gemma_scope_2_files}
 
 
 @pytest.mark.parametrize("release", releases())
@@ -83,11 +105,12 @@ def test_every_release_loads_by_name_with_its_lm_hook_and_codes(release, hub):
     entries = [e for e in catalogue().values() if e.release == release]
     entry = entries[len(entries) // 2]
     w = tensors(len(entry.name))
+    w["W_skip"] = 0.3 * torch.randn(D, D, generator=torch.Generator().manual_seed(7))
     if entry.format == "dictionary_learning":
         dict_class = "AutoEncoderTopK" if "topk" in release else "AutoEncoder"
         files, codes = dictionary_learning_files(w, dict_class)
     else:
-        files, codes = LAYOUTS[entry.format](w)
+        files, codes = (TRANSCODER_LAYOUTS if entry.hook_out else LAYOUTS)[entry.format](w)
     # the repo holds its neighbour SAEs too, as the real ones do
     other = entries[0] if entries[0] != entry else entries[-1]
     hub.serve(entry.repo_id, {**{f"{entry.path}/{name}": data for name, data in files.items()},
@@ -98,15 +121,17 @@ def test_every_release_loads_by_name_with_its_lm_hook_and_codes(release, hub):
     assert sae.metadata["model_name"] == entry.model and sae.metadata["hook_name"] == entry.hook
     assert sae.metadata["catalogue"] == entry.name and sae.metadata["subfolder"] == entry.path
     assert sae.dictionary.provenance["hook_name"] == entry.hook
+    assert sae.transcoder == (entry.hook_out is not None) and sae.metadata.get("hook_name_out") == entry.hook_out
     x = torch.randn(64, D, generator=torch.Generator().manual_seed(1))
     model = sae.model()
     torch.testing.assert_close(model.encode(x), codes(x), rtol=1e-5, atol=1e-5)
     assert (model.encode(x) != 0).any()
-    torch.testing.assert_close(model(x).x_hat, codes(x) @ w["W_dec"] + w["b_dec"], rtol=1e-5, atol=1e-5)
+    skip = x @ w["W_skip"].T if sae.transcoder else 0
+    torch.testing.assert_close(model(x).x_hat, codes(x) @ w["W_dec"] + w["b_dec"] + skip, rtol=1e-5, atol=1e-5)
 
 
 def test_the_catalogue_lists_the_fields_public_saes():
-    gemma = sae_zoo.list_pretrained("gemma*")
+    gemma = sae_zoo.list_pretrained("gemma-scope-2b*")
     assert gemma[0] == "gemma-scope-2b-pt-res/layer_5/width_16k/average_l0_18" and len(gemma) == 30
     assert "gpt2-small-res-jb/blocks.11.hook_resid_post" in list_pretrained()
     assert len(list_pretrained("sae-llama-3-8b-32x/*")) == 32
@@ -114,6 +139,14 @@ def test_the_catalogue_lists_the_fields_public_saes():
     assert (entry.repo_id, entry.path, entry.hook, entry.format) == (
         "EleutherAI/sae-llama-3-8b-32x", "layers.12", "model.layers.12", "sparsify")
     assert list_pretrained("nothing*") == []
+    transcoders = list_pretrained("*transcoder*")
+    assert len(list_pretrained("gemma-scope-2-270m-pt-transcoders-all/*")) == 18 * 8
+    assert len(list_pretrained("skip-transcoder-SmolLM2-135M-128x/*")) == 30
+    assert all(catalogue()[name].hook_out for name in transcoders) and len(transcoders) == 18 * 8 + 4 * 18 + 30
+    smol = catalogue()["skip-transcoder-SmolLM2-135M-128x/model.layers.9.mlp"]
+    assert (smol.repo_id, smol.path, smol.hook, smol.hook_out) == (
+        "EleutherAI/skip-transcoder-SmolLM2-135M-128x", "model.layers.9.mlp", "model.layers.9.mlp.input",
+        "model.layers.9.mlp")
 
 
 def test_unknown_names_list_close_matches():

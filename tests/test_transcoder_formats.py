@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+import yaml
+from safetensors.torch import load_file, save_file
 
 from sae_zoo.hub import export_saelens, load_sae
 
@@ -131,3 +132,109 @@ def test_gemma_scope_2_transcoders_read_the_skip_matrix_as_x_at_a(tmp_path):
     with pytest.raises(ValueError, match="affine_skip_connection"):
         load_sae(write_gemma_scope_2(tmp_path / "missing", {k: v for k, v in tensors.items()
                                                              if k != "affine_skip_connection"}, affine_connection=True))
+
+
+def write_circuit_tracer(folder: Path, layer: int, tensors: dict, **config) -> Path:
+    """As circuit-tracer keeps a per-layer transcoder set: ``SingleLayerTranscoder``'s state dict in
+    ``layer_{N}.safetensors`` and a ``config.yaml`` listing the files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"layer_{layer}.safetensors"))
+    (folder / "config.yaml").write_text(yaml.safe_dump({
+        "model_name": "google/gemma-2-2b", "model_kind": "transcoder_set", "feature_input_hook": "ln2.hook_normalized",
+        "feature_output_hook": "hook_mlp_out", "scan": "gemma-2-2b", "transcoders": [f"layer_{layer}.safetensors"],
+        **config}))
+    return folder
+
+
+def circuit_tracer_tensors(g: torch.Generator, threshold: bool = True, skip: bool = True) -> dict:
+    tensors = {"W_enc": torch.randn(D_SAE, D_IN, generator=g), "W_dec": torch.randn(D_SAE, D_OUT, generator=g),
+               "b_enc": torch.randn(D_SAE, generator=g), "b_dec": torch.randn(D_OUT, generator=g)}
+    if skip:
+        tensors["W_skip"] = torch.randn(D_OUT, D_IN, generator=g)
+    if threshold:
+        tensors["activation_function.threshold"] = torch.rand(D_SAE, generator=g)
+    return tensors
+
+
+def circuit_tracer_output(tensors: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """circuit-tracer's ``SingleLayerTranscoder``: ``f(F.linear(x, W_enc, b_enc))`` with its JumpReLU
+    ``z * (z > threshold)`` (no ReLU) or ReLU, then ``codes @ W_dec + b_dec + x @ W_skip.T``."""
+    z = F.linear(x, tensors["W_enc"], tensors["b_enc"])
+    threshold = tensors.get("activation_function.threshold")
+    codes = z * (z > threshold) if threshold is not None else F.relu(z)
+    out = codes @ tensors["W_dec"] + tensors["b_dec"]
+    return codes, out + x @ tensors["W_skip"].T if "W_skip" in tensors else out
+
+
+@pytest.mark.parametrize("threshold, skip", [(True, True), (False, False), (True, False)])
+def test_circuit_tracer_per_layer_transcoders_load_with_its_outputs(tmp_path, threshold, skip):
+    g = torch.Generator().manual_seed(4)
+    tensors = circuit_tracer_tensors(g, threshold, skip)
+    sae = load_sae(write_circuit_tracer(tmp_path / "set", 3, tensors), layer=3)
+    assert sae.format == "circuit_tracer" and sae.transcoder and (sae.skip is not None) == skip
+    assert sae.metadata["hook_name"] == "blocks.3.ln2.hook_normalized"
+    assert sae.metadata["hook_name_out"] == "blocks.3.hook_mlp_out"
+    x = torch.randn(64, D_IN, generator=g)
+    codes, out = circuit_tracer_output(tensors, x)
+    with torch.no_grad():
+        ours = sae.model()(x)
+    torch.testing.assert_close(ours.codes, codes, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.x_hat, out, atol=1e-4, rtol=1e-5)
+    assert (codes > 0).float().mean() > 0.1
+
+
+def test_circuit_tracer_files_sae_zoo_cannot_reproduce_are_refused(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    tensors = circuit_tracer_tensors(g)
+    folder = write_circuit_tracer(tmp_path / "set", 0, tensors)
+    with pytest.raises(ValueError, match=r"circuit-tracer's folders hold one transcoder per layer .*pass layer=N"):
+        load_sae(folder)
+    negative = {**tensors, "activation_function.threshold": tensors["activation_function.threshold"] - 0.5}
+    with pytest.raises(ValueError, match=r"thresholds are below 0; circuit-tracer's JumpReLU \(z \* \(z > threshold\), "
+                                         r"no ReLU\) then gives negative codes"):
+        load_sae(write_circuit_tracer(tmp_path / "negative", 0, negative), layer=0)
+    wrong = {**tensors, "W_skip": tensors["W_skip"].T.contiguous()}   # (d_in, d_out): the transposed skip matrix
+    with pytest.raises(ValueError, match=r"layer_0.safetensors: tensor 'W_skip' has shape \(6, 4\), expected \(4, 6\)"):
+        load_sae(write_circuit_tracer(tmp_path / "wrong", 0, wrong), layer=0)
+    with pytest.raises(ValueError, match=r"model_kind 'cross_layer_transcoder'"):
+        load_sae(write_circuit_tracer(tmp_path / "clt", 0, tensors, model_kind="cross_layer_transcoder"), layer=0)
+
+
+def test_a_transcoder_exports_to_circuit_tracer_layer_by_layer(tmp_path):
+    """Exported with its data's scales folded in, circuit-tracer's formula on the files gives the model's outputs on
+    raw activations; exporting two layers into one folder lists both in its config."""
+    from sae_zoo import Dictionary, SparseCoder, create_encoder
+    from sae_zoo.hub import export_circuit_tracer
+
+    g = torch.Generator().manual_seed(6)
+    scales = {"input_scale": 2.0, "target_scale": 0.25}
+    models = {}
+    for layer in (2, 3):
+        model = SparseCoder(create_encoder("jumprelu", d_model=D_IN, n_latents=D_SAE, threshold_init=0.2),
+                            Dictionary(D_SAE, D_OUT, bias=True), transcoder=True, skip_connection=True)
+        randomised(model, g)
+        with torch.no_grad():
+            model.encoder.threshold.abs_()
+        model.dictionary.provenance.update({"hook_name": f"blocks.{layer}.ln2.hook_normalized",
+                                            "hook_name_out": f"blocks.{layer}.hook_mlp_out", **scales})
+        models[layer] = model.eval()
+        export_circuit_tracer(model, tmp_path / "set", layer)
+    config = yaml.safe_load((tmp_path / "set" / "config.yaml").read_text())
+    assert config["transcoders"] == ["layer_2.safetensors", "layer_3.safetensors"]
+    assert (config["feature_input_hook"], config["feature_output_hook"]) == ("ln2.hook_normalized", "hook_mlp_out")
+    x = torch.randn(64, D_IN, generator=g)
+    for layer, model in models.items():
+        files = load_file(str(tmp_path / "set" / f"layer_{layer}.safetensors"))
+        assert files["W_enc"].shape == (D_SAE, D_IN)
+        codes, out = circuit_tracer_output(files, x)
+        with torch.no_grad():
+            ours = model(x * scales["input_scale"])
+        torch.testing.assert_close(codes, ours.codes, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out, ours.x_hat / scales["target_scale"], atol=1e-3, rtol=1e-4)
+        assert (codes > 0).any()
+    with pytest.raises(ValueError, match=r"feature_input_hook and feature_output_hook: circuit-tracer names the hooks "
+                                         r"per layer .* are not blocks.4.NAME, so pass them"):
+        export_circuit_tracer(models[2], tmp_path / "set", 4)
+    with pytest.raises(ValueError, match=r"describes another transcoder set"):
+        export_circuit_tracer(models[2], tmp_path / "set", 4, feature_input_hook="ln2.hook_normalized",
+                              feature_output_hook="hook_resid_post")

@@ -1,6 +1,8 @@
 """Transcoders on a language model: paired activations read in one forward pass, FVU of the target, CE-loss
 recovered with the MLP replaced, and the bad input a transcoder recipe can get, on a tiny random Llama."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -194,3 +196,39 @@ def test_an_iterative_head_is_refused_as_a_transcoder_with_the_reason(lm_files, 
     with pytest.raises(ValueError, match=r"encoder 'fista' cannot encode for a transcoder: it finds its codes by "
                                          r"reconstructing its input"):
         build(recipe(lm_files, tmp_path, encoder={"name": "fista", "steps": 5}))
+
+
+def test_a_trained_skip_transcoder_exports_to_saelens_with_both_scales_folded(lm_files, tmp_path):
+    """Trained on inputs and targets scaled apart, exported for SAELens on raw activations: SAELens's own code gives
+    the model's codes, and its outputs over the targets' scale, skip term included."""
+    from sae_zoo.hub import export_saelens, load_run
+
+    SAE = pytest.importorskip("sae_lens").SAE
+    run_dir, _ = fit(recipe(lm_files, tmp_path, encoder={"name": "batchtopk", "k": 4},
+                            model={"skip_connection": True}), progress=False)
+    model, _, _ = load_run(run_dir)
+    model.eval()
+    dm = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache"))
+    assert dm.scale != pytest.approx(dm.target_scale, rel=0.1)
+    out = export_saelens(model, tmp_path / "exported")
+    theirs = SAE.load_from_disk(str(out))
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu_skip_transcoder"
+    assert cfg["metadata"]["hook_name"] == "mlp_in.1" and cfg["metadata"]["hook_name_out"] == "mlp_out.1"
+    raw = torch.cat([p.x for p in dm.held_out_batches()]) / dm.scale
+    with torch.no_grad():
+        ours = model(raw * dm.scale)
+        torch.testing.assert_close(theirs.encode(raw), ours.codes, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(theirs(raw), ours.x_hat / dm.target_scale, atol=1e-4, rtol=1e-4)
+    assert (ours.codes != 0).any() and model.skip.weight.abs().sum() > 0
+
+
+def test_module_paths_name_a_side_as_gemma_scope_2_and_sparsify_do(lm_files):
+    from sae_zoo.lm import resolve_hook
+
+    lm, _ = load_language_model(lm_files[0])
+    for name, side in (("model.layers.1.mlp.input", "input"), ("model.layers.1.mlp.output", "output"),
+                       ("layers.1.mlp.input", "input"), ("blocks.1.hook_mlp_out", "output")):
+        hook = resolve_hook(lm, name)
+        assert (hook.path, hook.side, hook.module) == ("model.layers.1.mlp", side, lm.model.layers[1].mlp), name
+    assert resolve_hook(lm, "mlp_in.1").same_place(resolve_hook(lm, "model.layers.1.mlp.input"))

@@ -80,8 +80,9 @@ def check_pairing(model: SparseCoder, datamodule: SparseCodingData) -> None:
                          "hold its inputs only, so its output would be scored against its input; give the data the "
                          "target's hook (data.hook_out)")
     if datamodule.paired and not transcoder:
-        raise ValueError(f"these data pair each input with a target at another hook ({datamodule.describe().get('hook_name_out')}); "
-                         "this model reconstructs its input: drop data.hook_out, or build a transcoder")
+        where = datamodule.describe().get("hook_name_out")
+        raise ValueError(f"these data pair each input with a target at another hook ({where}); this model "
+                         "reconstructs its input: drop data.hook_out, or build a transcoder")
 
 
 @torch.no_grad()

@@ -19,8 +19,9 @@ from typing import Any
 import yaml
 
 CATALOGUE = "catalogue.yaml"
-#: the keys of a release block; every one but description and url is required
-RELEASE_KEYS = ("repo_id", "format", "model", "normalization", "id", "path", "hook", "values", "description", "url")
+#: the keys of a release block; every one but the last three is required (hook_out: a transcoder's target hook)
+RELEASE_KEYS = ("repo_id", "format", "model", "normalization", "id", "path", "hook", "values", "hook_out", "description",
+                "url")
 NORMALIZATIONS = ("none", "expected_average_only_in")
 
 
@@ -36,6 +37,8 @@ class CatalogueEntry:
     model: str
     hook: str
     normalization: str
+    #: a transcoder's: the hook it writes (its target); None for an SAE
+    hook_out: str | None = None
 
     @property
     def name(self) -> str:
@@ -43,7 +46,8 @@ class CatalogueEntry:
 
     def provenance(self) -> dict[str, Any]:
         return {"catalogue": self.name, "model_name": self.model, "hook_name": self.hook,
-                "normalize_activations": self.normalization}
+                "normalize_activations": self.normalization,
+                **({"hook_name_out": self.hook_out} if self.hook_out else {})}
 
 
 def _combinations(values: Any, where: str) -> list[dict[str, Any]]:
@@ -67,7 +71,7 @@ def _release(name: str, block: Any) -> list[CatalogueEntry]:
     where = f"{CATALOGUE}: release {name!r}"
     if not isinstance(block, dict):
         raise ValueError(f"{where} must be a mapping of {', '.join(RELEASE_KEYS)}")
-    missing = [key for key in RELEASE_KEYS[:-2] if key not in block]
+    missing = [key for key in RELEASE_KEYS[:-3] if key not in block]
     unknown = [key for key in block if key not in RELEASE_KEYS]
     if missing or unknown:
         raise ValueError(f"{where}: " + "; ".join(filter(None, [missing and f"missing {', '.join(missing)}",
@@ -78,7 +82,8 @@ def _release(name: str, block: Any) -> list[CatalogueEntry]:
     for values in _combinations(block["values"], where):
         fill = functools.partial(_fill, values=values, where=where)
         entries.append(CatalogueEntry(name, fill(block["id"]), block["repo_id"], fill(block["path"]), block["format"],
-                                      block["model"], fill(block["hook"]), block["normalization"]))
+                                      block["model"], fill(block["hook"]), block["normalization"],
+                                      fill(block["hook_out"]) if "hook_out" in block else None))
     return entries
 
 

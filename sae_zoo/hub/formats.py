@@ -20,6 +20,8 @@ format                   files                                       encoder rep
 ``gemma_scope``          ``params.npz``                              ``jumprelu``
 ``gemma_scope_2``        ``config.json`` + ``params.safetensors``    ``jumprelu`` (SAEs and transcoders, with their
                                                                      affine skip connection)
+``circuit_tracer``       ``config.yaml`` + ``layer_{N}.safetensors`` per-layer transcoders: ReLU -> ``linear``,
+                                                                     JumpReLU -> ``jumprelu`` (``layer=N`` picks one)
 ``sae_zoo``              ``config.json`` + ``model.safetensors``     the saved head
 ``sae_zoo_run``          ``config.yaml`` + ``model.ckpt``            the run's head (a ``sae-zoo fit`` run)
 =======================  ==========================================  ===========================================
@@ -55,7 +57,7 @@ import torch
 from safetensors.torch import save_file
 
 from .._io import (atomic_directory, atomic_write_json, check_shape, read_json, read_npz, read_safetensors,
-                   read_torch_state, require_keys)
+                   read_torch_state, read_yaml, require_keys)
 from ..dictionary import Dictionary
 from ..encoders import EncoderHead, ForeignSAE, UnsupportedConversion, converter_for
 from ..model import SparseCoder
@@ -72,10 +74,11 @@ FORMAT_FILES = {
     "dictionary_learning": ("config.json", "ae.pt"),
     "gemma_scope": ("params.npz",),
     "gemma_scope_2": ("config.json", "params.safetensors"),
+    "circuit_tracer": ("config.yaml", "layer_{layer}.safetensors"),  # one transcoder per layer: load_sae(layer=N)
 }
 #: how each library is named in messages
 LIBRARY_NAMES = {"saelens": "SAELens", "sparsify": "sparsify", "dictionary_learning": "dictionary_learning",
-                 "gemma_scope": "Gemma Scope", "gemma_scope_2": "Gemma Scope 2"}
+                 "gemma_scope": "Gemma Scope", "gemma_scope_2": "Gemma Scope 2", "circuit_tracer": "circuit-tracer"}
 #: the SAELens cfg.json layout export_saelens writes (SAELens >= 6 reads it as its own)
 SAELENS_FORMAT_VERSION = "6.0.0"
 
@@ -112,8 +115,14 @@ class PretrainedSAE:
         return model.eval()
 
 
+def _names_file(pattern: str, names: list[str]) -> bool:
+    """Whether ``names`` hold the file ``pattern`` names (``{layer}``: any layer number)."""
+    regex = re.escape(pattern).replace(re.escape("{layer}"), r"\d+")
+    return any(re.fullmatch(regex, name) for name in names)
+
+
 def detect_format(names: list[str], where: str) -> str:
-    found = [fmt for fmt, files in FORMAT_FILES.items() if set(files) <= set(names)]
+    found = [fmt for fmt, files in FORMAT_FILES.items() if all(_names_file(f, names) for f in files)]
     if len(found) != 1:
         expected = "; ".join(f"{fmt}: {' + '.join(files)}" for fmt, files in FORMAT_FILES.items())
         problem = "matches several formats" if found else "holds no known SAE format"
@@ -125,12 +134,13 @@ def detect_format(names: list[str], where: str) -> str:
 def load_sae(source: str | Path, *, format: str | None = None, subfolder: str | None = None,
              revision: str | None = None, trainable: bool = False, token: str | bool | None = None,
              cache_dir: str | Path | None = None, force_download: bool = False,
-             local_files_only: bool = False) -> PretrainedSAE:
+             local_files_only: bool = False, layer: int | None = None) -> PretrainedSAE:
     """Load an SAE saved by SAELens, sparsify, dictionary_learning or sae_zoo from a local directory or
     a Hub repo (``subfolder`` picks one SAE of a repo that holds several), or a catalogue entry
     ``"release/sae_id"`` (:func:`list_pretrained`), whose LM, hook and normalisation then come with it.
     The format is detected from the files unless ``format`` names it. ``trainable`` decides whether the
-    dictionary trains further."""
+    dictionary trains further. ``layer`` picks one transcoder of a folder that holds one per layer
+    (circuit-tracer's ``layer_{N}.safetensors``)."""
     if format is not None and format not in FORMAT_FILES:
         raise ValueError(f"format={format!r} is not one of {', '.join(FORMAT_FILES)}")
     entry = None if is_local(source) else find_entry(str(source))
@@ -163,9 +173,15 @@ def load_sae(source: str | Path, *, format: str | None = None, subfolder: str | 
                  SparseCoder.from_pretrained(source, **{k: v for k, v in download.items() if k != "subfolder"}))
         model.dictionary.requires_grad_(trainable)
         return PretrainedSAE(model.dictionary, model.encoder, format, dict(model.dictionary.provenance))
-    paths = [resolve_file(source, name, **download) for name in FORMAT_FILES[format]]
+    per_layer = any("{layer}" in name for name in FORMAT_FILES[format])
+    if per_layer != (layer is not None):
+        raise ValueError(f"{where}: {LIBRARY_NAMES[format]}'s folders hold one transcoder per layer "
+                         f"({' + '.join(FORMAT_FILES[format])}): pass layer=N" if per_layer else
+                         f"layer={layer!r} picks one transcoder of a per-layer folder (circuit-tracer's); {where} is "
+                         f"a {LIBRARY_NAMES.get(format, format)} folder")
+    paths = [resolve_file(source, name.format(layer=layer), **download) for name in FORMAT_FILES[format]]
     provenance = {k: v for k, v in {"format": format, "source": str(source), "subfolder": subfolder,
-                                    "revision": revision}.items() if v is not None}
+                                    "revision": revision, "layer": layer}.items() if v is not None}
     sae, unavailable = READERS[format](*paths, provenance)
     return _assemble(format, sae, trainable, provenance, unavailable)
 
@@ -300,6 +316,10 @@ def _sparsify(cfg_path: Path, weights_path: Path, provenance: dict[str, Any]) ->
     n = int(cfg.get("num_latents") or d_in * int(cfg.get("expansion_factor", 32)))
     tensors = read_safetensors(weights_path)
     require_keys(weights_path, tensors, ["encoder.weight", "encoder.bias", "W_dec", "b_dec"], what="tensor")
+    unknown = sorted(set(tensors) - {"encoder.weight", "encoder.bias", "W_dec", "b_dec", "W_skip"})
+    if unknown:  # e.g. input/output normalisation buffers: applying them by guess would not give sparsify's outputs
+        raise ValueError(f"{weights_path}: tensors {', '.join(unknown)} are not part of the sparsify format sae_zoo "
+                         "reads exactly (encoder.weight, encoder.bias, W_dec, b_dec, W_skip)")
     because = f"d_in={d_in} and {n} latents in {cfg_path.name}"
     for name, shape in {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}.items():
         check_shape(weights_path, name, tensors[name], shape, because)
@@ -447,28 +467,81 @@ def _gemma_scope_2(config_path: Path, params_path: Path, provenance: dict[str, A
                       W_skip=skip), None
 
 
+#: circuit-tracer's per-layer transcoder tensors -> their shapes, from (d_transcoder, d_in, d_out)
+CIRCUIT_TRACER_TENSORS = {"W_enc": lambda n, i, o: (n, i), "W_dec": lambda n, i, o: (n, o), "b_enc": lambda n, i, o: (n,),
+                          "b_dec": lambda n, i, o: (o,), "W_skip": lambda n, i, o: (o, i),
+                          "activation_function.threshold": lambda n, i, o: (n,)}
+
+
+def _circuit_tracer(config_path: Path, weights_path: Path, provenance: dict[str, Any]) -> tuple[ForeignSAE, None]:
+    """circuit-tracer's per-layer transcoders (``SingleLayerTranscoder``): ``W_enc`` stored ``(d_transcoder, d_in)``,
+    codes ``f(x @ W_enc.T + b_enc)``, output ``codes @ W_dec + b_dec + x @ W_skip.T``; ``f`` is ReLU, or, where the
+    file has ``activation_function.threshold``, circuit-tracer's JumpReLU ``z * (z > threshold)``, which has no
+    ReLU: it equals sae_zoo's (and SAELens's) ``jumprelu`` while every threshold is >= 0, and a file with a
+    negative one is refused rather than given other codes."""
+    cfg = read_yaml(config_path)
+    kind = cfg.get("model_kind", "transcoder_set")
+    if kind != "transcoder_set":
+        raise ValueError(f"{config_path}: model_kind {kind!r}; sae_zoo reads circuit-tracer's per-layer transcoders "
+                         "(model_kind: transcoder_set)")
+    tensors = read_safetensors(weights_path)
+    require_keys(weights_path, tensors, ["W_enc", "W_dec", "b_enc", "b_dec"], what="tensor")
+    unknown = sorted(set(tensors) - set(CIRCUIT_TRACER_TENSORS))
+    if unknown:
+        raise ValueError(f"{weights_path}: tensors {', '.join(unknown)} are not part of circuit-tracer's per-layer "
+                         f"transcoder ({', '.join(CIRCUIT_TRACER_TENSORS)})")
+    if tensors["W_enc"].ndim != 2 or tensors["b_dec"].ndim != 1:
+        raise ValueError(f"{weights_path}: W_enc must be (d_transcoder, d_in) and b_dec (d_out,), got "
+                         f"{tuple(tensors['W_enc'].shape)} and {tuple(tensors['b_dec'].shape)}")
+    sizes = (*tensors["W_enc"].shape, tensors["b_dec"].shape[0])
+    for name, tensor in tensors.items():
+        check_shape(weights_path, name, tensor, CIRCUIT_TRACER_TENSORS[name](*sizes),
+                    f"W_enc is (d_transcoder, d_in) = {tuple(tensors['W_enc'].shape)} and b_dec (d_out,)")
+    threshold = tensors.get("activation_function.threshold")
+    if threshold is not None and bool((threshold < 0).any()):
+        raise ValueError(f"{weights_path}: {int((threshold < 0).sum())} thresholds are below 0; circuit-tracer's "
+                         "JumpReLU (z * (z > threshold), no ReLU) then gives negative codes, which no sae_zoo head "
+                         "gives")
+    layer = provenance.get("layer")
+    hooks = {"hook_name": cfg.get("feature_input_hook"), "hook_name_out": cfg.get("feature_output_hook")}
+    provenance.update({key: value for key, value in {
+        "architecture": "jumprelu" if threshold is not None else "standard", "transcoder": True,
+        "model_name": cfg.get("model_name"), "scan": cfg.get("scan"),
+        **{k: f"blocks.{layer}.{v}" for k, v in hooks.items() if v}}.items() if value is not None})
+    return ForeignSAE("jumprelu" if threshold is not None else "standard", W_dec=tensors["W_dec"],
+                      b_dec=tensors["b_dec"], W_enc=tensors["W_enc"], b_enc=tensors["b_enc"],
+                      params={} if threshold is None else {"threshold": threshold},
+                      config={"apply_b_dec_to_input": False}, source=str(weights_path), transcoder=True,
+                      W_skip=tensors.get("W_skip")), None
+
+
 READERS: dict[str, Reader] = {"saelens": _saelens, "sparsify": _sparsify, "dictionary_learning": _dictionary_learning,
-                              "gemma_scope": _gemma_scope, "gemma_scope_2": _gemma_scope_2}
+                              "gemma_scope": _gemma_scope, "gemma_scope_2": _gemma_scope_2,
+                              "circuit_tracer": _circuit_tracer}
 
 
-def fold_input_scale(sae: ForeignSAE, scale: float) -> ForeignSAE:
+def fold_input_scale(sae: ForeignSAE, scale: float, target_scale: float | None = None) -> ForeignSAE:
     """``sae``, trained on inputs multiplied by ``scale`` (a run with ``normalize: true``), as an SAE of the raw
     inputs with the same codes: ``W_enc`` times ``scale``, ``W_dec`` and ``b_dec`` over it (then
     ``(x - b_dec / s) (s W_enc)^T = (s x - b_dec) W_enc^T``, and the reconstruction is the scaled one over
-    ``s``). SAELens's own ``normalize_activations`` cannot say this: its loaders apply no scale. Matching
-    pursuit takes ``r . w`` as a code, so its codes change with the scale of the input and cannot be kept."""
+    ``s``). A transcoder's targets have their own scale ``t``: ``W_dec`` and ``b_dec`` go over ``t``, and the skip
+    matrix is times ``s / t``. SAELens's own ``normalize_activations`` cannot say this: its loaders apply no
+    scale. Matching pursuit takes ``r . w`` as a code, so its codes change with the scale of the input and
+    cannot be kept."""
     if sae.architecture == "matching_pursuit":
         raise ValueError(f"this run was trained on activations scaled by {scale:g} (data.normalize: true), and "
                          "SAELens's matching pursuit's codes scale with its input, so no export gives this model's "
                          "codes on raw activations; train with data.normalize=false to export it")
-    if sae.transcoder:
-        raise ValueError(f"cannot fold the input scale {scale:g} into a transcoder: its input and its target are "
-                         "scaled apart")
+    if sae.transcoder and target_scale is None:
+        raise ValueError(f"cannot fold the input scale {scale:g} into a transcoder without its targets' scale: its "
+                         "input and its target are scaled apart")
     if sae.config.get("rescale_acts_by_decoder_norm"):
         raise ValueError(f"cannot fold the input scale {scale:g} into an SAE that rescales its codes by the decoder "
                          "norms (rescale_acts_by_decoder_norm)")
-    return dataclasses.replace(sae, W_enc=None if sae.W_enc is None else sae.W_enc * scale, W_dec=sae.W_dec / scale,
-                               b_dec=None if sae.b_dec is None else sae.b_dec / scale)
+    out = scale if target_scale is None else target_scale
+    return dataclasses.replace(sae, W_enc=None if sae.W_enc is None else sae.W_enc * scale, W_dec=sae.W_dec / out,
+                               b_dec=None if sae.b_dec is None else sae.b_dec / out,
+                               W_skip=None if sae.W_skip is None else sae.W_skip * (scale / out))
 
 
 def _as_saelens_transcoder(sae: ForeignSAE, model: SparseCoder) -> ForeignSAE:
@@ -485,15 +558,10 @@ def _as_saelens_transcoder(sae: ForeignSAE, model: SparseCoder) -> ForeignSAE:
     return dataclasses.replace(sae, architecture=kind, transcoder=True, W_skip=skip)
 
 
-def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | None = None,
-                   model_name: str | None = None, decoder_only: bool = False) -> Path:
-    """Write ``model`` as a SAELens SAE (``cfg.json`` + ``sae_weights.safetensors``) that SAELens's
-    ``SAE.load_from_disk`` reads, through the head's ``to_foreign``, with identical codes (on raw activations,
-    for a run trained on normalised ones: :func:`fold_input_scale`): ``linear`` heads
-    export as ``standard`` SAEs, ``topk``, ``jumprelu`` and ``gated`` as themselves, ``mp`` as
-    ``matching_pursuit``, ``batchtopk`` as the ``jumprelu`` SAE SAELens saves for inference.
-    ``decoder_only=True`` exports any head's dictionary with a tied encoder ``W_enc = W_dec^T`` (SAELens
-    has no MLP or FISTA encoders)."""
+def exported_foreign(model: SparseCoder, decoder_only: bool = False) -> tuple[ForeignSAE, float, float | None]:
+    """``(model as a ForeignSAE of raw activations, input scale, target scale)`` for export: the head's
+    ``to_foreign`` (or, ``decoder_only``, the dictionary with a tied encoder), a transcoder as SAELens's transcoder
+    architectures, and the data's scales folded in (:func:`fold_input_scale`)."""
     encoder, dictionary = model.encoder, model.dictionary
     if decoder_only:
         sae = ForeignSAE.of_dictionary("standard", dictionary, W_enc=dictionary.atoms,
@@ -507,10 +575,25 @@ def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | 
                              "converts (see sae_zoo.encoders.list_architectures), or pass decoder_only=True to export "
                              "the dictionary with a tied encoder (W_enc = W_dec^T)") from None
     scale = float(dictionary.provenance.get("input_scale", 1.0))
+    target_scale = float(dictionary.provenance.get("target_scale", scale)) if model.transcoder else None
     if model.transcoder:
         sae = _as_saelens_transcoder(sae, model)
-    if scale != 1.0:
-        sae = fold_input_scale(sae, scale)
+    if scale != 1.0 or target_scale not in (None, 1.0):
+        sae = fold_input_scale(sae, scale, target_scale)
+    return sae, scale, target_scale
+
+
+def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | None = None,
+                   model_name: str | None = None, decoder_only: bool = False) -> Path:
+    """Write ``model`` as a SAELens SAE (``cfg.json`` + ``sae_weights.safetensors``) that SAELens's
+    ``SAE.load_from_disk`` reads, through the head's ``to_foreign``, with identical codes (on raw activations,
+    for a run trained on normalised ones: :func:`fold_input_scale`): ``linear`` heads
+    export as ``standard`` SAEs, ``topk``, ``jumprelu`` and ``gated`` as themselves, ``mp`` as
+    ``matching_pursuit``, ``batchtopk`` as the ``jumprelu`` SAE SAELens saves for inference.
+    ``decoder_only=True`` exports any head's dictionary with a tied encoder ``W_enc = W_dec^T`` (SAELens
+    has no MLP or FISTA encoders)."""
+    sae, scale, target_scale = exported_foreign(model, decoder_only=decoder_only)
+    dictionary = model.dictionary
     cfg: dict[str, Any] = {
         "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.n_latents, "dtype": "float32",
         "device": "cpu", "apply_b_dec_to_input": bool(sae.config.get("apply_b_dec_to_input", False)),
@@ -518,9 +601,11 @@ def export_saelens(model: SparseCoder, out_dir: str | Path, *, hook_name: str | 
         "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
                      "model_name": model_name or dictionary.provenance.get("model_name"),
                      "hook_name": hook_name or dictionary.provenance.get("hook_name"),
+                     **({"hook_name_out": dictionary.provenance.get("hook_name_out")} if model.transcoder else {}),
                      "exported_by": f"sae_zoo {version('sae_zoo')}",
-                     "sae_zoo_encoder": "tied (decoder only)" if decoder_only else encoder.name,
-                     **({"sae_zoo_input_scale_folded": scale} if scale != 1.0 else {})}}
+                     "sae_zoo_encoder": "tied (decoder only)" if decoder_only else model.encoder.name,
+                     **({"sae_zoo_input_scale_folded": scale} if scale != 1.0 else {}),
+                     **({"sae_zoo_target_scale_folded": target_scale} if target_scale not in (None, 1.0) else {})}}
     cfg.update({k: v for k, v in sae.config.items() if k != "apply_b_dec_to_input"})
     tensors = {"W_dec": sae.W_dec, "b_dec": torch.zeros(sae.d_model) if sae.b_dec is None else sae.b_dec, **sae.params}
     if sae.transcoder:
