@@ -85,7 +85,8 @@ def cmd_frontier(args: argparse.Namespace) -> int:
 def cmd_upgrade(args: argparse.Namespace) -> int:
     from .upgrade import UpgradeOptions, parse_ratios, upgrade
 
-    given = {"model": args.model, "hook": args.hook, "gguf_file": args.gguf_file, "steps": args.steps,
+    given = {"model": args.model, "hook": args.hook, "hook_out": args.hook_out, "gguf_file": args.gguf_file,
+             "steps": args.steps,
              "solver_steps": args.solver_steps, "hidden": args.hidden, "lr": args.lr, "seed": args.seed}
     options = {k: v for k, v in given.items() if v is not None}
     if args.candidates:
@@ -236,9 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "data.n_train_tokens=200000")
     up.add_argument("--model", default=None, help="the language model, when the SAE's metadata names none")
     up.add_argument("--hook", default=None, help="the hook the SAE reads, when its metadata names none")
+    up.add_argument("--hook-out", default=None, help="the hook a transcoder writes (its target), when its metadata "
+                                                     "names none")
     up.add_argument("--gguf-file", default=None, help="the GGUF file of --model, for a GGUF checkpoint")
     up.add_argument("--candidates", default=None, help="comma-separated registered candidates (built in: retrained, "
-                                                       "residual_mlp, fista, mp, ito; default: all)")
+                                                       "residual_mlp, fista, mp, ito; default: all, and for a "
+                                                       "transcoder the amortised ones)")
     up.add_argument("--ratios", default=None, help="the sweep, as multiples of the SAE's L0 (default 0.5,0.7,1,1.4,2;"
                                                    " --quick 0.7,1,1.4)")
     up.add_argument("--steps", type=_positive, default=None, help="training steps (default: the run's, or 10000)")

@@ -11,6 +11,9 @@ tokens its atom promotes, its top context) and one page per latent:
 * the tokens its decoder atom promotes and suppresses through the LM's unembedding (the final norm's
   weight folded in, as TransformerLens folds it), where the hook's width is the unembedding's.
 
+A transcoder's latents are shown with the contexts of the input they read (``data.hook``); its atoms write
+``data.hook_out`` (an MLP's output, in the residual stream's width), which the logit lens reads.
+
 ``compare``: a second run with the same decoder (two heads on one frozen dictionary, such as an SAE and the
 MLP head trained on its decoder). Each page then puts the same atom's two code streams side by side: each
 head's own top contexts, and under every context the other head's activations on the same tokens.
@@ -73,7 +76,7 @@ def load_head(run_dir: str | Path) -> tuple[Head, dict[str, Any]]:
 def check_comparable(run_dir: Path, data: dict[str, Any], head: Head, other_dir: Path, other_data: dict[str, Any],
                      other: Head) -> None:
     """Two heads compare on one page only when they read the same activations and decode with the same atoms."""
-    keys = ("model", "gguf_file", "hook", "normalize")
+    keys = ("model", "gguf_file", "hook", "hook_out", "normalize")
     differ = [k for k in keys if data.get(k) != other_data.get(k)]
     if differ:
         raise ValueError(f"--compare: {other_dir} reads other activations than {run_dir} (they differ in "
@@ -271,7 +274,8 @@ def dashboard(run_dir: str | Path, out: str | Path | None = None, latents: list[
                "heads": [h.name for h in heads], "run": str(run_dir), "compare": str(compare) if compare else None,
                "n_latents": n_total, "n_windows": len(windows.tokens),
                "n_documents": len(torch.unique(windows.documents)),
-               "n_tokens": n_tokens, "lm": data.get("model"), "hook": data.get("hook"), "lens_note": lens_note,
+               "n_tokens": n_tokens, "lm": data.get("model"), "lens_note": lens_note,
+               "hook": data["hook"] + (f", a transcoder writing {data['hook_out']}" if data.get("hook_out") else ""),
                "dataset": data.get("data_files") or data.get("dataset")}
     render(out, pages, context)
     return out

@@ -604,6 +604,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                     supervised=bool(config.get("supervised", False)), code_recovery=bool(config.get("code_recovery", True)),
                     transcoder=bool(config.get("transcoder", False)),
                     skip_connection=bool(config.get("skip_connection", False)),
+                    train_skip=bool(config.get("train_skip", True)),
                     **{"l1_coeff": config.get("l1_coeff", 0.01), "lr": config.get("lr", 1e-3), **overrides})
         model.to(getattr(torch, config["dtype"]))
         weights_path = resolve_file(model_id, WEIGHTS_NAME, **download)

@@ -109,6 +109,21 @@ def test_the_dashboard_shows_each_latents_top_contexts_side_by_side(runs, tmp_pa
     assert all(f'href="{p.name}"' in index for p in pages)
 
 
+def test_a_transcoders_latents_show_the_contexts_of_the_input_they_read(runs, tmp_path):
+    _, _, _, data = runs
+    data = {**data, "hook": "mlp_in.1", "hook_out": "mlp_out.1", "cache_dir": str(tmp_path / "cache")}
+    run, _ = fit(recipe_from_content({"setting": "unknown", "data": data, "dictionary": {"n_latents": 24},
+                                      "encoder": {"name": "linear"}, "model": {"l1_coeff": 0.05, "lr": 0.003},
+                                      "trainer": {"max_steps": 40, "accelerator": "cpu"}, "probing": {"enabled": False},
+                                      "run_dir": str(tmp_path / "transcoder")}), progress=False)
+    out = dashboard(run, tmp_path / "dash", n_latents=3, contexts=40)
+    assert "mlp_in.1, a transcoder writing mlp_out.1" in (out / "index.html").read_text()
+    for page in sorted(out.glob("latent-*.html")):
+        parser = Contexts()
+        parser.feed(page.read_text())
+        assert parser.contexts[0][0] == expected_top_window(run, data, int(page.stem.split("-")[1]))
+
+
 def chromium(*args, timeout=120):
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -79,6 +79,7 @@ def test_a_transcoder_saves_and_reloads_its_skip_term(tmp_path):
     again = SparseCoder.from_pretrained(tmp_path / "tc")
     x = torch.randn(6, 8)
     assert again.transcoder and torch.equal(again(x).x_hat, model.eval()(x).x_hat)
+    assert not again.skip.weight.requires_grad  # a frozen skip term stays frozen when trained further
 
 
 @pytest.mark.parametrize("make, message", [

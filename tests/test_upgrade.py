@@ -139,7 +139,7 @@ def test_a_checkpoint_takes_its_lm_and_hook_from_its_metadata_and_bad_ones_are_n
     narrow = SparseCoder(model.encoder.__class__(8, 32, subtract_decoder_bias=True),
                          type(model.dictionary)(32, 8, bias=True))
     export_saelens(narrow, tmp_path / "narrow", model_name=data["model"], hook_name="resid_post.1")
-    with pytest.raises(ValueError, match=r"width d_in=8, but .* has width 16 at hook 'resid_post.1'"):
+    with pytest.raises(ValueError, match=r"reads vectors of width 8, but .* has width 16 at hook 'resid_post.1'"):
         upgrade(tmp_path / "narrow", tmp_path / "x", UpgradeOptions(data=tuple(overrides)))
     assert not (tmp_path / "x").exists()  # nothing written before the checks pass
     assert main(["upgrade", "gemma-scope-2b-pt-re/layer_12/width_16k/average_l0_82"]) == 2
@@ -250,3 +250,47 @@ def test_a_new_candidate_is_one_registered_object(sae_run, tmp_path):
     assert "| LCA from the SAE's codes" in (out / "comparison.md").read_text()
     card = SparseCoder.from_pretrained(out / "cards" / "lca")
     assert card.encoder.name == "lca"
+
+
+@pytest.fixture(scope="module")
+def transcoder_run(sae_run, tmp_path_factory):
+    """A skip-transcoder of block 1's MLP, on the same tiny LM and text."""
+    _, _, data = sae_run
+    root = tmp_path_factory.mktemp("transcoder")
+    data = {**data, "hook": "mlp_in.1", "hook_out": "mlp_out.1", "cache_dir": str(root / "cache")}
+    recipe = {"setting": "unknown", "data": data, "dictionary": {"n_latents": 32, "bias": True},
+              "encoder": {"name": "linear"}, "model": {"l1_coeff": 0.1, "lr": 0.003, "skip_connection": True},
+              "trainer": {"max_steps": 60, "accelerator": "cpu"}, "probing": {"enabled": False},
+              "run_dir": str(root / "tc")}
+    run_dir, metrics = fit(recipe_from_content(recipe), progress=False)
+    return run_dir, metrics
+
+
+def test_a_transcoder_upgrades_with_amortised_candidates_on_its_frozen_decoder_and_skip(transcoder_run, tmp_path):
+    run_dir, metrics = transcoder_run
+    out = upgrade(run_dir, tmp_path / "up", UpgradeOptions(**OPTIONS, probing=False), progress=False)
+    rows = read_points(out)
+    assert [r["candidate"] for r in rows] == ["source"] + ["retrained"] * 3 + ["residual_mlp"] * 3
+    for key in ("fvu", "l0", "ce_loss_recovered"):  # the transcoder scored as its run scored it: on its targets
+        assert float(rows[0][key]) == pytest.approx(metrics["test"][key], rel=1e-5)
+    trained = load_run(run_dir)[0]
+    for name in ("retrained@1", "residual_mlp@1"):
+        model = SparseCoder.from_pretrained(out / "models" / name)
+        assert model.transcoder and not model.skip.weight.requires_grad
+        torch.testing.assert_close(model.skip.weight, trained.skip.weight)  # the skip term stays the transcoder's
+        torch.testing.assert_close(model.dictionary.atoms, trained.dictionary.atoms)
+    with pytest.raises(ValueError, match=r"is a transcoder: the candidate 'fista' finds codes by reconstructing its "
+                                         r"input through the decoder"):
+        upgrade(run_dir, tmp_path / "fista", UpgradeOptions(candidates=("fista",), **OPTIONS), progress=False)
+
+
+def test_a_transcoder_checkpoint_without_its_target_hook_is_refused(transcoder_run, tmp_path):
+    run_dir, _ = transcoder_run
+    out = export_saelens(load_run(run_dir)[0], tmp_path / "saelens")
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name_out"] == "mlp_out.1"
+    del cfg["metadata"]["hook_name_out"]
+    (out / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"is a transcoder: scored on its input hook alone, its output would be "
+                                         r"compared with its input.*pass --hook-out"):
+        upgrade(out, tmp_path / "up", UpgradeOptions(**OPTIONS), progress=False)

@@ -42,6 +42,7 @@ def model_config(model: torch.nn.Module) -> dict[str, Any]:
             "supervised": model.supervised, "code_recovery": model.code_recovery, "l1_coeff": model.l1_coeff,
             "lr": model.lr,
             **({"transcoder": True, "skip_connection": model.skip is not None} if model.transcoder else {}),
+            **({"train_skip": model.skip.weight.requires_grad} if model.skip is not None else {}),
             "dtype": str(model.dictionary.weight.dtype).removeprefix("torch.")}
 
 

@@ -42,13 +42,15 @@ class Candidate:
     """An encoder tried on the SAE's frozen decoder. ``build(start, ratio)`` gives it at ``ratio`` x the SAE's L0;
     ``trains``: whether it learns (the trained ones learn together from one pass over the activations) or only
     infers; ``check(source, head)`` raises ``ValueError``, before any long work, when it cannot start from this
-    SAE's encoder."""
+    SAE's encoder; ``amortised``: whether it encodes in one pass, without reconstructing its input through the
+    decoder (only amortised candidates apply to a transcoder, whose decoder writes another activation)."""
 
     name: str
     label: str
     trains: bool
     build: Callable[[Start, float], Built]
     check: Callable[[str, EncoderHead], None] | None = None
+    amortised: bool = True
 
 
 #: name -> candidate, in the order they are reported
@@ -63,20 +65,31 @@ def register_candidate(candidate: Candidate) -> Candidate:
     return candidate
 
 
-def check_candidates(source: str, head: EncoderHead, names: tuple[str, ...]) -> None:
+def default_candidates(transcoder: bool) -> tuple[str, ...]:
+    """Every registered candidate; a transcoder's upgrade, the amortised ones."""
+    return tuple(name for name, c in CANDIDATES.items() if c.amortised or not transcoder)
+
+
+def check_candidates(source: str, head: EncoderHead, names: tuple[str, ...], transcoder: bool = False) -> None:
     """Refuse, before any long work, a candidate this SAE's encoder cannot start."""
     for name in names:
+        if transcoder and not CANDIDATES[name].amortised:
+            raise ValueError(f"{source} is a transcoder: the candidate {name!r} finds codes by reconstructing its input "
+                             "through the decoder, which writes the target instead; a transcoder's upgrade tries "
+                             f"amortised candidates ({', '.join(default_candidates(True))})")
         if CANDIDATES[name].check is not None:
             CANDIDATES[name].check(source, head)
 
 
 @torch.no_grad()
-def stationary_l1(model: SparseCoder, x: torch.Tensor) -> float:
+def stationary_l1(model: SparseCoder, batch: Any) -> float:
     """The L1 coefficient at which ``model``'s codes are closest to optimal for the objective
-    ``||s D - x||^2 / M + l1 ||s||_1 / N``: its gradient in an active code vanishes when
-    ``l1 = 2 N / M * (x - x_hat) . d_i``; the median over the active codes of ``x``."""
-    codes = model.encode(x)
-    residual = x - model.decode(codes)
+    ``||s D - y||^2 / M + l1 ||s||_1 / N`` (``y``: the input of an SAE, the target of a transcoder, whose skip term
+    is in its output): its gradient in an active code vanishes when ``l1 = 2 N / M * (y - y_hat) . d_i``; the
+    median over the active codes of the batch."""
+    x, target, _ = model.checked_batch(batch)
+    y_hat, codes = model(x)
+    residual = target - y_hat
     atoms = model.dictionary.atoms
     gradient = 2 * atoms.shape[0] / atoms.shape[1] * residual @ atoms.T
     active = gradient[codes > 0]
@@ -158,9 +171,9 @@ def _matching_pursuit(start: Start, ratio: float) -> Built:
 
 register_candidate(Candidate("retrained", "SAE encoder, trained further", True, _retrained, _has_weights))
 register_candidate(Candidate("residual_mlp", "residual MLP from the SAE encoder", True, _residual_mlp, _mlp_source))
-register_candidate(Candidate("fista", "FISTA from the SAE's codes", False, _fista))
-register_candidate(Candidate("mp", "matching pursuit", False, _matching_pursuit))
-register_candidate(Candidate("ito", "ITO from the SAE's codes", False, _ito))
+register_candidate(Candidate("fista", "FISTA from the SAE's codes", False, _fista, amortised=False))
+register_candidate(Candidate("mp", "matching pursuit", False, _matching_pursuit, amortised=False))
+register_candidate(Candidate("ito", "ITO from the SAE's codes", False, _ito, amortised=False))
 
 
 class PointKey(NamedTuple):

@@ -15,7 +15,7 @@ from ..evaluation import Evaluation, paired_gain_se
 from ..evaluation.probing import mean_accuracy, probe_names
 from ..model import SparseCoder
 from ..report import format_table, plot_upgrade, write_csv
-from .candidates import CANDIDATES, SOURCE, Built, PointKey
+from .candidates import CANDIDATES, SOURCE, PointKey
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,10 @@ def write_comparison(out: Path, source: str, points: Points, candidates: tuple[s
     return shown + f"\n\nwrote {out / 'comparison.md'}, {out / 'comparison.csv'} and {out / 'comparison.png'}"
 
 
-def write_cards(out: Path, source: str, points: Points, built: dict[PointKey, Built], dictionary: Any,
-                probes: list[str]) -> None:
-    """Per candidate, the model of the point nearest the SAE's L0, with a card saying what it upgrades;
-    ``probes``: the probing accuracies the points hold (:func:`probe_keys`)."""
+def write_cards(out: Path, source: str, points: Points, models: dict[PointKey, SparseCoder], probes: list[str]) -> None:
+    """Per candidate, the model of the point nearest the SAE's L0 (trained: as saved under ``out/models``; else
+    from ``models``), with a card saying what it upgrades; ``probes``: the probing accuracies the points hold
+    (:func:`probe_keys`)."""
     src = points[SOURCE]
     probes = [k for k in probes if k != "probe_dense"]
     for candidate in {k.candidate for k in points} - {SOURCE.candidate}:
@@ -190,7 +190,7 @@ def write_cards(out: Path, source: str, points: Points, built: dict[PointKey, Bu
         key = min(keys, key=lambda k: abs(math.log(max(points[k]["l0"], 1e-9) / src["l0"])))
         p = points[key]
         model = (SparseCoder.from_pretrained(out / "models" / key.name) if (out / "models" / key.name).is_dir()
-                 else SparseCoder(built[key].head, dictionary, code_recovery=False).eval())
+                 else models[key])
         note = (f"This head upgrades the SAE `{source}`: it encodes for that SAE's frozen decoder. At L0 "
                 f"{p['l0']:.1f} (the SAE's: {src['l0']:.1f}; {p['knob']}), on the same held-out tokens:\n\n"
                 f"| | this head | the SAE's encoder |\n|---|---|---|\n"

@@ -28,7 +28,8 @@ from ..hub.formats import FORMAT_FILES
 from ..model import SparseCoder
 from ..multihead import HeadBank
 from ..recipe import make_trainer
-from .candidates import CANDIDATES, SOURCE, Built, PointKey, Start, check_candidates, stationary_l1
+from ..data.base import move
+from .candidates import CANDIDATES, SOURCE, Built, PointKey, Start, check_candidates, default_candidates, stationary_l1
 from .report import Points, evaluation_file, probe_keys, read_evaluation, write_cards, write_comparison
 
 log = logging.getLogger(__name__)
@@ -50,13 +51,14 @@ POINT_FIGURES = ("l0", "dead_latents", "fvu", "fvu_se", "fvu_with_outliers", "ce
 
 @dataclass
 class UpgradeOptions:
-    """What an upgrade runs. ``model``, ``hook``, ``gguf_file`` and ``steps`` left ``None`` come from the source
-    (its metadata, or its run's recipe); ``candidates`` left ``None`` are every registered one
-    (:data:`~sae_zoo.upgrade.CANDIDATES`); ``ratios`` and ``solver_steps`` have smaller defaults when ``quick``,
+    """What an upgrade runs. ``model``, ``hook``, ``hook_out`` (a transcoder's target), ``gguf_file`` and ``steps``
+    left ``None`` come from the source (its metadata, or its run's recipe); ``candidates`` left ``None`` are every
+    registered one (:data:`~sae_zoo.upgrade.CANDIDATES`; for a transcoder, the amortised ones); ``ratios`` and ``solver_steps`` have smaller defaults when ``quick``,
     which also gives a checkpoint's upgrade less data. ``data``: ``data.KEY=VALUE`` overrides."""
 
     model: str | None = None
     hook: str | None = None
+    hook_out: str | None = None
     gguf_file: str | None = None
     candidates: tuple[str, ...] | None = None
     ratios: tuple[float, ...] | None = None     # (0.5, 0.7, 1, 1.4, 2); quick (0.7, 1, 1.4)
@@ -70,14 +72,12 @@ class UpgradeOptions:
     probing: bool = True                        # k-sparse probing of every point (the run's settings, if a run)
 
     def __post_init__(self) -> None:
-        if self.candidates is None:
-            self.candidates = tuple(CANDIDATES)
         if self.ratios is None:
             self.ratios = (0.7, 1.0, 1.4) if self.quick else (0.5, 0.7, 1.0, 1.4, 2.0)
         if self.solver_steps is None:
             self.solver_steps = 50 if self.quick else 200
-        unknown = [c for c in self.candidates if c not in CANDIDATES]
-        if unknown or not self.candidates:
+        unknown = [c for c in self.candidates or () if c not in CANDIDATES]
+        if unknown or self.candidates == ():
             raise ValueError(f"candidates: {', '.join(unknown) or 'none given'}; choose from {', '.join(CANDIDATES)}")
         if not self.ratios or min(self.ratios) <= 0:
             raise ValueError(f"ratios must be positive multiples of the SAE's L0, got {list(self.ratios)}")
@@ -92,17 +92,14 @@ class UpgradeOptions:
 # ---- the source, its data, and the checks made before any long work ----
 
 def load_source(source: str | Path) -> tuple[PretrainedSAE, dict[str, Any] | None]:
-    """The SAE, and the recipe of the run that trained it when it is a sae_zoo run directory."""
+    """The SAE (or transcoder, with its skip term), and the recipe of the run that trained it when it is a sae_zoo
+    run directory."""
     if Path(source).is_dir() and all((Path(source) / f).is_file() for f in FORMAT_FILES["sae_zoo_run"]):
         model, recipe, _ = load_run(source)
         model.dictionary.requires_grad_(False)
-        return PretrainedSAE(model.dictionary, model.encoder, "sae_zoo_run", dict(model.dictionary.provenance)), recipe
-    return load_sae(source), None
-    """The SAE, and the recipe of the run that trained it when it is a sae_zoo run directory."""
-    if Path(source).is_dir() and all((Path(source) / f).is_file() for f in FORMAT_FILES["sae_zoo_run"]):
-        model, recipe, _ = load_run(source)
-        model.dictionary.requires_grad_(False)
-        return PretrainedSAE(model.dictionary, model.encoder, "sae_zoo_run", dict(model.dictionary.provenance)), recipe
+        skip = None if model.skip is None else model.skip.weight.detach()
+        return PretrainedSAE(model.dictionary, model.encoder, "sae_zoo_run", dict(model.dictionary.provenance),
+                             transcoder=model.transcoder, skip=skip), recipe
     return load_sae(source), None
 
 
@@ -127,7 +124,9 @@ def data_config(source: str, sae: PretrainedSAE, recipe: dict[str, Any] | None,
         hook = meta.get("hook_name") or meta.get("hookpoint")
         if hook:
             data["hook"] = hook
-    for key in ("model", "hook", "gguf_file"):
+        if sae.transcoder and meta.get("hook_name_out"):
+            data["hook_out"] = meta["hook_name_out"]
+    for key in ("model", "hook", "hook_out", "gguf_file"):
         if getattr(options, key) is not None:
             data[key] = getattr(options, key)
     overrides = OmegaConf.to_container(OmegaConf.from_dotlist(list(options.data)))
@@ -139,6 +138,12 @@ def data_config(source: str, sae: PretrainedSAE, recipe: dict[str, Any] | None,
         raise ValueError(f"{source}: its metadata names no language model (no model_name); pass --model")
     if not data.get("hook"):
         raise ValueError(f"{source}: its metadata names no hook (no hook_name); pass --hook")
+    if sae.transcoder and not data.get("hook_out"):
+        raise ValueError(f"{source} is a transcoder: scored on its input hook alone, its output would be compared "
+                         "with its input. Its metadata names no target hook (no hook_name_out); pass --hook-out")
+    if data.get("hook_out") and not sae.transcoder:
+        raise ValueError(f"data.hook_out={data['hook_out']!r}: {source} is an SAE, which reconstructs its input; "
+                         "drop hook_out")
     return data
 
 
@@ -149,15 +154,19 @@ def checked_datamodule(source: str, sae: PretrainedSAE, data: dict[str, Any]) ->
     except TypeError as e:
         raise ValueError(f"data: {e}") from None
     try:
-        d_model = datamodule.d_model
+        d_model, d_out = datamodule.d_model, datamodule.d_out
     except ValueError as e:
-        if str(e).startswith(f"hook {data['hook']!r}"):  # sae_zoo.lm.resolve_hook's error
-            raise ValueError(f"{source}: the SAE reads hook {data['hook']!r}, which {data['model']} does not have "
-                             f"({e}); pass --hook with the right one") from None
+        for key, what in (("hook", "reads"), ("hook_out", "writes")):
+            if data.get(key) and str(e).startswith(f"hook {data[key]!r}"):  # sae_zoo.lm.resolve_hook's error
+                raise ValueError(f"{source}: the SAE {what} hook {data[key]!r}, which {data['model']} does not have "
+                                 f"({e}); pass --{key.replace('_', '-')} with the right one") from None
         raise
-    if d_model != sae.dictionary.d_model:
-        raise ValueError(f"{source}: the SAE reads vectors of width d_in={sae.dictionary.d_model}, but {data['model']} "
-                         f"has width {d_model} at hook {data['hook']!r}; pass the --model and --hook it was trained on")
+    d_in = sae.encoder.d_model if sae.encoder is not None else sae.dictionary.d_model
+    for width, wanted, hook, what in ((d_model, d_in, data["hook"], "reads"),
+                                      (d_out, sae.dictionary.d_model, data.get("hook_out") or data["hook"], "writes")):
+        if width != wanted:
+            raise ValueError(f"{source}: the SAE {what} vectors of width {wanted}, but {data['model']} has width "
+                             f"{width} at hook {hook!r}; pass the --model and --hook (--hook-out) it was trained on")
     return datamodule
 
 
@@ -208,15 +217,14 @@ def _seed(key: PointKey, seed: int) -> int:
     return zlib.crc32(f"{seed}:{key.name}".encode())
 
 
-def train_candidates(built: dict[PointKey, Built], dictionary: Any, datamodule: ActivationDataModule, out: Path,
+def train_candidates(built: dict[PointKey, Built], sae: PretrainedSAE, datamodule: ActivationDataModule, out: Path,
                      steps: int, progress: bool) -> None:
     """Train the candidates not yet saved under ``out/models`` together, from one pass over the activations,
     and save each (atomically)."""
     todo = [k for k in built if not (out / "models" / k.name / "model.safetensors").is_file()]
     if not todo:
         return
-    models = {k.name: SparseCoder(built[k].head, dictionary, code_recovery=False, **built[k].model_kwargs)
-              for k in todo}
+    models = {k.name: coder(sae, built[k].head, **built[k].model_kwargs).train() for k in todo}
     log.info("training %d heads on the frozen decoder from one pass over the activations (%d steps): %s",
              len(todo), steps, ", ".join(models))
     trainer = make_trainer({"max_steps": steps, "limit_val_batches": 0, "num_sanity_val_steps": 0,
@@ -234,16 +242,24 @@ def train_candidates(built: dict[PointKey, Built], dictionary: Any, datamodule: 
         model.eval().save_pretrained(out / "models" / name)
 
 
+def coder(sae: PretrainedSAE, head: Any, **kwargs: Any) -> SparseCoder:
+    """``head`` on the source's frozen decoder (and a transcoder's frozen skip term), in eval mode: what every
+    point of the upgrade measures."""
+    return sae.model(head, code_recovery=False, **({"train_skip": False} if sae.skip is not None else {}), **kwargs)
+
+
 def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeOptions | None = None,
             progress: bool = True) -> Path:
-    """Upgrade the SAE ``source`` (see :mod:`sae_zoo.upgrade`); returns the output folder."""
+    """Upgrade the SAE (or transcoder) ``source`` (see :mod:`sae_zoo.upgrade`); returns the output folder."""
     options = options or UpgradeOptions()
     source = str(source)
     sae, recipe = load_source(source)
     if sae.encoder is None:
         raise ValueError(f"{source}: no sae_zoo head reproduces its encoder ({sae.encoder_unavailable}), so there is "
                          "no SAE to compare against")
-    check_candidates(source, sae.encoder, options.candidates)
+    if options.candidates is None:
+        options = dataclasses.replace(options, candidates=default_candidates(sae.transcoder))
+    check_candidates(source, sae.encoder, options.candidates, sae.transcoder)
     data = data_config(source, sae, recipe, options)
     steps = options.steps or (int(recipe["trainer"]["max_steps"]) if recipe else (600 if options.quick else 10_000))
     # a run is named with its suite's folder: two suites' "sae" runs get two folders
@@ -261,8 +277,8 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
     datamodule.prepare_data()
 
     device = datamodule.device  # every model is measured there (the bank's trainer picks its own)
-    dictionary = sae.dictionary.requires_grad_(False)
-    source_model = SparseCoder(sae.encoder.requires_grad_(False), dictionary, code_recovery=False).eval().to(device)
+    sae.dictionary.requires_grad_(False)
+    source_model = coder(sae, sae.encoder.requires_grad_(False)).to(device)
     baselines = ce_baselines(datamodule)
     points: Points = {}
     (out / "points").mkdir(exist_ok=True)
@@ -283,8 +299,7 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
 
     record(SOURCE, "-", source_model)
     l0 = points[SOURCE]["l0"]
-    x = next(iter(datamodule.held_out_batches()))
-    l1 = stationary_l1(source_model, x.to(device))
+    l1 = stationary_l1(source_model, move(next(iter(datamodule.held_out_batches())), device))
     log.info("the SAE: L0 %.1f; candidates at %s x its L0, L1 coefficient %.4g (where its codes are closest to "
              "optimal)", l0, ", ".join(f"{r:g}" for r in options.ratios), l1)
 
@@ -295,18 +310,18 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
             torch.manual_seed(_seed(key, options.seed))
             built[key] = CANDIDATES[candidate].build(start, ratio)
     L.seed_everything(options.seed, verbose=False)
-    train_candidates({k: b for k, b in built.items() if CANDIDATES[k.candidate].trains}, dictionary, datamodule, out,
+    train_candidates({k: b for k, b in built.items() if CANDIDATES[k.candidate].trains}, sae, datamodule, out,
                      steps, progress)
     for key, (head, _, knob) in built.items():
         if CANDIDATES[key.candidate].trains:
             model = SparseCoder.from_pretrained(out / "models" / key.name)
         else:
-            model = SparseCoder(head, dictionary, code_recovery=False).eval()
+            model = coder(sae, head)
         record(key, knob, model)
 
     source_evaluation = read_evaluation(out, SOURCE)  # read once: the gains, the tables and the cards use it
     log.info("%s", write_comparison(out, source, points, options.candidates, source_evaluation))
-    write_cards(out, source, points, built, dictionary, probe_keys(source_evaluation))
+    write_cards(out, source, points, {k: coder(sae, b.head) for k, b in built.items()}, probe_keys(source_evaluation))
     return out
 
 
