@@ -8,9 +8,13 @@
    defaults), each trained on as many fresh samples as fit its share of the time, with the sample count. A short
    run first measures each one's steps per second.
 3. ``smollm2/``: the quick preset of ``recipes/llm/smollm2_sae_vs_heads.yaml`` on the GPU (its report).
+4. ``transcoders/``: the quick preset of ``recipes/llm/smollm2_transcoders.yaml`` on the GPU: an SAE, a transcoder
+   and a skip-transcoder of block 8's MLP (paired activations, and CE-loss recovered with the MLP replaced, on the
+   GPU). Its full preset (3 x 20,000 steps of 4,096 tokens) does not fit a device session of minutes.
 
 ``--dry-run`` runs the same steps on the CPU at tiny sizes in seconds (``--lm-model`` then names a small
-language model folder for step 3, as the test gives); a test runs it, so the script cannot rot.
+language model folder, of at least 9 blocks, for steps 3 and 4, as the test gives); a test runs it, so the
+script cannot rot.
 
     python benchmarks/gpu.py --out runs/gpu            # on the GPU (benchmarks/gpu.sh installs carried wheels first)
     python benchmarks/gpu.py --dry-run --out /tmp/gpu  # the same steps on the CPU, tiny
@@ -56,12 +60,13 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run(command: list[str], out: Path, name: str, timeout: float) -> int:
-    """``command`` with its output in ``out/name.log``; its exit status (124 when it outran ``timeout`` s)."""
+def run(command: list[str], out: Path, name: str, timeout: float, cwd: Path = ROOT) -> int:
+    """``command``, run in ``cwd``, with its output in ``out/name.log``; its exit status (124 when it outran
+    ``timeout`` s)."""
     log(f"{name}: {' '.join(command)}")
     with open(out / f"{name}.log", "w") as f:
         try:
-            return subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            return subprocess.run(command, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             return 124
 
@@ -140,20 +145,21 @@ def bench16k(out: Path, dry: bool, seconds_each: float) -> int:
     return 0
 
 
-def smollm2(out: Path, dry: bool, lm_model: str | None) -> int:
-    """The SmolLM2 suite's quick preset on the GPU; a dry run reads a small LM's activations for a few steps."""
+def llm_suite(out: Path, dry: bool, lm_model: str | None, recipe: str, name: str, hook: list[str]) -> int:
+    """An LM suite's quick preset on the GPU; a dry run reads a small LM's activations for a few steps (``hook``:
+    the overrides that point its runs at that LM's hooks), with its activation caches under ``out`` (it runs
+    there: a suite's runs may read several hooks, each cached in its own folder of ``runs/activation_cache``)."""
     if dry:
-        overrides = [f"data.model={lm_model}", "data.hook=resid_post.1", "~data.gguf_file", "data.n_train_tokens=2048",
+        overrides = [f"data.model={lm_model}", *hook, "~data.gguf_file", "data.n_train_tokens=2048",
                      "data.n_test_tokens=512", "data.batch_size=128", "data.shard_tokens=1024",
-                     "data.shuffle_buffer=2048", "data.ce_contexts=4", "data.context_len=16",
-                     f"data.cache_dir={out / 'activation_cache'}", "trainer.max_steps=4", "trainer.accelerator=cpu",
-                     "probing.enabled=false"]
+                     "data.shuffle_buffer=2048", "data.ce_contexts=4", "data.context_len=16", "trainer.max_steps=4",
+                     "trainer.accelerator=cpu", "probing.enabled=false"]
     else:
         overrides = ["trainer.accelerator=gpu"]
     suite = ("import sys; from sae_zoo.suite import run_suite; "
              "run_suite(sys.argv[1], sys.argv[3:], quick=True, out_dir=sys.argv[2], progress=False)")
-    return run([sys.executable, "-c", suite, "recipes/llm/smollm2_sae_vs_heads.yaml", str(out / "smollm2"), *overrides],
-               out, "smollm2", 300 if dry else 240)
+    return run([sys.executable, "-c", suite, str(ROOT / recipe), str(out / name), *overrides], out, name,
+               300 if dry else 240, cwd=out if dry else ROOT)
 
 
 def main() -> int:
@@ -174,9 +180,13 @@ def main() -> int:
     environment(out, "cpu" if dry else "cuda")
     status = {"throughput": throughput(out, dry), "bench16k": bench16k(out, dry, args.bench16k_seconds)}
     if dry and args.lm_model is None:
-        log("smollm2: skipped (a dry run needs --lm-model)")
+        log("smollm2, transcoders: skipped (a dry run needs --lm-model)")
     else:
-        status["smollm2"] = smollm2(out, dry, args.lm_model)
+        status["smollm2"] = llm_suite(out, dry, args.lm_model, "recipes/llm/smollm2_sae_vs_heads.yaml", "smollm2",
+                                      ["data.hook=resid_post.1"])
+        # the transcoder suite's runs name block 8's MLP each: the dry run's LM has that block
+        status["transcoders"] = llm_suite(out, dry, args.lm_model, "recipes/llm/smollm2_transcoders.yaml",
+                                          "transcoders", [])
     status["seconds"] = round(time.perf_counter() - start, 1)
     (out / "status.json").write_text(json.dumps(status, indent=1))
     log(f"done in {status['seconds']} s: {status}; results in {out}")

@@ -417,8 +417,9 @@ def build(cfg: DictConfig | Plan) -> tuple[SparseCodingData, SparseCoder]:
     if p.pretrained is not None:
         source = loaded(p.pretrained)
         if source.transcoder != transcoder:
-            raise RecipeError(f"dictionary.pretrained: {p.pretrained} is {'a transcoder' if source.transcoder else 'an SAE'}"
-                              f"'s decoder, and this recipe trains {'a transcoder' if transcoder else 'an SAE'}")
+            kinds = {True: "a transcoder", False: "an SAE"}
+            raise RecipeError(f"dictionary.pretrained: {p.pretrained} is {kinds[source.transcoder]}'s decoder, and "
+                              f"this recipe trains {kinds[transcoder]}")
         pretrained_dictionary = source.dictionary.requires_grad_(cfg.setting == "unknown").train()
         pretrained_skip = source.skip
         if pretrained_dictionary.d_model != d_out:

@@ -210,8 +210,8 @@ def comparison_notes(rows: list[dict[str, Any]]) -> list[str]:
     elif counts:  # rows that read other hooks have other outliers
         notes.append("Outlier tokens (norm above a multiple of the median) are left out of FVU, L0, dead and CE "
                      "recovered; 'FVU, all tokens' keeps them. They are "
-                     + "; ".join(f"{o} of {h} held-out tokens for {', '.join(labels)}" for (o, h), labels in counts.items())
-                     + ".")
+                     + "; ".join(f"{o} of {h} held-out tokens for {', '.join(labels)}"
+                                 for (o, h), labels in counts.items()) + ".")
     if any("ce_loss_recovered_vs_mean" in r for r in rows):
         notes.append("CE recovered compares the LM's loss with the activations each model writes (its input for an "
                      "SAE, the MLP's output for a transcoder) replaced by the model's output, against zeroing them; "

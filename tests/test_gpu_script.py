@@ -14,12 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_gpu_script_runs_every_check_on_the_cpu(tmp_path):
     out = tmp_path / "gpu"
-    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run", "--out", str(out),
-                           "--lm-model", write_tiny_llama(tmp_path / "lm")], cwd=ROOT, capture_output=True, text=True,
+    lm = write_tiny_llama(tmp_path / "lm", layers=9)  # the transcoder suite's runs read block 8
+    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run", "--out", str(out), "--lm-model", lm], cwd=ROOT,
+                          capture_output=True, text=True,
                           timeout=600, env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     status = json.loads((out / "status.json").read_text())
-    assert {k: v for k, v in status.items() if k != "seconds"} == {"throughput": 0, "bench16k": 0, "smollm2": 0}
+    assert {k: v for k, v in status.items() if k != "seconds"} == {"throughput": 0, "bench16k": 0, "smollm2": 0,
+                                                                  "transcoders": 0}
     throughput = (out / "throughput.log").read_text()
     for head in ("linear SAE", "top-k SAE (k=4)", "BatchTopK SAE (k=4)", "MLP head"):
         assert head in throughput
@@ -30,3 +32,5 @@ def test_the_gpu_script_runs_every_check_on_the_cpu(tmp_path):
     assert "| sae_zoo Matryoshka BatchTopK (k=4), defaults | 2,560 |" in (out / "bench16k.md").read_text()
     suite = (out / "smollm2" / "comparison.csv").read_text().splitlines()
     assert len(suite) > 5 and suite[0].count(",") > 3
+    transcoders = (out / "transcoders" / "comparison.csv").read_text().splitlines()
+    assert len(transcoders) == 4 and "skip-transcoder" in transcoders[3]

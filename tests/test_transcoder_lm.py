@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_zoo.data import ActivationDataModule, Pair, ShardedActivations
 from sae_zoo.evaluation import ce_loss_recovered, evaluate
+from sae_zoo.hub import load_sae
 from sae_zoo.lm import load_language_model
 from sae_zoo.recipe import RecipeError, build, fit, recipe_from_content
 
@@ -21,11 +22,11 @@ def lm_files(tmp_path_factory):
     return write_tiny_llama(root / "model"), write_corpus(root / "text")
 
 
-def data_kwargs(lm_files, cache_dir, **overrides):
+def data_kwargs(lm_files, cache, **overrides):
     model, files = lm_files
     return {"model": model, "hook": "mlp_in.1", "hook_out": "mlp_out.1", "data_files": files, "context_len": 16,
             "n_train_tokens": 1500, "n_test_tokens": 300, "test_stride": 4, "shard_tokens": 400, "batch_size": 100,
-            "model_batch_size": 8, "cache_dir": str(cache_dir), "ce_contexts": 8, "shuffle_buffer": 600, **overrides}
+            "model_batch_size": 8, "cache_dir": str(cache), "ce_contexts": 8, "shuffle_buffer": 600, **overrides}
 
 
 def recipe(lm_files, tmp_path, data=None, **sections):
@@ -34,8 +35,9 @@ def recipe(lm_files, tmp_path, data=None, **sections):
                "dictionary": {"n_latents": 32}, "encoder": {"name": "topk", "k": 4}, "model": {"lr": 0.003},
                "trainer": {"max_steps": 40, "accelerator": "cpu"}, "probing": {"enabled": False},
                "run_dir": str(tmp_path / "run")}
-    for key, value in sections.items():  # a new encoder replaces the default one; other sections are merged
-        content[key] = value if key == "encoder" else {**content.get(key, {}), **value}
+    for key, value in sections.items():  # a new encoder or dictionary replaces the default; other sections merge
+        replaced = key in ("encoder", "dictionary") or not isinstance(value, dict)
+        content[key] = value if replaced else {**content.get(key, {}), **value}
     return recipe_from_content(content)
 
 
@@ -159,8 +161,9 @@ def test_paired_shards_serve_the_same_rows_on_both_sides(tmp_path):
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"hook": "mlp_out.1", "hook_out": "model.layers.1.mlp"}, r"data.hook_out 'model.layers.1.mlp' is the same place as data.hook "
-                                         r"'mlp_out.1' \(the output of model.layers.1.mlp\)"),
+    ({"hook": "mlp_out.1", "hook_out": "model.layers.1.mlp"},
+     r"data.hook_out 'model.layers.1.mlp' is the same place as data.hook 'mlp_out.1' \(the output of "
+     r"model.layers.1.mlp\)"),
     ({"hook_out": "mlp_out.7"}, r"hook 'mlp_out.7': the model has blocks 0..2"),
     ({"hook_out": "model.layers.1.mlpp"}, r"hook 'model.layers.1.mlpp' is not a module of LlamaForCausalLM.*"
                                           r"close matches: model.layers.1.mlp"),
@@ -232,3 +235,28 @@ def test_module_paths_name_a_side_as_gemma_scope_2_and_sparsify_do(lm_files):
         hook = resolve_hook(lm, name)
         assert (hook.path, hook.side, hook.module) == ("model.layers.1.mlp", side, lm.model.layers[1].mlp), name
     assert resolve_hook(lm, "mlp_in.1").same_place(resolve_hook(lm, "model.layers.1.mlp.input"))
+
+
+def test_a_head_trained_on_a_skip_transcoders_frozen_decoder_keeps_its_skip_term(lm_files, tmp_path):
+    run_dir, _ = fit(recipe(lm_files, tmp_path, model={"skip_connection": True}), progress=False)
+    source = load_sae(run_dir)
+    cfg = recipe(lm_files, tmp_path, setting="known_dictionary", dictionary={"pretrained": str(run_dir)},
+                 encoder={"name": "mlp", "hidden": 16}, run_dir=str(tmp_path / "mlp"))
+    mlp_dir, record = fit(cfg, progress=False)
+    model = load_sae(mlp_dir).model()
+    assert model.transcoder and record["test"]["fvu"] < 1
+    torch.testing.assert_close(model.skip.weight, source.skip)  # frozen with the decoder it belongs to
+    torch.testing.assert_close(model.dictionary.atoms, source.dictionary.atoms)
+    sae_data = {"hook": "mlp_out.1", "hook_out": None, "cache_dir": str(tmp_path / "sae_cache")}
+    sae_dir, _ = fit(recipe(lm_files, tmp_path, sae_data, run_dir=str(tmp_path / "sae")), progress=False)
+    with pytest.raises(RecipeError, match=r"dictionary.pretrained: .* is an SAE's decoder, and this recipe trains a "
+                                          r"transcoder"):
+        build(recipe(lm_files, tmp_path, setting="known_dictionary", dictionary={"pretrained": str(sae_dir)},
+                     encoder={"name": "mlp", "hidden": 16}))
+
+
+def test_an_sae_pointed_at_a_transcoders_cache_is_refused(lm_files, tmp_path):
+    ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache")).prepare_data()
+    with pytest.raises(ValueError, match=r"describes other activations \(hook_out: cache has 'mlp_out.1', recipe asks "
+                                         r"None\)"):
+        ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache", hook_out=None)).prepare_data()

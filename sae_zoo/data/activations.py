@@ -200,7 +200,8 @@ class ActivationDataModule(SparseCodingData):
     ``context_len`` tokens (the first a BOS when ``prepend_bos``); ``drop_bos`` leaves BOS positions
     out of the data (their activations are outliers). ``normalize`` scales activations by one factor so
     that their mean norm is ``sqrt(d_model)`` (measured on the first training shard; kept in the
-    manifest), and targets by their own factor to a mean norm ``sqrt(d_out)``. Every ``test_stride``-th context is held out (``n_test_tokens`` of them), the rest train.
+    manifest), and targets by their own factor to a mean norm ``sqrt(d_out)``. Every ``test_stride``-th
+    context is held out (``n_test_tokens`` of them), the rest train.
     Outlier tokens, the "massive activations" some positions carry, whose norm exceeds ``outlier_factor``
     times the median norm (measured on the first training shard), are left out of training and of the
     held-out metrics, as BOS tokens are; :class:`sae_zoo.evaluation.TokenSums` counts them and
@@ -212,7 +213,8 @@ class ActivationDataModule(SparseCodingData):
     #: real activations have no true codes or dictionary to score against
     ground_truth = False
 
-    def __init__(self, model: str, hook: str, *, hook_out: str | None = None, gguf_file: str | None = None, revision: str | None = None,
+    def __init__(self, model: str, hook: str, *, hook_out: str | None = None, gguf_file: str | None = None,
+                 revision: str | None = None,
                  model_dtype: str = "float32", dataset: str = "text", dataset_config: str | None = None,
                  data_files: str | list[str] | None = None, split: str = "train", text_column: str = "text",
                  streaming: bool = False, context_len: int = 128, prepend_bos: bool = True, drop_bos: bool = True,
@@ -339,8 +341,9 @@ class ActivationDataModule(SparseCodingData):
         if not path.exists():
             return None
         manifest = json.loads(path.read_text())
-        differing = {k: (manifest.get("identity", {}).get(k), v) for k, v in self.identity.items()
-                     if manifest.get("identity", {}).get(k) != v}
+        cached = manifest.get("identity", {})
+        differing = {k: (cached.get(k), self.identity.get(k)) for k in {**self.identity, **cached}
+                     if cached.get(k) != self.identity.get(k)}
         if differing:
             detail = "; ".join(f"{k}: cache has {a!r}, recipe asks {b!r}" for k, (a, b) in differing.items())
             raise ValueError(f"{path} describes other activations ({detail}); point data.cache_dir elsewhere "

@@ -95,7 +95,10 @@ def ce_baselines(datamodule: ActivationDataModule) -> CELosses:
     def mean_ablated(acts: Tensor, *inputs: Tensor) -> Tensor:
         return mean.to(acts.device, acts.dtype).expand_as(acts)
 
-    return CELosses(clean=_losses(datamodule, None), zero_ablation=_losses(datamodule, lambda a, *_: torch.zeros_like(a)),
+    def zeroed(acts: Tensor, *inputs: Tensor) -> Tensor:
+        return torch.zeros_like(acts)
+
+    return CELosses(clean=_losses(datamodule, None), zero_ablation=_losses(datamodule, zeroed),
                     mean_ablation=_losses(datamodule, mean_ablated))
 
 

@@ -17,5 +17,6 @@ from .formats import FORMAT_FILES, PretrainedSAE, export_saelens, load_sae
 from .run import load_run, push_run, write_card
 from .transport import push_model
 
-__all__ = ["FORMAT_FILES", "PretrainedSAE", "export_circuit_tracer", "export_saelens", "list_pretrained", "load_encoder", "load_run", "load_sae",
+__all__ = ["FORMAT_FILES", "PretrainedSAE", "export_circuit_tracer", "export_saelens", "list_pretrained",
+           "load_encoder", "load_run", "load_sae",
            "model_card", "push_model", "push_run", "write_card"]

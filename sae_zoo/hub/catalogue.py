@@ -20,8 +20,8 @@ import yaml
 
 CATALOGUE = "catalogue.yaml"
 #: the keys of a release block; every one but the last three is required (hook_out: a transcoder's target hook)
-RELEASE_KEYS = ("repo_id", "format", "model", "normalization", "id", "path", "hook", "values", "hook_out", "description",
-                "url")
+RELEASE_KEYS = ("repo_id", "format", "model", "normalization", "id", "path", "hook", "values", "hook_out",
+                "description", "url")
 NORMALIZATIONS = ("none", "expected_average_only_in")
 
 

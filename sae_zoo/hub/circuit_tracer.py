@@ -37,8 +37,8 @@ def export_circuit_tracer(model: SparseCoder, out_dir: str | Path, layer: int, *
         raise ValueError("circuit-tracer's per-layer files hold transcoders; this model reconstructs its input")
     sae, _, _ = exported_foreign(model)
     if sae.architecture not in ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"):
-        raise ValueError(f"circuit-tracer has ReLU and JumpReLU transcoders; the {model.encoder.name!r} head exports as "
-                         f"{sae.architecture!r}")
+        raise ValueError(f"circuit-tracer has ReLU and JumpReLU transcoders; the {model.encoder.name!r} head "
+                         f"exports as {sae.architecture!r}")
     threshold = sae.params.get("threshold")
     if threshold is not None and bool((threshold < 0).any()):
         raise ValueError("a threshold is below 0: circuit-tracer's JumpReLU, which has no ReLU, would give other codes")
@@ -47,8 +47,8 @@ def export_circuit_tracer(model: SparseCoder, out_dir: str | Path, layer: int, *
              "feature_output_hook": feature_output_hook or _tl_name(provenance.get("hook_name_out"), layer)}
     missing = [key for key, value in hooks.items() if not value]
     if missing:
-        raise ValueError(f"{' and '.join(missing)}: circuit-tracer names the hooks per layer (e.g. ln2.hook_normalized, "
-                         f"hook_mlp_out); this model's hooks ({provenance.get('hook_name')}, "
+        raise ValueError(f"{' and '.join(missing)}: circuit-tracer names the hooks per layer (e.g. "
+                         f"ln2.hook_normalized, hook_mlp_out); this model's hooks ({provenance.get('hook_name')}, "
                          f"{provenance.get('hook_name_out')}) are not blocks.{layer}.NAME, so pass them")
     out = Path(out_dir)
     config_path, name = out / CONFIG, f"layer_{layer}.safetensors"

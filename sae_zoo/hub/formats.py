@@ -98,6 +98,13 @@ class PretrainedSAE:
     #: a skip-transcoder's linear term of the input, ``(d_out, d_in)``, applied as ``x @ skip.T``
     skip: torch.Tensor | None = None
 
+    @classmethod
+    def of_model(cls, model: SparseCoder, fmt: str) -> PretrainedSAE:
+        """A sae_zoo model's decoder, head and (a transcoder's) skip term, as loaded from ``fmt``."""
+        skip = None if model.skip is None else model.skip.weight.detach()
+        return cls(model.dictionary, model.encoder, fmt, dict(model.dictionary.provenance),
+                   transcoder=model.transcoder, skip=skip)
+
     def model(self, encoder: EncoderHead | None = None, **kwargs: Any) -> SparseCoder:
         """A :class:`~sae_zoo.SparseCoder` of ``encoder`` (default: the source's own) and this dictionary (and a
         transcoder's skip term), in eval mode (as ``from_pretrained`` returns models: a BatchTopK head then
@@ -172,7 +179,7 @@ def load_sae(source: str | Path, *, format: str | None = None, subfolder: str | 
         model = (load_run(source)[0] if format == "sae_zoo_run" else
                  SparseCoder.from_pretrained(source, **{k: v for k, v in download.items() if k != "subfolder"}))
         model.dictionary.requires_grad_(trainable)
-        return PretrainedSAE(model.dictionary, model.encoder, format, dict(model.dictionary.provenance))
+        return PretrainedSAE.of_model(model, format)
     per_layer = any("{layer}" in name for name in FORMAT_FILES[format])
     if per_layer != (layer is not None):
         raise ValueError(f"{where}: {LIBRARY_NAMES[format]}'s folders hold one transcoder per layer "
@@ -468,9 +475,9 @@ def _gemma_scope_2(config_path: Path, params_path: Path, provenance: dict[str, A
 
 
 #: circuit-tracer's per-layer transcoder tensors -> their shapes, from (d_transcoder, d_in, d_out)
-CIRCUIT_TRACER_TENSORS = {"W_enc": lambda n, i, o: (n, i), "W_dec": lambda n, i, o: (n, o), "b_enc": lambda n, i, o: (n,),
-                          "b_dec": lambda n, i, o: (o,), "W_skip": lambda n, i, o: (o, i),
-                          "activation_function.threshold": lambda n, i, o: (n,)}
+CIRCUIT_TRACER_TENSORS = {"W_enc": lambda n, i, o: (n, i), "W_dec": lambda n, i, o: (n, o),
+                          "b_enc": lambda n, i, o: (n,), "b_dec": lambda n, i, o: (o,),
+                          "W_skip": lambda n, i, o: (o, i), "activation_function.threshold": lambda n, i, o: (n,)}
 
 
 def _circuit_tracer(config_path: Path, weights_path: Path, provenance: dict[str, Any]) -> tuple[ForeignSAE, None]:

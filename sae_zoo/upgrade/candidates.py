@@ -74,8 +74,8 @@ def check_candidates(source: str, head: EncoderHead, names: tuple[str, ...], tra
     """Refuse, before any long work, a candidate this SAE's encoder cannot start."""
     for name in names:
         if transcoder and not CANDIDATES[name].amortised:
-            raise ValueError(f"{source} is a transcoder: the candidate {name!r} finds codes by reconstructing its input "
-                             "through the decoder, which writes the target instead; a transcoder's upgrade tries "
+            raise ValueError(f"{source} is a transcoder: the candidate {name!r} finds codes by reconstructing its "
+                             "input through the decoder, which writes the target instead; a transcoder's upgrade tries "
                              f"amortised candidates ({', '.join(default_candidates(True))})")
         if CANDIDATES[name].check is not None:
             CANDIDATES[name].check(source, head)

@@ -53,8 +53,9 @@ POINT_FIGURES = ("l0", "dead_latents", "fvu", "fvu_se", "fvu_with_outliers", "ce
 class UpgradeOptions:
     """What an upgrade runs. ``model``, ``hook``, ``hook_out`` (a transcoder's target), ``gguf_file`` and ``steps``
     left ``None`` come from the source (its metadata, or its run's recipe); ``candidates`` left ``None`` are every
-    registered one (:data:`~sae_zoo.upgrade.CANDIDATES`; for a transcoder, the amortised ones); ``ratios`` and ``solver_steps`` have smaller defaults when ``quick``,
-    which also gives a checkpoint's upgrade less data. ``data``: ``data.KEY=VALUE`` overrides."""
+    registered one (:data:`~sae_zoo.upgrade.CANDIDATES`; for a transcoder, the amortised ones); ``ratios`` and
+    ``solver_steps`` have smaller defaults when ``quick``, which also gives a checkpoint's upgrade less data.
+    ``data``: ``data.KEY=VALUE`` overrides."""
 
     model: str | None = None
     hook: str | None = None
@@ -97,9 +98,7 @@ def load_source(source: str | Path) -> tuple[PretrainedSAE, dict[str, Any] | Non
     if Path(source).is_dir() and all((Path(source) / f).is_file() for f in FORMAT_FILES["sae_zoo_run"]):
         model, recipe, _ = load_run(source)
         model.dictionary.requires_grad_(False)
-        skip = None if model.skip is None else model.skip.weight.detach()
-        return PretrainedSAE(model.dictionary, model.encoder, "sae_zoo_run", dict(model.dictionary.provenance),
-                             transcoder=model.transcoder, skip=skip), recipe
+        return PretrainedSAE.of_model(model, "sae_zoo_run"), recipe
     return load_sae(source), None
 
 
