@@ -8,8 +8,9 @@ stack of blocks (found as the ``ModuleList`` with ``num_hidden_layers`` entries,
 for Llama, ``transformer.h`` for GPT-2): ``resid_post.L`` (output of block L), ``resid_pre.L`` (its
 input), ``mlp_in.L`` and ``mlp_out.L`` (the input of block L's MLP, after its norm and gain, and the MLP's
 output: a transcoder's pair), and SAELens's names for the same places (``blocks.L.hook_resid_post``,
-``blocks.L.hook_resid_pre``, ``blocks.L.ln2.hook_normalized``, ``blocks.L.hook_mlp_in``,
-``blocks.L.hook_mlp_out``).
+``blocks.L.hook_resid_pre``, ``blocks.L.hook_mlp_out``). TransformerLens's ``blocks.L.ln2.hook_normalized``
+(before the norm's gain) and ``blocks.L.hook_mlp_in`` (before the norm) are other activations than the MLP's
+input, so they are no aliases of ``mlp_in.L``.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class HookPoint:
 #: aliases over the stack of blocks: (pattern giving the layer, the block's child it names or None, side)
 _ALIASES = [(re.compile(r"^(?:resid_post\.|blocks\.)(\d+)(?:\.hook_resid_post)?$"), None, "output"),
             (re.compile(r"^(?:resid_pre\.(\d+)|blocks\.(\d+)\.hook_resid_pre)$"), None, "input"),
-            (re.compile(r"^(?:mlp_in\.(\d+)|blocks\.(\d+)\.(?:ln2\.hook_normalized|hook_mlp_in))$"), "mlp", "input"),
+            (re.compile(r"^mlp_in\.(\d+)$"), "mlp", "input"),
             (re.compile(r"^(?:mlp_out\.(\d+)|blocks\.(\d+)\.hook_mlp_out)$"), "mlp", "output")]
 #: what a block's MLP is called in the transformers models that have one
 MLP_NAMES = ("mlp", "feed_forward", "ffn")

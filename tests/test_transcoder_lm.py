@@ -235,6 +235,9 @@ def test_module_paths_name_a_side_as_gemma_scope_2_and_sparsify_do(lm_files):
         hook = resolve_hook(lm, name)
         assert (hook.path, hook.side, hook.module) == ("model.layers.1.mlp", side, lm.model.layers[1].mlp), name
     assert resolve_hook(lm, "mlp_in.1").same_place(resolve_hook(lm, "model.layers.1.mlp.input"))
+    for other in ("blocks.1.hook_mlp_in", "blocks.1.ln2.hook_normalized"):  # before the norm, or before its gain
+        with pytest.raises(ValueError, match=f"hook '{other}' is not a module of LlamaForCausalLM nor an alias"):
+            resolve_hook(lm, other)
 
 
 def test_a_head_trained_on_a_skip_transcoders_frozen_decoder_keeps_its_skip_term(lm_files, tmp_path):
