@@ -115,24 +115,23 @@ def atomic_directory(path: str | os.PathLike, replaces: tuple[str, ...] = ()) ->
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def _read_mapping(path: Path, parse: Callable[[str], Any], errors: tuple[type[Exception], ...], kind: str,
+                  mapping: str) -> dict[str, Any]:
     try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+        value = parse(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, *errors) as e:
+        raise ValueError(f"{path}: not a readable {kind} file ({e})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        raise ValueError(f"{path}: expected a {kind} {mapping}, got {type(value).__name__}")
     return value
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return _read_mapping(path, json.loads, (json.JSONDecodeError,), "JSON", "object")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        value = yaml.safe_load(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: not a readable YAML file ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a YAML mapping, got {type(value).__name__}")
-    return value
+    return _read_mapping(path, yaml.safe_load, (yaml.YAMLError,), "YAML", "mapping")
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:

@@ -202,7 +202,7 @@ def comparison_notes(rows: list[dict[str, Any]]) -> list[str]:
     notes = []
     counts = _by_value(rows, lambda r: (r["outlier_tokens"], r["held_out_tokens"]) if "outlier_tokens" in r else None)
     if len(counts) == 1:
-        (outliers, held_out), labels = next(iter(counts.items()))
+        (outliers, held_out), _ = next(iter(counts.items()))
         counted = next(r for r in rows if "outlier_tokens" in r)
         notes.append(f"{outliers} of {held_out} held-out tokens are outliers "
                      f"(norm above {counted.get('outlier_norm', float('nan')):.4g}, a multiple of the median) and "

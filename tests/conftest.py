@@ -54,3 +54,12 @@ def rng():
 def hub() -> LoopbackHub:
     """The loopback Hub every huggingface_hub call in the tests goes to."""
     return HUB
+
+
+@pytest.fixture(scope="module")
+def lm_files(tmp_path_factory):
+    """``(a tiny random Llama's folder, a glob of text files)`` (:mod:`lm_fixtures`), written once per test module."""
+    from lm_fixtures import write_corpus, write_tiny_llama
+
+    root = tmp_path_factory.mktemp("lm")
+    return write_tiny_llama(root / "model"), write_corpus(root / "text")

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from lm_fixtures import write_corpus, write_tiny_llama
 from safetensors.torch import load_file, save_file
 
 import sae_zoo.data.activations as activations
@@ -14,12 +13,6 @@ from sae_zoo.data import ActivationDataModule, ShardedActivations
 from sae_zoo.evaluation import ce_loss_recovered
 from sae_zoo.lm import load_language_model, resolve_hook
 from sae_zoo.recipe import RecipeError, fit, recipe_from_content
-
-
-@pytest.fixture(scope="module")
-def lm_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
-    return write_tiny_llama(root / "model"), write_corpus(root / "text")
 
 
 def data_kwargs(lm_files, cache_dir, **overrides):

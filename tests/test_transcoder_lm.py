@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from lm_fixtures import write_corpus, write_tiny_llama
+from lm_fixtures import write_tiny_llama
 from safetensors.torch import load_file, save_file
 
 from sae_zoo.data import ActivationDataModule, Pair, ShardedActivations
@@ -14,12 +14,6 @@ from sae_zoo.evaluation import ce_loss_recovered, evaluate
 from sae_zoo.hub import load_sae
 from sae_zoo.lm import load_language_model
 from sae_zoo.recipe import RecipeError, build, fit, recipe_from_content
-
-
-@pytest.fixture(scope="module")
-def lm_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
-    return write_tiny_llama(root / "model"), write_corpus(root / "text")
 
 
 def data_kwargs(lm_files, cache, **overrides):

@@ -23,7 +23,7 @@ def _splice(fn: Callable[..., Tensor], datamodule: ActivationDataModule) -> Call
     position 0 is left out, outlier tokens), which keep their own activations. ``fn(activations)``, or for paired
     data ``fn(activations, inputs)`` with the inputs read earlier in the same pass, as the returned function is
     called."""
-    _, scale, keep_first = datamodule.ce_batches()
+    _, _, keep_first = datamodule.ce_batches()
     bounds = ((datamodule.target_scale, datamodule.target_outlier_norm), (datamodule.scale, datamodule.outlier_norm))
 
     def replace(acts: Tensor, *inputs: Tensor) -> Tensor:
