@@ -187,9 +187,19 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .hub import export_saelens, load_run
+    from .hub import export_circuit_tracer, export_saelens, load_run
 
     model, _, _ = load_run(args.run_dir)
+    if args.to == "circuit_tracer":
+        if args.layer is None or args.decoder_only:
+            raise ValueError("--to circuit_tracer writes one transcoder per layer: pass --layer N (and no "
+                             "--decoder-only)")
+        out = export_circuit_tracer(model, args.out, args.layer, feature_input_hook=args.feature_input_hook,
+                                    feature_output_hook=args.feature_output_hook, model_name=args.model_name)
+        print(f"wrote circuit-tracer's layer_{args.layer}.safetensors to {out} and listed it in its config.yaml")
+        return 0
+    if args.layer is not None or args.feature_input_hook or args.feature_output_hook:
+        raise ValueError("--layer, --feature-input-hook and --feature-output-hook apply to --to circuit_tracer")
     out = export_saelens(model, args.out, hook_name=args.hook_name, model_name=args.model_name,
                          decoder_only=args.decoder_only)
     print(f"wrote a SAELens SAE to {out} (cfg.json, sae_weights.safetensors)")
@@ -297,9 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(func=cmd_push)
 
     export = _subcommand(sub, "export", help="write a run's SAE in SAELens's format (linear, top-k, BatchTopK, "
-                                           "JumpReLU, gated and matching-pursuit heads; --decoder-only for others)")
+                                           "JumpReLU, gated and matching-pursuit heads; --decoder-only for others), "
+                                           "or a transcoder in circuit-tracer's per-layer format")
     export.add_argument("run_dir", help="a run directory written by sae-zoo fit")
-    export.add_argument("out", help="the folder to write cfg.json and sae_weights.safetensors to")
+    export.add_argument("out", help="the folder to write to (SAELens: cfg.json and sae_weights.safetensors; "
+                                    "circuit-tracer: layer_N.safetensors, added to its config.yaml)")
+    export.add_argument("--to", choices=("saelens", "circuit_tracer"), default="saelens", help="the format (saelens)")
+    export.add_argument("--layer", type=int, default=None, help="circuit_tracer: the layer whose MLP it replaces")
+    export.add_argument("--feature-input-hook", default=None,
+                        help="circuit_tracer: the per-layer hook it reads (e.g. ln2.hook_normalized)")
+    export.add_argument("--feature-output-hook", default=None,
+                        help="circuit_tracer: the per-layer hook it writes (e.g. hook_mlp_out)")
     export.add_argument("--hook-name", default=None, help="the hook the SAE reads, recorded in cfg.json")
     export.add_argument("--model-name", default=None, help="the model the SAE reads, recorded in cfg.json")
     export.add_argument("--decoder-only", action="store_true",

@@ -257,3 +257,23 @@ def test_an_sae_pointed_at_a_transcoders_cache_is_refused(lm_files, tmp_path):
     with pytest.raises(ValueError, match=r"describes other activations \(hook_out: cache has 'mlp_out.1', recipe asks "
                                          r"None\)"):
         ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache", hook_out=None)).prepare_data()
+
+
+def test_sae_zoo_export_writes_a_trained_transcoder_for_circuit_tracer(lm_files, tmp_path, capsys):
+    from sae_zoo.cli import main
+    from sae_zoo.hub import load_run
+
+    run_dir, _ = fit(recipe(lm_files, tmp_path, encoder={"name": "linear"}, model={"l1_coeff": 0.05}), progress=False)
+    out = tmp_path / "set"
+    hooks = ["--feature-input-hook", "mlp.hook_in", "--feature-output-hook", "hook_mlp_out"]
+    assert main(["export", str(run_dir), str(out), "--to", "circuit_tracer", "--layer", "1", *hooks]) == 0
+    assert main(["export", str(run_dir), str(out), "--to", "circuit_tracer"]) != 0
+    assert "--to circuit_tracer writes one transcoder per layer: pass --layer N" in capsys.readouterr().err
+    model, _, _ = load_run(run_dir)
+    dm = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "cache"))
+    raw = torch.cat([p.x for p in dm.held_out_batches()]) / dm.scale
+    loaded = load_sae(out, layer=1)
+    assert loaded.metadata["hook_name"] == "blocks.1.mlp.hook_in" and loaded.skip is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model()(raw).x_hat, model.eval()(raw * dm.scale).x_hat / dm.target_scale,
+                                   atol=1e-4, rtol=1e-4)
