@@ -99,6 +99,11 @@ def test_fvu_is_of_the_target_and_ce_loss_recovered_replaces_the_mlp(lm_files, t
     assert test["fvu"] < 0.9 and test["l0"] == pytest.approx(4.0)
     assert evaluate(model, dm)["fvu"] == pytest.approx(float(expected), rel=1e-4)
     assert {"ce_loss_recovered", "ce_loss_recovered_vs_mean", "ce_mean_ablation"} <= test.keys()
+    from sae_zoo.hub import write_card
+
+    card = write_card(run_dir).read_text()  # the card says what it reads and writes, and names every CE figure
+    assert "activations at mlp_in.1, writing mlp_out.1 (a transcoder)" in card
+    assert "CE-loss recovered against mean ablation" in card
 
 
 def test_ce_loss_recovered_is_one_with_the_mlp_itself_and_zero_with_zeros(lm_files, tmp_path):

@@ -29,10 +29,12 @@ METRICS = {
     "l0": ("l0", "L0 (active latents per sample)"),
     "l1": ("l1", "L1 (mean |code|)"),
     "dead_latents": ("dead_latents", "Dead-latent fraction"),
-    "ce_loss_recovered": ("ce_loss_recovered", "CE-loss recovered (reconstruction spliced into the LM)"),
-    "ce_spliced": ("ce_spliced", "LM cross-entropy with the reconstruction spliced in"),
+    "ce_loss_recovered": ("ce_loss_recovered", "CE-loss recovered (the model's output spliced into the LM)"),
+    "ce_loss_recovered_vs_mean": ("ce_loss_recovered_vs_mean", "CE-loss recovered against mean ablation"),
+    "ce_spliced": ("ce_spliced", "LM cross-entropy with the model's output spliced in"),
     "ce_clean": ("ce_clean", "LM cross-entropy, clean"),
-    "ce_zero_ablation": ("ce_zero_ablation", "LM cross-entropy with the hook zeroed"),
+    "ce_zero_ablation": ("ce_zero_ablation", "LM cross-entropy with the written activations zeroed"),
+    "ce_mean_ablation": ("ce_mean_ablation", "LM cross-entropy with the written activations at their mean"),
 }
 
 #: sparse probing's keys (sae_zoo.evaluation.sparse_probing): probe_[<task>_](k<k>|dense)[_se]
@@ -74,8 +76,8 @@ def _dataset(recipe: dict[str, Any] | None) -> tuple[str, str, str | None]:
         dataset, files = data.get("dataset"), data.get("data_files")
         text = f"{dataset} files {files}" if files else dataset
         hub_dataset = dataset if not files and dataset not in LOCAL_BUILDERS else None
-        return ("language-model-activations", f"{data.get('model')} activations at {data.get('hook')} on {text}",
-                hub_dataset)
+        where = f"{data.get('hook')}" + (f", writing {data['hook_out']} (a transcoder)" if data.get("hook_out") else "")
+        return ("language-model-activations", f"{data.get('model')} activations at {where} on {text}", hub_dataset)
     return "unspecified", "unspecified data", None
 
 
