@@ -294,3 +294,21 @@ def test_a_transcoder_checkpoint_without_its_target_hook_is_refused(transcoder_r
     with pytest.raises(ValueError, match=r"is a transcoder: scored on its input hook alone, its output would be "
                                          r"compared with its input.*pass --hook-out"):
         upgrade(out, tmp_path / "up", UpgradeOptions(**OPTIONS), progress=False)
+
+
+def test_a_top_k_sweep_never_computes_the_l1_coefficient():
+    """A top-k head's candidates sweep k, so the L1 coefficient (which a skip-transcoder's codes need not give) is
+    left uncomputed; a candidate that tunes one computes it once."""
+    from sae_zoo import create_encoder
+    from sae_zoo.upgrade import CANDIDATES, Start
+
+    topk = create_encoder("topk", d_model=8, n_latents=24, k=4)
+    start = Start(topk, 4.0, lambda: pytest.fail("the L1 coefficient was computed"), UpgradeOptions(hidden=8))
+    for name in ("retrained", "residual_mlp"):
+        assert CANDIDATES[name].build(start, 1.0).model_kwargs["l1_coeff"] == 0.0
+    calls = []
+    linear = Start(create_encoder("linear", d_model=8, n_latents=24), 4.0, lambda: calls.append(1) or 0.25,
+                   UpgradeOptions(hidden=8))
+    for ratio in (0.7, 1.0):
+        assert CANDIDATES["retrained"].build(linear, ratio).model_kwargs["l1_coeff"] == 0.25
+    assert calls == [1]

@@ -5,6 +5,7 @@ trains, how it is built from the SAE's encoder at a multiple of its L0, and what
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -16,16 +17,21 @@ from ..encoders.mlp import ResidualMLPEncoder
 from ..model import SparseCoder
 
 
-@dataclass(frozen=True)
+@dataclass
 class Start:
     """What every candidate is built from: the SAE's encoder, its L0, the L1 coefficient at which its codes are
-    closest to optimal (:func:`stationary_l1`) and the upgrade's options (:class:`~sae_zoo.upgrade.UpgradeOptions`:
-    ``lr``, ``hidden``, ``solver_steps``)."""
+    closest to optimal (:func:`stationary_l1`; given, or a function computing it when a candidate first needs it:
+    a top-k sweep never does) and the upgrade's options (:class:`~sae_zoo.upgrade.UpgradeOptions`: ``lr``,
+    ``hidden``, ``solver_steps``)."""
 
     head: EncoderHead
     l0: float
-    l1: float
+    l1_source: float | Callable[[], float]
     options: Any
+
+    @functools.cached_property
+    def l1(self) -> float:
+        return self.l1_source() if callable(self.l1_source) else float(self.l1_source)
 
 
 class Built(NamedTuple):

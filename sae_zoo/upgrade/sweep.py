@@ -298,9 +298,12 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
 
     record(SOURCE, "-", source_model)
     l0 = points[SOURCE]["l0"]
-    l1 = stationary_l1(source_model, move(next(iter(datamodule.held_out_batches())), device))
-    log.info("the SAE: L0 %.1f; candidates at %s x its L0, L1 coefficient %.4g (where its codes are closest to "
-             "optimal)", l0, ", ".join(f"{r:g}" for r in options.ratios), l1)
+    log.info("the SAE: L0 %.1f; candidates at %s x its L0", l0, ", ".join(f"{r:g}" for r in options.ratios))
+
+    def l1() -> float:  # only a candidate that tunes an L1 coefficient needs it (a top-k sweep does not)
+        value = stationary_l1(source_model, move(next(iter(datamodule.held_out_batches())), device))
+        log.info("the L1 coefficient at which the SAE's codes are closest to optimal: %.4g", value)
+        return value
 
     start, built = Start(sae.encoder, l0, l1, options), {}
     for candidate in options.candidates:
