@@ -18,6 +18,10 @@
    and, per candidate, the model at the point nearest the SAE's L0 with its card (``cards/NAME``, ready
    for ``sae-zoo push``).
 
+A transcoder upgrades the same way, scored on its target hook, with its skip term frozen beside its decoder;
+only the amortised candidates apply (an iterative one reconstructs its input through the decoder, which
+writes the target instead).
+
 Sweep knobs: a target L0 that tunes the L1 coefficient (ReLU and JumpReLU heads) or k (top-k heads), and
 k for the iterative heads (they keep their k largest codes). Their L1 coefficient is the one at which the
 SAE's own codes are closest to optimal (:func:`stationary_l1`), since an SAE's training coefficient is
