@@ -56,10 +56,12 @@ def split_batch(batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
     return x, x, true_codes
 
 
-#: recipe keys (``{section: keys}``) a transcoder refuses (:func:`check_transcoder`); a head's recipe defaults
-#: leave them unset on a transcoder
-NOT_FOR_TRANSCODERS = {"encoder": {"subtract_decoder_bias"},
-                       "model": {"tied_init", "decoder_bias_init", "resample_every"}}
+#: the SparseCoder options a transcoder refuses (:func:`check_transcoder`), and why
+TRANSCODER_REFUSES = {"tied_init": "a tied start copies the decoder into the encoder, which reads another space",
+                      "decoder_bias_init": "the decoder bias would start from the inputs, not the targets",
+                      "resample_every": "resampling points dead atoms at inputs, which lie in another space"}
+#: recipe keys (``{section: keys}``) a transcoder refuses; a head's recipe defaults leave them unset on a transcoder
+NOT_FOR_TRANSCODERS = {"encoder": {"subtract_decoder_bias"}, "model": set(TRANSCODER_REFUSES)}
 
 
 def check_transcoder(encoder: EncoderHead, **options: Any) -> None:
@@ -77,10 +79,7 @@ def check_transcoder(encoder: EncoderHead, **options: Any) -> None:
                          "decoder bias lies in the target's space; set subtract_decoder_bias=False (SAELens's and "
                          "sparsify's transcoders do not subtract it)")
     why = {"supervised": "known-codes training needs the data's true codes",
-           "true_dictionary": "a true dictionary scores atoms in the input's space",
-           "tied_init": "a tied start copies the decoder into the encoder, which reads another space",
-           "decoder_bias_init": "the decoder bias would start from the inputs, not the targets",
-           "resample_every": "resampling points dead atoms at inputs, which lie in another space"}
+           "true_dictionary": "a true dictionary scores atoms in the input's space", **TRANSCODER_REFUSES}
     for name, value in options.items():
         if isinstance(value, Tensor) or value:  # a tensor given, or an option that is on
             raise ValueError(f"a transcoder cannot take {name}={value!r}: {why[name]}")

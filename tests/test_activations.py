@@ -331,7 +331,7 @@ def test_an_outlier_is_one_definition_on_any_device(lm_files, tmp_path, monkeypa
         def ce_batches(self):
             return None, 2.0, False
 
-    monkeypatch.setattr(language_model, "outlier_mask", every_token_an_outlier)
+    monkeypatch.setattr(activations, "outlier_mask", every_token_an_outlier)
     replace = language_model._splice(torch.zeros_like, Data())
     acts = torch.randn(2, 5, 4)
     assert torch.equal(replace(acts), acts) and named == [7.0]  # every token kept its own activations

@@ -30,7 +30,7 @@ import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,12 @@ def outlier_mask(x: Tensor, max_norm: float | None) -> Tensor:
     if max_norm is None:
         return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
     return x.norm(dim=-1) > max_norm
+
+
+def any_outlier(parts: Sequence[Tensor], max_norms: Sequence[float | None]) -> Tensor:
+    """Which rows are outlier tokens when rows of several tensors go together (a pair's input and target): any
+    part's norm above its own bound (:func:`outlier_mask`)."""
+    return torch.stack([outlier_mask(part, bound) for part, bound in zip(parts, max_norms)]).any(0)
 
 
 def shard_rows(path: Path, name: str = ACTIVATIONS) -> int:
@@ -161,8 +167,7 @@ class ShardedActivations(IterableDataset):
 
     def outliers(self, batch: Tensor | Pair) -> Tensor:
         """Which rows of a (scaled) batch are outlier tokens: either side's norm above its bound."""
-        parts = batch if isinstance(batch, Pair) else (batch,)
-        return torch.stack([outlier_mask(part, bound) for part, bound in zip(parts, self.max_norms)]).any(0)
+        return any_outlier(batch if isinstance(batch, Pair) else (batch,), self.max_norms)
 
     def __iter__(self) -> Iterator[Tensor | Pair]:
         for batch in self._batches():
@@ -517,12 +522,10 @@ class ActivationDataModule(SparseCodingData):
     def target_mean(self) -> Tensor:
         """The mean target (unscaled, ``(d_out,)``) of the first training shard's tokens, outliers left out: what
         mean ablation writes in place of the targets (the activations of unpaired data)."""
-        name = TARGETS if self.paired else ACTIVATIONS
-        rows = self._first_train_rows(name)
-        keep = ~outlier_mask(rows * self.target_scale, self.target_outlier_norm)
-        if self.paired:
-            keep &= ~outlier_mask(self._first_train_rows(ACTIVATIONS) * self.scale, self.outlier_norm)
-        return rows[keep].mean(0)
+        sides = [self._first_train_rows(name) for name in ((ACTIVATIONS, TARGETS) if self.paired else (ACTIVATIONS,))]
+        scaled = [side * scale for side, scale in zip(sides, (self.scale, self.target_scale))]
+        keep = ~any_outlier(scaled, (self.outlier_norm, self.target_outlier_norm))
+        return sides[-1][keep].mean(0)
 
     def _dataset(self, split: str, shuffle: bool, rank: int | None = None,
                  world_size: int | None = None, drop_outliers: bool = True) -> ShardedActivations:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .._modes import evaluating
-from ..data.activations import ActivationDataModule, outlier_mask
+from ..data.activations import ActivationDataModule, any_outlier
 from ..lm import next_token_loss
 from ..model import SparseCoder
 from .bootstrap import bootstrap_se
@@ -24,13 +24,13 @@ def _splice(fn: Callable[..., Tensor], datamodule: ActivationDataModule) -> Call
     data ``fn(activations, inputs)`` with the inputs read earlier in the same pass, as the returned function is
     called."""
     _, _, keep_first = datamodule.ce_batches()
-    bounds = ((datamodule.target_scale, datamodule.target_outlier_norm), (datamodule.scale, datamodule.outlier_norm))
+    scales = (datamodule.target_scale, datamodule.scale)
+    bounds = (datamodule.target_outlier_norm, datamodule.outlier_norm)
 
     def replace(acts: Tensor, *inputs: Tensor) -> Tensor:
         new = fn(acts, *inputs)
-        keep = torch.zeros(acts.shape[:-1], dtype=torch.bool, device=acts.device)
-        for side, (scale, bound) in zip((acts, *inputs), bounds):  # the data leave these tokens out
-            keep |= outlier_mask(side.float() * scale, bound)
+        # the data leave these tokens out: the same definition as theirs, on the scaled activations
+        keep = any_outlier([side.float() * scale for side, scale in zip((acts, *inputs), scales)], bounds)
         if keep_first:  # BOS positions were not in the data: leave them as they were
             keep[:, 0] = True
         return torch.where(keep[..., None], acts, new)

@@ -35,10 +35,7 @@ def export_circuit_tracer(model: SparseCoder, out_dir: str | Path, layer: int, *
     by default the model's own hooks where they are named ``blocks.{layer}.NAME``."""
     if not model.transcoder:
         raise ValueError("circuit-tracer's per-layer files hold transcoders; this model reconstructs its input")
-    sae, _, _ = exported_foreign(model)
-    if sae.architecture not in ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"):
-        raise ValueError(f"circuit-tracer has ReLU and JumpReLU transcoders; the {model.encoder.name!r} head "
-                         f"exports as {sae.architecture!r}")
+    sae, _, _ = exported_foreign(model)  # a ReLU or JumpReLU transcoder (any other head is refused there)
     threshold = sae.params.get("threshold")
     if threshold is not None and bool((threshold < 0).any()):
         raise ValueError("a threshold is below 0: circuit-tracer's JumpReLU, which has no ReLU, would give other codes")

@@ -557,9 +557,9 @@ def _as_saelens_transcoder(sae: ForeignSAE, model: SparseCoder) -> ForeignSAE:
     and ``W_skip``; SAELens has no other transcoder encoder."""
     kinds = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}
     if sae.architecture not in kinds or sae.config.get("apply_b_dec_to_input"):
-        raise ValueError(f"SAELens's transcoders have ReLU or JumpReLU encoders that read the raw input; sae_zoo's "
-                         f"{model.encoder.name!r} head exports as SAELens's {sae.architecture!r}, which SAELens has "
-                         "no transcoder of")
+        raise ValueError(f"SAELens's and circuit-tracer's transcoders have ReLU or JumpReLU encoders that read the raw "
+                         f"input; sae_zoo's {model.encoder.name!r} head exports as {sae.architecture!r}, which neither "
+                         "has a transcoder of")
     skip = None if model.skip is None else model.skip.weight.detach().float().cpu()
     kind = kinds[sae.architecture].replace("transcoder", "skip_transcoder") if skip is not None else kinds[sae.architecture]
     return dataclasses.replace(sae, architecture=kind, transcoder=True, W_skip=skip)

@@ -180,17 +180,15 @@ def write_comparison(out: Path, source: str, points: Points, candidates: tuple[s
 
 
 def write_cards(out: Path, source: str, points: Points, models: dict[PointKey, SparseCoder], probes: list[str]) -> None:
-    """Per candidate, the model of the point nearest the SAE's L0 (trained: as saved under ``out/models``; else
-    from ``models``), with a card saying what it upgrades; ``probes``: the probing accuracies the points hold
-    (:func:`probe_keys`)."""
+    """Per candidate, the model of the point nearest the SAE's L0 (``models``: each point's model, as measured),
+    with a card saying what it upgrades; ``probes``: the probing accuracies the points hold (:func:`probe_keys`)."""
     src = points[SOURCE]
     probes = [k for k in probes if k != "probe_dense"]
     for candidate in {k.candidate for k in points} - {SOURCE.candidate}:
         keys = [k for k in points if k.candidate == candidate]
         key = min(keys, key=lambda k: abs(math.log(max(points[k]["l0"], 1e-9) / src["l0"])))
         p = points[key]
-        model = (SparseCoder.from_pretrained(out / "models" / key.name) if (out / "models" / key.name).is_dir()
-                 else models[key])
+        model = models[key]
         note = (f"This head upgrades the SAE `{source}`: it encodes for that SAE's frozen decoder. At L0 "
                 f"{p['l0']:.1f} (the SAE's: {src['l0']:.1f}; {p['knob']}), on the same held-out tokens:\n\n"
                 f"| | this head | the SAE's encoder |\n|---|---|---|\n"

@@ -314,16 +314,18 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
     L.seed_everything(options.seed, verbose=False)
     train_candidates({k: b for k, b in built.items() if CANDIDATES[k.candidate].trains}, sae, datamodule, out,
                      steps, progress)
+    measured = {}
     for key, (head, _, knob) in built.items():
         if CANDIDATES[key.candidate].trains:
             model = SparseCoder.from_pretrained(out / "models" / key.name)
         else:
             model = coder(sae, head)
         record(key, knob, model)
+        measured[key] = model
 
     source_evaluation = read_evaluation(out, SOURCE)  # read once: the gains, the tables and the cards use it
     log.info("%s", write_comparison(out, source, points, options.candidates, source_evaluation))
-    write_cards(out, source, points, {k: coder(sae, b.head) for k, b in built.items()}, probe_keys(source_evaluation))
+    write_cards(out, source, points, measured, probe_keys(source_evaluation))
     return out
 
 
