@@ -56,15 +56,26 @@ def _quiet_lightning() -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .recipe import fit, load_recipe
+    from .recipe import fit, load_recipe, resume_recipe
     from .suite import comparison_text, is_suite, run_suite
 
+    if args.resume is not None:
+        recipe, overrides = args.recipe, list(args.overrides)
+        if recipe is not None and ("=" in recipe or recipe.startswith("~")):  # an override in the recipe's place
+            recipe, overrides = None, [recipe, *overrides]
+        cfg = resume_recipe(args.resume, recipe, overrides, quick=args.quick)
+        return _report_fit(*fit(cfg, recipe_name=Path(args.resume).name, progress=not args.no_progress, resume=True))
+    if args.recipe is None:
+        raise ValueError("fit needs a recipe file (or --resume RUN_DIR)")
     if is_suite(args.recipe):
         out, rows = run_suite(args.recipe, args.overrides, quick=args.quick, progress=not args.no_progress)
         print(comparison_text(out, rows))
         return 0
     cfg = load_recipe(args.recipe, args.overrides, quick=args.quick)
-    run_dir, metrics = fit(cfg, recipe_name=Path(args.recipe).stem, progress=not args.no_progress)
+    return _report_fit(*fit(cfg, recipe_name=Path(args.recipe).stem, progress=not args.no_progress))
+
+
+def _report_fit(run_dir: Path, metrics: dict) -> int:
     if not metrics:  # another rank of a multi-device run: rank zero evaluates and reports. Failing here would
         return 0     # end this process non-zero, and Lightning then kills rank zero mid-evaluation (SIGKILL)
     print(f"\nrun directory: {run_dir}")
@@ -226,10 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = _subcommand(sub, "fit", help="train and test a recipe (or each run of a suite), writing run directories")
-    fit.add_argument("recipe", help="a recipe YAML file, e.g. recipes/synthetic/known_dictionary.yaml")
+    fit.add_argument("recipe", nargs="?", help="a recipe YAML file, e.g. recipes/synthetic/known_dictionary.yaml")
     fit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encoder.name=mlp seed=1")
     fit.add_argument("--quick", action="store_true", help="the recipe's quick preset (minutes on a CPU)")
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    fit.add_argument("--resume", default=None, metavar="RUN_DIR",
+                     help="go on with a killed run from its last checkpoint (a recipe with checkpoint_every: N); a "
+                          "recipe given too must be the run's own")
     fit.set_defaults(func=cmd_fit)
 
     front = _subcommand(sub, "frontier", help="test MCC against total FLOPs for many methods (CSV, PNG, report)")

@@ -33,7 +33,9 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_directory
-from .data.activations import ActivationDataModule, outlier_mask
+from .data.activations import outlier_mask
+from .data.base import LanguageModelData
+from .data.registry import language_model_data_class
 from .data.windows import Windows, read_windows
 from .hub import load_run
 from .model import SparseCoder
@@ -66,10 +68,8 @@ def load_head(run_dir: str | Path) -> tuple[Head, dict[str, Any]]:
     """The run's model and its data settings; a run without language-model activations is refused."""
     model, recipe, _ = load_run(run_dir)
     data = dict(recipe.get("data") or {})
-    if data.pop("name", None) != "activations":
-        raise ValueError(f"{run_dir}: the run trained on data.name={recipe['data'].get('name')!r}, which has no text; "
-                         "a dashboard shows the text a latent fires on, so it needs a run on language-model "
-                         "activations (data.name=activations)")
+    language_model_data_class(data, str(run_dir), "which has no text; a dashboard shows the text a latent fires on, "
+                              "so it needs a run on language-model activations (data.name=activations)")
     return Head(f"{model.encoder.name} ({Path(run_dir).name})", model.eval()), data
 
 
@@ -128,7 +128,7 @@ def select_latents(latents: list[int] | None, n_latents: int, fired: Tensor, cou
     return sorted(chosen)
 
 
-def logit_lens(datamodule: ActivationDataModule, atoms: Tensor, top: int = 10) -> tuple[list | None, str]:
+def logit_lens(datamodule: LanguageModelData, atoms: Tensor, top: int = 10) -> tuple[list | None, str]:
     """Per atom, the ``top`` tokens its direction promotes and suppresses through the unembedding, with the
     final norm's weight folded in where the LM has one, and how they were read; None with the reason when the
     hook's width is not the unembedding's."""
@@ -235,7 +235,8 @@ def dashboard(run_dir: str | Path, out: str | Path | None = None, latents: list[
         select_latents(latents, n_total, torch.ones(1, n_total, dtype=torch.bool), 0, seed, run_dir)
     out = Path(out) if out else run_dir / ("dashboard" if compare is None else f"dashboard-vs-{Path(compare).name}")
 
-    datamodule = ActivationDataModule(**data)
+    kwargs = {k: v for k, v in data.items() if k != "name"}
+    datamodule = language_model_data_class(data, str(run_dir), "")(**kwargs)
     datamodule.prepare_data()  # the input scale and outlier norm come from the cache
     windows = read_windows(datamodule, "dashboard", datamodule.documents(), per_document, limit=contexts,
                            identity={k: data.get(k) for k in ("dataset", "dataset_config", "data_files", "split",

@@ -121,7 +121,9 @@ def l1_penalty(codes: Tensor | SparseCodes, dictionary: Dictionary, nonnegative:
 def training_sample(trainer: L.Trainer, d_model: int, wanted: int, why: str) -> Tensor:
     """Up to ``wanted`` rows of the trainer's training data, rank zero's on every rank (a start from them must be
     the same everywhere); ``why`` names what reads them, for the error when there are none."""
-    loader = trainer.train_dataloader  # set once fitting has started (on_train_start)
+    # data read on the fly give a stream of their own, so that the trainer's keeps its place
+    loader = getattr(getattr(trainer, "datamodule", None), "sample_batches", lambda: None)()
+    loader = trainer.train_dataloader if loader is None else loader  # set once fitting has started (on_train_start)
     if loader is None:
         raise ValueError(f"{why} reads training data, and the trainer has none")
     samples = []

@@ -40,12 +40,13 @@ from omegaconf.errors import OmegaConfBaseException
 from . import flops
 from ._io import atomic_write, atomic_write_json, atomic_write_text, cache_key
 from ._signature import UnknownArgumentError, check_kwargs
-from .data import DATAMODULES, PAPER_SEED, SparseCodingData
+from .data import PAPER_SEED, SparseCodingData, get_datamodule_class
 from .dictionary import Dictionary
 from .encoders import create_encoder, get_encoder_class
 from .evaluation import ProbingConfig, evaluate_model
 from .hub import load_sae
 from .model import NOT_FOR_TRANSCODERS, SparseCoder
+from .checkpoints import CHECKPOINT, PeriodicCheckpoint
 from .tracking import logger_specs, make_loggers
 from .training import get_training_aid_class
 
@@ -84,6 +85,9 @@ class Recipe:
     #: Experiment trackers beside ``logs/metrics.csv`` (:mod:`sae_zoo.tracking`): names or ``{name: {options}}``,
     #: e.g. ``[tensorboard, {wandb: {project: saes, mode: offline}}]``.
     loggers: list[Any] = field(default_factory=list)
+    #: Write ``checkpoint.ckpt`` into the run folder every N training steps (atomically), so that ``sae-zoo fit
+    #: --resume RUN_DIR`` continues a killed run exactly where its last checkpoint left it.
+    checkpoint_every: Optional[int] = None
 
 
 #: A recipe may hold a ``quick:`` mapping, merged over the recipe by ``--quick`` for a run of minutes.
@@ -332,11 +336,14 @@ def plan(cfg: DictConfig) -> Plan:
         raise ValueError(f"matmul_precision: {cfg.matmul_precision!r} is not one of highest, high, medium")
     if cfg.setting not in SETTINGS:
         raise ValueError(f"setting: {cfg.setting!r} is not one of {', '.join(SETTINGS)}")
+    if cfg.checkpoint_every is not None and cfg.checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive number of steps, got {cfg.checkpoint_every}")
     import_modules(list(cfg.imports))
     data_name, data_kwargs = _named(cfg.data, "data")
-    if data_name not in DATAMODULES:
-        raise ValueError(f"data.name: unknown datamodule {data_name!r}; choices: {', '.join(DATAMODULES)}")
-    data_class = DATAMODULES[data_name]
+    try:
+        data_class = get_datamodule_class(data_name)
+    except ValueError as e:
+        raise ValueError(f"data.name: {e}") from None
     check_kwargs(data_class.__init__, data_kwargs, what=f"data {data_name!r}", key_prefix="data.")
     data_class.check_arguments(data_kwargs)
     encoder_name, encoder_kwargs = _named(cfg.encoder, "encoder")
@@ -533,16 +540,17 @@ class RunFolder:
     :mod:`sae_zoo.peers`): checked before any work (new, empty, or left by a run that did not finish), then ``config.yaml``
     at the start, and ``metrics.json`` (:func:`run_record`) once the run is evaluated. Only rank zero writes."""
 
-    def __init__(self, cfg: DictConfig, recipe_name: str = "recipe") -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: DictConfig, recipe_name: str = "recipe", resume: bool = False) -> None:
+        self.cfg, self.resume = cfg, resume
         self.path = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, recipe_name)
         self.rank_zero = rank_zero_only.rank == 0
         if self.rank_zero:
             check_run_dir(self.path)
 
     def start(self, config: DictConfig | dict[str, Any] | None = None) -> None:
-        """Create the folder and write the resolved recipe (``config``, default the run's)."""
-        if self.rank_zero:
+        """Create the folder and write the resolved recipe (``config``, default the run's); a resumed run keeps
+        the one it has."""
+        if self.rank_zero and not self.resume:
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(self.cfg if config is None else config))
 
@@ -559,27 +567,66 @@ class RunFolder:
         return metrics
 
 
-def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True) -> tuple[Path, dict[str, Any]]:
+def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True,
+        resume: bool = False) -> tuple[Path, dict[str, Any]]:
     """Train and evaluate the recipe's model; write the run directory. Returns ``(run_dir, metrics)``.
 
     The run directory holds ``config.yaml`` (the resolved recipe), ``model.ckpt`` (a Lightning
     checkpoint: ``SparseCoder.load_from_checkpoint``), ``logs/metrics.csv`` and ``metrics.json``.
     Everything is checked and built before anything is written, and a run directory without a
     checkpoint (a run that failed) may be reused. With several devices (``trainer.devices``,
-    ``trainer.strategy``) every rank trains and rank zero evaluates and writes.
+    ``trainer.strategy``) every rank trains and rank zero evaluates and writes. ``checkpoint_every`` keeps
+    ``checkpoint.ckpt`` in the run folder while it trains; ``resume=True`` goes on from it (see :func:`resume_recipe`).
     """
-    run = RunFolder(cfg, recipe_name)
+    run = RunFolder(cfg, recipe_name, resume=resume)
+    checkpoint = run.path / CHECKPOINT
+    if resume and not checkpoint.is_file():
+        raise RecipeError(f"--resume: {run.path} holds no {CHECKPOINT}: the run wrote none (set checkpoint_every) "
+                          "or had not reached its first one")
     p = plan(cfg)
     datamodule, model = build(p)
-    trainer = make_trainer(p, progress=progress, root_dir=run.path,
+    callbacks = [PeriodicCheckpoint(run.path, cfg.checkpoint_every)] if cfg.checkpoint_every else []
+    trainer = make_trainer(p, progress=progress, root_dir=run.path, callbacks=callbacks,
                            logger=[CSVLogger(run.path, name="logs", version=""), *make_loggers(p.loggers, run.path)])
     run.start()
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     try:
-        return _train_and_evaluate(run, trainer, datamodule, model)
+        return _train_and_evaluate(run, trainer, datamodule, model, checkpoint if resume else None)
     finally:
         torch.set_float32_matmul_precision(precision)
+
+
+def resume_recipe(run_dir: str | Path, recipe: str | Path | None = None, overrides: Sequence[str] = (),
+                  quick: bool = False) -> DictConfig:
+    """The recipe of the run in ``run_dir`` (its ``config.yaml``), to resume it. Given a recipe file (and
+    overrides), it must be that same recipe: a changed recipe would go on from a checkpoint of another run."""
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise RecipeError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
+    if (run_dir / "model.ckpt").exists() or (run_dir / "metrics.json").exists():
+        raise RecipeError(f"--resume: {run_dir} holds a finished run; there is nothing to resume")
+    cfg = recipe_from_content(read_recipe_file(saved), source=str(saved))
+    cfg.run_dir = str(run_dir)
+    if recipe is not None or overrides:
+        given = (load_recipe(recipe, overrides, quick=quick) if recipe is not None
+                 else recipe_from_content(read_recipe_file(saved), overrides, source=str(saved)))
+        given.run_dir = str(run_dir)
+        ours, theirs = (_flat(OmegaConf.to_container(c, resolve=True)) for c in (cfg, given))
+        changed = sorted(k for k in {*ours, *theirs} if ours.get(k) != theirs.get(k))
+        if changed:
+            detail = "; ".join(f"{k}: the run has {ours.get(k)!r}, now {theirs.get(k)!r}" for k in changed[:5])
+            raise RecipeError(f"--resume: the recipe differs from the one {run_dir} was started with ({detail}); "
+                              "resume it as it was, or start a new run")
+    return cfg
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{dotted key: value}``."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -592,14 +639,14 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def _train_and_evaluate(run: RunFolder, trainer: L.Trainer, datamodule: SparseCodingData,
-                        model: SparseCoder) -> tuple[Path, dict[str, Any]]:
+                        model: SparseCoder, resume_from: Path | None = None) -> tuple[Path, dict[str, Any]]:
     cfg = run.cfg
     if trainer.is_global_zero:
         datamodule.prepare_data()  # e.g. collect activations, so that train_seconds counts training only
     start = time.perf_counter()
     trained = any(p.requires_grad for p in model.parameters())
     if trained:
-        trainer.fit(torch.compile(model) if cfg.compile else model, datamodule=datamodule)
+        trainer.fit(torch.compile(model) if cfg.compile else model, datamodule=datamodule, ckpt_path=resume_from)
     # else: a pure inference head (e.g. FISTA) on a frozen dictionary has nothing to train
     train_seconds = time.perf_counter() - start
     if trained:
@@ -615,6 +662,7 @@ def _train_and_evaluate(run: RunFolder, trainer: L.Trainer, datamodule: SparseCo
         _save_untrained_checkpoint(model, partial)
     test = evaluate_run(model, datamodule, ProbingConfig(**_plain(cfg.probing)))
     os.replace(partial, run_dir / "model.ckpt")
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the finished run's model.ckpt supersedes it
     return run_dir, run.finish(datamodule, model, test, encoder=cfg.encoder.name, steps=trainer.global_step,
                                train_seconds=train_seconds, devices=trainer.world_size)
 

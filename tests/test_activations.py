@@ -19,7 +19,7 @@ def data_kwargs(lm_files, cache_dir, **overrides):
     model, files = lm_files
     return {"model": model, "hook": "resid_post.1", "data_files": files, "context_len": 16, "n_train_tokens": 1500,
             "n_test_tokens": 300, "test_stride": 4, "shard_tokens": 400, "batch_size": 100, "model_batch_size": 8,
-            "cache_dir": str(cache_dir), "ce_contexts": 8, "shuffle_buffer": 600, **overrides}
+            "cache_dir": str(cache_dir), "ce_contexts": 8, "shuffle_buffer": 600, "cache": True, **overrides}
 
 
 def sae_recipe(lm_files, tmp_path, **data):
@@ -199,7 +199,7 @@ def test_a_hook_that_does_not_exist_lists_close_matches(lm_files, tmp_path):
 
 
 def test_bad_data_settings_fail_before_collecting(lm_files, tmp_path):
-    with pytest.raises(ValueError, match=r"data.text_column: the dataset 'text' has no column 'body'; its columns are text"):
+    with pytest.raises(ValueError, match=r"data.text_column: the dataset 'text' has no column 'body' nor a pre-tokenised one \(input_ids, tokens\); its columns are text"):
         _ = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "c1", text_column="body")).d_model
     with pytest.raises(ValueError, match=r"data.context_len 100 is longer than .* allows \(64\)"):
         _ = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "c2", context_len=100)).d_model

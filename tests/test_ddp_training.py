@@ -1,24 +1,29 @@
 """Two CPU processes (Lightning DDP, gloo backend) train exactly what one process trains with the same
-global batch: the activation batches are split across ranks, gradients are averaged, the decoder is
-renormalised on every rank, and the test metrics (torchmetrics states) are synced."""
+global batch: each rank runs the LM on half of the contexts, read on the fly, and every rank serves its slice of the
+batches one process would serve; gradients are averaged, the decoder is renormalised on every rank, and the test
+metrics (torchmetrics states) are synced."""
 
 import csv
 import json
 import subprocess
 import sys
 
+import os
+from pathlib import Path
+
 import torch
 import yaml
 from lm_fixtures import write_corpus, write_tiny_llama
 
 SAE_ZOO = [sys.executable, "-m", "sae_zoo.cli"]
+HOOKS = str(Path(__file__).with_name("run_hooks.py"))
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
     """A Matryoshka BatchTopK SAE with AuxK and resampling, trained at 1.5k: the batch-wide top-k, the threshold
     estimate, the dead-latent counts and the resampling draw are the global batch's on every rank."""
     model, files = write_tiny_llama(tmp_path / "model"), write_corpus(tmp_path / "text")
-    recipe = {"setting": "unknown",
+    recipe = {"setting": "unknown", "imports": [HOOKS],
               "data": {"name": "activations", "model": model, "hook": "resid_post.1", "data_files": files,
                        "context_len": 16, "n_train_tokens": 1500, "n_test_tokens": 300, "test_stride": 4, "shard_tokens": 400,
                        "batch_size": 100, "model_batch_size": 8, "cache_dir": str(tmp_path / "cache"),
@@ -31,11 +36,20 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     # the two-process run takes the default folder, whose name holds the start time: the ranks agree on it
     for name, extra in (("one", ["run_dir=one"]), ("two", ["trainer.devices=2", "trainer.strategy=ddp"])):
+        (tmp_path / f"counts-{name}").mkdir()
         done = subprocess.run([*SAE_ZOO, "fit", "recipe.yaml", "--no-progress", *extra],
-                              cwd=tmp_path, timeout=600, capture_output=True, text=True)
+                              cwd=tmp_path, timeout=600, capture_output=True, text=True,
+                              env={**os.environ, "SAE_ZOO_TEST_COUNTS": str(tmp_path / f"counts-{name}")})
         # on failure, say how and show what the run printed (a flake under load died with SIGKILL, silently)
         assert done.returncode == 0, (f"the {name}-process run exited with {done.returncode}:\n"
                                       f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    # every rank ran the LM, on half of the training contexts each (a third pass over them ends at step 40)
+    counts = {name: [json.loads((tmp_path / f"counts-{name}" / f"rank-{r}.json").read_text())
+                     for r in range(len(list((tmp_path / f"counts-{name}").iterdir())))] for name in ("one", "two")}
+    assert len(counts["one"]) == 1 and len(counts["two"]) == 2
+    assert counts["one"][0]["contexts"] == 300  # 100 training contexts a pass, three passes
+    assert [c["contexts"] for c in counts["two"]] == [150, 150]
+    assert [c["passes"] for c in counts["two"]] == [21, 21] and counts["one"][0]["passes"] == 39  # 8 contexts a pass
     (two_dir,) = (tmp_path / "runs" / "recipe").iterdir()  # one folder, written by rank zero alone
     two_dir.rename(tmp_path / "two")
     one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))

@@ -20,7 +20,8 @@ def data_kwargs(lm_files, cache, **overrides):
     model, files = lm_files
     return {"model": model, "hook": "mlp_in.1", "hook_out": "mlp_out.1", "data_files": files, "context_len": 16,
             "n_train_tokens": 1500, "n_test_tokens": 300, "test_stride": 4, "shard_tokens": 400, "batch_size": 100,
-            "model_batch_size": 8, "cache_dir": str(cache), "ce_contexts": 8, "shuffle_buffer": 600, **overrides}
+            "model_batch_size": 8, "cache_dir": str(cache), "ce_contexts": 8, "shuffle_buffer": 600, "cache": True,
+            **overrides}
 
 
 def recipe(lm_files, tmp_path, data=None, **sections):

@@ -1,4 +1,10 @@
-"""Activations of a language model as training data, collected once into an on-disk cache.
+"""Activations of a language model as training data: read from the LM while it trains (``cache=False``, the
+default: :mod:`sae_zoo.data.live`), or collected once into an on-disk cache (``cache=True``) that later runs on the
+same tokens read again without the LM.
+
+Either way the held-out contexts are collected once into a small cache folder, with the statistics every run on
+these data shares (the normalisation scale, the outlier bound, the mean target for mean ablation). The cache's
+layout:
 
 ``ActivationDataModule`` tokenises a text dataset (``datasets``) into fixed context windows, runs a
 causal LM (``transformers``) over them under ``torch.no_grad()``, and writes the activations at a
@@ -10,7 +16,9 @@ hook point (and, for a transcoder, those at a second, later hook: its targets) t
   ``cache_dtype``, bfloat16 included; tensor ``targets`` beside it, row for row, when the data pair each
   input with a target), whole contexts per shard; ``test-tokens-00000.safetensors``, ...:
   their token ids (tensor ``token_ids``, for the CE-loss evaluation).
-* ``train-00000.safetensors``, ...: training activations.
+* ``train-00000.safetensors``, ...: training activations (``cache=True`` only).
+* ``stats.safetensors``: on the fly, the statistics of the first ``stats_tokens`` training tokens (tensor
+  ``target_mean``; the scales and median norms are in the manifest).
 
 Each shard is written to a temporary file and renamed, then the manifest is updated the same way;
 an interrupted collection resumes after the last shard the manifest lists, so nothing is lost or
@@ -24,8 +32,10 @@ global batch, so N devices see exactly the batches one device would.
 
 from __future__ import annotations
 
-import logging
 import glob
+import itertools
+import logging
+import os
 import json
 import math
 import time
@@ -46,7 +56,10 @@ from tqdm.auto import tqdm
 from .._io import atomic_write, atomic_write_json, cache_key
 from ..lm import (HookPoint, load_language_model, max_context, read_activations, read_pair, resolve_hook,
                   resolve_package_path)
-from .base import Pair, SparseCodingData
+from .base import LanguageModelData, Pair
+from .live import LiveActivations
+from .registry import register_datamodule
+from .tokens import TOKEN_COLUMNS, text_windows, token_column, token_rows
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +68,7 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 #: the cache's file layout; a cache written in another layout is refused (its manifest identity differs)
 CACHE_FORMAT = "safetensors-1"
 ACTIVATIONS, TARGETS, TOKEN_IDS = "activations", "targets", "token_ids"
+STATS = "stats.safetensors"
 
 
 def save_shard(path: Path, name: str, tensor: Tensor, **more: Tensor) -> None:
@@ -124,6 +138,7 @@ class ShardedActivations(IterableDataset):
         self.keep = 1 + math.ceil(max(self.shuffle_buffer, batch_size) / max(1, min(lengths, default=1)))
         self._loaded: OrderedDict[int, tuple[Tensor, ...]] = OrderedDict()
         self.epoch = 0
+        self.skip = 0  # batches of the next shuffled pass already trained on (a resumed run's)
 
     def _shard(self, index: int) -> tuple[Tensor, ...]:
         if index in self._loaded:
@@ -187,12 +202,14 @@ class ShardedActivations(IterableDataset):
         order = np.concatenate([start + rng.permutation(min(self.shuffle_buffer, n - start))
                                 for start in range(0, n, self.shuffle_buffer)])
         per_rank = self.batch_size // self.world_size
-        for start in range(0, n - self.batch_size + 1, self.batch_size):
+        skip, self.skip = self.skip, 0
+        for start in range(skip * self.batch_size, n - self.batch_size + 1, self.batch_size):
             batch = order[start:start + self.batch_size]
             yield self.rows(batch[self.rank * per_rank:(self.rank + 1) * per_rank])
 
 
-class ActivationDataModule(SparseCodingData):
+@register_datamodule("activations")
+class ActivationDataModule(LanguageModelData):
     """Activations of ``model`` at ``hook`` on a text dataset; see the module docstring. With ``hook_out`` (a later
     hook, e.g. ``mlp_out.L`` after ``hook: mlp_in.L``), a transcoder's data: :class:`Pair` batches of the
     activations at ``hook`` and at ``hook_out``, read in the same forward pass.
@@ -213,6 +230,12 @@ class ActivationDataModule(SparseCodingData):
     reports the FVU with them too. A pair is an outlier when its input or its target is (each against
     its own median). ``outlier_factor=None`` keeps every token.
     ``batch_size`` is in tokens; ``model_batch_size`` contexts go through the LM at once.
+
+    ``cache=False`` (the default) trains from the LM while it runs, through a mixing buffer of ``buffer_contexts``
+    contexts (:class:`~sae_zoo.data.live.LiveActivations`); the scale, the outlier bounds and the mean target then
+    come from the first ``stats_tokens`` training tokens, read once before training. ``cache=True`` writes every
+    training activation to the cache first (measured on its first shard), for sweeps that train many models on the
+    same tokens. Under DDP each rank runs the LM on its share of the contexts.
     """
 
     #: real activations have no true codes or dictionary to score against
@@ -228,7 +251,7 @@ class ActivationDataModule(SparseCodingData):
                  cache_dir: str | None = None, cache_dtype: str = "float32", normalize: bool = True,
                  batch_size: int = 4096, model_batch_size: int = 32, shuffle_buffer: int = 262_144,
                  ce_contexts: int = 32, outlier_factor: float | None = 10.0, device: str = "auto",
-                 seed: int = 0) -> None:
+                 seed: int = 0, cache: bool = False, buffer_contexts: int = 512, stats_tokens: int = 65_536) -> None:
         super().__init__()
         self.save_hyperparameters()
         if cache_dtype not in CACHE_DTYPES:
@@ -238,9 +261,10 @@ class ActivationDataModule(SparseCodingData):
         if outlier_factor is not None and not outlier_factor > 1:
             raise ValueError(f"data.outlier_factor must be above 1 (a multiple of the median norm) or null, "
                              f"got {outlier_factor!r}")
-        if min(n_train_tokens, n_test_tokens, batch_size, model_batch_size, test_stride) < 1:
-            raise ValueError("data.n_train_tokens, n_test_tokens, test_stride, batch_size and model_batch_size must "
-                             "be positive")
+        if min(n_train_tokens, n_test_tokens, batch_size, model_batch_size, test_stride, buffer_contexts,
+               stats_tokens) < 1:
+            raise ValueError("data.n_train_tokens, n_test_tokens, test_stride, batch_size, model_batch_size, "
+                             "buffer_contexts and stats_tokens must be positive")
         self.identity = {"model": model, "gguf_file": gguf_file, "revision": revision, "model_dtype": model_dtype,
                          "hook": hook, "dataset": dataset, "dataset_config": dataset_config, "data_files": data_files,
                          "split": split, "text_column": text_column, "context_len": context_len,
@@ -249,14 +273,25 @@ class ActivationDataModule(SparseCodingData):
                          "test_stride": test_stride, "shard_tokens": shard_tokens, "cache_format": CACHE_FORMAT}
         if hook_out is not None:  # an SAE's cache keeps the identity (and the folder name) it had before pairs
             self.identity["hook_out"] = hook_out
+        if not cache:  # on the fly the folder holds the held-out set and the statistics, whatever the token budget
+            del self.identity["n_train_tokens"]
+            self.identity.update(train="live", stats_tokens=stats_tokens)
         key = cache_key(self.identity)
         self.cache_dir = Path(cache_dir) if cache_dir else Path("runs") / "activation_cache" / key
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = _auto_device() if device == "auto" else device
         self.tokens_per_context = context_len - (prepend_bos and drop_bos)
+        if not cache and buffer_contexts * self.tokens_per_context < 2 * batch_size:
+            raise ValueError(f"data.buffer_contexts: {buffer_contexts} contexts hold "
+                             f"{buffer_contexts * self.tokens_per_context} tokens, fewer than two batches of "
+                             f"{batch_size} (data.batch_size): the buffer serves until half is left, so it must hold "
+                             f"at least {-(-2 * batch_size // self.tokens_per_context)} contexts")
         self._lm: tuple[torch.nn.Module, Any, HookPoint] | None = None
         self._target_hook: HookPoint | None = None
         self._manifest: dict[str, Any] | None = None
         self._median_norms: dict[str, float] = {}
+        self._live: LiveActivations | None = None
+        self._train: ShardedActivations | None = None
+        self._resume_state: dict[str, Any] | None = None
         # no ground truth on real data: no true codes, no true dictionary
         self.n_latents, self.dictionary = None, None
 
@@ -294,7 +329,8 @@ class ActivationDataModule(SparseCodingData):
         _, _, hook = self.language_model()
         return self._target_hook or hook
 
-    def documents(self) -> Iterator[str]:
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """The dataset's rows, in order."""
         import datasets
 
         h = self.hparams
@@ -306,27 +342,40 @@ class ActivationDataModule(SparseCodingData):
                     raise ValueError(f"data.data_files: {pattern!r} matches no file")
         # the "text" builder reads a line per row unless told that each file is one document
         extra = {"sample_by": "document"} if h.dataset == "text" else {}
-        ds = datasets.load_dataset(h.dataset, h.dataset_config, data_files=files, split=h.split, streaming=h.streaming,
-                                   **extra)
-        for row in ds:
-            if h.text_column not in row:
-                raise ValueError(f"data.text_column: the dataset {h.dataset!r} has no column {h.text_column!r}; "
-                                 f"its columns are {', '.join(row)}")
-            yield row[h.text_column]
+        yield from datasets.load_dataset(h.dataset, h.dataset_config, data_files=files, split=h.split,
+                                         streaming=h.streaming, **extra)
+
+    def documents(self) -> Iterator[str]:
+        """The dataset's texts (its ``text_column``)."""
+        return self.documents_of(self.rows())
 
     def contexts(self) -> Iterator[Tensor]:
-        """Token windows ``(context_len,)`` in a fixed order."""
+        """Token windows ``(context_len,)`` in a fixed order: text tokenised in batches, or a pre-tokenised dataset's
+        rows (an ``input_ids`` or ``tokens`` column) as they are (:mod:`sae_zoo.data.tokens`)."""
         _, tokenizer, _ = self.language_model()
         h = self.hparams
-        body = h.context_len - h.prepend_bos
-        buffer: list[int] = []
-        for text in self.documents():
-            buffer += tokenizer(text, add_special_tokens=False)["input_ids"]
-            if tokenizer.eos_token_id is not None:
-                buffer.append(tokenizer.eos_token_id)
-            while len(buffer) >= body:
-                window, buffer = buffer[:body], buffer[body:]
-                yield torch.tensor(([tokenizer.bos_token_id] if h.prepend_bos else []) + window)
+        rows = self.rows()
+        first = next(rows, None)
+        if first is None:
+            return
+        rows = itertools.chain([first], rows)
+        column = token_column(first) if h.text_column not in first else None
+        if column is not None:
+            yield from token_rows(rows, column, h.context_len, h.prepend_bos, tokenizer.bos_token_id, repr(h.dataset))
+            return
+        bos = tokenizer.bos_token_id if h.prepend_bos else None
+        yield from text_windows(self.documents_of(rows), tokenizer, h.context_len - h.prepend_bos, bos)
+
+    def documents_of(self, rows: Iterator[dict[str, Any]]) -> Iterator[str]:
+        column = self.hparams.text_column
+        for row in rows:
+            if column not in row:
+                found = token_column(row)
+                raise ValueError(f"data.text_column: the dataset {self.hparams.dataset!r} has no column {column!r}"
+                                 + (f"; it is pre-tokenised (column {found!r}), and this reads text" if found else
+                                    f" nor a pre-tokenised one ({', '.join(TOKEN_COLUMNS)})")
+                                 + f"; its columns are {', '.join(row)}")
+            yield row[column]
 
     def split_contexts(self, split: str) -> Iterator[Tensor]:
         """The held-out (``test``) or training contexts: every ``test_stride``-th context of the stream is
@@ -359,9 +408,15 @@ class ActivationDataModule(SparseCodingData):
         atomic_write_json(self.cache_dir / MANIFEST, manifest)
 
     @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits the cache folder holds: on the fly, the held-out one alone."""
+        return ("test", "train") if self.hparams.cache else ("test",)
+
+    @property
     def complete(self) -> bool:
         manifest = self.manifest()
-        return bool(manifest and all(manifest["splits"][s]["complete"] for s in ("test", "train")))
+        return bool(manifest and all(manifest["splits"][s]["complete"] for s in self.splits)
+                    and (self.hparams.cache or "scale" in manifest))
 
     def prepare_data(self) -> None:
         """Collect whatever the cache lacks (resuming after the last shard written)."""
@@ -376,15 +431,16 @@ class ActivationDataModule(SparseCodingData):
         lm, _, hook = self.language_model()
         h = self.hparams
         manifest = self.manifest() or {"identity": self.identity, "splits": {
-            s: {"shards": [], "contexts_done": 0, "complete": False} for s in ("test", "train")}}
+            s: {"shards": [], "contexts_done": 0, "complete": False} for s in self.splits}}
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        n_test, n_train = self._n_contexts(h.n_test_tokens), self._n_contexts(h.n_train_tokens)
+        totals = {"test": self._n_contexts(h.n_test_tokens), "train": self._n_contexts(h.n_train_tokens)}
+        totals = {split: totals[split] for split in self.splits}
         per_shard = max(1, h.shard_tokens // self.tokens_per_context)
-        done = manifest["splits"]["test"]["contexts_done"] + manifest["splits"]["train"]["contexts_done"]
-        progress = tqdm(total=(n_test + n_train) * self.tokens_per_context, initial=done * self.tokens_per_context,
+        done = sum(manifest["splits"][split]["contexts_done"] for split in self.splits)
+        progress = tqdm(total=sum(totals.values()) * self.tokens_per_context, initial=done * self.tokens_per_context,
                         desc=f"collecting {h.hook} activations", unit="tok", disable=None)
         start, resumed_at = time.perf_counter(), done
-        for split, total in (("test", n_test), ("train", n_train)):
+        for split, total in totals.items():
             state = manifest["splits"][split]
             stream = self.split_contexts(split)
             for _ in range(state["contexts_done"]):  # skip what the cache holds
@@ -421,9 +477,34 @@ class ActivationDataModule(SparseCodingData):
                 self._save_manifest(manifest)
                 progress.update(count * self.tokens_per_context)
         progress.close()
+        if "scale" not in manifest:  # on the fly: the statistics of a first sample of training tokens
+            self._collect_statistics(manifest)
         tokens, seconds = (done - resumed_at) * self.tokens_per_context, time.perf_counter() - start
         log.info("collected %s tokens of %s activations in %.0f s (%s tokens/s on %s) into %s", f"{tokens:,}", h.hook,
                  seconds, f"{tokens / max(seconds, 1e-9):,.0f}", self.device, self.cache_dir)
+
+    def _collect_statistics(self, manifest: dict[str, Any]) -> None:
+        """The scales, median norms and mean target of the first ``stats_tokens`` training tokens (all of them, when
+        there are fewer), kept in the
+        manifest and ``stats.safetensors`` (what the cache measures on its first training shard)."""
+        h = self.hparams
+        n = self._n_contexts(min(h.stats_tokens, h.n_train_tokens))
+        contexts = list(itertools.islice(self.split_contexts("train"), n))
+        if len(contexts) < n:
+            raise ValueError(f"data.stats_tokens: the dataset holds {len(contexts)} training contexts, fewer than the "
+                             f"{n} the statistics read; lower stats_tokens or add text")
+        tokens = torch.stack(contexts)
+        sides = self.read_pairs(tokens) if self.paired else (self.read_contexts(tokens),)
+        sides = [side.reshape(-1, side.shape[-1]) for side in sides]
+        names = (ACTIVATIONS, TARGETS)[:len(sides)]
+        manifest["median_norms"] = {name: float(side.norm(dim=-1).median()) for name, side in zip(names, sides)}
+        manifest["scale"] = _unit_scale(sides[0])
+        if self.paired:
+            manifest["target_scale"] = _unit_scale(sides[1])
+        self._manifest, self._median_norms = manifest, dict(manifest["median_norms"])
+        mean = self._mean_target(sides)
+        save_shard(self.cache_dir / STATS, "target_mean", mean)
+        self._save_manifest(manifest)
 
     @torch.no_grad()
     def read_contexts(self, tokens: Tensor) -> Tensor:
@@ -504,7 +585,9 @@ class ActivationDataModule(SparseCodingData):
         if self.hparams.outlier_factor is None:
             return None
         if name not in self._median_norms:
-            self._median_norms[name] = float(self._first_train_rows(name).norm(dim=-1).median())
+            saved = self._checked_manifest().get("median_norms", {})
+            self._median_norms[name] = saved[name] if name in saved else float(
+                self._first_train_rows(name).norm(dim=-1).median())
         return self.hparams.outlier_factor * self._median_norms[name] * scale
 
     @property
@@ -520,9 +603,17 @@ class ActivationDataModule(SparseCodingData):
 
     @property
     def target_mean(self) -> Tensor:
-        """The mean target (unscaled, ``(d_out,)``) of the first training shard's tokens, outliers left out: what
-        mean ablation writes in place of the targets (the activations of unpaired data)."""
-        sides = [self._first_train_rows(name) for name in ((ACTIVATIONS, TARGETS) if self.paired else (ACTIVATIONS,))]
+        """The mean target (unscaled, ``(d_out,)``) of the first training shard's tokens (on the fly: of the first
+        ``stats_tokens``), outliers left out: what mean ablation writes in place of the targets (the activations of
+        unpaired data)."""
+        if not self.hparams.cache:
+            self._checked_manifest()
+            return load_shard(self.cache_dir / STATS, "target_mean")
+        return self._mean_target([self._first_train_rows(name)
+                                  for name in ((ACTIVATIONS, TARGETS) if self.paired else (ACTIVATIONS,))])
+
+    def _mean_target(self, sides: Sequence[Tensor]) -> Tensor:
+        """The mean of the last of ``sides`` (unscaled rows: the inputs, and a pair's targets) over its clean rows."""
         scaled = [side * scale for side, scale in zip(sides, (self.scale, self.target_scale))]
         keep = ~any_outlier(scaled, (self.outlier_norm, self.target_outlier_norm))
         return sides[-1][keep].mean(0)
@@ -544,7 +635,60 @@ class ActivationDataModule(SparseCodingData):
         return DataLoader(dataset, batch_size=None, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("train", shuffle=True))
+        if not self.hparams.cache:
+            return DataLoader(self.live(), batch_size=None)
+        self._train = self._dataset("train", shuffle=True)
+        if self._resume_state is not None:
+            self._train.epoch, self._train.skip = self._resume_state["epoch"], self._resume_state["served"]
+            self._resume_state = None
+        return self._loader(self._train)
+
+    def live(self, rank: int | None = None, world_size: int | None = None) -> LiveActivations:
+        """The training batches read from the LM while it runs (:class:`~sae_zoo.data.live.LiveActivations`): the
+        trainer's slice of every global batch, unless ``rank`` and ``world_size`` are given."""
+        h = self.hparams
+        if rank is None or world_size is None:
+            trainer = getattr(self, "trainer", None)
+            rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        refill = -(-h.buffer_contexts // 2 // world_size) * world_size  # half the buffer, whole blocks per rank
+        self._live = LiveActivations(
+            lambda skip: itertools.islice(self.split_contexts("train"), skip, None), self.live_rows,
+            n_contexts=self._n_contexts(h.n_train_tokens), batch_size=h.batch_size,
+            capacity=h.buffer_contexts * self.tokens_per_context, refill=refill, paired=self.paired, seed=h.seed,
+            rank=rank, world_size=world_size)
+        if self._resume_state is not None:
+            self._live.load_state_dict(self._resume_state)
+            self._resume_state = None
+        return self._live
+
+    def sample_batches(self) -> Iterator[Tensor | Pair] | None:
+        """Training batches for a sample of training rows (a run's start reads some), without moving the trainer's
+        stream on: on the fly, :meth:`LiveActivations.sample`; None for a cache, whose loader is read."""
+        return None if self._live is None else self._live.sample()
+
+    def live_rows(self, tokens: Tensor) -> tuple[Tensor, ...]:
+        """The training rows of contexts ``tokens``, as the buffer holds them: scaled, outlier tokens left out."""
+        sides = self.read_pairs(tokens) if self.paired else (self.read_contexts(tokens),)
+        sides = [side.reshape(-1, side.shape[-1]) * scale for side, scale in zip(sides, (self.scale, self.target_scale))]
+        keep = ~any_outlier(sides, (self.outlier_norm, self.target_outlier_norm))
+        return tuple(side[keep] for side in sides)
+
+    # ---- the data position, for runs that resume ----
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position after the batches the trainer has trained on in this pass over the data (Lightning
+        writes it into every checkpoint): on the fly, the stream's (contexts read, the buffer, the shuffle's RNG);
+        from a cache, the pass's shuffle and how many of its batches were served."""
+        trainer = getattr(self, "trainer", None)
+        served = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+        if self._live is not None:
+            return {"live": self._live.state_dict(served)}
+        if self._train is not None:
+            return {"cache": {"epoch": self._train.epoch - 1, "served": served}}
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_state = state.get("live", state.get("cache"))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("test", shuffle=False))
@@ -560,6 +704,27 @@ class ActivationDataModule(SparseCodingData):
         """Every held-out token, outliers included, in order: row ``i`` is position ``i % tokens_per_context``
         of context ``i // tokens_per_context`` (its ``outliers(batch)`` says which are outliers)."""
         return self._held_out(drop_outliers=False)
+
+    @property
+    def held_out_tokens(self) -> int:
+        return sum(s["tokens"] for s in self._checked_manifest()["splits"]["test"]["shards"])
+
+    @property
+    def window_identity(self) -> dict[str, Any]:
+        return {k: self.hparams[k] for k in ("model", "gguf_file", "revision", "model_dtype", "hook", "prepend_bos",
+                                             "drop_bos", "cache_dtype")}
+
+    @property
+    def context_len(self) -> int:
+        return self.hparams.context_len
+
+    @property
+    def prepend_bos(self) -> bool:
+        return self.hparams.prepend_bos
+
+    @property
+    def model_batch_size(self) -> int:
+        return self.hparams.model_batch_size
 
     def held_out_batches(self) -> Iterator[Tensor]:
         """Every held-out batch (scaled), in order, on this process alone."""
@@ -579,6 +744,11 @@ class ActivationDataModule(SparseCodingData):
         shards = self._checked_manifest()["splits"]["test"]["shards"]
         tokens = torch.cat([load_shard(self.cache_dir / s["token_ids"], TOKEN_IDS) for s in shards])
         return tokens[: self.hparams.ce_contexts], self.scale, self.hparams.prepend_bos and self.hparams.drop_bos
+
+
+def _auto_device() -> str:
+    """This process's GPU where there is one (a DDP rank's own, by ``LOCAL_RANK``), else the CPU."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 
 def _unit_scale(rows: Tensor) -> float:

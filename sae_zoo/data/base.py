@@ -93,3 +93,100 @@ class SparseCodingData(L.LightningDataModule, metaclass=ABCMeta):
     @classmethod
     def check_arguments(cls, kwargs: dict[str, Any]) -> None:
         """Checks of the data's arguments that need no data (raise ``ValueError`` naming the ``data.`` key)."""
+
+
+class LanguageModelData(SparseCodingData):
+    """A language model's activations at a hook (and, for a transcoder, at a later hook), cached or read live: what
+    evaluation reads of any such source (held-out FVU with per-context sums, the CE splice, mean ablation, probing,
+    dashboards and upgrades), declared once. Batches and held-out rows are scaled (:attr:`scale`, and a pair's
+    targets by :attr:`target_scale`); positions the data leave out (BOS where dropped, outlier tokens above
+    :attr:`outlier_norm`) are left out of batches.
+
+    * ``language_model()``: ``(lm, tokenizer, hook point)``; :attr:`target_hook` where the targets are read.
+    * ``held_out_rows()``: every held-out token in order, outliers included (row ``i`` is position
+      ``i % tokens_per_context`` of context ``i // tokens_per_context``), with ``outliers(batch)`` saying which
+      are outliers; :attr:`held_out_tokens` counts them.
+    * ``ce_batches()``: the held-out token ids the LM's loss is measured on.
+    * ``read_contexts(tokens)``: unscaled activations at the hook of token windows (probing and dashboards).
+    * :attr:`window_identity`: what fixes the activations of a window (LM, hook, BOS handling), for caches of
+      windows; :attr:`cache_dir`: the folder they are cached in.
+    """
+
+    cache_dir: Any
+    device: str
+    tokens_per_context: int
+
+    @abstractmethod
+    def language_model(self) -> tuple[torch.nn.Module, Any, Any]:
+        """``(lm, tokenizer, hook point)``."""
+
+    @property
+    @abstractmethod
+    def target_hook(self) -> Any:
+        """Where the targets are read (and written to measure CE-loss recovered)."""
+
+    @property
+    @abstractmethod
+    def scale(self) -> float:
+        """The inputs' scale factor."""
+
+    @property
+    @abstractmethod
+    def target_scale(self) -> float:
+        """The targets' scale factor (the inputs' for unpaired data)."""
+
+    @property
+    @abstractmethod
+    def outlier_norm(self) -> float | None:
+        """The scaled norm above which an input is an outlier token (None: no outliers)."""
+
+    @property
+    @abstractmethod
+    def target_outlier_norm(self) -> float | None:
+        """The same bound for the targets."""
+
+    @property
+    @abstractmethod
+    def target_mean(self) -> Tensor:
+        """The mean target over training tokens (unscaled): what mean ablation writes."""
+
+    @abstractmethod
+    def held_out_rows(self) -> Any:
+        """Every held-out token in order, outliers included; ``outliers(batch)`` names them."""
+
+    @property
+    @abstractmethod
+    def held_out_tokens(self) -> int:
+        """How many held-out tokens there are, outliers included."""
+
+    @abstractmethod
+    def ce_batches(self) -> tuple[Tensor, float, bool]:
+        """``(token ids (n, context_len), input scale, whether position 0 is left out of the data)``."""
+
+    @abstractmethod
+    def read_contexts(self, tokens: Tensor) -> Tensor:
+        """Unscaled activations ``(n, tokens kept, d_model)`` at the hook of token windows ``(n, context_len)``."""
+
+    @abstractmethod
+    def documents(self) -> Iterator[str]:
+        """The dataset's texts."""
+
+    @property
+    @abstractmethod
+    def window_identity(self) -> dict[str, Any]:
+        """What fixes a window's activations (model, hook, BOS handling, dtype), JSON-able."""
+
+    @property
+    @abstractmethod
+    def context_len(self) -> int:
+        """Tokens per context, BOS included."""
+
+    @property
+    @abstractmethod
+    def prepend_bos(self) -> bool:
+        """Whether each context starts with BOS."""
+
+    @property
+    @abstractmethod
+    def model_batch_size(self) -> int:
+        """Contexts per LM forward pass."""

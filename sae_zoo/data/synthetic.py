@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .._signature import check_types
 from .base import Batch, SparseCodingData
+from .registry import register_datamodule
 
 PAPER_SEED = 20240625
 
@@ -53,6 +54,7 @@ class RepeatedBatch(Dataset):
         return self.tensors
 
 
+@register_datamodule("synthetic")
 class SyntheticSparseDataModule(SparseCodingData):
     """The paper's synthetic data: one draw of ``n_train + n_test`` samples, split in that order.
 

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from .._io import atomic_directory, atomic_write_json, cache_key, read_json, read_safetensors
 from .activations import ShardedActivations, save_shard
 from .base import Batch, SparseCodingData
+from .registry import register_datamodule
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,7 @@ class HeldOutBatches(IterableDataset):
         return itertools.islice(self.datamodule.held_out_batches(), self.rank, None, self.world)
 
 
+@register_datamodule("synthsaebench")
 class SynthSAEBenchDataModule(SparseCodingData):
     """SynthSAEBench samples; see the module docstring. Held-out batches are ``(x, true feature activations)``.
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._io import atomic_write, cache_key
-from .activations import ActivationDataModule
+from .base import LanguageModelData
 
 
 class Windows(NamedTuple):
@@ -35,28 +35,26 @@ def centred_windows(n_tokens: int, body: int, count: int) -> list[int]:
     return [(2 * i + 1) * n // (2 * count) * body for i in range(count)]
 
 
-def read_windows(datamodule: ActivationDataModule, kind: str, texts: Iterable[str], per_document: int,
+def read_windows(datamodule: LanguageModelData, kind: str, texts: Iterable[str], per_document: int,
                  context_len: int | None = None, limit: int | None = None,
                  identity: dict[str, Any] | None = None) -> Windows:
     """Up to ``per_document`` windows of ``context_len`` tokens (default: the data's) from each text, at most
     ``limit`` in all, read at the datamodule's hook. Cached under ``kind`` and ``identity`` (what the texts
     are: a file list's hash, a dataset's name), with the LM and window layout."""
-    h = datamodule.hparams
-    context_len = context_len or h.context_len
-    key_fields = {k: h[k] for k in ("model", "gguf_file", "revision", "model_dtype", "hook", "prepend_bos",
-                                    "drop_bos", "cache_dtype")}
+    context_len = context_len or datamodule.context_len
+    key_fields = dict(datamodule.window_identity)
     key_fields.update(identity or {}, kind=kind, context_len=context_len, per_document=per_document, limit=limit)
     key = cache_key(key_fields)
     path = datamodule.cache_dir / f"{kind}-{key}" / "windows.safetensors"
     if path.exists():
         return Windows(**load_file(str(path)))
     _, tokenizer, _ = datamodule.language_model()
-    body = context_len - h.prepend_bos
+    body = context_len - datamodule.prepend_bos
     windows, documents = [], []
     for index, text in enumerate(tqdm(texts, desc=f"{kind} texts", unit="doc", disable=None)):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         for start in centred_windows(len(ids), body, per_document)[: None if limit is None else limit - len(windows)]:
-            windows.append(torch.tensor(([tokenizer.bos_token_id] if h.prepend_bos else []) + ids[start:start + body]))
+            windows.append(torch.tensor(([tokenizer.bos_token_id] if datamodule.prepend_bos else []) + ids[start:start + body]))
             documents.append(index)
         if limit is not None and len(windows) >= limit:
             break
@@ -64,6 +62,6 @@ def read_windows(datamodule: ActivationDataModule, kind: str, texts: Iterable[st
         raise ValueError(f"{kind}: no text holds a window of {context_len} tokens")
     tokens = torch.stack(windows)
     acts = datamodule.read_contexts(tokens)
-    out = Windows(tokens, acts.to(getattr(torch, h.cache_dtype)), torch.tensor(documents))
+    out = Windows(tokens, acts.to(getattr(torch, key_fields.get("cache_dtype", "float32"))), torch.tensor(documents))
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in out._asdict().items()}, str(tmp)))
     return out

@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 
 from .._modes import evaluating
-from ..data.activations import ActivationDataModule
-from ..data.base import SparseCodingData, move
+from ..data.base import LanguageModelData, SparseCodingData, move
 from ..model import SparseCoder
 from .held_out import ContextSums, TokenSums, check_pairing, token_sums
 from .language_model import CELosses, ce_baselines, ce_loss_recovered, ce_spliced
@@ -25,7 +24,7 @@ def held_out_pass(model: SparseCoder, datamodule: SparseCodingData) -> Evaluatio
     metrics = model.new_metrics(sync_on_compute=False)  # every held-out batch is seen here
     tokens = None
     with evaluating(model):
-        if isinstance(datamodule, ActivationDataModule):
+        if isinstance(datamodule, LanguageModelData):
             tokens = token_sums(model, datamodule, metrics)
         else:
             check_pairing(model, datamodule)
@@ -50,7 +49,7 @@ def evaluate_model(model: SparseCoder, datamodule: SparseCodingData, probing: Pr
     and zero-ablated LM passes when many models are measured on the same data) and k-sparse probing
     (``probing``: its settings, default :class:`ProbingConfig`; ``ProbingConfig(enabled=False)`` skips it)."""
     evaluation = held_out_pass(model, datamodule)
-    if isinstance(datamodule, ActivationDataModule):
+    if isinstance(datamodule, LanguageModelData):
         probing = probing or ProbingConfig()
         evaluation.ce = ce_spliced(model, datamodule, baselines)
         evaluation.probes = probe_tallies(model, datamodule, probing) if probing.enabled else {}

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..data.activations import ActivationDataModule, select
-from ..data.base import Pair, SparseCodingData, move
+from ..data.activations import select
+from ..data.base import LanguageModelData, Pair, SparseCodingData, move
 from ..metrics import SparseCodingMetrics
 from ..metrics.functional import _fvu_compute
 from ..model import Reconstruction, SparseCoder
@@ -86,14 +86,14 @@ def check_pairing(model: SparseCoder, datamodule: SparseCodingData) -> None:
 
 
 @torch.no_grad()
-def token_sums(model: SparseCoder, datamodule: ActivationDataModule,
+def token_sums(model: SparseCoder, datamodule: LanguageModelData,
                metrics: SparseCodingMetrics | None = None) -> TokenSums:
     """The model's :class:`TokenSums` over the held-out tokens (its targets: a transcoder's are the paired
     targets), and, in the same pass, the clean tokens added to ``metrics`` (the model's test metrics) if given.
     The caller sets the model's mode (:func:`~sae_zoo.evaluation.held_out_pass` evaluates it in eval mode)."""
     check_pairing(model, datamodule)
     rows, per_context = datamodule.held_out_rows(), datamodule.tokens_per_context
-    n_contexts = -(-int(rows.offsets[-1]) // per_context)
+    n_contexts = -(-datamodule.held_out_tokens // per_context)
     sums = TokenSums(*(ContextSums.zeros(n_contexts, datamodule.d_out) for _ in range(2)), datamodule.outlier_norm)
     start = 0
     for batch in rows:

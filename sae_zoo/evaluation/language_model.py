@@ -11,14 +11,15 @@ import torch
 from torch import Tensor
 
 from .._modes import evaluating
-from ..data.activations import ActivationDataModule, any_outlier
+from ..data.activations import any_outlier
+from ..data.base import LanguageModelData
 from ..lm import next_token_loss
 from ..model import SparseCoder
 from .bootstrap import bootstrap_se
 from .held_out import check_pairing
 
 
-def _splice(fn: Callable[..., Tensor], datamodule: ActivationDataModule) -> Callable[..., Tensor]:
+def _splice(fn: Callable[..., Tensor], datamodule: LanguageModelData) -> Callable[..., Tensor]:
     """``fn`` applied where the data write (the targets' hook), except at positions left out of the data (BOS when
     position 0 is left out, outlier tokens), which keep their own activations. ``fn(activations)``, or for paired
     data ``fn(activations, inputs)`` with the inputs read earlier in the same pass, as the returned function is
@@ -37,7 +38,7 @@ def _splice(fn: Callable[..., Tensor], datamodule: ActivationDataModule) -> Call
     return replace
 
 
-def _losses(datamodule: ActivationDataModule, fn: Callable[..., Tensor] | None) -> Tensor:
+def _losses(datamodule: LanguageModelData, fn: Callable[..., Tensor] | None) -> Tensor:
     """Per-context next-token losses (float64, on the CPU) on the ``ce_contexts`` held-out contexts, with ``fn``
     spliced in (:func:`_splice`) where given."""
     tokens, _, _ = datamodule.ce_batches()
@@ -45,7 +46,7 @@ def _losses(datamodule: ActivationDataModule, fn: Callable[..., Tensor] | None) 
     where = {} if fn is None else {"hook": datamodule.target_hook, "replace": _splice(fn, datamodule),
                                    "reads": hook if datamodule.paired else None}
     return torch.cat([next_token_loss(lm, chunk, **where)
-                      for chunk in tokens.split(datamodule.hparams.model_batch_size)]).double().cpu()
+                      for chunk in tokens.split(datamodule.model_batch_size)]).double().cpu()
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class CELosses:
 
 
 @torch.no_grad()
-def ce_baselines(datamodule: ActivationDataModule) -> CELosses:
+def ce_baselines(datamodule: LanguageModelData) -> CELosses:
     """Per-context next-token losses, clean, with the written activations (the targets' hook: an MLP's output for a
     transcoder) zeroed, and with them replaced by their mean over training tokens, on the ``ce_contexts`` held-out
     contexts: what every model's CE-loss recovered is measured against."""
@@ -103,7 +104,7 @@ def ce_baselines(datamodule: ActivationDataModule) -> CELosses:
 
 
 @torch.no_grad()
-def ce_spliced(coder: SparseCoder, datamodule: ActivationDataModule, baselines: CELosses | None = None) -> CELosses:
+def ce_spliced(coder: SparseCoder, datamodule: LanguageModelData, baselines: CELosses | None = None) -> CELosses:
     """``baselines`` (:func:`ce_baselines`, computed when not given) with the per-context losses with the written
     activations replaced by ``coder``'s output (see :func:`ce_loss_recovered`): an SAE's reconstruction of them, a
     transcoder's prediction of them from its inputs (the MLP replaced)."""
@@ -122,7 +123,7 @@ def ce_spliced(coder: SparseCoder, datamodule: ActivationDataModule, baselines: 
     return dataclasses.replace(baselines, spliced=spliced)
 
 
-def ce_loss_recovered(coder: SparseCoder, datamodule: ActivationDataModule,
+def ce_loss_recovered(coder: SparseCoder, datamodule: LanguageModelData,
                       baselines: CELosses | None = None) -> dict[str, float]:
     """CE-loss recovered on the datamodule's ``ce_contexts`` held-out contexts: the LM's next-token loss with the
     activations the model writes (its input for an SAE; the targets' hook, e.g. an MLP's output, for a transcoder)

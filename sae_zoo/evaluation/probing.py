@@ -28,7 +28,8 @@ from torch import Tensor
 
 from .._modes import evaluating
 from .._io import cache_key
-from ..data.activations import ActivationDataModule, outlier_mask
+from ..data.activations import outlier_mask
+from ..data.base import LanguageModelData
 from ..data.windows import read_windows
 from ..lm import resolve_package_path
 from ..model import SparseCoder
@@ -128,7 +129,7 @@ class ProbeSet:
     metadata: list[dict[str, str]]
 
 
-def probe_set(datamodule: ActivationDataModule, config: ProbingConfig) -> ProbeSet:
+def probe_set(datamodule: LanguageModelData, config: ProbingConfig) -> ProbeSet:
     """``contexts_per_document`` windows of every document, read through the datamodule's LM at its hook
     (:func:`~sae_zoo.data.windows.read_windows`, cached)."""
     metadata = read_metadata(config.metadata)
@@ -256,7 +257,7 @@ def mean_accuracy(tallies: dict[Probe, Tensor], probe: str, weights: Tensor) -> 
     return sum(values) / len(values)
 
 
-def probe_tallies(model: SparseCoder, datamodule: ActivationDataModule,
+def probe_tallies(model: SparseCoder, datamodule: LanguageModelData,
                   config: ProbingConfig | None = None) -> dict[Probe, Tensor]:
     """Per task and probe, its :func:`probe_hits` tally: k-sparse probes on ``model``'s mean-pooled codes, and
     the dense probe on the mean-pooled activations."""
@@ -292,7 +293,7 @@ def probe_names(tallies: dict[Probe, Tensor]) -> list[str]:
     return list(dict.fromkeys(key.probe for key in tallies))
 
 
-def sparse_probing(model: SparseCoder, datamodule: ActivationDataModule,
+def sparse_probing(model: SparseCoder, datamodule: LanguageModelData,
                    config: ProbingConfig | None = None) -> dict[str, float]:
     """k-sparse probing accuracy of ``model``'s codes on each task, for each k, and of the dense probe on the
     activations: ``probe_<task>_k<k>`` and ``probe_<task>_dense`` with ``_se``, and their means over tasks

