@@ -50,10 +50,6 @@ class DeadLatents(TrainingAid):
     def active(self) -> bool:
         return self.tracks
 
-    @property
-    def solo(self) -> bool:  # resampling clears the model's own optimiser state
-        return self.resample_every > 0
-
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "auxk_coeff": self.auxk_coeff, "auxk_k": self.auxk_k_option,
                 "dead_tokens": self.dead_tokens, "resample_every": self.resample_every}

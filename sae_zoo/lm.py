@@ -227,6 +227,29 @@ def read_activations(lm: nn.Module, hook: HookPoint, tokens: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def read_many(lm: nn.Module, hooks: list[HookPoint], tokens: Tensor) -> list[Tensor]:
+    """Activations ``(batch, context, width)`` at each of ``hooks`` for ``tokens``, from one forward pass that stops
+    once the last of them has been read."""
+    captured: dict[int, Tensor] = {}
+
+    def reader(i: int) -> Callable[[Tensor], None]:
+        def read(activations: Tensor) -> None:
+            captured[i] = activations.detach()
+            if len(captured) == len(hooks):
+                raise _StopForward
+        return read
+
+    with ExitStack() as stack:
+        for i, hook in enumerate(hooks):
+            stack.enter_context(intercept(hook, reader(i)))
+        try:
+            lm(tokens.to(lm.device))
+        except _StopForward:
+            pass
+    return [captured[i] for i in range(len(hooks))]
+
+
+@torch.no_grad()
 def next_token_loss(lm: nn.Module, tokens: Tensor, hook: HookPoint | None = None,
                     replace: Callable[..., Tensor] | None = None, *, reads: HookPoint | None = None) -> Tensor:
     """Next-token cross-entropy of each context of ``tokens`` ``(n, len)``, a mean over its positions

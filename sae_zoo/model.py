@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -118,21 +118,31 @@ def l1_penalty(codes: Tensor | SparseCodes, dictionary: Dictionary, nonnegative:
     return magnitudes.sum() / (values[..., 0].numel() * dictionary.n_latents)
 
 
-def training_sample(trainer: L.Trainer, d_model: int, wanted: int, why: str) -> Tensor:
-    """Up to ``wanted`` rows of the trainer's training data, rank zero's on every rank (a start from them must be
-    the same everywhere); ``why`` names what reads them, for the error when there are none."""
+def training_batches(trainer: L.Trainer, wanted: int, why: str) -> list[Batch]:
+    """The first training batches, enough for ``wanted`` rows (of each part of a mapping batch: one model's part of
+    a batch read at several hooks); ``why`` names what reads them, for the error when there are none."""
     # data read on the fly give a stream of their own, so that the trainer's keeps its place
     loader = getattr(getattr(trainer, "datamodule", None), "sample_batches", lambda: None)()
     loader = trainer.train_dataloader if loader is None else loader  # set once fitting has started (on_train_start)
     if loader is None:
         raise ValueError(f"{why} reads training data, and the trainer has none")
-    samples = []
+    batches, rows = [], 0
     for batch in loader:
-        samples.append(unpack_batch(batch)[0].reshape(-1, d_model).float())
-        if sum(len(s) for s in samples) >= wanted:
+        batches.append(batch)
+        rows += len(unpack_batch(next(iter(batch.values())) if isinstance(batch, dict) else batch)[0])
+        if rows >= wanted:
             break
-    if not samples:
+    if not batches:
         raise ValueError(f"{why}: the training data is empty")
+    return batches
+
+
+def training_sample(trainer: L.Trainer, d_model: int, wanted: int, why: str, batches: list[Batch] | None = None,
+                    part: Callable[[Any], Batch] | None = None) -> Tensor:
+    """Up to ``wanted`` rows of the trainer's training data (of ``batches``, or the first ones; ``part`` of each),
+    rank zero's on every rank (a start from them must be the same everywhere); ``why`` names what reads them."""
+    batches = training_batches(trainer, wanted, why) if batches is None else batches
+    samples = [unpack_batch(part(batch) if part else batch)[0].reshape(-1, d_model).float() for batch in batches]
     return trainer.strategy.broadcast(torch.cat(samples)[:wanted].to(trainer.strategy.root_device), src=0)
 
 
@@ -275,6 +285,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.dead_latents = dead_latents
         #: every training aid, the field's first, in the order their hooks run
         self.aids = nn.ModuleList([bias_init, dead_latents, schedule, *extra_aids])
+        #: the optimiser a HeadBank trains this model with (None: its own trainer's)
+        self.bank_optimizer: torch.optim.Optimizer | None = None
         for aid in self.aids:
             if transcoder and aid.active and "target" not in inspect.signature(aid.loss_terms).parameters:
                 raise ValueError(f"aids: {aid.name!r} has no target argument in loss_terms, so it would treat a "
@@ -410,7 +422,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         that training keeps (BatchTopK's threshold estimate) on a batch it does not train on. In a multi-device
         run ``x`` is every rank's slice of the global batch, and the draw's generator is seeded by the run's seed
         and the step, so that every rank resamples alike, as one process would."""
-        optimizer = self.optimizers().optimizer if self._trainer is not None else None
+        optimizer = self.bank_optimizer or (self.optimizers().optimizer if self._trainer is not None else None)
         x = gathered_rows(x.reshape(-1, x.shape[-1]))
         with torch.no_grad(), evaluating(self):
             x_hat = self(x).x_hat

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import importlib.util
 import os
 import re
@@ -41,11 +42,13 @@ from . import flops
 from ._io import atomic_write, atomic_write_json, atomic_write_text, cache_key
 from ._signature import UnknownArgumentError, check_kwargs
 from .data import PAPER_SEED, SparseCodingData, get_datamodule_class
+from .data.multi_hook import MultiHookData, check_hooks, hook_name
 from .dictionary import Dictionary
 from .encoders import create_encoder, get_encoder_class
 from .evaluation import ProbingConfig, evaluate_model
 from .hub import load_sae
 from .model import NOT_FOR_TRANSCODERS, SparseCoder
+from .multihead import HeadBank
 from .checkpoints import CHECKPOINT, PeriodicCheckpoint
 from .tracking import logger_specs, make_loggers
 from .training import get_training_aid_class
@@ -235,7 +238,8 @@ def apply_head_defaults(cfg: DictConfig) -> None:
         head = get_encoder_class(cfg.encoder.name)
     except ValueError:
         return  # validate() names the unknown head
-    transcoder = cfg.model.get("transcoder", cfg.data.get("hook_out") is not None)
+    pairs = [h for h in (cfg.data.get("hooks") or []) if not isinstance(h, str)]
+    transcoder = cfg.model.get("transcoder", cfg.data.get("hook_out") is not None or bool(pairs))
     for section, defaults in head.learned_dictionary_defaults.items():
         for key, value in defaults.items():
             if key not in cfg[section] and not (transcoder and key in NOT_FOR_TRANSCODERS.get(section, ())):
@@ -327,6 +331,8 @@ class Plan:
     probing: ProbingConfig
     #: the recipe's ``loggers`` (:func:`~sae_zoo.tracking.logger_specs`), beside the CSV log
     loggers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: ``data.hooks``: ``(hook, hook_out or None)`` of each model trained from one LM pass, or None
+    hooks: list[tuple[str, str | None]] | None = None
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -344,7 +350,19 @@ def plan(cfg: DictConfig) -> Plan:
         data_class = get_datamodule_class(data_name)
     except ValueError as e:
         raise ValueError(f"data.name: {e}") from None
-    check_kwargs(data_class.__init__, data_kwargs, what=f"data {data_name!r}", key_prefix="data.")
+    hooks = data_kwargs.pop("hooks", None)
+    if hooks is not None:
+        hooks = check_hooks(hooks)
+        if data_name != "activations":
+            raise ValueError(f"data.hooks: data {data_name!r} reads no language model; data.name=activations does")
+        given = [k for k in ("hook", "hook_out") if k in data_kwargs]
+        if given:
+            raise ValueError(f"data.{given[0]}: data.hooks names every hook; drop data.{given[0]}")
+        if len({out is None for _, out in hooks}) > 1:
+            raise ValueError("data.hooks mixes hooks (SAEs) and [input, target] pairs (transcoders); a recipe trains "
+                             "one kind")
+    check_kwargs(data_class.__init__, {**data_kwargs, **({"hook": hooks[0][0]} if hooks else {})},
+                 what=f"data {data_name!r}", key_prefix="data.")
     data_class.check_arguments(data_kwargs)
     encoder_name, encoder_kwargs = _named(cfg.encoder, "encoder")
     try:
@@ -398,7 +416,7 @@ def plan(cfg: DictConfig) -> Plan:
     loggers = cfg.get("loggers") or []
     loggers = logger_specs(OmegaConf.to_container(loggers, resolve=True) if OmegaConf.is_config(loggers) else loggers)
     return Plan(cfg, data_class, data_kwargs, encoder_name, encoder_kwargs, pretrained, dictionary_kwargs,
-                model_kwargs, {**TRAINER_DEFAULTS, **trainer_kwargs}, ProbingConfig(**probing_kwargs), loggers)
+                model_kwargs, {**TRAINER_DEFAULTS, **trainer_kwargs}, ProbingConfig(**probing_kwargs), loggers, hooks)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -406,11 +424,14 @@ def validate(cfg: DictConfig) -> None:
     plan(cfg)
 
 
-def build(cfg: DictConfig | Plan) -> tuple[SparseCodingData, SparseCoder]:
-    """The datamodule and the SparseCoder a recipe (or its plan) describes."""
+def build(cfg: DictConfig | Plan, datamodule: SparseCodingData | None = None) -> tuple[SparseCodingData, SparseCoder]:
+    """The datamodule (``datamodule``, when it is already built) and the SparseCoder a recipe (or its plan)
+    describes."""
     p = cfg if isinstance(cfg, Plan) else plan(cfg)
     cfg = p.cfg
-    datamodule = p.data_class(**p.data_kwargs)
+    if p.hooks:
+        raise RecipeError("data.hooks trains one model per hook: build each hook's recipe (hook_recipes)")
+    datamodule = p.data_class(**p.data_kwargs) if datamodule is None else datamodule
     d_model, d_out = datamodule.d_model, datamodule.d_out
     model_kwargs = dict(p.model_kwargs)
     transcoder = model_kwargs.setdefault("transcoder", datamodule.paired)
@@ -584,6 +605,8 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True,
         raise RecipeError(f"--resume: {run.path} holds no {CHECKPOINT}: the run wrote none (set checkpoint_every) "
                           "or had not reached its first one")
     p = plan(cfg)
+    if p.hooks:
+        return _fit_hooks(run, p, progress, checkpoint if resume else None)
     datamodule, model = build(p)
     callbacks = [PeriodicCheckpoint(run.path, cfg.checkpoint_every)] if cfg.checkpoint_every else []
     trainer = make_trainer(p, progress=progress, root_dir=run.path, callbacks=callbacks,
@@ -629,6 +652,72 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
 
+def hook_recipes(cfg: DictConfig, run_dir: Path) -> dict[str, DictConfig]:
+    """Each hook's own recipe in a recipe with ``data.hooks``: the recipe with ``data.hook`` (and ``hook_out``) in
+    place of the list (and ``data.cache_dir/<hook>`` for its held-out set), written to ``run_dir/<hook>``; each is
+    what a run on that hook alone would be."""
+    recipes = {}
+    for hook, hook_out in check_hooks(OmegaConf.to_container(cfg.data.hooks)):
+        one = cfg.copy()
+        one.data = OmegaConf.create({k: v for k, v in cfg.data.items() if k != "hooks"})
+        one.data.hook = hook
+        if hook_out is not None:
+            one.data.hook_out = hook_out
+        name = hook_name([hook, hook_out] if hook_out else hook)
+        if cfg.data.get("cache_dir"):  # each hook's held-out set and statistics in a folder of its own
+            one.data.cache_dir = str(Path(cfg.data.cache_dir) / name)
+        one.run_dir = str(run_dir / name)
+        recipes[name] = one
+    return recipes
+
+
+def _fit_hooks(run: RunFolder, p: Plan, progress: bool,
+               resume_from: Path | None) -> tuple[Path, dict[str, Any]]:
+    """Train one model per hook of ``data.hooks`` from one LM pass (:class:`~sae_zoo.data.multi_hook.MultiHookData`,
+    :class:`~sae_zoo.multihead.HeadBank`), then write and evaluate each as a run of its own in ``RUN_DIR/<hook>``."""
+    cfg = run.cfg
+    recipes = hook_recipes(cfg, run.path)
+    plans = {name: plan(one) for name, one in recipes.items()}
+    data = MultiHookData({name: q.data_class(**q.data_kwargs) for name, q in plans.items()})
+    data.check_hooks()  # every hook exists and is listed once, before any forward pass
+    models = {name: build(q, data.parts[name])[1] for name, q in plans.items()}
+    callbacks = [PeriodicCheckpoint(run.path, cfg.checkpoint_every)] if cfg.checkpoint_every else []
+    trainer = make_trainer(p, progress=progress, root_dir=run.path, callbacks=callbacks,
+                           logger=[CSVLogger(run.path, name="logs", version=""), *make_loggers(p.loggers, run.path)])
+    run.start()
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
+    try:
+        if trainer.is_global_zero:
+            data.prepare_data()
+        start = time.perf_counter()
+        trainer.fit(HeadBank(models, reads={name: name for name in models}), datamodule=data, ckpt_path=resume_from)
+        train_seconds = time.perf_counter() - start
+        run.agree(trainer)
+        if not trainer.is_global_zero:
+            return run.path, {}
+        folders = {}
+        for name, model in models.items():
+            one = RunFolder(recipes[name])
+            one.start()
+            part = data.parts[name]
+            model.dictionary.provenance = {**part.describe(), **model.dictionary.provenance}
+            _save_model_checkpoint(model, one.path / "model.ckpt", step=trainer.global_step)
+            test = evaluate_run(model, part, ProbingConfig(**_plain(recipes[name].probing)))
+            one.finish(part, model, test, encoder=cfg.encoder.name, steps=trainer.global_step,
+                       train_seconds=train_seconds, devices=trainer.world_size)
+            folders[name] = str(one.path)
+        (run.path / CHECKPOINT).unlink(missing_ok=True)
+        metrics = {"hooks": folders, "steps": trainer.global_step, "train_seconds": round(train_seconds, 3),
+                   "devices": trainer.world_size, "lm_contexts": data._live.lm_contexts if data._live else 0,
+                   "test": {name: json.loads((Path(folder) / "metrics.json").read_text())["test"]
+                            for name, folder in folders.items()}}
+        atomic_write_json(run.path / "metrics.json", metrics)
+        return run.path, metrics
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def check_run_dir(run_dir: Path) -> None:
     """A run directory must be new, empty, or left by a run that did not finish: one that wrote neither a
     checkpoint nor ``metrics.json`` (a run trained by another library writes only the latter)."""
@@ -659,7 +748,7 @@ def _train_and_evaluate(run: RunFolder, trainer: L.Trainer, datamodule: SparseCo
     if not trainer.is_global_zero:
         return run_dir, {}
     if not trained:
-        _save_untrained_checkpoint(model, partial)
+        _save_model_checkpoint(model, partial)
     test = evaluate_run(model, datamodule, ProbingConfig(**_plain(cfg.probing)))
     os.replace(partial, run_dir / "model.ckpt")
     (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the finished run's model.ckpt supersedes it
@@ -686,9 +775,10 @@ def run_record(cfg: DictConfig, datamodule: SparseCodingData, model: SparseCoder
     return record
 
 
-def _save_untrained_checkpoint(model: SparseCoder, path: Path) -> None:
-    """The Lightning checkpoint of a model that never trained (Lightning saves only what a fit attached)."""
+def _save_model_checkpoint(model: SparseCoder, path: Path, step: int = 0) -> None:
+    """The Lightning checkpoint of a model that was not its trainer's own (one that never trained; one of a bank's),
+    which Lightning saves only for what a fit attached."""
     checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                  "pytorch-lightning_version": L.__version__, "epoch": 0, "global_step": 0}
+                  "pytorch-lightning_version": L.__version__, "epoch": 0, "global_step": step}
     model.on_save_checkpoint(checkpoint)
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))

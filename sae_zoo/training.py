@@ -156,8 +156,6 @@ class LRSchedule(TrainingAid):
     the run (0.1: its first 10%; 0.2: its last 20%). ``SparseCoder``'s ``lr_warmup_steps`` and
     ``lr_decay_steps`` set it."""
 
-    solo = True
-
     def __init__(self, warmup_steps: int | float = 0, decay_steps: int | float = 0) -> None:
         super().__init__()
         self.warmup_steps = steps_or_fraction(warmup_steps, "lr_warmup_steps")
@@ -190,8 +188,6 @@ class LRSchedule(TrainingAid):
 class DecoderBiasInit(TrainingAid):
     """A fresh run's decoder bias set from training rows: their ``mean`` or their ``geometric_median``
     (robust to outlier inputs). ``SparseCoder``'s ``decoder_bias_init`` sets it; ``bias_init_samples`` rows."""
-
-    solo = True
 
     def __init__(self, how: Literal["mean", "geometric_median"] | None = None) -> None:
         super().__init__()

@@ -1,6 +1,7 @@
 """Training on the fly: batches read from the LM while it runs, through a mixing buffer; the statistics of a first
 sample; several ranks each running the LM; runs killed with SIGKILL and resumed; pre-tokenised datasets."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -172,3 +173,79 @@ def test_text_is_tokenised_in_batches_as_one_document_at_a_time(lm_files, tmp_pa
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     expected = [[tokenizer.bos_token_id] + stream[i:i + 15] for i in range(0, len(stream) - 14, 15)]
     assert [c.tolist() for c in dm.contexts()] == expected
+
+
+def hooks_recipe(lm_files, tmp_path, hooks, **model):
+    return {"setting": "unknown", "seed": 3,
+            "data": {"name": "activations", "hooks": hooks,
+                     **{k: v for k, v in data_kwargs(lm_files, tmp_path / "cache").items() if k != "hook"}},
+            "dictionary": {"n_latents": 32}, "encoder": {"name": "batchtopk", "k": 2},
+            "model": {"matryoshka_widths": [8, 32], "auxk_coeff": 0.05, "dead_tokens": 200, "lr_warmup_steps": 3,
+                      "lr_decay_steps": 0.3, "bias_init_samples": 200, **model},
+            "trainer": {"max_steps": 20, "accelerator": "cpu", "limit_val_batches": 0, "log_every_n_steps": 5},
+            "probing": {"enabled": False}, "run_dir": str(tmp_path / "run")}
+
+
+def test_several_hooks_train_from_one_pass_each_as_its_single_hook_run(lm_files, tmp_path, monkeypatch):
+    """Three SAEs (Matryoshka BatchTopK with AuxK, an LR warm-up and decay, learned atom norms) from one LM pass:
+    each equals the run of its own recipe alone on the same batches, and the LM makes the forward passes of one
+    hook, each reading the three."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    import sae_zoo.data.multi_hook as multi_hook
+    from sae_zoo.hub import load_sae
+    from sae_zoo.recipe import build, fit, hook_recipes, plan
+
+    hooks = ["resid_post.0", "resid_post.1", "resid_post.2"]
+    passes = []
+    real = multi_hook.read_many
+
+    def counted(lm, points, tokens):
+        passes.append((len(points), len(tokens)))
+        return real(lm, points, tokens)
+
+    monkeypatch.setattr(multi_hook, "read_many", counted)
+    cfg = recipe_from_content(hooks_recipe(lm_files, tmp_path, hooks))
+    run_dir, metrics = fit(cfg, progress=False)
+    assert sorted(metrics["hooks"]) == sorted(hooks) and metrics["steps"] == 20
+    # 100 training contexts a pass, 20 per refill (half of the 40-context buffer), 8 per forward pass: 15 batches a
+    # pass, so 20 steps read the first pass and three refills of the second (two fill it, one tops it up after 2 of
+    # its 5 batches), each refill 3 forward passes reading the three hooks, as one hook's stream would read them
+    assert all(n == 3 for n, _ in passes)
+    assert [size for _, size in passes] == [8, 8, 4] * 8
+    assert metrics["lm_contexts"] == 160
+
+    for name, one in hook_recipes(cfg, run_dir).items():
+        # the batches this hook's model trained on, read again from its own data alone
+        q = plan(one)
+        part = q.data_class(**q.data_kwargs)
+        stream = part.live()
+        batches = [b for _, b in zip(range(20), itertools.chain(stream, stream))]
+        _, alone = build(q, part)
+        trainer = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
+        trainer.fit(alone, DataLoader(batches, batch_size=None))
+        together = load_sae(str(run_dir / name))
+        assert together.dictionary.provenance["hook_name"] == name
+        saved = torch.load(run_dir / name / "model.ckpt", weights_only=False)["state_dict"]
+        for key, value in alone.state_dict().items():
+            torch.testing.assert_close(saved[key], value, atol=1e-6, rtol=0, msg=f"{name}: {key}")
+        assert json.loads((run_dir / name / "metrics.json").read_text())["test"]["fvu"] < 1
+
+
+def test_a_hook_list_is_checked_before_any_forward_pass(lm_files, tmp_path, monkeypatch):
+    import sae_zoo.lm as lm
+    from sae_zoo.recipe import fit
+
+    monkeypatch.setattr(lm, "_StopForward", None)  # any forward pass through a hook would now fail
+    for hooks, match in ((["resid_post.1", "resid_post.1"], "resid_post.1 is listed more than once"),
+                         (["resid_post.1", "model.layers.1"], "'model.layers.1' reads the output of model.layers.1, as "
+                                                              "'resid_post.1' does"),
+                         (["resid_post.1", "resid_post.7"], "hook 'resid_post.7': the model has blocks 0..2"),
+                         (["resid_post.1", ["mlp_in.1", "mlp_out.1"]], "mixes hooks .* and \\[input, target\\] pairs")):
+        with pytest.raises(ValueError, match=match):
+            fit(recipe_from_content(hooks_recipe(lm_files, tmp_path, hooks)), progress=False)
+    with pytest.raises(ValueError, match="data.hook: data.hooks names every hook"):
+        recipe_from_content({**hooks_recipe(lm_files, tmp_path, ["resid_post.1"]),
+                             "data": {**hooks_recipe(lm_files, tmp_path, ["resid_post.1"])["data"], "hook": "x"}})

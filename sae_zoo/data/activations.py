@@ -40,7 +40,7 @@ import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ from .._io import atomic_write, atomic_write_json, cache_key
 from ..lm import (HookPoint, load_language_model, max_context, read_activations, read_pair, resolve_hook,
                   resolve_package_path)
 from .base import LanguageModelData, Pair
-from .live import LiveActivations
+from .live import LiveActivations, Reader
 from .registry import register_datamodule
 from .tokens import TOKEN_COLUMNS, text_windows, token_column, token_rows
 
@@ -643,21 +643,26 @@ class ActivationDataModule(LanguageModelData):
             self._resume_state = None
         return self._loader(self._train)
 
-    def live(self, rank: int | None = None, world_size: int | None = None) -> LiveActivations:
+    def live(self, rank: int | None = None, world_size: int | None = None, read: Reader | None = None,
+             pack: Callable[[tuple[Tensor, ...]], Any] | None = None,
+             resume: dict[str, Any] | None = None) -> LiveActivations:
         """The training batches read from the LM while it runs (:class:`~sae_zoo.data.live.LiveActivations`): the
-        trainer's slice of every global batch, unless ``rank`` and ``world_size`` are given."""
+        trainer's slice of every global batch, unless ``rank`` and ``world_size`` are given. ``read`` and ``pack``
+        replace :meth:`live_rows` and the batches' form (several hooks' data read them in one pass); ``resume`` is a
+        saved data position to start from."""
         h = self.hparams
         if rank is None or world_size is None:
             trainer = getattr(self, "trainer", None)
             rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         refill = -(-h.buffer_contexts // 2 // world_size) * world_size  # half the buffer, whole blocks per rank
         self._live = LiveActivations(
-            lambda skip: itertools.islice(self.split_contexts("train"), skip, None), self.live_rows,
+            lambda skip: itertools.islice(self.split_contexts("train"), skip, None), read or self.live_rows,
             n_contexts=self._n_contexts(h.n_train_tokens), batch_size=h.batch_size,
             capacity=h.buffer_contexts * self.tokens_per_context, refill=refill, paired=self.paired, seed=h.seed,
-            rank=rank, world_size=world_size)
-        if self._resume_state is not None:
-            self._live.load_state_dict(self._resume_state)
+            rank=rank, world_size=world_size, pack=pack)
+        resume = resume if resume is not None else self._resume_state
+        if resume is not None:
+            self._live.load_state_dict(resume)
             self._resume_state = None
         return self._live
 

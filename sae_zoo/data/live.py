@@ -62,11 +62,12 @@ class LiveActivations(IterableDataset):
     stream reads only token ids for them). ``read``: see :data:`Reader` (the rows of one process's contexts;
     they are gathered over the ranks here). ``n_contexts``: the contexts one pass reads (the token budget).
     ``capacity``: the buffer's rows; ``refill``: contexts read per refill (a multiple of the world size).
+    ``pack``: a batch from the rows of every side (default: the inputs, or a :class:`Pair` when ``paired``).
     """
 
     def __init__(self, contexts: Callable[[int], Iterator[Tensor]], read: Reader, *, n_contexts: int,
                  batch_size: int, capacity: int, refill: int, paired: bool = False, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, pack: Callable[[tuple[Tensor, ...]], Any] | None = None) -> None:
         if batch_size % world_size:
             raise ValueError(f"data.batch_size {batch_size} must divide evenly across {world_size} devices")
         if capacity < 2 * batch_size:
@@ -74,7 +75,8 @@ class LiveActivations(IterableDataset):
                              f"{batch_size}: it serves until half is left, so it must hold at least two")
         self.contexts, self.read, self.n_contexts = contexts, read, n_contexts
         self.batch_size, self.capacity, self.refill = batch_size, capacity, refill
-        self.paired, self.seed, self.rank, self.world_size = paired, seed, rank, world_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.pack = pack or ((lambda sides: Pair(*sides)) if paired else (lambda sides: sides[0]))
         self.resume_from: StreamState | None = None
         self.lm_contexts = 0  # contexts this process has run through the LM (its share), for the benchmarks and tests
         self._stream: _Stream | None = None
@@ -163,7 +165,7 @@ class _Stream:
                     source._first_batch = snapshot
                 batch = tuple(r[cursor + lo:cursor + lo + per_rank] for r in rows)
                 cursor, left, served = cursor + b, left - b, served + 1
-                yield Pair(*batch) if source.paired else batch[0]
+                yield source.pack(batch)
             if ended:  # what is left is less than a batch: the next pass starts afresh
                 self.history.append((served, StreamState(contexts, tuple(r[cursor:] for r in rows), rng.get_state(),
                                                          state.pass_index, served)))
