@@ -11,6 +11,10 @@
 4. ``transcoders/``: the quick preset of ``recipes/llm/smollm2_transcoders.yaml`` on the GPU: an SAE, a transcoder
    and a skip-transcoder of block 8's MLP (paired activations, and CE-loss recovered with the MLP replaced, on the
    GPU). Its full preset (3 x 20,000 steps of 4,096 tokens) does not fit a device session of minutes.
+5. ``pipeline.json`` / ``pipeline.log``: ``benchmarks/lm_pipeline.py`` at GPU size: SmolLM2 in bf16, trained on the
+   fly (524,288 tokens of 4,096-token batches, LM batches of 256 contexts, the next refill read in a thread while the
+   SAE trains) against the bare LM, the cache path, three hooks (blocks 5, 10, 15) from one pass against one, and
+   peak memory at 524,288 and 2,097,152 tokens (about 2 minutes; bench16k's rows train 70 s each to leave it room).
 
 ``--dry-run`` runs the same steps on the CPU at tiny sizes in seconds (``--lm-model`` then names a small
 language model folder, of at least 9 blocks, for steps 3 and 4, as the test gives); a test runs it, so the
@@ -162,12 +166,25 @@ def llm_suite(out: Path, dry: bool, lm_model: str | None, recipe: str, name: str
                300 if dry else 240, cwd=out if dry else ROOT)
 
 
+def pipeline(out: Path, dry: bool, lm_model: str | None) -> int:
+    """Training on the fly at GPU size (``benchmarks/lm_pipeline.py``); a dry run reads a small LM on the CPU."""
+    if dry:
+        options = ["--model", lm_model, "--gguf-file", "", "--layers", "2,5,8", "--tokens", "2048",
+                   "--long-tokens", "4096", "--buffer-contexts", "40", "--model-batch-size", "8", "--batch-size", "256",
+                   "--context-len", "16"]
+    else:
+        options = ["--device", "cuda", "--model-dtype", "bfloat16", "--prefetch", "--tokens", "524288",
+                   "--long-tokens", "2097152", "--model-batch-size", "256", "--buffer-contexts", "1024"]
+    return run([sys.executable, str(ROOT / "benchmarks" / "lm_pipeline.py"), "--skip-saelens",
+                "--out", str(out / "pipeline.json"), *options], out, "pipeline", 300 if dry else 150)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=f"runs/gpu-{time.strftime('%Y%m%d-%H%M%S')}", help="the results folder")
     parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at tiny sizes")
     parser.add_argument("--lm-model", default=None, help="dry run: a small language model folder for step 3")
-    parser.add_argument("--bench16k-seconds", type=float, default=100, help="training seconds of each bench16k row")
+    parser.add_argument("--bench16k-seconds", type=float, default=70, help="training seconds of each bench16k row")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -187,6 +204,7 @@ def main() -> int:
         # the transcoder suite's runs name block 8's MLP each: the dry run's LM has that block
         status["transcoders"] = llm_suite(out, dry, args.lm_model, "recipes/llm/smollm2_transcoders.yaml",
                                           "transcoders", [])
+        status["pipeline"] = pipeline(out, dry, args.lm_model)
     status["seconds"] = round(time.perf_counter() - start, 1)
     (out / "status.json").write_text(json.dumps(status, indent=1))
     log(f"done in {status['seconds']} s: {status}; results in {out}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one go, into one folder (benchmarks/gpu.py says what each is): about 8 minutes on one
+# Every GPU check in one go, into one folder (benchmarks/gpu.py says what each is): about 9 minutes on one
 # H100/H200-class GPU. A GPU machine that reaches no package registry takes its missing wheels from .whl/.
 #   bash benchmarks/gpu.sh [--out DIR]        on the GPU machine
 #   bash benchmarks/gpu.sh --dry-run [--lm-model DIR] [--out DIR]
@@ -8,7 +8,8 @@
 #                                             x86-64) of what a CUDA PyTorch image without sae_zoo's dependencies lacks
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+# the project's virtual environment where `make install` made one, else the machine's Python (a GPU image's)
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=${PYTHON:-python3}; fi
 if [ "${1:-}" = "--fetch-wheels" ]; then
   mkdir -p .whl
   PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"

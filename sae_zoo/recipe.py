@@ -688,7 +688,7 @@ def _fit_hooks(run: RunFolder, p: Plan, progress: bool,
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     try:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and trainer.world_size == 1:  # else the fit prepares it (as above)
             data.prepare_data()
         start = time.perf_counter()
         trainer.fit(HeadBank(models, reads={name: name for name in models}), datamodule=data, ckpt_path=resume_from)
@@ -730,8 +730,10 @@ def check_run_dir(run_dir: Path) -> None:
 def _train_and_evaluate(run: RunFolder, trainer: L.Trainer, datamodule: SparseCodingData,
                         model: SparseCoder, resume_from: Path | None = None) -> tuple[Path, dict[str, Any]]:
     cfg = run.cfg
-    if trainer.is_global_zero:
-        datamodule.prepare_data()  # e.g. collect activations, so that train_seconds counts training only
+    if trainer.is_global_zero and trainer.world_size == 1:
+        # e.g. collect activations, so that train_seconds counts training only (under DDP the fit prepares the data:
+        # every rank then runs the LM on its share)
+        datamodule.prepare_data()
     start = time.perf_counter()
     trained = any(p.requires_grad for p in model.parameters())
     if trained:

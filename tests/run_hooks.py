@@ -2,7 +2,8 @@
 included (they import a recipe's modules too), or to kill it:
 
 * ``SAE_ZOO_TEST_COUNTS=FOLDER``: each process writes ``FOLDER/rank-N.json`` at exit, with the training contexts it
-  ran through the LM (``contexts``) and its LM forward passes (``passes``).
+  ran through the LM on the fly (``contexts``) and its LM forward passes for them (``passes``), and the training
+  contexts it wrote to a cache (``cached_contexts``).
 * ``SAE_ZOO_TEST_KILL_AT=STEP``: the process sends itself SIGKILL at the end of training step STEP, as a pre-empted
   job dies: nothing is cleaned up or flushed.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from sae_zoo.data.activations import ActivationDataModule
 from sae_zoo.model import SparseCoder
 
-_COUNTS = {"contexts": 0, "passes": 0}
+_COUNTS = {"contexts": 0, "passes": 0, "cached_contexts": 0}
 
 if os.environ.get("SAE_ZOO_TEST_COUNTS") and not getattr(ActivationDataModule.live_rows, "counted", False):
     _live_rows = ActivationDataModule.live_rows
@@ -28,6 +29,14 @@ if os.environ.get("SAE_ZOO_TEST_COUNTS") and not getattr(ActivationDataModule.li
 
     counted_live_rows.counted = True
     ActivationDataModule.live_rows = counted_live_rows
+    _write_shard = ActivationDataModule._write_shard
+
+    def counted_write_shard(self, manifest, split, index, tokens):
+        if split == "train":
+            _COUNTS["cached_contexts"] += len(tokens)
+        return _write_shard(self, manifest, split, index, tokens)
+
+    ActivationDataModule._write_shard = counted_write_shard
     folder = Path(os.environ["SAE_ZOO_TEST_COUNTS"])
     rank = int(os.environ.get("LOCAL_RANK", 0))
     atexit.register(lambda: (folder / f"rank-{rank}.json").write_text(json.dumps(_COUNTS)))

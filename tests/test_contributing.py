@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from sae_zoo import Dictionary, SparseCoder
 from sae_zoo.data import SyntheticSparseDataModule
@@ -150,3 +151,21 @@ def test_a_training_aid_trains_through_a_recipe_by_name_and_reloads(tmp_path):
                           f"imports=[{aid_file}]", "model.aids=[{name: atom_decorrelation, coef: 1.0}]",
                           f"run_dir={tmp_path / 'bad'}"], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode != 0 and "model.aids[0].coef" in bad.stderr, bad.stderr
+
+
+def test_a_data_source_joins_through_a_recipes_imports(tmp_path):
+    path = tmp_path / "rows_file.py"
+    path.write_text(guide_blocks()[4])
+    rows = torch.relu(torch.randn(1024, 16, generator=torch.Generator().manual_seed(0)))
+    torch.save(rows, tmp_path / "rows.pt")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"setting: unknown\nimports: [{path}]\ndata: {{name: rows_file, path: {tmp_path / 'rows.pt'}}}\n"
+                      "dictionary: {n_latents: 32}\nencoder: {name: topk, k: 4}\n"
+                      "trainer: {max_steps: 20, accelerator: cpu}\n")
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "sae_zoo.cli", "fit", str(recipe), f"run_dir={run}", "--no-progress"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 20 and 0 < metrics["test"]["fvu"] < 1.5
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["name"] == "rows_file"

@@ -11,6 +11,7 @@ import sys
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from lm_fixtures import write_corpus, write_tiny_llama
@@ -19,15 +20,17 @@ SAE_ZOO = [sys.executable, "-m", "sae_zoo.cli"]
 HOOKS = str(Path(__file__).with_name("run_hooks.py"))
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("cache", [False, True], ids=["on_the_fly", "cache"])
+def test_two_gloo_processes_equal_one_process(tmp_path, cache):
     """A Matryoshka BatchTopK SAE with AuxK and resampling, trained at 1.5k: the batch-wide top-k, the threshold
-    estimate, the dead-latent counts and the resampling draw are the global batch's on every rank."""
+    estimate, the dead-latent counts and the resampling draw are the global batch's on every rank. Each rank runs
+    the LM on half of the training contexts: read on the fly, or written to the cache (each rank its shards)."""
     model, files = write_tiny_llama(tmp_path / "model"), write_corpus(tmp_path / "text")
     recipe = {"setting": "unknown", "imports": [HOOKS],
               "data": {"name": "activations", "model": model, "hook": "resid_post.1", "data_files": files,
                        "context_len": 16, "n_train_tokens": 1500, "n_test_tokens": 300, "test_stride": 4, "shard_tokens": 400,
                        "batch_size": 100, "model_batch_size": 8, "cache_dir": str(tmp_path / "cache"),
-                       "ce_contexts": 8, "shuffle_buffer": 600},
+                       "ce_contexts": 8, "shuffle_buffer": 600, "cache": cache},
               "dictionary": {"n_latents": 32},
               "encoder": {"name": "batchtopk", "k": 2, "k_train_factor": 1.5, "threshold_lr": 0.2},
               "model": {"matryoshka_widths": [8, 32], "auxk_coeff": 0.05, "auxk_k": 4, "dead_tokens": 300,
@@ -37,7 +40,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     # the two-process run takes the default folder, whose name holds the start time: the ranks agree on it
     for name, extra in (("one", ["run_dir=one"]), ("two", ["trainer.devices=2", "trainer.strategy=ddp"])):
         (tmp_path / f"counts-{name}").mkdir()
-        done = subprocess.run([*SAE_ZOO, "fit", "recipe.yaml", "--no-progress", *extra],
+        done = subprocess.run([*SAE_ZOO, "fit", "recipe.yaml", "--no-progress", *extra, f"data.cache_dir=cache-{name}"],
                               cwd=tmp_path, timeout=600, capture_output=True, text=True,
                               env={**os.environ, "SAE_ZOO_TEST_COUNTS": str(tmp_path / f"counts-{name}")})
         # on failure, say how and show what the run printed (a flake under load died with SIGKILL, silently)
@@ -47,9 +50,13 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     counts = {name: [json.loads((tmp_path / f"counts-{name}" / f"rank-{r}.json").read_text())
                      for r in range(len(list((tmp_path / f"counts-{name}").iterdir())))] for name in ("one", "two")}
     assert len(counts["one"]) == 1 and len(counts["two"]) == 2
-    assert counts["one"][0]["contexts"] == 300  # 100 training contexts a pass, three passes
-    assert [c["contexts"] for c in counts["two"]] == [150, 150]
-    assert [c["passes"] for c in counts["two"]] == [21, 21] and counts["one"][0]["passes"] == 39  # 8 contexts a pass
+    if cache:  # 100 training contexts in 4 shards of 26, 26, 26 and 22: the ranks write shards 0, 2 and 1, 3
+        assert counts["one"][0]["cached_contexts"] == 100 and counts["one"][0]["contexts"] == 0
+        assert [c["cached_contexts"] for c in counts["two"]] == [52, 48]
+    else:
+        assert counts["one"][0]["contexts"] == 300  # 100 training contexts a pass, three passes
+        assert [c["contexts"] for c in counts["two"]] == [150, 150]
+        assert [c["passes"] for c in counts["two"]] == [21, 21] and counts["one"][0]["passes"] == 39  # 8 a pass
     (two_dir,) = (tmp_path / "runs" / "recipe").iterdir()  # one folder, written by rank zero alone
     two_dir.rename(tmp_path / "two")
     one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))

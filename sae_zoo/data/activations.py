@@ -235,7 +235,8 @@ class ActivationDataModule(LanguageModelData):
     contexts (:class:`~sae_zoo.data.live.LiveActivations`); the scale, the outlier bounds and the mean target then
     come from the first ``stats_tokens`` training tokens, read once before training. ``cache=True`` writes every
     training activation to the cache first (measured on its first shard), for sweeps that train many models on the
-    same tokens. Under DDP each rank runs the LM on its share of the contexts.
+    same tokens. Under DDP each rank runs the LM on its share of the contexts. ``prefetch`` reads the next refill
+    through the LM in a thread while the current one trains (the same batches either way).
     """
 
     #: real activations have no true codes or dictionary to score against
@@ -251,7 +252,8 @@ class ActivationDataModule(LanguageModelData):
                  cache_dir: str | None = None, cache_dtype: str = "float32", normalize: bool = True,
                  batch_size: int = 4096, model_batch_size: int = 32, shuffle_buffer: int = 262_144,
                  ce_contexts: int = 32, outlier_factor: float | None = 10.0, device: str = "auto",
-                 seed: int = 0, cache: bool = False, buffer_contexts: int = 512, stats_tokens: int = 65_536) -> None:
+                 seed: int = 0, cache: bool = False, buffer_contexts: int = 512, stats_tokens: int = 65_536,
+                 prefetch: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         if cache_dtype not in CACHE_DTYPES:
@@ -419,24 +421,69 @@ class ActivationDataModule(LanguageModelData):
                     and (self.hparams.cache or "scale" in manifest))
 
     def prepare_data(self) -> None:
-        """Collect whatever the cache lacks (resuming after the last shard written)."""
-        if self.complete:
+        """Collect whatever the cache lacks (resuming after the last shard written). Under DDP a cache's training
+        shards are collected by every rank, each its share (:meth:`setup`); this process collects the rest."""
+        shared = self._world_size() > 1 and self.hparams.cache
+        if self.complete or (shared and self._held_out_complete):
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(self.cache_dir / ".lock"):
             if not self.complete:  # another process may have finished it while this one waited
-                self._collect()
+                self._collect(("test",) if shared else self.splits)
 
-    def _collect(self) -> None:
-        lm, _, hook = self.language_model()
+    def setup(self, stage: str) -> None:
+        """Under DDP (every rank, once the processes are joined): the training shards of a cache the ranks fill
+        together, each running the LM on every ``world_size``-th shard."""
+        if self.hparams.cache and self._world_size() > 1 and not self.complete:
+            self._collect_shared(self.trainer.global_rank, self.trainer.world_size, self.trainer.strategy.barrier)
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else 1
+
+    @property
+    def _held_out_complete(self) -> bool:
+        manifest = self.manifest()
+        return bool(manifest and manifest["splits"]["test"]["complete"])
+
+    def _new_manifest(self) -> dict[str, Any]:
+        return {"identity": self.identity,
+                "splits": {s: {"shards": [], "contexts_done": 0, "complete": False} for s in self.splits}}
+
+    def _write_shard(self, manifest: dict[str, Any], split: str, index: int, tokens: Tensor) -> dict[str, Any]:
+        """Read contexts ``tokens`` through the LM and write them as shard ``index`` of ``split``; its manifest entry
+        (the widths go into ``manifest``)."""
         h = self.hparams
-        manifest = self.manifest() or {"identity": self.identity, "splits": {
-            s: {"shards": [], "contexts_done": 0, "complete": False} for s in self.splits}}
+        acts, targets = self.read_pairs(tokens) if self.paired else (self.read_contexts(tokens), None)
+        manifest.setdefault("d_model", int(acts.shape[-1]))
+        name = f"{split}-{index:05d}.safetensors"
+        rows = acts.reshape(-1, acts.shape[-1]).to(getattr(torch, h.cache_dtype))
+        shard = {"file": name, "tokens": int(rows.shape[0])}
+        more = {}
+        if targets is not None:
+            manifest.setdefault("d_out", int(targets.shape[-1]))
+            more[TARGETS] = targets.reshape(-1, targets.shape[-1]).to(getattr(torch, h.cache_dtype))
+        save_shard(self.cache_dir / name, ACTIVATIONS, rows, **more)
+        if split == "test":  # the token ids too, for the CE-loss evaluation
+            shard["token_ids"] = f"test-tokens-{index:05d}.safetensors"
+            save_shard(self.cache_dir / shard["token_ids"], TOKEN_IDS, tokens.to(torch.int64))
+        return shard
+
+    def _first_shard_scales(self, manifest: dict[str, Any]) -> None:
+        """The scales, from the first training shard (a cache's)."""
+        first = self.cache_dir / manifest["splits"]["train"]["shards"][0]["file"]
+        manifest["scale"] = _unit_scale(load_shard(first, ACTIVATIONS))
+        if self.paired:
+            manifest["target_scale"] = _unit_scale(load_shard(first, TARGETS))
+
+    def _collect(self, splits: Sequence[str]) -> None:
+        h = self.hparams
+        manifest = self.manifest() or self._new_manifest()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         totals = {"test": self._n_contexts(h.n_test_tokens), "train": self._n_contexts(h.n_train_tokens)}
-        totals = {split: totals[split] for split in self.splits}
+        totals = {split: totals[split] for split in splits}
         per_shard = max(1, h.shard_tokens // self.tokens_per_context)
-        done = sum(manifest["splits"][split]["contexts_done"] for split in self.splits)
+        done = sum(manifest["splits"][split]["contexts_done"] for split in splits)
         progress = tqdm(total=sum(totals.values()) * self.tokens_per_context, initial=done * self.tokens_per_context,
                         desc=f"collecting {h.hook} activations", unit="tok", disable=None)
         start, resumed_at = time.perf_counter(), done
@@ -451,37 +498,51 @@ class ActivationDataModule(LanguageModelData):
                 if windows[-1] is None:
                     raise ValueError(f"data: the dataset ran out after {state['contexts_done']} {split} contexts of "
                                      f"{h.context_len} tokens; lower n_train_tokens/n_test_tokens/test_stride or add text")
-                tokens = torch.stack(windows)
-                acts, targets = self.read_pairs(tokens) if self.paired else (self.read_contexts(tokens), None)
-                manifest.setdefault("d_model", int(acts.shape[-1]))
-                index = len(state["shards"])
-                name = f"{split}-{index:05d}.safetensors"
-                rows = acts.reshape(-1, acts.shape[-1]).to(getattr(torch, h.cache_dtype))
-                shard = {"file": name, "tokens": int(rows.shape[0])}
-                more = {}
-                if targets is not None:
-                    manifest.setdefault("d_out", int(targets.shape[-1]))
-                    more[TARGETS] = targets.reshape(-1, targets.shape[-1]).to(getattr(torch, h.cache_dtype))
-                save_shard(self.cache_dir / name, ACTIVATIONS, rows, **more)
-                if split == "test":  # the token ids too, for the CE-loss evaluation
-                    shard["token_ids"] = f"test-tokens-{index:05d}.safetensors"
-                    save_shard(self.cache_dir / shard["token_ids"], TOKEN_IDS, tokens.to(torch.int64))
-                state["shards"].append(shard)
+                state["shards"].append(self._write_shard(manifest, split, len(state["shards"]), torch.stack(windows)))
                 state["contexts_done"] += count
                 done += count
                 state["complete"] = state["contexts_done"] >= total
                 if split == "train" and "scale" not in manifest:
-                    manifest["scale"] = _unit_scale(rows)
-                    if TARGETS in more:
-                        manifest["target_scale"] = _unit_scale(more[TARGETS])
+                    self._first_shard_scales(manifest)
                 self._save_manifest(manifest)
                 progress.update(count * self.tokens_per_context)
         progress.close()
-        if "scale" not in manifest:  # on the fly: the statistics of a first sample of training tokens
+        if not h.cache and "scale" not in manifest:  # on the fly: the statistics of a first sample of training tokens
             self._collect_statistics(manifest)
         tokens, seconds = (done - resumed_at) * self.tokens_per_context, time.perf_counter() - start
         log.info("collected %s tokens of %s activations in %.0f s (%s tokens/s on %s) into %s", f"{tokens:,}", h.hook,
                  seconds, f"{tokens / max(seconds, 1e-9):,.0f}", self.device, self.cache_dir)
+
+    def _collect_shared(self, rank: int, world_size: int, barrier: Callable[[str], None]) -> None:
+        """The training shards, rank ``rank`` of ``world_size`` running the LM on shards ``rank``, ``rank +
+        world_size``, ... (every rank reads the token stream; a shard already written is kept, so an interrupted
+        collection resumes); then rank zero lists them all in the manifest."""
+        h = self.hparams
+        total, per_shard = self._n_contexts(h.n_train_tokens), max(1, h.shard_tokens // self.tokens_per_context)
+        n_shards = -(-total // per_shard)
+        manifest = self.manifest() or self._new_manifest()
+        stream = self.split_contexts("train")
+        for index in range(n_shards):
+            count = min(per_shard, total - index * per_shard)
+            if index % world_size != rank or (self.cache_dir / f"train-{index:05d}.safetensors").exists():
+                for _ in range(count):  # another rank's shard, or one written before: its token ids only
+                    next(stream, None)
+                continue
+            windows = [next(stream, None) for _ in range(count)]
+            if windows[-1] is None:
+                raise ValueError(f"data: the dataset ran out before training shard {index}; lower n_train_tokens or "
+                                 "add text")
+            self._write_shard(manifest, "train", index, torch.stack(windows))
+        barrier("cache shards written")
+        if rank == 0:
+            manifest = self.manifest()
+            files = [self.cache_dir / f"train-{i:05d}.safetensors" for i in range(n_shards)]
+            manifest["splits"]["train"] = {"shards": [{"file": f.name, "tokens": shard_rows(f)} for f in files],
+                                           "contexts_done": total, "complete": True}
+            self._first_shard_scales(manifest)
+            self._save_manifest(manifest)
+        barrier("cache manifest written")
+        self._manifest = None
 
     def _collect_statistics(self, manifest: dict[str, Any]) -> None:
         """The scales, median norms and mean target of the first ``stats_tokens`` training tokens (all of them, when
@@ -659,7 +720,7 @@ class ActivationDataModule(LanguageModelData):
             lambda skip: itertools.islice(self.split_contexts("train"), skip, None), read or self.live_rows,
             n_contexts=self._n_contexts(h.n_train_tokens), batch_size=h.batch_size,
             capacity=h.buffer_contexts * self.tokens_per_context, refill=refill, paired=self.paired, seed=h.seed,
-            rank=rank, world_size=world_size, pack=pack)
+            rank=rank, world_size=world_size, pack=pack, prefetch=h.prefetch)
         resume = resume if resume is not None else self._resume_state
         if resume is not None:
             self._live.load_state_dict(resume)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,11 +64,14 @@ class LiveActivations(IterableDataset):
     they are gathered over the ranks here). ``n_contexts``: the contexts one pass reads (the token budget).
     ``capacity``: the buffer's rows; ``refill``: contexts read per refill (a multiple of the world size).
     ``pack``: a batch from the rows of every side (default: the inputs, or a :class:`Pair` when ``paired``).
+    ``prefetch``: the LM reads the next refill's contexts in a thread while the current buffer is served (SAELens's
+    prefetch); the batches are the same either way.
     """
 
     def __init__(self, contexts: Callable[[int], Iterator[Tensor]], read: Reader, *, n_contexts: int,
                  batch_size: int, capacity: int, refill: int, paired: bool = False, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, pack: Callable[[tuple[Tensor, ...]], Any] | None = None) -> None:
+                 world_size: int = 1, pack: Callable[[tuple[Tensor, ...]], Any] | None = None,
+                 prefetch: bool = False) -> None:
         if batch_size % world_size:
             raise ValueError(f"data.batch_size {batch_size} must divide evenly across {world_size} devices")
         if capacity < 2 * batch_size:
@@ -75,7 +79,7 @@ class LiveActivations(IterableDataset):
                              f"{batch_size}: it serves until half is left, so it must hold at least two")
         self.contexts, self.read, self.n_contexts = contexts, read, n_contexts
         self.batch_size, self.capacity, self.refill = batch_size, capacity, refill
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.prefetch = seed, rank, world_size, prefetch
         self.pack = pack or ((lambda sides: Pair(*sides)) if paired else (lambda sides: sides[0]))
         self.resume_from: StreamState | None = None
         self.lm_contexts = 0  # contexts this process has run through the LM (its share), for the benchmarks and tests
@@ -111,15 +115,18 @@ class LiveActivations(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.resume_from = StreamState.from_dict(state)
 
-    def read_gathered(self, tokens: Tensor) -> tuple[Tensor, ...]:
-        """The rows of ``tokens`` (one refill's contexts), this rank reading its block and every rank's gathered."""
+    def read_mine(self, tokens: Tensor) -> tuple[Tensor, ...] | None:
+        """The rows of this rank's block of ``tokens`` (one refill's contexts), read through the LM."""
         block = tokens.tensor_split(self.world_size)[self.rank]
-        mine = self.read(block) if len(block) else None
         self.lm_contexts += len(block)
+        return self.read(block) if len(block) else None
+
+    def gathered(self, mine: tuple[Tensor, ...] | None, refill: int) -> tuple[Tensor, ...]:
+        """Every rank's rows of a refill, in rank order (a collective: the main thread calls it)."""
         if self.world_size == 1:
             return mine
         if mine is None:
-            raise ValueError(f"data.buffer_contexts: a refill of {len(tokens)} contexts leaves rank {self.rank} none")
+            raise ValueError(f"data.buffer_contexts: a refill of {refill} contexts leaves rank {self.rank} none")
         return tuple(gathered_rows(side) for side in mine)
 
 
@@ -129,8 +136,25 @@ class _Stream:
     def __init__(self, source: LiveActivations, state: StreamState) -> None:
         self.source, self.start = source, state
         self.next_pass = state.pass_index
+        self.pool = ThreadPoolExecutor(max_workers=1) if source.prefetch else None
+        self.pending: Future | None = None
         #: (served, state) of the last few batches yielded, for :meth:`state_after`
         self.history: deque[tuple[int, StreamState]] = deque(maxlen=4)
+
+    def _read_refill(self, stream: Iterator[Tensor], contexts: int, wanted: int) -> tuple[Tensor, ...] | None:
+        """This rank's rows of the next ``wanted`` contexts of ``stream`` (``contexts`` read before them)."""
+        tokens = [next(stream, None) for _ in range(wanted)]
+        if tokens[-1] is None:
+            raise ValueError(f"data: the dataset ran out after {contexts + tokens.index(None)} training contexts; "
+                             "lower n_train_tokens or add text")
+        return self.source.read_mine(torch.stack(tokens))
+
+    def _next_refill(self, stream: Iterator[Tensor], contexts: int, wanted: int) -> tuple[Tensor, ...] | None:
+        """The next refill's rows on this rank: the one read ahead, or read now."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            return pending.result()
+        return self._read_refill(stream, contexts, wanted)
 
     def state_after(self, served: int) -> StreamState:
         for count, state in self.history:
@@ -167,6 +191,8 @@ class _Stream:
                 cursor, left, served = cursor + b, left - b, served + 1
                 yield source.pack(batch)
             if ended:  # what is left is less than a batch: the next pass starts afresh
+                if self.pool is not None:
+                    self.pool.shutdown(wait=False)
                 self.history.append((served, StreamState(contexts, tuple(r[cursor:] for r in rows), rng.get_state(),
                                                          state.pass_index, served)))
                 self.next_pass = state.pass_index + 1
@@ -174,11 +200,10 @@ class _Stream:
             if served:
                 source._first_batch = None  # only the start of a pass is read twice
             wanted = min(source.refill, source.n_contexts - contexts)
-            tokens = [next(stream, None) for _ in range(wanted)]
-            if tokens[-1] is None:
-                raise ValueError(f"data: the dataset ran out after {contexts + tokens.index(None)} training contexts; "
-                                 "lower n_train_tokens or add text")
-            new = source.read_gathered(torch.stack(tokens))
+            new = source.gathered(self._next_refill(stream, contexts, wanted), wanted)
+            if source.prefetch and contexts + wanted < source.n_contexts:  # the LM reads on while training goes on
+                ahead = min(source.refill, source.n_contexts - contexts - wanted)
+                self.pending = self.pool.submit(self._read_refill, stream, contexts + wanted, ahead)
             merged = tuple(torch.cat([r[cursor:], n]) for r, n in zip(rows, new)) if rows else new
             order = torch.randperm(len(merged[0]), generator=rng).to(merged[0].device)
             rows, contexts, cursor = tuple(m.index_select(0, order) for m in merged), contexts + wanted, 0

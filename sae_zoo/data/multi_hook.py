@@ -71,7 +71,7 @@ class MultiHookData(L.LightningDataModule):
             _, _, hook = part.language_model()
             for point in (hook, part.target_hook) if part.paired else (hook,):
                 where = (point.path, point.side)
-                if seen.setdefault(where, name) != name or (part.paired and hook.same_place(part.target_hook)):
+                if seen.setdefault(where, name) != name:
                     raise ValueError(f"data.hooks: {name!r} reads the {point.side} of {point.path}, as "
                                      f"{seen[where]!r} does: list each place once")
 
