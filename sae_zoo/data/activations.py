@@ -507,9 +507,10 @@ class ActivationDataModule(LanguageModelData):
                 self._save_manifest(manifest)
                 progress.update(count * self.tokens_per_context)
         progress.close()
+        tokens = (done - resumed_at) * self.tokens_per_context
         if not h.cache and "scale" not in manifest:  # on the fly: the statistics of a first sample of training tokens
-            self._collect_statistics(manifest)
-        tokens, seconds = (done - resumed_at) * self.tokens_per_context, time.perf_counter() - start
+            tokens += self._collect_statistics(manifest)
+        seconds = time.perf_counter() - start
         log.info("collected %s tokens of %s activations in %.0f s (%s tokens/s on %s) into %s", f"{tokens:,}", h.hook,
                  seconds, f"{tokens / max(seconds, 1e-9):,.0f}", self.device, self.cache_dir)
 
@@ -544,10 +545,10 @@ class ActivationDataModule(LanguageModelData):
         barrier("cache manifest written")
         self._manifest = None
 
-    def _collect_statistics(self, manifest: dict[str, Any]) -> None:
+    def _collect_statistics(self, manifest: dict[str, Any]) -> int:
         """The scales, median norms and mean target of the first ``stats_tokens`` training tokens (all of them, when
-        there are fewer), kept in the
-        manifest and ``stats.safetensors`` (what the cache measures on its first training shard)."""
+        there are fewer), kept in the manifest and ``stats.safetensors`` (a cache measures them on its first
+        training shard). Returns how many tokens it read."""
         h = self.hparams
         n = self._n_contexts(min(h.stats_tokens, h.n_train_tokens))
         contexts = list(itertools.islice(self.split_contexts("train"), n))
@@ -566,6 +567,7 @@ class ActivationDataModule(LanguageModelData):
         mean = self._mean_target(sides)
         save_shard(self.cache_dir / STATS, "target_mean", mean)
         self._save_manifest(manifest)
+        return len(sides[0])
 
     @torch.no_grad()
     def read_contexts(self, tokens: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ class StreamState:
     served: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"contexts": self.contexts, "rows": [r.cpu() for r in self.rows], "rng": self.rng,
+        return {"contexts": self.contexts, "rows": [r.to("cpu", copy=True) for r in self.rows], "rng": self.rng,
                 "pass_index": self.pass_index, "served": self.served}
 
     @classmethod
