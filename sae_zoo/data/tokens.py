@@ -2,7 +2,7 @@
 read as it is.
 
 * **Text**: documents are tokenised without special tokens, many at a time (one call of the fast tokenizer per
-  :data:`TOKENIZE_BATCH` documents), each followed by EOS, and the stream is cut into windows of ``context_len``
+  :data:`TOKENIZE_BATCH` documents, or fewer long ones), each followed by EOS, and the stream is cut into windows of ``context_len``
   tokens, the first a BOS when ``prepend_bos``. A window can span documents (EOS separates them), as SAELens's and
   sparsify's do.
 * **Pre-tokenised rows** (an ``input_ids`` or ``tokens`` column, as SAELens's pretokenize runner and sparsify write
@@ -21,8 +21,9 @@ from torch import Tensor
 
 #: the columns that hold a pre-tokenised context, in the order they are looked for
 TOKEN_COLUMNS = ("input_ids", "tokens")
-#: documents tokenised per call of the fast tokenizer
-TOKENIZE_BATCH = 256
+#: documents tokenised per call of the fast tokenizer, at most, and characters (a batch ends past them): the first
+#: window then waits for a few documents, not for a whole batch of long ones
+TOKENIZE_BATCH, TOKENIZE_CHARS = 256, 200_000
 
 
 def token_column(row: dict[str, Any]) -> str | None:
@@ -36,7 +37,7 @@ def text_windows(texts: Iterable[str], tokenizer: Any, body: int, bos: int | Non
     head = [] if bos is None else [bos]
     stream: list[int] = []
     texts = iter(texts)
-    while batch := list(islice(texts, TOKENIZE_BATCH)):
+    while batch := _batch(texts):
         for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
             stream += ids
             if eos is not None:
@@ -46,6 +47,18 @@ def text_windows(texts: Iterable[str], tokenizer: Any, body: int, bos: int | Non
             yield torch.tensor(head + stream[start:start + body])
             start += body
         del stream[:start]
+
+
+def _batch(texts: Iterator[str]) -> list[str]:
+    """The next documents to tokenise together: up to :data:`TOKENIZE_BATCH`, or fewer once they hold
+    :data:`TOKENIZE_CHARS` characters."""
+    batch, chars = [], 0
+    for text in islice(texts, TOKENIZE_BATCH):
+        batch.append(text)
+        chars += len(text)
+        if chars >= TOKENIZE_CHARS:
+            break
+    return batch
 
 
 def token_rows(rows: Iterable[dict[str, Any]], column: str, context_len: int, prepend_bos: bool, bos: int | None,
