@@ -10,7 +10,7 @@ peak RSS is its own) and is timed over its training alone: the held-out set and 
 first are timed apart (``prepare_s``). SAELens's SAE takes the same token windows (a pre-tokenised dataset of them),
 its own defaults otherwise (no normalisation, no evaluation).
 
-    python benchmarks/lm_pipeline.py                    # about 45 minutes on 2 CPU cores
+    python benchmarks/lm_pipeline.py                    # about an hour on 2 CPU cores (the 2M-token part is half)
     python benchmarks/lm_pipeline.py --tokens 16384 --long-tokens 32768 --skip-saelens   # a smoke test
     python benchmarks/lm_pipeline.py --device cuda --model-dtype bfloat16 --model-batch-size 256   # on a GPU
 
