@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import importlib.util
 import os
 import re
@@ -606,8 +605,10 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True,
                           "or had not reached its first one")
     p = plan(cfg)
     if p.hooks:
-        return _fit_hooks(run, p, progress, checkpoint if resume else None)
-    datamodule, model = build(p)
+        recipes = hook_recipes(cfg, run.path)
+        datamodule, models = _build_hooks(recipes)
+    else:
+        datamodule, model = build(p)
     callbacks = [PeriodicCheckpoint(run.path, cfg.checkpoint_every)] if cfg.checkpoint_every else []
     trainer = make_trainer(p, progress=progress, root_dir=run.path, callbacks=callbacks,
                            logger=[CSVLogger(run.path, name="logs", version=""), *make_loggers(p.loggers, run.path)])
@@ -615,6 +616,8 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True,
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     try:
+        if p.hooks:
+            return _train_and_evaluate_hooks(run, trainer, datamodule, models, recipes, checkpoint if resume else None)
         return _train_and_evaluate(run, trainer, datamodule, model, checkpoint if resume else None)
     finally:
         torch.set_float32_matmul_precision(precision)
@@ -671,51 +674,45 @@ def hook_recipes(cfg: DictConfig, run_dir: Path) -> dict[str, DictConfig]:
     return recipes
 
 
-def _fit_hooks(run: RunFolder, p: Plan, progress: bool,
-               resume_from: Path | None) -> tuple[Path, dict[str, Any]]:
-    """Train one model per hook of ``data.hooks`` from one LM pass (:class:`~sae_zoo.data.multi_hook.MultiHookData`,
-    :class:`~sae_zoo.multihead.HeadBank`), then write and evaluate each as a run of its own in ``RUN_DIR/<hook>``."""
-    cfg = run.cfg
-    recipes = hook_recipes(cfg, run.path)
+def _build_hooks(recipes: dict[str, DictConfig]) -> tuple[MultiHookData, dict[str, SparseCoder]]:
+    """The data of every hook of ``data.hooks`` (:class:`~sae_zoo.data.multi_hook.MultiHookData`) and each hook's
+    model, built as its own recipe (:func:`hook_recipes`) would build it."""
     plans = {name: plan(one) for name, one in recipes.items()}
     data = MultiHookData({name: q.data_class(**q.data_kwargs) for name, q in plans.items()})
     data.check_hooks()  # every hook exists and is listed once, before any forward pass
-    models = {name: build(q, data.parts[name])[1] for name, q in plans.items()}
-    callbacks = [PeriodicCheckpoint(run.path, cfg.checkpoint_every)] if cfg.checkpoint_every else []
-    trainer = make_trainer(p, progress=progress, root_dir=run.path, callbacks=callbacks,
-                           logger=[CSVLogger(run.path, name="logs", version=""), *make_loggers(p.loggers, run.path)])
-    run.start()
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(cfg.matmul_precision)
-    try:
-        if trainer.is_global_zero and trainer.world_size == 1:  # else the fit prepares it (as above)
-            data.prepare_data()
-        start = time.perf_counter()
-        trainer.fit(HeadBank(models, reads={name: name for name in models}), datamodule=data, ckpt_path=resume_from)
-        train_seconds = time.perf_counter() - start
-        run.agree(trainer)
-        if not trainer.is_global_zero:
-            return run.path, {}
-        folders = {}
-        for name, model in models.items():
-            one = RunFolder(recipes[name])
-            one.start()
-            part = data.parts[name]
-            model.dictionary.provenance = {**part.describe(), **model.dictionary.provenance}
-            _save_model_checkpoint(model, one.path / "model.ckpt", step=trainer.global_step)
-            test = evaluate_run(model, part, ProbingConfig(**_plain(recipes[name].probing)))
-            one.finish(part, model, test, encoder=cfg.encoder.name, steps=trainer.global_step,
-                       train_seconds=train_seconds, devices=trainer.world_size)
-            folders[name] = str(one.path)
-        (run.path / CHECKPOINT).unlink(missing_ok=True)
-        metrics = {"hooks": folders, "steps": trainer.global_step, "train_seconds": round(train_seconds, 3),
-                   "devices": trainer.world_size, "lm_contexts": data._live.lm_contexts if data._live else 0,
-                   "test": {name: json.loads((Path(folder) / "metrics.json").read_text())["test"]
-                            for name, folder in folders.items()}}
-        atomic_write_json(run.path / "metrics.json", metrics)
-        return run.path, metrics
-    finally:
-        torch.set_float32_matmul_precision(precision)
+    return data, {name: build(q, data.parts[name])[1] for name, q in plans.items()}
+
+
+def _train_and_evaluate_hooks(run: RunFolder, trainer: L.Trainer, data: MultiHookData,
+                              models: dict[str, SparseCoder], recipes: dict[str, DictConfig],
+                              resume_from: Path | None) -> tuple[Path, dict[str, Any]]:
+    """Train one model per hook from one LM pass (:class:`~sae_zoo.multihead.HeadBank`), then write and evaluate
+    each as a run of its own in ``RUN_DIR/<hook>``."""
+    if trainer.is_global_zero and trainer.world_size == 1:  # else the fit prepares it (see _train_and_evaluate)
+        data.prepare_data()
+    start = time.perf_counter()
+    trainer.fit(HeadBank(models, reads={name: name for name in models}), datamodule=data, ckpt_path=resume_from)
+    train_seconds = time.perf_counter() - start
+    run.agree(trainer)
+    if not trainer.is_global_zero:
+        return run.path, {}
+    folders, tests = {}, {}
+    for name, model in models.items():
+        one = RunFolder(recipes[name])
+        one.start()
+        part = data.parts[name]
+        model.dictionary.provenance = {**part.describe(), **model.dictionary.provenance}
+        _save_model_checkpoint(model, one.path / "model.ckpt", step=trainer.global_step)
+        test = evaluate_run(model, part, ProbingConfig(**_plain(recipes[name].probing)))
+        tests[name] = one.finish(part, model, test, encoder=run.cfg.encoder.name, steps=trainer.global_step,
+                                 train_seconds=train_seconds, devices=trainer.world_size)["test"]
+        folders[name] = str(one.path)
+    (run.path / CHECKPOINT).unlink(missing_ok=True)
+    metrics = {"hooks": folders, "steps": trainer.global_step, "train_seconds": round(train_seconds, 3),
+               "devices": trainer.world_size, "lm_contexts": data._live.lm_contexts if data._live else 0,
+               "test": tests}
+    atomic_write_json(run.path / "metrics.json", metrics)
+    return run.path, metrics
 
 
 def check_run_dir(run_dir: Path) -> None:
