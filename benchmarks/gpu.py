@@ -22,6 +22,7 @@ script cannot rot.
 
     python benchmarks/gpu.py --out runs/gpu            # on the GPU (benchmarks/gpu.sh installs carried wheels first)
     python benchmarks/gpu.py --dry-run --out /tmp/gpu  # the same steps on the CPU, tiny
+    python benchmarks/gpu.py --steps pipeline,bench16k # some of the steps, in that order
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+#: every step, in the order a full run takes them (``--steps`` picks some)
+STEPS = ("throughput", "bench16k", "smollm2", "transcoders", "pipeline")
 SAE_ZOO = [sys.executable, "-m", "sae_zoo.cli"]
 
 #: the SynthSAEBench-16k model's structure (recipes/synthsaebench/cpu2k.yaml's, at full size)
@@ -185,7 +188,13 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at tiny sizes")
     parser.add_argument("--lm-model", default=None, help="dry run: a small language model folder for step 3")
     parser.add_argument("--bench16k-seconds", type=float, default=70, help="training seconds of each bench16k row")
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help=f"the steps to run, comma-separated, in this order (of {', '.join(STEPS)})")
     args = parser.parse_args()
+    steps = [step.strip() for step in args.steps.split(",") if step.strip()]
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        parser.error(f"--steps: no step named {', '.join(unknown)}; the steps are {', '.join(STEPS)}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     dry = args.dry_run
@@ -195,16 +204,25 @@ def main() -> int:
             parser.error("no GPU is visible to torch; --dry-run runs the same steps on the CPU")
     start = time.perf_counter()
     environment(out, "cpu" if dry else "cuda")
-    status = {"throughput": throughput(out, dry), "bench16k": bench16k(out, dry, args.bench16k_seconds)}
-    if dry and args.lm_model is None:
-        log("smollm2, transcoders: skipped (a dry run needs --lm-model)")
-    else:
-        status["smollm2"] = llm_suite(out, dry, args.lm_model, "recipes/llm/smollm2_sae_vs_heads.yaml", "smollm2",
-                                      ["data.hook=resid_post.1"])
-        # the transcoder suite's runs name block 8's MLP each: the dry run's LM has that block
-        status["transcoders"] = llm_suite(out, dry, args.lm_model, "recipes/llm/smollm2_transcoders.yaml",
-                                          "transcoders", [])
-        status["pipeline"] = pipeline(out, dry, args.lm_model)
+    needs_lm = {"smollm2", "transcoders", "pipeline"}
+    status = {}
+    for step in steps:
+        if step in needs_lm and dry and args.lm_model is None:
+            log(f"{step}: skipped (a dry run needs --lm-model)")
+            continue
+        if step == "throughput":
+            status[step] = throughput(out, dry)
+        elif step == "bench16k":
+            status[step] = bench16k(out, dry, args.bench16k_seconds)
+        elif step == "smollm2":
+            status[step] = llm_suite(out, dry, args.lm_model, "recipes/llm/smollm2_sae_vs_heads.yaml", "smollm2",
+                                     ["data.hook=resid_post.1"])
+        elif step == "transcoders":
+            # the transcoder suite's runs name block 8's MLP each: the dry run's LM has that block
+            status[step] = llm_suite(out, dry, args.lm_model, "recipes/llm/smollm2_transcoders.yaml", "transcoders",
+                                     [])
+        else:
+            status[step] = pipeline(out, dry, args.lm_model)
     status["seconds"] = round(time.perf_counter() - start, 1)
     (out / "status.json").write_text(json.dumps(status, indent=1))
     log(f"done in {status['seconds']} s: {status}; results in {out}")

@@ -38,3 +38,10 @@ def test_the_gpu_script_runs_every_check_on_the_cpu(tmp_path):
     assert set(pipeline["results"]) == {"bare", "live", "cache", "hooks", "live_long", "bare_again"}
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in pipeline["results"].values())
     assert pipeline["results"]["hooks"]["hooks"] == 3 and len(pipeline["ratios"]) == 4
+
+
+def test_the_gpu_script_refuses_a_step_it_does_not_have(tmp_path):
+    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run", "--out", str(tmp_path), "--steps", "pipeline,bench"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--steps: no step named bench; the steps are throughput, bench16k" in done.stderr
+    assert not (tmp_path / "status.json").exists()
