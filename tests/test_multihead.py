@@ -76,6 +76,24 @@ def test_a_bank_keeps_each_models_whole_training_method(tmp_path):
     assert together["jumprelu"].l1_coeff == pytest.approx(alone["jumprelu"].l1_coeff)
 
 
+def test_a_bank_trains_learned_atom_norms_at_their_own_rate():
+    """Learned atom norms train at ``lr * dictionary.norm_lr_scale`` in a bank as alone (not at ``lr``)."""
+    def norm_models() -> dict[str, SparseCoder]:
+        torch.manual_seed(7)
+        return {"norms": SparseCoder(create_encoder("topk", d_model=D, n_latents=N, k=3),
+                                     Dictionary(N, D, trainable=True, atom_norms="learned"), lr=3e-3, l1_coeff=0.0)}
+
+    g = torch.Generator().manual_seed(4)
+    atoms = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=-1)
+    batches = [torch.relu(torch.randn(32, N, generator=g) - 1) @ atoms * 3 for _ in range(20)]
+    together, alone = norm_models(), norm_models()
+    fit(HeadBank(together), batches)
+    fit(alone["norms"], batches)
+    norms = alone["norms"].dictionary.atom_norms.detach()
+    assert (norms - 1).abs().max() > 0.05  # at lr alone they would hardly move from 1
+    torch.testing.assert_close(together["norms"].dictionary.atom_norms.detach(), norms, rtol=1e-6, atol=1e-6)
+
+
 def test_a_bank_refuses_shared_trained_parameters_and_solo_aids():
     dictionary = Dictionary(N, D, trainable=True)
     with pytest.raises(ValueError, match="share a trained parameter"):
