@@ -85,6 +85,16 @@ def check_transcoder(encoder: EncoderHead, **options: Any) -> None:
             raise ValueError(f"a transcoder cannot take {name}={value!r}: {why[name]}")
 
 
+def check_supervised(**options: Any) -> None:
+    """Refuse, by name, the options that known-codes training (``supervised=True``) would ignore: its loss is the
+    per-latent cosine to the true codes alone, with no reconstruction, sparsity penalty or dead latents."""
+    given = [f"{name}={value!r}" for name, value in options.items() if value]
+    if given:
+        raise ValueError(f"supervised=True trains the encoder on the true codes alone (a per-latent cosine loss): it "
+                         f"has no reconstruction, sparsity penalty or dead-latent term, so {', '.join(given)} would be "
+                         "ignored; drop " + ("it" if len(given) == 1 else "them") + ", or train without supervised")
+
+
 def latent_cosine_loss(codes: Tensor, true_codes: Tensor) -> Tensor:
     """The paper's supervised (known-codes) loss: minus the mean over latents of the cosine
     similarity between each inferred latent and its true latent, across the batch."""
@@ -233,6 +243,9 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
                             "target_l0_rate": target_l0_rate}.items():
             if value is not None and not value > 0:
                 raise ValueError(f"SparseCoder needs {name} > 0, got {name}={value!r}")
+        if supervised:
+            check_supervised(target_l0=target_l0, auxk_coeff=auxk_coeff, matryoshka_widths=matryoshka_widths,
+                             resample_every=resample_every, sparsity_warmup_steps=sparsity_warmup_steps)
         encoder = create_encoder(**encoder) if isinstance(encoder, dict) else encoder
         dictionary = Dictionary(**dictionary) if isinstance(dictionary, dict) else dictionary
         if encoder.n_latents != dictionary.n_latents or (encoder.d_model != dictionary.d_model and not transcoder):
