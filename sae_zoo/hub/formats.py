@@ -542,9 +542,6 @@ def fold_input_scale(sae: ForeignSAE, scale: float, target_scale: float | None =
     if sae.transcoder and target_scale is None:
         raise ValueError(f"cannot fold the input scale {scale:g} into a transcoder without its targets' scale: its "
                          "input and its target are scaled apart")
-    if sae.config.get("rescale_acts_by_decoder_norm"):
-        raise ValueError(f"cannot fold the input scale {scale:g} into an SAE that rescales its codes by the decoder "
-                         "norms (rescale_acts_by_decoder_norm)")
     out = scale if target_scale is None else target_scale
     return dataclasses.replace(sae, W_enc=None if sae.W_enc is None else sae.W_enc * scale, W_dec=sae.W_dec / out,
                                b_dec=None if sae.b_dec is None else sae.b_dec / out,
