@@ -152,10 +152,7 @@ def recipe_from_content(content: dict[str, Any], overrides: list[str] | tuple[st
         else:
             assignments.append(item)
     try:
-        cfg = _with_defaults(content)
-    except ValueError as e:
-        raise RecipeError(f"{source}: {e}") from None
-    try:
+        cfg = _with_defaults(content)  # a file's keys are checked as the command line's are
         for key in deletions:
             _delete(cfg, key, source)
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(assignments))
@@ -165,6 +162,10 @@ def recipe_from_content(content: dict[str, Any], overrides: list[str] | tuple[st
         valid = ", ".join(Recipe.__dataclass_fields__)
         reason = str(e).splitlines()[0]
         raise RecipeError(f"{source}: bad key {key!r}: {reason} (top-level keys: {valid})") from None
+    except RecipeError:
+        raise
+    except ValueError as e:
+        raise RecipeError(f"{source}: {e}") from None
     except yaml.YAMLError as e:  # a value the override parser cannot read, e.g. trainer.max_steps=[5
         reason = str(e).splitlines()[0]
         raise RecipeError(f"{source}: an override's value is not valid YAML ({reason}); quote it, or close the "

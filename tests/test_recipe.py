@@ -69,6 +69,16 @@ def test_bad_keys_are_named(override, message):
         assert str(KNOWN_D) in str(info.value)
 
 
+@pytest.mark.parametrize("line, message", [("seeed: 3", "bad key 'seeed': .*Did you mean: 'seed'"),
+                                           ("checkpoint_every: often", "bad key 'checkpoint_every'")])
+def test_a_recipe_files_bad_top_level_key_is_named_as_on_the_command_line(tmp_path, line, message):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(KNOWN_D.read_text() + line + "\n")
+    with pytest.raises(RecipeError, match=message) as info:
+        load_recipe(recipe)
+    assert str(recipe) in str(info.value) and "top-level keys: setting, seed" in str(info.value)
+
+
 def test_tilde_deletes_a_recipe_key(biasless_head):
     assert "bias" not in load_recipe(KNOWN_D, ["~encoder.bias"]).encoder
     with pytest.raises(RecipeError, match=r"the recipe sets encoder\.bias: drop it with ~encoder\.bias"):
