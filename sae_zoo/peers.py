@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ._io import atomic_directory
 from .hub import load_sae
-from .model import SparseCoder
+from .model import SparseCoder, unpack_batch
 from .recipe import RecipeError, RunFolder, evaluate_run, initialising, plan, scoring
 
 #: samples SAELens's evaluator draws for its own figures
@@ -47,10 +47,11 @@ def _steps(trainer_kwargs: dict[str, Any], where: str) -> int:
 
 
 def _batches(datamodule: Any, device: str) -> Iterator[torch.Tensor]:
-    """The datamodule's training batches, pass after pass, as SAELens's trainer pulls them."""
+    """The inputs of the datamodule's training batches (without the true codes that synthetic data carries), pass
+    after pass, as SAELens's trainer pulls them."""
     for _ in itertools.count():
         for batch in datamodule.train_dataloader():
-            yield batch.to(device)
+            yield unpack_batch(batch)[0].to(device)
 
 
 def _device(trainer_kwargs: dict[str, Any]) -> str:
@@ -92,8 +93,13 @@ def fit_saelens(cfg: DictConfig, saelens: dict[str, Any], recipe_name: str = "re
     if cfg.setting != "unknown" or n_latents is None:
         raise RecipeError(f"{where}: a SAELens run learns its dictionary: it needs setting=unknown and "
                           "dictionary.n_latents")
+    if p.hooks is not None or p.data_kwargs.get("hook_out") is not None or p.model_kwargs.get("transcoder"):
+        raise RecipeError(f"{where}: SAELens's trainer trains an SAE on one stream of activations (its training step "
+                          "reads sae_in alone): it has no transcoder or several-hooks training to compare with")
     datamodule = p.data_class(**p.data_kwargs)
-    batch_size, steps = int(datamodule.hparams.batch_size), _steps(p.trainer_kwargs, where)
+    steps = _steps(p.trainer_kwargs, where)
+    # the rows of a training batch: data.batch_size, or all of them where the data trains full-batch (the paper's)
+    batch_size = datamodule.hparams.get("batch_size") or len(unpack_batch(next(iter(datamodule.train_dataloader())))[0])
     device = _device(p.trainer_kwargs)
     sae_class, sae_cfg = saelens_config(architecture, {"device": device, **options}, datamodule.d_model, n_latents,
                                         where)

@@ -286,3 +286,27 @@ def test_saelens_trains_with_the_recipes_defaults_as_our_runs_do(tmp_path, monke
     cfg = load_recipe(recipe_file(tmp_path, trainer={"enable_progress_bar": False}), [f"run_dir={tmp_path / 'run2'}"])
     with pytest.raises(RecipeError, match="a SAELens run trains for trainer.max_steps steps"):
         fit_saelens(cfg, {"architecture": "batchtopk", "k": 3})
+
+
+def test_saelens_trains_on_the_papers_synthetic_data(tmp_path):
+    """The paper's data come as full-batch ``(x, true_codes)`` batches: SAELens's trainer takes their inputs, and
+    its SAE is scored as ours are."""
+    from sae_zoo.peers import fit_saelens
+
+    cfg = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "synthetic" / "unknown.yaml",
+                      ["data.n_train=256", "data.n_test=128", "trainer.max_steps=30", f"run_dir={tmp_path / 'run'}",
+                       "dictionary.n_latents=16"])
+    run_dir, metrics = fit_saelens(cfg, {"architecture": "topk", "k": 3})
+    assert metrics["steps"] == 30 and metrics["encoder"] == "saelens:topk"
+    assert metrics["test"]["l0"] == pytest.approx(3.0) and 0 < metrics["test"]["mcc"] < 1
+    assert (run_dir / "saelens" / "cfg.json").exists()
+
+
+def test_saelens_runs_refuse_a_transcoders_recipe_by_name(tmp_path):
+    from sae_zoo.peers import fit_saelens
+
+    cfg = load_recipe(None, ["setting=unknown", "data.name=activations", "data.model=some/lm", "data.hook=mlp_in.1",
+                             "data.hook_out=mlp_out.1", "dictionary.n_latents=32", "trainer.max_steps=10",
+                             f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(RecipeError, match="SAELens's trainer trains an SAE on one stream of activations"):
+        fit_saelens(cfg, {"architecture": "batchtopk", "k": 3})
