@@ -19,7 +19,6 @@ import importlib.util
 import os
 import re
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from .hub import load_sae
 from .model import NOT_FOR_TRANSCODERS, SparseCoder
 from .multihead import HeadBank
 from .checkpoints import CHECKPOINT, PeriodicCheckpoint
+from .clock import TrainingClock
 from .tracking import logger_specs, make_loggers
 from .training import get_training_aid_class
 
@@ -610,7 +610,7 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True,
         datamodule, models = _build_hooks(recipes)
     else:
         datamodule, model = build(p)
-    callbacks = [PeriodicCheckpoint(run.path, cfg.checkpoint_every)] if cfg.checkpoint_every else []
+    callbacks = [TrainingClock(), *([PeriodicCheckpoint(run.path, cfg.checkpoint_every)] if cfg.checkpoint_every else [])]
     trainer = make_trainer(p, progress=progress, root_dir=run.path, callbacks=callbacks,
                            logger=[CSVLogger(run.path, name="logs", version=""), *make_loggers(p.loggers, run.path)])
     run.start()
@@ -691,9 +691,8 @@ def _train_and_evaluate_hooks(run: RunFolder, trainer: L.Trainer, data: MultiHoo
     each as a run of its own in ``RUN_DIR/<hook>``."""
     if trainer.is_global_zero and trainer.world_size == 1:  # else the fit prepares it (see _train_and_evaluate)
         data.prepare_data()
-    start = time.perf_counter()
     trainer.fit(HeadBank(models, reads={name: name for name in models}), datamodule=data, ckpt_path=resume_from)
-    train_seconds = time.perf_counter() - start
+    train_seconds = training_seconds(trainer)
     run.agree(trainer)
     if not trainer.is_global_zero:
         return run.path, {}
@@ -716,6 +715,11 @@ def _train_and_evaluate_hooks(run: RunFolder, trainer: L.Trainer, data: MultiHoo
     return run.path, metrics
 
 
+def training_seconds(trainer: L.Trainer) -> float:
+    """The seconds the trainer's last fit trained (its :class:`~sae_zoo.clock.TrainingClock`)."""
+    return next(c.seconds for c in trainer.callbacks if isinstance(c, TrainingClock))
+
+
 def check_run_dir(run_dir: Path) -> None:
     """A run directory must be new, empty, or left by a run that did not finish: one that wrote neither a
     checkpoint nor ``metrics.json`` (a run trained by another library writes only the latter)."""
@@ -732,12 +736,11 @@ def _train_and_evaluate(run: RunFolder, trainer: L.Trainer, datamodule: SparseCo
         # e.g. collect activations, so that train_seconds counts training only (under DDP the fit prepares the data:
         # every rank then runs the LM on its share)
         datamodule.prepare_data()
-    start = time.perf_counter()
     trained = any(p.requires_grad for p in model.parameters())
     if trained:
         trainer.fit(torch.compile(model) if cfg.compile else model, datamodule=datamodule, ckpt_path=resume_from)
     # else: a pure inference head (e.g. FISTA) on a frozen dictionary has nothing to train
-    train_seconds = time.perf_counter() - start
+    train_seconds = training_seconds(trainer) if trained else 0.0
     if trained:
         run.agree(trainer)
     run_dir = run.path

@@ -265,3 +265,20 @@ def test_a_bug_while_building_the_trainer_is_not_reported_as_a_bad_recipe(monkey
 def test_probing_tasks_are_checked_like_every_key(tasks):
     with pytest.raises(RecipeError, match=rf"probing.tasks={tasks!r} for sparse probing has type"):
         load_recipe(None, [f"probing.tasks={tasks}"])
+
+
+def test_train_seconds_count_training_not_the_validation_inside_the_fit(tmp_path, monkeypatch):
+    """A run's ``train_seconds`` (and so a suite's train tok/s) spans what SAELens's ``SAETrainer.fit`` does: the
+    training, not the sanity check or the validation loops the fit runs on the way."""
+    import time
+
+    def slow_validation(self, batch, batch_idx):
+        time.sleep(0.2)
+
+    monkeypatch.setattr(SparseCoder, "validation_step", slow_validation)
+    cfg = load_recipe(KNOWN_D, [*TINY, "trainer.max_steps=40", "data.steps_per_epoch=10", f"run_dir={tmp_path / 'run'}"])
+    start = time.perf_counter()
+    _, metrics = fit(cfg, progress=False)
+    elapsed = time.perf_counter() - start
+    assert elapsed > 1.0  # the sanity check's and 4 validations' sleeps, at least
+    assert 0 < metrics["train_seconds"] < 0.5
