@@ -131,17 +131,20 @@ def l1_penalty(codes: Tensor | SparseCodes, dictionary: Dictionary, nonnegative:
 def training_batches(trainer: L.Trainer, wanted: int, why: str) -> list[Batch]:
     """The first training batches, enough for ``wanted`` rows (of each part of a mapping batch: one model's part of
     a batch read at several hooks); ``why`` names what reads them, for the error when there are none."""
-    # data read on the fly give a stream of their own, so that the trainer's keeps its place
-    loader = getattr(getattr(trainer, "datamodule", None), "sample_batches", lambda: None)()
-    loader = trainer.train_dataloader if loader is None else loader  # set once fitting has started (on_train_start)
+    # a datamodule's sample comes from a loader of its own, so that the trainer's keeps its pass and place
+    sample = getattr(getattr(trainer, "datamodule", None), "sample_batches", None)
+    loader = sample() if sample is not None else trainer.train_dataloader  # set once fitting has started
     if loader is None:
         raise ValueError(f"{why} reads training data, and the trainer has none")
     batches, rows = [], 0
-    for batch in loader:
-        batches.append(batch)
-        rows += len(unpack_batch(next(iter(batch.values())) if isinstance(batch, dict) else batch)[0])
-        if rows >= wanted:
-            break
+    # a shuffling loader draws its order from the global generator: read apart from it, the training's shuffle is
+    # the one a run that reads no sample gets
+    with torch.random.fork_rng(devices=[]):
+        for batch in loader:
+            batches.append(batch)
+            rows += len(unpack_batch(next(iter(batch.values())) if isinstance(batch, dict) else batch)[0])
+            if rows >= wanted:
+                break
     if not batches:
         raise ValueError(f"{why}: the training data is empty")
     return batches

@@ -310,3 +310,31 @@ def test_saelens_runs_refuse_a_transcoders_recipe_by_name(tmp_path):
                              f"run_dir={tmp_path / 'run'}"])
     with pytest.raises(RecipeError, match="SAELens's trainer trains an SAE on one stream of activations"):
         fit_saelens(cfg, {"architecture": "batchtopk", "k": 3})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_reading_a_start_sample_leaves_the_passes_as_they_were(tmp_path, stream):
+    """The cached samples' shuffle and the stream's draws are seeded by the pass: a start that reads training rows
+    (a decoder-bias start) must not use up a pass, so that the run sees the batches an otherwise equal run sees."""
+    import lightning as L
+
+    from sae_zoo import Dictionary, create_encoder
+
+    def batches_seen(**options):
+        dm = tiny_data(tmp_path, n_train=1024, stream=stream)
+        torch.manual_seed(0)
+        model = SparseCoder(create_encoder("topk", d_model=16, n_latents=32, k=3), Dictionary(32, 16, bias=True),
+                            code_recovery=False, bias_init_samples=256, **options)
+        seen = []
+
+        class Record(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                seen.append(batch[:, 0].clone())
+
+        L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, accelerator="cpu", limit_val_batches=0, callbacks=[Record()]).fit(model, dm)
+        return torch.cat(seen)
+
+    plain = batches_seen()
+    assert len(plain) == 6 * 256 and not torch.equal(plain[:1024], plain[512:1536])
+    assert torch.equal(batches_seen(decoder_bias_init="mean"), plain)

@@ -40,7 +40,7 @@ import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -729,10 +729,13 @@ class ActivationDataModule(LanguageModelData):
             self._resume_state = None
         return self._live
 
-    def sample_batches(self) -> Iterator[Tensor | Pair] | None:
+    def sample_batches(self) -> Iterable[Tensor | Pair]:
         """Training batches for a sample of training rows (a run's start reads some), without moving the trainer's
-        stream on: on the fly, :meth:`LiveActivations.sample`; None for a cache, whose loader is read."""
-        return None if self._live is None else self._live.sample()
+        loader on: on the fly, :meth:`LiveActivations.sample`; from a cache, a first pass of a dataset of their own
+        (the trainer's keeps its pass and position, which a resumed run restores)."""
+        if not self.hparams.cache:
+            return (self.live() if self._live is None else self._live).sample()
+        return self._loader(self._dataset("train", shuffle=True))
 
     def live_rows(self, tokens: Tensor) -> tuple[Tensor, ...]:
         """The training rows of contexts ``tokens``, as the buffer holds them: scaled, outlier tokens left out."""

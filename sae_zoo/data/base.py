@@ -4,7 +4,7 @@ read from the data, declared once."""
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
@@ -74,6 +74,13 @@ class SparseCodingData(L.LightningDataModule, metaclass=ABCMeta):
     @abstractmethod
     def held_out_batches(self) -> Iterator[Batch]:
         """Every held-out batch, in order, on this process alone."""
+
+    def sample_batches(self) -> Iterable[Batch]:
+        """Training batches for a sample of training rows, which a run's start and end read (a decoder-bias start,
+        a target L0), from a loader of their own: the first batches of a first pass, as the trainer's loader will
+        serve them. Reading them must not move the trainer's loader on (its pass, its stream); a fresh
+        ``train_dataloader()`` is one, where each call builds its own dataset."""
+        return self.train_dataloader()
 
     @property
     @abstractmethod

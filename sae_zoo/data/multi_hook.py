@@ -12,7 +12,7 @@ transcoder's), which a :class:`~sae_zoo.multihead.HeadBank` routes to each hook'
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -128,8 +128,8 @@ class MultiHookData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.live(), batch_size=None)
 
-    def sample_batches(self) -> Iterator[dict[str, Tensor | Pair]] | None:
-        return None if self._live is None else self._live.sample()
+    def sample_batches(self) -> Iterable[dict[str, Tensor | Pair]]:
+        return (self.live() if self._live is None else self._live).sample()
 
     def state_dict(self) -> dict[str, Any]:
         trainer = getattr(self, "trainer", None)
