@@ -89,3 +89,17 @@ def test_readme_transcoder_block_runs_on_the_skip_transcoders_layout(tmp_path, m
     values, idx = pre.topk(k, dim=-1)
     expected = (values[..., None] * tensors["W_dec"][idx]).sum(-2) + tensors["b_dec"] + mlp_in @ tensors["W_skip"].T
     torch.testing.assert_close(namespace["mlp_out"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_readme_demo_block_is_checked_against_the_demos_output():
+    """The checker CI runs after ``sae-zoo demo`` (tests/readme_demo.py): it reads the README's block, agrees with
+    itself, and names a figure that has drifted."""
+    from readme_demo import disagreements, readme_block
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme_block(readme)
+    assert disagreements(readme, block) == []
+    mlp_l0 = re.search(r"^MLP .*?([\d.]+)$", block, re.M).group(1)
+    moved = f"{float(mlp_l0) + 0.2:.2f}"
+    drifted = re.sub(rf"{re.escape(mlp_l0)}$", moved, block, flags=re.M)
+    assert disagreements(readme, drifted) == [f"MLP (hidden=256) L0: README {float(mlp_l0)}, demo {float(moved)}"]
