@@ -72,13 +72,13 @@ class DeadLatents(TrainingAid):
     def log_values(self) -> dict[str, Tensor]:
         return {"dead_fraction": self.dead().float().mean()} if self.tracks else {}
 
-    def save_state(self, checkpoint: dict[str, Any]) -> None:
+    def save_state(self, state: dict[str, Any]) -> None:
         if self.tracks:
-            checkpoint["tokens_since_fired"] = self.tokens_since_fired.cpu()
+            state["tokens_since_fired"] = self.tokens_since_fired.cpu()
 
-    def load_state(self, checkpoint: dict[str, Any]) -> None:
-        if self.tracks and "tokens_since_fired" in checkpoint:
-            self.tokens_since_fired.copy_(checkpoint["tokens_since_fired"])
+    def load_state(self, state: dict[str, Any]) -> None:
+        if self.tracks and "tokens_since_fired" in state:
+            self.tokens_since_fired.copy_(state["tokens_since_fired"])
 
     def dead(self) -> Tensor:
         """Boolean ``(n_latents,)``: the latents that have not fired for ``dead_tokens`` tokens."""

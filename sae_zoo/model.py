@@ -298,9 +298,13 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.sparsity = SparsityControl(self.l1_coeff, target_l0, target_l0_rate, sparsity_warmup_steps)
         #: after a run that targets an L0: the L0 the controller reached and the threshold shift that ends on it
         self.l0_calibration: dict[str, float] | None = None
-        self.dead_latents = dead_latents
-        #: every training aid, the field's first, in the order their hooks run
-        self.aids = nn.ModuleList([bias_init, dead_latents, schedule, *extra_aids])
+        names = [aid.name for aid in extra_aids]
+        if len(set(names)) < len(names):
+            raise ValueError(f"aids: each aid may be given once (its state is saved under its name), got {names}")
+        #: every training aid, the field's first, in the order their hooks run. Aids are not submodules: their
+        #: state is training state, saved in checkpoints under their names (:meth:`on_save_checkpoint`), never in
+        #: ``model.safetensors``; they move with the model (:meth:`_apply`)
+        self.aids: list[TrainingAid] = [bias_init, dead_latents, schedule, *extra_aids]
         #: the optimiser a HeadBank trains this model with (None: its own trainer's)
         self.bank_optimizer: torch.optim.Optimizer | None = None
         for aid in self.aids:
@@ -316,6 +320,18 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.register_buffer("true_dictionary", true_dictionary, persistent=False)
 
         self.val_metrics, self.test_metrics = self.new_metrics(), self.new_metrics()
+
+    @property
+    def dead_latents(self) -> DeadLatents:
+        """The dead-latent aid (AuxK and resampling)."""
+        return self.aids[1]
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "SparseCoder":
+        """Moves and casts reach the training aids too (``.to``, ``.cuda``, ``.double``), which are no submodules."""
+        super()._apply(fn, *args, **kwargs)
+        for aid in getattr(self, "aids", ()):
+            aid._apply(fn, *args, **kwargs)
+        return self
 
     def new_metrics(self, sync_on_compute: bool = True) -> SparseCodingMetrics:
         """The metrics an evaluation of this model reports (fresh state); see :meth:`update_metrics`.
@@ -554,14 +570,22 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         checkpoint["decoder_provenance"] = self.dictionary.provenance
         checkpoint["sparsity_coeff"] = float(self.sparsity.coeff)
         checkpoint["sparsity_integral"] = float(self.sparsity.integral)
-        for aid in self.aids:
-            aid.save_state(checkpoint)
+        checkpoint["training_aids"] = {}
+        for aid in self.aids:  # each under its name: its buffers, and what its save_state adds
+            state: dict[str, Any] = {}
+            aid.save_state(state)
+            checkpoint["training_aids"][aid.name] = {"buffers": aid.state_dict(), "state": state}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.dictionary.provenance = dict(checkpoint.get("decoder_provenance") or {})
         self.sparsity.restore(checkpoint.get("sparsity_coeff", self.l1_coeff), checkpoint.get("sparsity_integral"))
+        saved = checkpoint.get("training_aids")
         for aid in self.aids:
-            aid.load_state(checkpoint)
+            if saved is None:  # a checkpoint from before aids had names there: their state at the top level
+                aid.load_state(checkpoint)
+            elif aid.name in saved:
+                aid.load_state_dict(saved[aid.name]["buffers"])
+                aid.load_state(saved[aid.name]["state"])
 
     def configure_optimizers(self) -> Any:
         """Adam (learned atom norms at ``lr * dictionary.norm_lr_scale``), with the per-step learning-rate

@@ -55,8 +55,10 @@ class LossTerm(NamedTuple):
 
 class TrainingAid(nn.Module):
     """One piece of a training method, with hooks that :class:`~sae_zoo.SparseCoder` calls (the module's
-    docstring lists them). Every hook does nothing by default. State that must survive a resumed run goes in
-    :meth:`save_state`/:meth:`load_state` (the Lightning checkpoint); ``config()`` rebuilds the aid."""
+    docstring lists them). Every hook does nothing by default. An aid's state is training state, never a weight of
+    the model: its buffers (persistent ones) and what :meth:`save_state` writes go into a Lightning checkpoint
+    under ``checkpoint["training_aids"][name]``, and stay out of ``model.safetensors``; ``config()`` rebuilds the
+    aid."""
 
     #: the registry name (set by :func:`register_training_aid`)
     name: ClassVar[str] = ""
@@ -106,10 +108,11 @@ class TrainingAid(nn.Module):
     def finish(self, model: SparseCoder, rows: Tensor | None) -> None:
         """At the end of a run; ``rows`` are training inputs when ``reads_rows``."""
 
-    def save_state(self, checkpoint: dict[str, Any]) -> None:
-        """Write what a resumed run needs into the Lightning ``checkpoint``."""
+    def save_state(self, state: dict[str, Any]) -> None:
+        """Write what a resumed run needs beside the aid's buffers into ``state`` (the aid's own part of the
+        checkpoint)."""
 
-    def load_state(self, checkpoint: dict[str, Any]) -> None:
+    def load_state(self, state: dict[str, Any]) -> None:
         """Read back what :meth:`save_state` wrote (an older checkpoint may lack it)."""
 
 

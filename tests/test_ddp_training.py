@@ -70,7 +70,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, cache):
         torch.testing.assert_close(checkpoints[1]["state_dict"][key], checkpoints[0]["state_dict"][key],
                                    atol=1e-6, rtol=1e-5, msg=key)
     assert checkpoints[0]["state_dict"]["encoder.threshold"] > 0
-    dead_counts = [c["tokens_since_fired"] for c in checkpoints]
+    dead_counts = [c["training_aids"]["dead_latents"]["state"]["tokens_since_fired"] for c in checkpoints]
     torch.testing.assert_close(dead_counts[1], dead_counts[0])
     # latents died (so AuxK and the resampling had work) and the counts are tokens of the global batch
     with open(tmp_path / "one" / "logs" / "metrics.csv") as f:

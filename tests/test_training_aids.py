@@ -483,3 +483,49 @@ def test_resampling_clears_the_optimizer_state_of_the_rows_it_reset_only():
         torch.testing.assert_close(optimizer.state[hidden][name], value, msg=name)
     assert (optimizer.state[hidden]["exp_avg"][:4] != 0).any()
     assert (optimizer.state[head.linear.weight]["exp_avg_sq"][:4] == 0).all()
+
+
+class RowsSeen(TrainingAid):
+    """A test aid with a persistent buffer: the training rows it has seen."""
+
+    name = "test_rows_seen"
+
+    def setup(self, model):
+        self.register_buffer("rows", torch.zeros(()))
+
+    def config(self):
+        return {"name": self.name}
+
+    def before_batch(self, model, x):
+        self.rows += x.shape[0]
+
+
+def test_an_aids_persistent_buffer_is_training_state_not_a_weight(tmp_path, monkeypatch):
+    """An aid's buffer stays out of ``model.safetensors`` (so ``from_pretrained`` reads the file), and a checkpoint
+    keeps it, under the aid's name, for a resumed run."""
+    from sae_zoo.training import TRAINING_AIDS
+
+    monkeypatch.setitem(TRAINING_AIDS, RowsSeen.name, RowsSeen)
+    torch.manual_seed(0)
+    dm = SyntheticSparseDataModule(n_latents=8, d_model=4, n_train=64, n_test=32, batch_size=16, steps_per_epoch=20)
+    model = SparseCoder(create_encoder("topk", d_model=4, n_latents=8, k=2), Dictionary(8, 4),
+                        aids=[{"name": RowsSeen.name}])
+    trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, dm)
+    rows = model.aids[-1].rows.clone()
+    assert rows == 10 * 16
+
+    model.save_pretrained(tmp_path / "pretrained")
+    from safetensors.torch import load_file
+    assert not [k for k in load_file(tmp_path / "pretrained" / "model.safetensors") if "aid" in k or "rows" in k]
+    loaded = SparseCoder.from_pretrained(tmp_path / "pretrained")
+    torch.testing.assert_close(loaded(dm.test_x).x_hat, model.eval()(dm.test_x).x_hat)
+
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    saved = torch.load(tmp_path / "run.ckpt", weights_only=False)
+    assert not [k for k in saved["state_dict"] if k.startswith("aids")]
+    assert torch.equal(saved["training_aids"][RowsSeen.name]["buffers"]["rows"], rows)
+    restored = SparseCoder.load_from_checkpoint(tmp_path / "run.ckpt")
+    assert isinstance(restored.aids[-1], RowsSeen) and torch.equal(restored.aids[-1].rows, rows)
+    assert restored.double().aids[-1].rows.dtype == torch.float64  # the aids move and cast with the model
