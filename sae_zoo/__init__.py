@@ -14,9 +14,10 @@ from .encoders import EncoderHead, create_encoder, list_encoders, register_encod
 from .hub import list_pretrained, load_sae
 from .model import SparseCoder
 from .training import TrainingAid, list_training_aids, register_training_aid
+from .training_config import TrainingConfig
 
 __version__ = version("sae_zoo")
 
-__all__ = ["Dictionary", "EncoderHead", "SparseCoder", "TrainingAid", "create_encoder", "list_encoders",
+__all__ = ["Dictionary", "EncoderHead", "SparseCoder", "TrainingAid", "TrainingConfig", "create_encoder", "list_encoders",
            "list_pretrained", "list_training_aids", "load_sae", "register_encoder", "register_training_aid",
            "__version__"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -28,6 +28,7 @@ from .pretrained.config import (CONFIG_NAME, WEIGHTS_NAME, build_dictionary, bui
 from .pretrained.files import resolve_file
 from .sparsity import SparsityControl, calibrate_l0, start_at_l0
 from .training import DecoderBiasInit, LRSchedule, TrainingAid, create_training_aid, gives_schedule
+from .training_config import TrainingConfig
 
 
 class Reconstruction(NamedTuple):
@@ -83,16 +84,6 @@ def check_transcoder(encoder: EncoderHead, **options: Any) -> None:
     for name, value in options.items():
         if isinstance(value, Tensor) or value:  # a tensor given, or an option that is on
             raise ValueError(f"a transcoder cannot take {name}={value!r}: {why[name]}")
-
-
-def check_supervised(**options: Any) -> None:
-    """Refuse, by name, the options that known-codes training (``supervised=True``) would ignore: its loss is the
-    per-latent cosine to the true codes alone, with no reconstruction, sparsity penalty or dead latents."""
-    given = [f"{name}={value!r}" for name, value in options.items() if value]
-    if given:
-        raise ValueError(f"supervised=True trains the encoder on the true codes alone (a per-latent cosine loss): it "
-                         f"has no reconstruction, sparsity penalty or dead-latent term, so {', '.join(given)} would be "
-                         "ignored; drop " + ("it" if len(given) == 1 else "them") + ", or train without supervised")
 
 
 def latent_cosine_loss(codes: Tensor, true_codes: Tensor) -> Tensor:
@@ -184,9 +175,14 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     fraction; dictionary MCC too when ``true_dictionary`` is given. ``sparse_decode`` lets a top-k head
     decode from its k atoms per sample in training.
 
+    The model holds structure: the head, the dictionary, a transcoder's skip term. How it trains is one
+    :class:`~sae_zoo.TrainingConfig` (``training``: the object or a dict of its options), or the same options
+    written flat (``SparseCoder(head, dictionary, lr=3e-3, target_l0=8)``, as recipes and saved checkpoints
+    write them), read into that object once (``model.training_config``).
+
     The loss is ``MSE + coeff * sparsity`` (element means) plus the training aids' terms, where the sparsity
     penalty is the head's own (:meth:`EncoderHead.training_codes`: the L1 of the codes unless the head has
-    another, as JumpReLU's L0). Its options, by what they set:
+    another, as JumpReLU's L0). The training options, by what they set:
 
     * **the objective**: ``matryoshka_widths`` (every prefix of the latents reconstructs on its own, the losses
       summed);
@@ -213,42 +209,24 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     libraries' formats and run directories are in :mod:`sae_zoo.hub`.
     """
 
-    def __init__(self, encoder: EncoderHead | dict[str, Any], dictionary: Dictionary | dict[str, Any], *,
-                 l1_coeff: float = 0.01, lr: float = 1e-3, supervised: bool = False,
-                 true_dictionary: Tensor | None = None, sparse_decode: bool = True,
-                 code_recovery: bool = True, matryoshka_widths: list[int] | None = None,
-                 auxk_coeff: float = 0.0, auxk_k: int | None = None, dead_tokens: int = 10_000_000,
-                 resample_every: int = 0, target_l0: float | None = None, target_l0_rate: float = 0.02,
-                 sparsity_warmup_steps: int = 0, lr_warmup_steps: int | float = 0, lr_decay_steps: int | float = 0,
-                 decoder_bias_init: Literal["mean", "geometric_median"] | None = None,
-                 bias_init_samples: int = 32768, tied_init: bool = False,
-                 aids: Sequence[TrainingAid | dict[str, Any]] = (), transcoder: bool = False,
-                 skip_connection: bool = False, train_skip: bool = True) -> None:
+    def __init__(self, encoder: EncoderHead | dict[str, Any], dictionary: Dictionary | dict[str, Any],
+                 training: TrainingConfig | dict[str, Any] | None = None, *, transcoder: bool = False,
+                 skip_connection: bool = False, train_skip: bool = True, true_dictionary: Tensor | None = None,
+                 **options: Any) -> None:
         super().__init__()
-        if not lr > 0 or not l1_coeff >= 0:
-            raise ValueError(f"SparseCoder needs lr > 0 and l1_coeff >= 0, got lr={lr!r}, l1_coeff={l1_coeff!r}")
-        if not sparsity_warmup_steps >= 0:
-            raise ValueError(f"SparseCoder needs sparsity_warmup_steps >= 0, got "
-                             f"sparsity_warmup_steps={sparsity_warmup_steps!r}")
+        code_recovery = options.pop("code_recovery", True)
+        t = self.training_config = TrainingConfig.of(training, options)
         # the field's aids check their own options (each error names the SparseCoder option)
-        bias_init, schedule = DecoderBiasInit(decoder_bias_init), LRSchedule(lr_warmup_steps, lr_decay_steps)
-        dead_latents = DeadLatents(auxk_coeff, auxk_k, dead_tokens, resample_every)
-        if any(isinstance(aid, dict) and "name" not in aid for aid in aids):
-            raise ValueError(f"aids: each dict names a registered training aid ({{'name': ..., **options}}), got {aids!r}")
-        extra_aids = [create_training_aid(**aid) if isinstance(aid, dict) else aid for aid in aids]
+        bias_init, schedule = DecoderBiasInit(t.decoder_bias_init), LRSchedule(t.lr_warmup_steps, t.lr_decay_steps)
+        dead_latents = DeadLatents(t.auxk_coeff, t.auxk_k, t.dead_tokens, t.resample_every)
+        extra_aids = [create_training_aid(**aid) if isinstance(aid, dict) else aid for aid in t.aids]
         for aid in extra_aids:
             if not isinstance(aid, TrainingAid):
                 raise TypeError(f"aids takes TrainingAid objects or {{'name': ..., **options}} dicts, got {aid!r}")
             if aid.name in BUILTIN_AIDS:
                 raise ValueError(f"aids: {aid.name!r} is set by SparseCoder's own options "
                                  f"({', '.join(BUILTIN_AIDS[aid.name])}); set those instead")
-        for name, value in {"bias_init_samples": bias_init_samples, "target_l0": target_l0,
-                            "target_l0_rate": target_l0_rate}.items():
-            if value is not None and not value > 0:
-                raise ValueError(f"SparseCoder needs {name} > 0, got {name}={value!r}")
-        if supervised:
-            check_supervised(target_l0=target_l0, auxk_coeff=auxk_coeff, matryoshka_widths=matryoshka_widths,
-                             resample_every=resample_every, sparsity_warmup_steps=sparsity_warmup_steps)
+        t.aids = tuple(extra_aids)
         encoder = create_encoder(**encoder) if isinstance(encoder, dict) else encoder
         dictionary = Dictionary(**dictionary) if isinstance(dictionary, dict) else dictionary
         if encoder.n_latents != dictionary.n_latents or (encoder.d_model != dictionary.d_model and not transcoder):
@@ -260,10 +238,10 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             raise ValueError("skip_connection=True adds a linear map of the input to the output: a transcoder's "
                              "(transcoder=True)")
         if transcoder:
-            check_transcoder(encoder, supervised=supervised, true_dictionary=true_dictionary, tied_init=tied_init,
-                             decoder_bias_init=decoder_bias_init, resample_every=resample_every)
-        if target_l0 is not None and encoder.forced_l0 is not None:
-            raise ValueError(f"target_l0={target_l0} tunes the sparsity penalty, but the {encoder.name!r} head keeps "
+            check_transcoder(encoder, supervised=t.supervised, true_dictionary=true_dictionary, tied_init=t.tied_init,
+                             decoder_bias_init=t.decoder_bias_init, resample_every=t.resample_every)
+        if t.target_l0 is not None and encoder.forced_l0 is not None:
+            raise ValueError(f"target_l0={t.target_l0} tunes the sparsity penalty, but the {encoder.name!r} head keeps "
                              f"k={encoder.forced_l0} codes per sample whatever the penalty; set its k instead, and "
                              "drop target_l0")
         if encoder.subtract_decoder_bias and dictionary.bias is None:
@@ -276,26 +254,19 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         if self.skip is not None:
             nn.init.zeros_(self.skip.weight)
             self.skip.requires_grad_(bool(train_skip))
-        self.l1_coeff, self.lr, self.supervised = float(l1_coeff), float(lr), bool(supervised)
-        self.sparse_decode, self.code_recovery = bool(sparse_decode), bool(code_recovery)
-        if tied_init:
+        self.l1_coeff, self.lr, self.supervised = float(t.l1_coeff), float(t.lr), bool(t.supervised)
+        self.sparse_decode, self.code_recovery = bool(t.sparse_decode), bool(code_recovery)
+        if t.tied_init:
             tie_encoder_to_decoder(encoder, dictionary)
-        self.matryoshka_widths = (None if matryoshka_widths is None
-                                  else check_matryoshka_widths(matryoshka_widths, dictionary.n_latents))
-        training = {"matryoshka_widths": self.matryoshka_widths, "auxk_coeff": float(auxk_coeff), "auxk_k": auxk_k,
-                    "dead_tokens": int(dead_tokens), "resample_every": int(resample_every), "target_l0": target_l0,
-                    "target_l0_rate": float(target_l0_rate), "sparsity_warmup_steps": int(sparsity_warmup_steps),
-                    "lr_warmup_steps": schedule.warmup_steps, "lr_decay_steps": schedule.decay_steps,
-                    "decoder_bias_init": decoder_bias_init, "bias_init_samples": int(bias_init_samples),
-                    "tied_init": bool(tied_init)}
-        self.training_options = training
+        self.matryoshka_widths = t.matryoshka_widths = (
+            None if t.matryoshka_widths is None else check_matryoshka_widths(t.matryoshka_widths, dictionary.n_latents))
+        t.lr_warmup_steps, t.lr_decay_steps = schedule.warmup_steps, schedule.decay_steps
         self.save_hyperparameters({"encoder": encoder.config(), "dictionary": dictionary.config(),
-                                   "l1_coeff": self.l1_coeff, "lr": self.lr, "supervised": self.supervised,
-                                   "sparse_decode": self.sparse_decode, "code_recovery": self.code_recovery,
+                                   "code_recovery": self.code_recovery,
                                    **({"transcoder": True, "skip_connection": skip_connection,
                                        "train_skip": bool(train_skip)} if transcoder else {}),
-                                   **training, **({"aids": [aid.config() for aid in extra_aids]} if extra_aids else {})})
-        self.sparsity = SparsityControl(self.l1_coeff, target_l0, target_l0_rate, sparsity_warmup_steps)
+                                   **t.to_dict()})
+        self.sparsity = SparsityControl(self.l1_coeff, t.target_l0, t.target_l0_rate, t.sparsity_warmup_steps)
         #: after a run that targets an L0: the L0 the controller reached and the threshold shift that ends on it
         self.l0_calibration: dict[str, float] | None = None
         names = [aid.name for aid in extra_aids]
@@ -483,7 +454,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         """``bias_init_samples`` rows of the training data where the start or end of the run reads them."""
         why = self.reads_training_rows()
         return None if why is None else training_sample(self.trainer, self.dictionary.d_model,
-                                                        self.training_options["bias_init_samples"], why)
+                                                        self.training_config.bias_init_samples, why)
 
     def start_training(self, points: Tensor | None) -> None:
         """Before the first step of a run: every aid's :meth:`~sae_zoo.training.TrainingAid.start` on training
@@ -503,7 +474,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             aid.finish(self, points)
         if not self.sparsity.targets_l0:
             return
-        self.l1_coeff = self.hparams["l1_coeff"] = float(self.sparsity.coeff)
+        self.l1_coeff = self.hparams["l1_coeff"] = self.training_config.l1_coeff = float(self.sparsity.coeff)
         with evaluating(self.encoder):
             self.l0_calibration = calibrate_l0(self.encoder, points.to(self.dictionary.weight.dtype), self.dictionary,
                                                self.sparsity.target_l0)

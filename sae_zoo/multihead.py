@@ -110,13 +110,13 @@ class HeadBank(L.LightningModule):
         why = {i: reason for i, m in enumerate(self.models) if (reason := m.reads_training_rows()) is not None}
         rows: dict[int, Tensor] = {}
         if why:  # one read of the data serves every model: each takes its part of the same batches
-            wanted = max(self.models[i].training_options["bias_init_samples"] for i in why)
+            wanted = max(self.models[i].training_config.bias_init_samples for i in why)
             batches = training_batches(self.trainer, wanted, next(iter(why.values())))
             for i in why:
                 rows[i] = training_sample(self.trainer, self.models[i].dictionary.d_model, wanted, why[i], batches,
                                           part=lambda batch, i=i: self.part(batch, i))
         for i, model in enumerate(self.models):
-            getattr(model, method)(rows[i][:model.training_options["bias_init_samples"]] if i in why else None)
+            getattr(model, method)(rows[i][:model.training_config.bias_init_samples] if i in why else None)
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
         """Each model's own optimiser and learning-rate schedule (:meth:`SparseCoder.configure_optimizers`)."""

@@ -16,7 +16,6 @@ the same generator.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import time
 from collections.abc import Iterator
@@ -30,11 +29,12 @@ from ._io import atomic_directory
 from .hub import load_sae
 from .model import SparseCoder, unpack_batch
 from .recipe import RecipeError, RunFolder, evaluate_run, initialising, plan, scoring
+from .training_config import TrainingConfig
 
 #: samples SAELens's evaluator draws for its own figures
 SAELENS_EVAL_SAMPLES = 16_384
 #: the learning rate of a run whose recipe gives none: sae_zoo's own default (:class:`~sae_zoo.SparseCoder`)
-DEFAULT_LR = inspect.signature(SparseCoder.__init__).parameters["lr"].default
+DEFAULT_LR = TrainingConfig.lr
 
 
 def _steps(trainer_kwargs: dict[str, Any], where: str) -> int:

@@ -51,6 +51,7 @@ from .checkpoints import CHECKPOINT, PeriodicCheckpoint
 from .clock import TrainingClock
 from .tracking import logger_specs, make_loggers
 from .training import get_training_aid_class
+from .training_config import ModelOptions
 
 SETTINGS = ("known_codes", "known_dictionary", "unknown")
 
@@ -400,14 +401,13 @@ def plan(cfg: DictConfig) -> Plan:
     check_kwargs(Dictionary.__init__, {k: v for k, v in dictionary_kwargs.items() if k != "n_latents"},
                  what="the dictionary", skip=("n_latents", "d_model", "trainable"), key_prefix="dictionary.")
     model_kwargs = _plain(cfg.model)
-    check_kwargs(SparseCoder.__init__, model_kwargs, what="SparseCoder",
-                 skip=("encoder", "dictionary", "supervised", "true_dictionary"), key_prefix="model.")
+    check_kwargs(ModelOptions, model_kwargs, what="SparseCoder", skip=("supervised",), key_prefix="model.")
     for i, spec in enumerate(model_kwargs.get("aids", [])):
         check_training_aid(spec, f"model.aids[{i}]")
-    if not model_kwargs.get("lr", 1.0) > 0:
-        raise ValueError(f"model.lr must be positive, got {model_kwargs['lr']!r}")
-    if not model_kwargs.get("l1_coeff", 0.0) >= 0:
-        raise ValueError(f"model.l1_coeff must be at least 0, got {model_kwargs['l1_coeff']!r}")
+    try:  # the options' own checks (lr > 0, l1_coeff >= 0, ...), named as the recipe writes them
+        ModelOptions(**model_kwargs)
+    except ValueError as e:  # each message starts with the option's name
+        raise ValueError(f"model.{e}") from None
     trainer_kwargs = _plain(cfg.trainer)
     check_kwargs(L.Trainer.__init__, trainer_kwargs, what="lightning.Trainer",
                  skip=("logger", "default_root_dir", "callbacks"), key_prefix="trainer.")

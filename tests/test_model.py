@@ -149,3 +149,23 @@ def test_reading_a_start_sample_leaves_the_training_batches_as_they_were(options
     plain = batches_seen()
     assert len(plain) == 12 * 32 and not torch.equal(plain[:128], plain[128:256])  # shuffled anew each pass
     assert torch.equal(batches_seen(**options), plain)
+
+
+def test_the_model_holds_structure_and_its_training_is_one_config():
+    """``SparseCoder`` takes its head, dictionary, training config and family (at most 8 arguments); the training
+    options written flat, as recipes and saved checkpoints write them, are read into the same config."""
+    import inspect
+
+    from sae_zoo import TrainingConfig
+
+    assert len(inspect.signature(SparseCoder.__init__).parameters) - 1 <= 8
+    head = create_encoder("topk", d_model=4, n_latents=6, k=2)
+    flat = SparseCoder(head, Dictionary(6, 4), lr=3e-3, auxk_coeff=0.1, matryoshka_widths=[3, 6])
+    config = SparseCoder(head, Dictionary(6, 4), TrainingConfig(lr=3e-3, auxk_coeff=0.1, matryoshka_widths=[3, 6]))
+    as_dict = SparseCoder(head, Dictionary(6, 4), {"lr": 3e-3, "auxk_coeff": 0.1, "matryoshka_widths": [3, 6]})
+    assert flat.training_config == config.training_config == as_dict.training_config
+    assert flat.hparams == config.hparams and flat.lr == 3e-3 and flat.dead_latents.auxk_coeff == 0.1
+    with pytest.raises(TypeError, match="lr both in training and as an argument"):
+        SparseCoder(head, Dictionary(6, 4), {"lr": 1e-3}, lr=3e-3)
+    with pytest.raises(TypeError, match="unexpected argument.* l1_cof"):
+        SparseCoder(head, Dictionary(6, 4), l1_cof=0.1)

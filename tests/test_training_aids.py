@@ -309,7 +309,7 @@ def test_geometric_median_resists_outliers_and_initialises_the_decoder_bias():
     (lambda: SparseCoder(create_encoder("jumprelu", d_model=4, n_latents=8), Dictionary(8, 4), l1_coeff=0.0,
                          target_l0=3), "needs a starting l1_coeff > 0"),
     (lambda: SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4), target_l0=-2),
-     "target_l0 > 0, got target_l0=-2"),
+     "target_l0 must be positive, got -2"),
 ])
 def test_bad_settings_are_named(make, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -1,0 +1,108 @@
+"""How a :class:`~sae_zoo.SparseCoder` trains, as one object: the objective's options, the sparsity control, the
+start, the field's aids and any further ones. The model itself holds structure only (head, dictionary, skip term);
+``SparseCoder(head, dictionary, TrainingConfig(lr=3e-3, target_l0=8))``, or the same options written flat
+(``SparseCoder(head, dictionary, lr=3e-3, target_l0=8)``, as recipes and saved checkpoints write them), which are
+read into this object once."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .training import TrainingAid
+
+
+@dataclass
+class TrainingConfig:
+    """A SparseCoder's training method (see :class:`~sae_zoo.SparseCoder` for what each option does).
+
+    * the objective: ``l1_coeff`` (the sparsity penalty's coefficient), ``supervised`` (known codes: a per-latent
+      cosine to the true codes instead), ``sparse_decode`` (a top-k head decodes from its k atoms),
+      ``matryoshka_widths`` (every prefix of the latents reconstructs on its own);
+    * the optimiser: ``lr``, and ``lr_warmup_steps``/``lr_decay_steps`` (steps, or a fraction of the run);
+    * the sparsity control: ``target_l0``/``target_l0_rate`` (the coefficient tuned until the L0 averages the
+      target) and ``sparsity_warmup_steps``;
+    * the start: ``tied_init``, ``decoder_bias_init``, ``bias_init_samples`` (the training rows read for it);
+    * dead latents: ``auxk_coeff``/``auxk_k``/``dead_tokens`` (AuxK) and ``resample_every``;
+    * ``aids``: further training aids (objects, or ``{"name": ..., **options}`` of registered ones).
+    """
+
+    l1_coeff: float = 0.01
+    lr: float = 1e-3
+    supervised: bool = False
+    sparse_decode: bool = True
+    matryoshka_widths: list[int] | None = None
+    auxk_coeff: float = 0.0
+    auxk_k: int | None = None
+    dead_tokens: int = 10_000_000
+    resample_every: int = 0
+    target_l0: float | None = None
+    target_l0_rate: float = 0.02
+    sparsity_warmup_steps: int = 0
+    lr_warmup_steps: int | float = 0
+    lr_decay_steps: int | float = 0
+    decoder_bias_init: Literal["mean", "geometric_median"] | None = None
+    bias_init_samples: int = 32768
+    tied_init: bool = False
+    aids: Sequence[TrainingAid | dict[str, Any]] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "bias_init_samples", "target_l0", "target_l0_rate"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        for name in ("l1_coeff", "sparsity_warmup_steps"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)!r}")
+        if any(isinstance(aid, dict) and "name" not in aid for aid in self.aids):
+            raise ValueError(f"aids: each dict names a registered training aid ({{'name': ..., **options}}), "
+                             f"got {list(self.aids)!r}")
+        if self.supervised:
+            ignored = {"target_l0": self.target_l0, "auxk_coeff": self.auxk_coeff,
+                       "matryoshka_widths": self.matryoshka_widths, "resample_every": self.resample_every,
+                       "sparsity_warmup_steps": self.sparsity_warmup_steps}
+            given = [f"{name}={value!r}" for name, value in ignored.items() if value]
+            if given:
+                raise ValueError(f"supervised=True trains the encoder on the true codes alone (a per-latent cosine "
+                                 f"loss): it has no reconstruction, sparsity penalty or dead-latent term, so "
+                                 f"{', '.join(given)} would be ignored; drop " + ("it" if len(given) == 1 else "them")
+                                 + ", or train without supervised")
+
+    @classmethod
+    def of(cls, training: "TrainingConfig | dict[str, Any] | None", flat: dict[str, Any]) -> "TrainingConfig":
+        """``training`` (an object, a dict of its options, or None: the defaults) with ``flat`` options over it; an
+        option given both ways, or that is no option, is refused by name."""
+        given = dataclasses.asdict(training) if isinstance(training, TrainingConfig) else dict(training or {})
+        if isinstance(training, TrainingConfig):
+            given["aids"] = training.aids  # asdict would copy aid objects
+        twice = sorted(set(given) & set(flat)) if training is not None else []
+        if twice:
+            raise TypeError(f"SparseCoder got {', '.join(twice)} both in training and as an argument; give it once")
+        unknown = sorted(set({**given, **flat}) - set(FIELDS))
+        if unknown:
+            raise TypeError(f"SparseCoder got unexpected argument(s) {', '.join(unknown)}; its training options are "
+                            f"{', '.join(FIELDS)} (sae_zoo.TrainingConfig)")
+        return cls(**{**given, **flat})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as plain values (aids as their configs; left out when there are none), as saved."""
+        options = {f: getattr(self, f) for f in FIELDS if f != "aids"}
+        aids = [aid.config() if isinstance(aid, TrainingAid) else dict(aid) for aid in self.aids]
+        return {**options, **({"aids": aids} if aids else {})}
+
+
+#: every option of a TrainingConfig
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainingConfig))
+
+
+@dataclass
+class ModelOptions(TrainingConfig):
+    """What a recipe's ``model:`` section takes: the training options, with the model's family
+    (``transcoder``, ``skip_connection``, ``train_skip``) and ``code_recovery`` (whether evaluation scores codes)."""
+
+    code_recovery: bool = True
+    transcoder: bool = False
+    skip_connection: bool = False
+    train_skip: bool = True
