@@ -21,7 +21,7 @@ from .dictionary import Dictionary
 from .encoders import EncoderHead, SparseCodes, create_encoder
 from .metrics import SparseCodingMetrics
 from .dead_latents import DeadLatents
-from .objectives import adam, check_matryoshka_widths, reconstruction_loss
+from .objectives import adam, check_matryoshka_widths
 from .pretrained import model_card
 from .pretrained.config import (CONFIG_NAME, WEIGHTS_NAME, build_dictionary, build_encoder, load_state, model_config,
                                 read_model_config, save_weights)
@@ -258,6 +258,9 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.sparse_decode, self.code_recovery = bool(t.sparse_decode), bool(code_recovery)
         if t.tied_init:
             tie_encoder_to_decoder(encoder, dictionary)
+        #: the loss's reconstruction term (:mod:`sae_zoo.reconstruction`)
+        self.reconstruction = t.reconstruction_term()
+        self.reconstruction.setup(dictionary.n_latents)
         self.matryoshka_widths = t.matryoshka_widths = (
             None if t.matryoshka_widths is None else check_matryoshka_widths(t.matryoshka_widths, dictionary.n_latents))
         t.lr_warmup_steps, t.lr_decay_steps = schedule.warmup_steps, schedule.decay_steps
@@ -351,7 +354,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         # a skip term moves to the target's side: every Matryoshka prefix's output gains it alike
         skipped = None if self.skip is None else self.skip(x)
         decoded_target = target if skipped is None else target - skipped
-        mse, x_hat = reconstruction_loss(self.dictionary, codes, decoded_target, self.matryoshka_widths)
+        mse, x_hat = self.reconstruction(self.dictionary, codes, decoded_target)
         if skipped is not None:
             x_hat = x_hat + skipped
         values = codes.values if isinstance(codes, SparseCodes) else codes

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .reconstruction import Matryoshka, MeanSquaredError, ReconstructionTerm, create_reconstruction
 from .training import TrainingAid
 
 
@@ -20,7 +21,9 @@ class TrainingConfig:
 
     * the objective: ``l1_coeff`` (the sparsity penalty's coefficient), ``supervised`` (known codes: a per-latent
       cosine to the true codes instead), ``sparse_decode`` (a top-k head decodes from its k atoms),
-      ``matryoshka_widths`` (every prefix of the latents reconstructs on its own);
+      ``reconstruction`` (the reconstruction term: a registered name or ``{name: ..., **options}``,
+      :mod:`sae_zoo.reconstruction`; MSE by default) and ``matryoshka_widths`` (every prefix of the latents
+      reconstructs on its own: the ``matryoshka`` term);
     * the optimiser: ``lr``, and ``lr_warmup_steps``/``lr_decay_steps`` (steps, or a fraction of the run);
     * the sparsity control: ``target_l0``/``target_l0_rate`` (the coefficient tuned until the L0 averages the
       target) and ``sparsity_warmup_steps``;
@@ -34,6 +37,7 @@ class TrainingConfig:
     supervised: bool = False
     sparse_decode: bool = True
     matryoshka_widths: list[int] | None = None
+    reconstruction: str | dict[str, Any] | ReconstructionTerm | None = None
     auxk_coeff: float = 0.0
     auxk_k: int | None = None
     dead_tokens: int = 10_000_000
@@ -59,9 +63,15 @@ class TrainingConfig:
         if any(isinstance(aid, dict) and "name" not in aid for aid in self.aids):
             raise ValueError(f"aids: each dict names a registered training aid ({{'name': ..., **options}}), "
                              f"got {list(self.aids)!r}")
+        if self.reconstruction is not None and self.matryoshka_widths is not None:
+            raise ValueError(f"matryoshka_widths sets the matryoshka reconstruction term, and reconstruction="
+                             f"{self.reconstruction!r} sets another; give one")
+        if self.reconstruction is not None:
+            create_reconstruction(self.reconstruction)  # a term that is not registered is named here
         if self.supervised:
             ignored = {"target_l0": self.target_l0, "auxk_coeff": self.auxk_coeff,
-                       "matryoshka_widths": self.matryoshka_widths, "resample_every": self.resample_every,
+                       "matryoshka_widths": self.matryoshka_widths, "reconstruction": self.reconstruction,
+                       "resample_every": self.resample_every,
                        "sparsity_warmup_steps": self.sparsity_warmup_steps}
             given = [f"{name}={value!r}" for name, value in ignored.items() if value]
             if given:
@@ -86,11 +96,21 @@ class TrainingConfig:
                             f"{', '.join(FIELDS)} (sae_zoo.TrainingConfig)")
         return cls(**{**given, **flat})
 
+    def reconstruction_term(self) -> ReconstructionTerm:
+        """The loss's reconstruction term: ``reconstruction``'s, else Matryoshka's with ``matryoshka_widths``, else
+        the MSE."""
+        if self.reconstruction is not None:
+            return create_reconstruction(self.reconstruction)
+        return Matryoshka(self.matryoshka_widths) if self.matryoshka_widths else MeanSquaredError()
+
     def to_dict(self) -> dict[str, Any]:
-        """The options as plain values (aids as their configs; left out when there are none), as saved."""
-        options = {f: getattr(self, f) for f in FIELDS if f != "aids"}
+        """The options as plain values, as saved (aids as their configs; aids and a reconstruction term left out
+        when there are none, as a model saved before they were options has them)."""
+        options = {f: getattr(self, f) for f in FIELDS if f not in ("aids", "reconstruction")}
         aids = [aid.config() if isinstance(aid, TrainingAid) else dict(aid) for aid in self.aids]
-        return {**options, **({"aids": aids} if aids else {})}
+        term = self.reconstruction
+        term = term.config() if isinstance(term, ReconstructionTerm) else term
+        return {**options, **({"reconstruction": term} if term is not None else {}), **({"aids": aids} if aids else {})}
 
 
 #: every option of a TrainingConfig

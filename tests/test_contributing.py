@@ -2,6 +2,7 @@
 and, added to a scratch copy of the package as its own file beside its own test, it passes the shared
 checks of every head and its test with no other file touched."""
 
+import csv
 import json
 import os
 import re
@@ -23,6 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def guide_blocks() -> list[str]:
     """The guide's Python code blocks: the head's file, then its test."""
     return re.findall(r"```python\n(.*?)```", (ROOT / "CONTRIBUTING.md").read_text(), re.S)
+
+
+def guide_block(marker: str) -> str:
+    """The guide's one Python code block that holds ``marker``."""
+    (block,) = [b for b in guide_blocks() if marker in b]
+    return block
 
 
 def contributed_head(tmp_path: Path) -> Path:
@@ -96,7 +103,7 @@ def test_tied_head_uses_the_dictionary_it_is_given(tmp_path):
 def contributed_aid(tmp_path: Path):
     """The guide's training aid, imported from its own file as a user's module."""
     path = tmp_path / "decorrelation_aid.py"
-    path.write_text(guide_blocks()[2])
+    path.write_text(guide_block("register_training_aid("))
     sys.path.insert(0, str(tmp_path))
     try:
         import decorrelation_aid
@@ -153,9 +160,31 @@ def test_a_training_aid_trains_through_a_recipe_by_name_and_reloads(tmp_path):
     assert bad.returncode != 0 and "model.aids[0].coef" in bad.stderr, bad.stderr
 
 
+def test_a_reconstruction_term_is_its_file_and_its_test(tmp_path):
+    """The guide's reconstruction term and its test, as two files of a user's: the test passes, and a recipe that
+    imports the file trains with the term by name, and its checkpoint rebuilds it."""
+    from sae_zoo.recipe import fit, load_recipe
+
+    (tmp_path / "normalized_mse.py").write_text(guide_block('@register_reconstruction("normalized_mse")'))
+    (tmp_path / "test_normalized_mse.py").write_text(guide_block("from normalized_mse import NormalizedMSE"))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_normalized_mse.py"],
+                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout + done.stderr
+    cfg = load_recipe(ROOT / "recipes/synthetic/unknown.yaml",
+                      [f"imports=[{tmp_path / 'normalized_mse.py'}]", "model.reconstruction=normalized_mse",
+                       "data.n_train=128", "data.n_test=128", "data.steps_per_epoch=20", "trainer.max_steps=60",
+                       "trainer.log_every_n_steps=10", "trainer.accelerator=cpu", f"run_dir={tmp_path / 'run'}"])
+    run_dir, _ = fit(cfg, progress=False)
+    model = SparseCoder.load_from_checkpoint(run_dir / "model.ckpt")
+    assert type(model.reconstruction).__name__ == "NormalizedMSE" and model.hparams["reconstruction"] == "normalized_mse"
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        logged = [float(row["train/mse"]) for row in csv.DictReader(f) if row.get("train/mse")]
+    assert len(logged) == 6 and logged[-1] < 0.8 * logged[0]  # the term's loss is what trained
+
+
 def test_a_data_source_joins_through_a_recipes_imports(tmp_path):
     path = tmp_path / "rows_file.py"
-    path.write_text(guide_blocks()[4])
+    path.write_text(guide_block("register_datamodule("))
     rows = torch.relu(torch.randn(1024, 16, generator=torch.Generator().manual_seed(0)))
     torch.save(rows, tmp_path / "rows.pt")
     recipe = tmp_path / "recipe.yaml"

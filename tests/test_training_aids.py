@@ -529,3 +529,29 @@ def test_an_aids_persistent_buffer_is_training_state_not_a_weight(tmp_path, monk
     restored = SparseCoder.load_from_checkpoint(tmp_path / "run.ckpt")
     assert isinstance(restored.aids[-1], RowsSeen) and torch.equal(restored.aids[-1].rows, rows)
     assert restored.double().aids[-1].rows.dtype == torch.float64  # the aids move and cast with the model
+
+
+def test_the_reconstruction_term_is_a_registered_piece():
+    """``matryoshka_widths`` is the ``matryoshka`` term written flat: both give the same loss; a term that is not
+    registered, or an option it does not take, is named; a term and widths together are refused."""
+    from sae_zoo.reconstruction import Matryoshka, create_reconstruction
+
+    torch.manual_seed(0)
+    head = create_encoder("topk", d_model=4, n_latents=8, k=2)
+    x = torch.randn(16, 4)
+    flat = SparseCoder(head, Dictionary(8, 4), l1_coeff=0.0, matryoshka_widths=[2, 8])
+    named = SparseCoder(head, Dictionary(8, 4), l1_coeff=0.0, reconstruction={"name": "matryoshka", "widths": [2, 8]})
+    named.dictionary.load_state_dict(flat.dictionary.state_dict())
+    plain = SparseCoder(head, Dictionary(8, 4), l1_coeff=0.0)
+    plain.dictionary.load_state_dict(flat.dictionary.state_dict())
+    assert isinstance(flat.reconstruction, Matryoshka) and flat.reconstruction == named.reconstruction
+    losses = [m.training_losses(x)["mse"] for m in (flat, named, plain)]
+    assert losses[0] == losses[1] and losses[0] > losses[2]  # the prefix of 2 latents adds its own error
+    with pytest.raises(ValueError, match="unknown term 'nope'; registered: matryoshka, mse"):
+        create_reconstruction("nope")
+    with pytest.raises(ValueError, match="reconstruction.width"):
+        create_reconstruction({"name": "matryoshka", "width": [8]})
+    with pytest.raises(ValueError, match="give one"):
+        SparseCoder(head, Dictionary(8, 4), matryoshka_widths=[2, 8], reconstruction="mse")
+    with pytest.raises(ValueError, match="matryoshka_widths must end at n_latents"):
+        SparseCoder(head, Dictionary(8, 4), reconstruction={"name": "matryoshka", "widths": [2, 6]})
