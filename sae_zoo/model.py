@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ._io import atomic_directory, atomic_write_json, read_safetensors
 from ._modes import evaluating
 from .distributed import gathered_rows
-from .data.base import Batch, Pair
+from .data.base import Batch, Pair, split_batch, unpack_batch
 from .dictionary import Dictionary
 from .encoders import EncoderHead, SparseCodes, create_encoder
 from .metrics import SparseCodingMetrics
@@ -36,25 +36,6 @@ class Reconstruction(NamedTuple):
 
     x_hat: Tensor
     codes: Tensor
-
-
-def unpack_batch(batch: Batch) -> tuple[Tensor, Tensor | None]:
-    """``x`` or ``(x, true_codes)`` -> ``(x, true_codes or None)``; a transcoder's :class:`Pair` -> ``(x, None)``."""
-    if isinstance(batch, Pair):
-        return batch.x, None
-    if isinstance(batch, Tensor):
-        return batch, None
-    if len(batch) == 1:
-        return batch[0], None
-    return batch[0], batch[1]
-
-
-def split_batch(batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(x, target, true_codes or None)``: an SAE's target is its input; a transcoder's :class:`Pair` carries it."""
-    if isinstance(batch, Pair):
-        return batch.x, batch.target, None
-    x, true_codes = unpack_batch(batch)
-    return x, x, true_codes
 
 
 #: the SparseCoder options a transcoder refuses (:func:`check_transcoder`), and why
@@ -148,6 +129,13 @@ def training_sample(trainer: L.Trainer, d_model: int, wanted: int, why: str, bat
     batches = training_batches(trainer, wanted, why) if batches is None else batches
     samples = [unpack_batch(part(batch) if part else batch)[0].reshape(-1, d_model).float() for batch in batches]
     return trainer.strategy.broadcast(torch.cat(samples)[:wanted].to(trainer.strategy.root_device), src=0)
+
+
+def logging_step(trainer: L.Trainer) -> bool:
+    """Whether the trainer writes logs after this step. Logging costs more than a small model's whole step, so
+    training metrics are only computed for the steps that are written."""
+    every = trainer.log_every_n_steps
+    return every > 0 and (trainer.global_step + 1) % every == 0
 
 
 def training_progress(trainer: L.Trainer) -> float | None:
@@ -388,25 +376,32 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         return losses
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        logging, targets_l0 = self._logging_step(), self.sparsity.targets_l0
-        losses = self.tuned_losses(batch, measure_l0=logging)
-        if logging:  # the values are read for the log anyway, so checking them costs no extra sync
-            if not torch.isfinite(losses["loss"]):
-                raise FloatingPointError(f"the training loss is {losses['loss'].item()} at step {self.global_step}: "
-                                         "check the inputs for NaN/Inf, or lower the learning rate")
-            self.log_dict({f"train/{k}": v for k, v in losses.items()})
-            for aid in self.aids:
-                self.log_dict({f"train/{k}": v for k, v in aid.log_values().items()})
-            if targets_l0:
-                self.log("train/sparsity_coeff", self.sparsity.coeff)
+        logging = logging_step(self.trainer)
+        losses = self.step_losses(batch, logging)
+        if logging:
+            self.log_dict({f"train/{k}": v for k, v in self.step_log(losses).items()})
             self.log("loss", losses["loss"], prog_bar=True, logger=False)
         return losses["loss"]
 
-    def _logging_step(self) -> bool:
-        """Whether the trainer writes logs after this step. Logging costs more than a small model's
-        whole step, so training metrics are only computed for the steps that are written."""
-        every = self.trainer.log_every_n_steps
-        return every > 0 and (self.global_step + 1) % every == 0
+    def step_losses(self, batch: Batch, logging: bool, name: str | None = None) -> dict[str, Tensor]:
+        """The losses of one training step (:meth:`tuned_losses`), alone or in a bank (``name``: this model's
+        there). A step that logs reads the values anyway, so it checks the loss is finite at no extra sync."""
+        losses = self.tuned_losses(batch, measure_l0=logging)
+        if logging and not torch.isfinite(losses["loss"]):
+            raise FloatingPointError(f"{f'model {name!r}: ' if name else ''}the training loss is "
+                                     f"{losses['loss'].item()} at step {self.global_step}: check the inputs for "
+                                     "NaN/Inf, or lower the learning rate")
+        return losses
+
+    def step_log(self, losses: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What a step that logs records (under ``train/``, or a bank's ``train/NAME/``): the losses, the aids'
+        values and, when it is tuned towards a target L0, the sparsity coefficient."""
+        values = dict(losses)
+        for aid in self.aids:
+            values.update(aid.log_values())
+        if self.sparsity.targets_l0:
+            values["sparsity_coeff"] = self.sparsity.coeff
+        return values
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         if self.dictionary.trainable:

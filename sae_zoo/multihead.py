@@ -20,14 +20,16 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from .data.base import Batch
-from .model import BUILTIN_AIDS, SparseCoder, training_batches, training_progress, training_sample, unpack_batch
+from .data.base import Batch, unpack_batch
+from .model import (BUILTIN_AIDS, SparseCoder, logging_step, training_batches, training_progress,
+                    training_sample)
 
 
 class HeadBank(L.LightningModule):
     """Train ``models`` (name -> :class:`SparseCoder`) side by side with one ``Trainer.fit``: every training batch
     goes to each of them, whole, or, with ``reads`` (name -> key), its part ``batch[key]`` of a mapping batch. The
-    models may share a frozen dictionary, not a trained parameter. Logs ``train/NAME/loss`` and ``train/NAME/l0``."""
+    models may share a frozen dictionary, not a trained parameter. Logs what each model logs alone, under
+    ``train/NAME/`` (``train/NAME/loss``, ``train/NAME/l0``, ...)."""
 
     def __init__(self, models: dict[str, SparseCoder], reads: dict[str, str] | None = None) -> None:
         super().__init__()
@@ -59,17 +61,13 @@ class HeadBank(L.LightningModule):
             model.trainer = self.trainer
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
-        every = self.trainer.log_every_n_steps
-        logging = every > 0 and (self.global_step + 1) % every == 0
+        logging = logging_step(self.trainer)
         optimizers, schedules = self._optimizers_and_schedules()
         total = 0.0
         for i, (name, model) in enumerate(zip(self.names, self.models)):
-            losses = model.tuned_losses(self.part(batch, i), measure_l0=logging)
+            losses = model.step_losses(self.part(batch, i), logging, name)
             if logging:
-                if not torch.isfinite(losses["loss"]):
-                    raise FloatingPointError(f"model {name!r}: the training loss is {losses['loss'].item()} at step "
-                                             f"{self.global_step}: lower its learning rate")
-                self.log_dict({f"train/{name}/{k}": v for k, v in losses.items() if k in ("loss", "l0")})
+                self.log_dict({f"train/{name}/{k}": v for k, v in model.step_log(losses).items()})
             total = total + losses["loss"]
         self.manual_backward(total)
         # the wrapped first optimiser counts the trainer's step (once per batch); the rest step as they are

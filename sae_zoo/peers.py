@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ._io import atomic_directory
 from .hub import load_sae
-from .model import SparseCoder, unpack_batch
+from .data.base import unpack_batch
+from .model import SparseCoder
 from .recipe import RecipeError, RunFolder, evaluate_run, initialising, plan, scoring
 from .training_config import TrainingConfig
 

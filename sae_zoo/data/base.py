@@ -23,6 +23,25 @@ class Pair(NamedTuple):
     target: Tensor
 
 
+def unpack_batch(batch: Batch) -> tuple[Tensor, Tensor | None]:
+    """``x`` or ``(x, true_codes)`` -> ``(x, true_codes or None)``; a transcoder's :class:`Pair` -> ``(x, None)``."""
+    if isinstance(batch, Pair):
+        return batch.x, None
+    if isinstance(batch, Tensor):
+        return batch, None
+    if len(batch) == 1:
+        return batch[0], None
+    return batch[0], batch[1]
+
+
+def split_batch(batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(x, target, true_codes or None)``: an SAE's target is its input; a transcoder's :class:`Pair` carries it."""
+    if isinstance(batch, Pair):
+        return batch.x, batch.target, None
+    x, true_codes = unpack_batch(batch)
+    return x, x, true_codes
+
+
 def move(batch: Batch, device: torch.device | str) -> Batch:
     """A batch (a tensor, a tuple or list of tensors, a :class:`Pair`) on ``device``, its kind kept."""
     if isinstance(batch, Tensor):

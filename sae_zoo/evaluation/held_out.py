@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..data.activations import select
-from ..data.base import LanguageModelData, Pair, SparseCodingData, move
+from ..data.base import LanguageModelData, SparseCodingData, move, split_batch
 from ..metrics import SparseCodingMetrics
 from ..metrics.functional import _fvu_compute
 from ..model import Reconstruction, SparseCoder
@@ -97,7 +97,7 @@ def token_sums(model: SparseCoder, datamodule: LanguageModelData,
     sums = TokenSums(*(ContextSums.zeros(n_contexts, datamodule.d_out) for _ in range(2)), datamodule.outlier_norm)
     start = 0
     for batch in rows:
-        x, target = batch if isinstance(batch, Pair) else (batch, batch)
+        x, target, _ = split_batch(batch)
         context = torch.arange(start, start + len(x)) // per_context
         start += len(x)
         on_device = x.to(model.device)
