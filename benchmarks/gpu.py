@@ -174,7 +174,7 @@ def pipeline(out: Path, dry: bool, lm_model: str | None) -> int:
     if dry:
         options = ["--model", lm_model, "--gguf-file", "", "--layers", "2,5,8", "--tokens", "2048",
                    "--long-tokens", "4096", "--buffer-contexts", "40", "--model-batch-size", "8", "--batch-size", "256",
-                   "--context-len", "16"]
+                   "--context-len", "16", "--one-process"]
     else:
         options = ["--device", "cuda", "--model-dtype", "bfloat16", "--prefetch", "--tokens", "524288",
                    "--long-tokens", "2097152", "--model-batch-size", "256", "--buffer-contexts", "1024"]

@@ -205,18 +205,24 @@ PARTS = {"bare": part_bare, "live": part_live, "saelens": part_saelens, "cache":
 
 
 def run_part(name: str, tokens: int, args: argparse.Namespace, root: str) -> dict[str, Any]:
-    """One part in a process of its own; its figures and peak RSS."""
+    """One part in a process of its own (in this one with ``--one-process``); its figures and peak RSS."""
+    print(f"  {name} at {tokens:,} tokens ...", flush=True)
+    if args.one_process:
+        result = {**PARTS[name](args, tokens, root), "peak_rss_mb": peak_rss_mb()}
+        return report_part(result, tokens)
     command = [sys.executable, __file__, "--part", name, "--part-tokens", str(tokens), "--root", root,
                "--device", args.device, "--model-dtype", args.model_dtype, "--model", args.model,
                "--gguf-file", args.gguf_file, "--layers", ",".join(map(str, args.layers)),
                "--model-batch-size", str(args.model_batch_size), "--buffer-contexts", str(args.buffer_contexts),
                "--batch-size", str(args.batch_size), "--context-len", str(args.context_len)]
     command += ["--prefetch"] if args.prefetch else []
-    print(f"  {name} at {tokens:,} tokens ...", flush=True)
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"part {name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return report_part(json.loads(done.stdout.strip().splitlines()[-1]), tokens)
+
+
+def report_part(result: dict[str, Any], tokens: int) -> dict[str, Any]:
     result["tokens_per_s"] = tokens / result["train_s"]
     print(f"    {result['train_s']:.1f} s, {result['tokens_per_s']:,.0f} tokens/s, peak RSS "
           f"{result['peak_rss_mb']:,.0f} MB", flush=True)
@@ -242,6 +248,9 @@ def main() -> None:
     parser.add_argument("--skip-saelens", action="store_true")
     parser.add_argument("--skip-cache", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--one-process", action="store_true",
+                        help="every part in this process (a check of the script: the peak RSS is then the process's "
+                             "so far, not each part's own)")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--part-tokens", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--root", default=None, help=argparse.SUPPRESS)

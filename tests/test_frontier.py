@@ -58,9 +58,9 @@ def test_quick_preset_orders_sae_mlp_and_solvers_beside_the_paper(tmp_path, caps
     report = (tmp_path / "quick" / "report.md").read_text()
     known = report.split("## known dictionary")[1].split("##")[0]
     mcc = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^\| ([^|]+) \| +([0-9.]+) \+-", known, re.M)}
-    assert mcc["SAE"] < mcc["MLP h=256"] < min(mcc["ITO (lr 0.01)"], mcc["FISTA"])
-    assert re.search(r"\| SAE +\| +0.612", known) and re.search(r"\| +0.609 +\|", known)
-    assert re.search(r"\| +0.818 +\|", known)
+    # the amortisation gap already at 5,000 steps (the paper's 20,000-step figures are the demo's, which CI runs)
+    assert mcc["SAE"] + 0.05 < mcc["MLP h=256"] < min(mcc["ITO (lr 0.01)"], mcc["FISTA"])
+    assert re.search(r"\| +0.609 +\|", known) and re.search(r"\| +0.818 +\|", known)
     assert mcc["support search"] > 0.999
 
 

@@ -80,7 +80,7 @@ def test_readme_transcoder_block_runs_on_the_skip_transcoders_layout(tmp_path, m
         save_file(tensors, str(folder / "sae.safetensors"))
         (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "num_latents": n, "k": k,
                                                      "skip_connection": True, "transcode": True, "d_in": d}))
-    HfApi().create_repo("EleutherAI/skip-transcoder-SmolLM2-135M-128x")
+    HfApi().create_repo("EleutherAI/skip-transcoder-SmolLM2-135M-128x", exist_ok=True)  # the catalogue test may serve it
     HfApi().upload_folder(repo_id="EleutherAI/skip-transcoder-SmolLM2-135M-128x", folder_path=tmp_path / "repo")
     mlp_in = torch.randn(16, d, generator=g)
     namespace = {"mlp_in": mlp_in}
