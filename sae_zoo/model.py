@@ -21,7 +21,7 @@ from .dictionary import Dictionary
 from .encoders import EncoderHead, SparseCodes, create_encoder
 from .metrics import SparseCodingMetrics
 from .dead_latents import DeadLatents
-from .objectives import adam, check_matryoshka_widths
+from .objectives import adam
 from .pretrained import model_card
 from .pretrained.config import (CONFIG_NAME, WEIGHTS_NAME, build_dictionary, build_encoder, load_state, model_config,
                                 read_model_config, save_weights)
@@ -249,8 +249,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         #: the loss's reconstruction term (:mod:`sae_zoo.reconstruction`)
         self.reconstruction = t.reconstruction_term()
         self.reconstruction.setup(dictionary.n_latents)
-        self.matryoshka_widths = t.matryoshka_widths = (
-            None if t.matryoshka_widths is None else check_matryoshka_widths(t.matryoshka_widths, dictionary.n_latents))
+        if t.matryoshka_widths is not None:  # the flat spelling of the matryoshka term, saved as checked there
+            t.matryoshka_widths = self.reconstruction.widths
         t.lr_warmup_steps, t.lr_decay_steps = schedule.warmup_steps, schedule.decay_steps
         self.save_hyperparameters({"encoder": encoder.config(), "dictionary": dictionary.config(),
                                    "code_recovery": self.code_recovery,

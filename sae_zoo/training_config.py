@@ -101,7 +101,7 @@ class TrainingConfig:
         the MSE."""
         if self.reconstruction is not None:
             return create_reconstruction(self.reconstruction)
-        return Matryoshka(self.matryoshka_widths) if self.matryoshka_widths else MeanSquaredError()
+        return Matryoshka(self.matryoshka_widths) if self.matryoshka_widths is not None else MeanSquaredError()
 
     def to_dict(self) -> dict[str, Any]:
         """The options as plain values, as saved (aids as their configs; aids and a reconstruction term left out
