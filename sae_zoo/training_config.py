@@ -84,9 +84,8 @@ class TrainingConfig:
     def of(cls, training: "TrainingConfig | dict[str, Any] | None", flat: dict[str, Any]) -> "TrainingConfig":
         """``training`` (an object, a dict of its options, or None: the defaults) with ``flat`` options over it; an
         option given both ways, or that is no option, is refused by name."""
-        given = dataclasses.asdict(training) if isinstance(training, TrainingConfig) else dict(training or {})
-        if isinstance(training, TrainingConfig):
-            given["aids"] = training.aids  # asdict would copy aid objects
+        given = ({f: getattr(training, f) for f in FIELDS} if isinstance(training, TrainingConfig)
+                 else dict(training or {}))
         twice = sorted(set(given) & set(flat)) if training is not None else []
         if twice:
             raise TypeError(f"SparseCoder got {', '.join(twice)} both in training and as an argument; give it once")
