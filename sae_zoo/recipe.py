@@ -435,11 +435,10 @@ def build(cfg: DictConfig | Plan, datamodule: SparseCodingData | None = None) ->
     d_model, d_out = datamodule.d_model, datamodule.d_out
     model_kwargs = dict(p.model_kwargs)
     transcoder = model_kwargs.setdefault("transcoder", datamodule.paired)
-    if transcoder != datamodule.paired:
-        raise RecipeError("model.transcoder=true learns a target from an input: the data must pair them "
-                          "(data.hook_out, the target's hook)" if transcoder else
-                          "model.transcoder=false, but the data pair each input with a target (data.hook_out): drop "
-                          "one of them")
+    try:
+        datamodule.check_pairing(transcoder)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     loaded = functools.cache(load_sae)  # the dictionary and a warm start often come from the same SAE
     pretrained_dictionary = pretrained_skip = None
     if p.pretrained is not None:

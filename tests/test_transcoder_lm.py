@@ -176,10 +176,11 @@ def test_hooks_a_transcoder_cannot_pair(lm_files, tmp_path, data, message):
 
 
 def test_a_transcoder_and_its_data_must_agree(lm_files, tmp_path):
-    with pytest.raises(RecipeError, match=r"model.transcoder=true learns a target from an input: the data must pair "
-                                          r"them \(data.hook_out"):
+    with pytest.raises(RecipeError, match=r"a transcoder \(model.transcoder=true\) learns a target from an input .* "
+                                          r"the data must pair them \(data.hook_out"):
         build(recipe(lm_files, tmp_path, {"hook": "resid_post.1", "hook_out": None}, model={"transcoder": True}))
-    with pytest.raises(RecipeError, match=r"model.transcoder=false, but the data pair each input with a target"):
+    with pytest.raises(RecipeError, match=r"these data pair each input with a target at another hook .* "
+                                          r"\(model.transcoder=false\): drop data.hook_out"):
         build(recipe(lm_files, tmp_path, model={"transcoder": False}))
     with pytest.raises(ValueError, match=r"skip_connection=True adds a linear map of the input to the output: a "
                                          r"transcoder's"):
@@ -187,8 +188,8 @@ def test_a_transcoder_and_its_data_must_agree(lm_files, tmp_path):
     # a transcoder scored on unpaired data would be scored against its input
     _, model = build(recipe(lm_files, tmp_path))
     sae_data = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "sae_cache", hook="mlp_out.1", hook_out=None))
-    with pytest.raises(ValueError, match=r"this model is a transcoder: its output is a target .* its output would be "
-                                         r"scored against its input"):
+    with pytest.raises(ValueError, match=r"a transcoder \(model.transcoder=true\) learns a target .* its output "
+                                         r"would be scored against its input"):
         evaluate(model, sae_data)
     with pytest.raises(ValueError, match=r"the batch's targets are 32 wide \(shape \(5, 32\)\), but this transcoder "
                                          r"writes d_out=16"):

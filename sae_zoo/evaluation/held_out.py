@@ -73,16 +73,8 @@ class TokenSums:
 
 
 def check_pairing(model: SparseCoder, datamodule: SparseCodingData) -> None:
-    """Refuse to score a transcoder against its input, or an SAE against another hook's targets."""
-    transcoder = getattr(model, "transcoder", False)  # any module that reconstructs its input is scored as an SAE
-    if transcoder and not datamodule.paired:
-        raise ValueError("this model is a transcoder: its output is a target (e.g. an MLP's output), and these data "
-                         "hold its inputs only, so its output would be scored against its input; give the data the "
-                         "target's hook (data.hook_out)")
-    if datamodule.paired and not transcoder:
-        where = datamodule.describe().get("hook_name_out")
-        raise ValueError(f"these data pair each input with a target at another hook ({where}); this model "
-                         "reconstructs its input: drop data.hook_out, or build a transcoder")
+    """:meth:`SparseCodingData.check_pairing` for ``model`` (any module without ``transcoder`` is scored as an SAE)."""
+    datamodule.check_pairing(getattr(model, "transcoder", False))
 
 
 @torch.no_grad()
