@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
-
 import lightning as L
 
 
@@ -35,6 +33,3 @@ class TrainingClock(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start is not None:
             self.seconds = time.perf_counter() - self._start - self._validating
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}

@@ -242,8 +242,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         if self.skip is not None:
             nn.init.zeros_(self.skip.weight)
             self.skip.requires_grad_(bool(train_skip))
-        self.l1_coeff, self.lr, self.supervised = float(t.l1_coeff), float(t.lr), bool(t.supervised)
-        self.sparse_decode, self.code_recovery = bool(t.sparse_decode), bool(code_recovery)
+        self.code_recovery = bool(code_recovery)
         if t.tied_init:
             tie_encoder_to_decoder(encoder, dictionary)
         #: the loss's reconstruction term (:mod:`sae_zoo.reconstruction`)
@@ -282,6 +281,23 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.register_buffer("true_dictionary", true_dictionary, persistent=False)
 
         self.val_metrics, self.test_metrics = self.new_metrics(), self.new_metrics()
+
+    # the training options the model reads, as its training config holds them
+    @property
+    def l1_coeff(self) -> float:
+        return float(self.training_config.l1_coeff)
+
+    @property
+    def lr(self) -> float:
+        return float(self.training_config.lr)
+
+    @property
+    def supervised(self) -> bool:
+        return bool(self.training_config.supervised)
+
+    @property
+    def sparse_decode(self) -> bool:
+        return bool(self.training_config.sparse_decode)
 
     @property
     def dead_latents(self) -> DeadLatents:
@@ -472,7 +488,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
             aid.finish(self, points)
         if not self.sparsity.targets_l0:
             return
-        self.l1_coeff = self.hparams["l1_coeff"] = self.training_config.l1_coeff = float(self.sparsity.coeff)
+        self.hparams["l1_coeff"] = self.training_config.l1_coeff = float(self.sparsity.coeff)
         with evaluating(self.encoder):
             self.l0_calibration = calibrate_l0(self.encoder, points.to(self.dictionary.weight.dtype), self.dictionary,
                                                self.sparsity.target_l0)
