@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -11,15 +12,17 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelHubMixin
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._io import atomic_directory, atomic_write_json, read_safetensors
 from ._modes import evaluating
 from .distributed import gathered_rows
-from .data.base import Batch, Pair, split_batch, unpack_batch
+from .data.base import Batch, unpack_batch
 from .dictionary import Dictionary
 from .encoders import EncoderHead, SparseCodes, create_encoder
-from .metrics import SparseCodingMetrics
+from .families import ModelFamily, family_from_options
+from .metrics import Scoring, SparseCodingMetrics
+from .model_config import ModelConfig
 from .dead_latents import DeadLatents
 from .objectives import adam
 from .pretrained import model_card
@@ -28,6 +31,7 @@ from .pretrained.config import (CONFIG_NAME, WEIGHTS_NAME, build_dictionary, bui
 from .pretrained.files import resolve_file
 from .sparsity import SparsityControl, calibrate_l0, start_at_l0
 from .training import DecoderBiasInit, LRSchedule, TrainingAid, create_training_aid, gives_schedule
+from .training_config import FIELDS as TRAINING_FIELDS
 from .training_config import TrainingConfig
 
 
@@ -36,35 +40,6 @@ class Reconstruction(NamedTuple):
 
     x_hat: Tensor
     codes: Tensor
-
-
-#: the SparseCoder options a transcoder refuses (:func:`check_transcoder`), and why
-TRANSCODER_REFUSES = {"tied_init": "a tied start copies the decoder into the encoder, which reads another space",
-                      "decoder_bias_init": "the decoder bias would start from the inputs, not the targets",
-                      "resample_every": "resampling points dead atoms at inputs, which lie in another space"}
-#: recipe keys (``{section: keys}``) a transcoder refuses; a head's recipe defaults leave them unset on a transcoder
-NOT_FOR_TRANSCODERS = {"encoder": {"subtract_decoder_bias"}, "model": set(TRANSCODER_REFUSES)}
-
-
-def check_transcoder(encoder: EncoderHead, **options: Any) -> None:
-    """Refuse, naming why, what a transcoder cannot be built with: a head that reconstructs its input through the
-    dictionary, a decoder bias subtracted from the input (it lies in the target's space), and the options that
-    read the dictionary as the input's (a tied start, a decoder bias from the inputs, resampling atoms from
-    inputs) or that need the true codes."""
-    if encoder.reads_dictionary:
-        raise ValueError(f"encoder {encoder.name!r} cannot encode for a transcoder: it finds its codes by reconstructing "
-                         "its input through the dictionary, and a transcoder's dictionary writes the target, which is "
-                         "not known at inference. Use an amortised head (linear, topk, batchtopk, jumprelu, mlp, "
-                         "residual_mlp)")
-    if encoder.subtract_decoder_bias:
-        raise ValueError(f"encoder {encoder.name!r} subtracts the decoder bias from its input, but a transcoder's "
-                         "decoder bias lies in the target's space; set subtract_decoder_bias=False (SAELens's and "
-                         "sparsify's transcoders do not subtract it)")
-    why = {"supervised": "known-codes training needs the data's true codes",
-           "true_dictionary": "a true dictionary scores atoms in the input's space", **TRANSCODER_REFUSES}
-    for name, value in options.items():
-        if isinstance(value, Tensor) or value:  # a tensor given, or an option that is on
-            raise ValueError(f"a transcoder cannot take {name}={value!r}: {why[name]}")
 
 
 def latent_cosine_loss(codes: Tensor, true_codes: Tensor) -> Tensor:
@@ -158,15 +133,19 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     * **known codes**: ``supervised=True``; the encoder is trained to match the batch's true codes
       (``(x, true_codes)`` batches) with a per-latent cosine loss.
 
-    Validation and test log MCC (when the batch carries true codes; ``code_recovery=False`` drops it,
-    and its ``n_latents`` x ``n_true`` state, for data without them or where it costs too much), FVU, MSE, L0, L1 and the dead
-    fraction; dictionary MCC too when ``true_dictionary`` is given. ``sparse_decode`` lets a top-k head
-    decode from its k atoms per sample in training.
-
-    The model holds structure: the head, the dictionary, a transcoder's skip term. How it trains is one
+    The model holds structure: the head, the dictionary, and its **family** (:mod:`sae_zoo.families`: ``"sae"``,
+    which reconstructs its input, by default; ``"transcoder"``, which writes a target from an input, with
+    ``{"name": "transcoder", "skip_connection": True}`` for a skip term; the flat ``transcoder=True``,
+    ``skip_connection``, ``train_skip`` that saved models and recipes write are read into it). How it trains is one
     :class:`~sae_zoo.TrainingConfig` (``training``: the object or a dict of its options), or the same options
     written flat (``SparseCoder(head, dictionary, lr=3e-3, target_l0=8)``, as recipes and saved checkpoints
-    write them), read into that object once (``model.training_config``).
+    write them), read into that object once (``model.training_config``). ``model.config()`` is all of it, as saved.
+
+    What validation and tests score it against is its **scoring** (:class:`~sae_zoo.metrics.Scoring`, which a
+    recipe builds from what its data know; ``model.score_with(...)``): FVU, MSE, L0, L1 and the dead fraction
+    always; MCC where the batch carries true codes (unless ``code_recovery=False``, which drops its ``n_latents``
+    x ``n_true`` state); dictionary MCC where it holds a ``true_dictionary``. ``code_recovery=`` and
+    ``true_dictionary=`` are read into it too.
 
     The loss is ``MSE + coeff * sparsity`` (element means) plus the training aids' terms, where the sparsity
     penalty is the head's own (:meth:`EncoderHead.training_codes`: the L1 of the codes unless the head has
@@ -198,36 +177,24 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     """
 
     def __init__(self, encoder: EncoderHead | dict[str, Any], dictionary: Dictionary | dict[str, Any],
-                 training: TrainingConfig | dict[str, Any] | None = None, *, transcoder: bool = False,
-                 skip_connection: bool = False, train_skip: bool = True, true_dictionary: Tensor | None = None,
+                 training: TrainingConfig | dict[str, Any] | None = None, *,
+                 family: str | dict[str, Any] | ModelFamily | None = None, scoring: Scoring | None = None,
                  **options: Any) -> None:
         super().__init__()
-        code_recovery = options.pop("code_recovery", True)
+        # the keys recipes and saved models have always written, read once into the family, the scoring and the
+        # training config
+        family = family_from_options(family, **{k: options.pop(k) for k in LEGACY_FAMILY_KEYS if k in options})
+        legacy_scoring = {k: options.pop(k) for k in ("code_recovery", "true_dictionary") if k in options}
+        if scoring is not None and legacy_scoring:
+            raise TypeError(f"SparseCoder got scoring and {', '.join(legacy_scoring)}; give the scoring alone")
+        scoring = scoring if scoring is not None else Scoring(**legacy_scoring)
         t = self.training_config = TrainingConfig.of(training, options)
-        # the field's aids check their own options (each error names the SparseCoder option)
-        bias_init, schedule = DecoderBiasInit(t.decoder_bias_init), LRSchedule(t.lr_warmup_steps, t.lr_decay_steps)
-        dead_latents = DeadLatents(t.auxk_coeff, t.auxk_k, t.dead_tokens, t.resample_every)
-        extra_aids = [create_training_aid(**aid) if isinstance(aid, dict) else aid for aid in t.aids]
-        for aid in extra_aids:
-            if not isinstance(aid, TrainingAid):
-                raise TypeError(f"aids takes TrainingAid objects or {{'name': ..., **options}} dicts, got {aid!r}")
-            if aid.name in BUILTIN_AIDS:
-                raise ValueError(f"aids: {aid.name!r} is set by SparseCoder's own options "
-                                 f"({', '.join(BUILTIN_AIDS[aid.name])}); set those instead")
-        t.aids = tuple(extra_aids)
         encoder = create_encoder(**encoder) if isinstance(encoder, dict) else encoder
         dictionary = Dictionary(**dictionary) if isinstance(dictionary, dict) else dictionary
-        if encoder.n_latents != dictionary.n_latents or (encoder.d_model != dictionary.d_model and not transcoder):
+        if encoder.n_latents != dictionary.n_latents:
             raise ValueError(f"encoder {encoder.name!r} maps {encoder.d_model} -> {encoder.n_latents} latents, but the "
-                             f"dictionary has shape (n_latents={dictionary.n_latents}, d_model={dictionary.d_model})"
-                             + ("" if encoder.n_latents != dictionary.n_latents else
-                                "; a transcoder (transcoder=True) may write a width other than it reads"))
-        if skip_connection and not transcoder:
-            raise ValueError("skip_connection=True adds a linear map of the input to the output: a transcoder's "
-                             "(transcoder=True)")
-        if transcoder:
-            check_transcoder(encoder, supervised=t.supervised, true_dictionary=true_dictionary, tied_init=t.tied_init,
-                             decoder_bias_init=t.decoder_bias_init, resample_every=t.resample_every)
+                             f"dictionary has shape (n_latents={dictionary.n_latents}, d_model={dictionary.d_model})")
+        family.check(encoder, dictionary, t, scoring)
         if t.target_l0 is not None and encoder.forced_l0 is not None:
             raise ValueError(f"target_l0={t.target_l0} tunes the sparsity penalty, but the {encoder.name!r} head keeps "
                              f"k={encoder.forced_l0} codes per sample whatever the penalty; set its k instead, and "
@@ -235,14 +202,9 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         if encoder.subtract_decoder_bias and dictionary.bias is None:
             raise ValueError(f"encoder {encoder.name!r} subtracts the decoder bias (subtract_decoder_bias=True), "
                              "but the dictionary has none; build it with bias=True")
-        self.encoder, self.dictionary = encoder, dictionary
-        self.transcoder = bool(transcoder)
-        #: a skip-transcoder's linear term of the raw input, ``x @ skip.weight.T`` (zero at the start, as SAELens's)
-        self.skip = nn.Linear(encoder.d_model, dictionary.d_model, bias=False) if skip_connection else None
-        if self.skip is not None:
-            nn.init.zeros_(self.skip.weight)
-            self.skip.requires_grad_(bool(train_skip))
-        self.code_recovery = bool(code_recovery)
+        self.encoder, self.dictionary, self.family = encoder, dictionary, family
+        #: the family's linear term of the raw input added to the output (a skip-transcoder's), or None
+        self.skip = family.skip_term(encoder, dictionary)
         if t.tied_init:
             tie_encoder_to_decoder(encoder, dictionary)
         #: the loss's reconstruction term (:mod:`sae_zoo.reconstruction`)
@@ -250,37 +212,65 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         self.reconstruction.setup(dictionary.n_latents)
         if t.matryoshka_widths is not None:  # the flat spelling of the matryoshka term, saved as checked there
             t.matryoshka_widths = self.reconstruction.widths
-        t.lr_warmup_steps, t.lr_decay_steps = schedule.warmup_steps, schedule.decay_steps
-        self.save_hyperparameters({"encoder": encoder.config(), "dictionary": dictionary.config(),
-                                   "code_recovery": self.code_recovery,
-                                   **({"transcoder": True, "skip_connection": skip_connection,
-                                       "train_skip": bool(train_skip)} if transcoder else {}),
-                                   **t.to_dict()})
         self.sparsity = SparsityControl(self.l1_coeff, t.target_l0, t.target_l0_rate, t.sparsity_warmup_steps)
         #: after a run that targets an L0: the L0 the controller reached and the threshold shift that ends on it
         self.l0_calibration: dict[str, float] | None = None
-        names = [aid.name for aid in extra_aids]
-        if len(set(names)) < len(names):
-            raise ValueError(f"aids: each aid may be given once (its state is saved under its name), got {names}")
-        #: every training aid, the field's first, in the order their hooks run. Aids are not submodules: their
-        #: state is training state, saved in checkpoints under their names (:meth:`on_save_checkpoint`), never in
-        #: ``model.safetensors``; they move with the model (:meth:`_apply`)
-        self.aids: list[TrainingAid] = [bias_init, dead_latents, schedule, *extra_aids]
+        self.aids = self._build_aids(t)
         #: the optimiser a HeadBank trains this model with (None: its own trainer's)
         self.bank_optimizer: torch.optim.Optimizer | None = None
-        for aid in self.aids:
-            if transcoder and aid.active and "target" not in inspect.signature(aid.loss_terms).parameters:
+        self.save_hyperparameters(self.config().to_dict())
+        #: what evaluation scores the model against (:class:`~sae_zoo.metrics.Scoring`; :meth:`score_with`)
+        self.score_with(scoring)
+
+    def _build_aids(self, t: TrainingConfig) -> list[TrainingAid]:
+        """Every training aid, the field's (from the training config's options) first, in the order their hooks
+        run. Aids are not submodules: their state is training state, saved in checkpoints under their names
+        (:meth:`on_save_checkpoint`), never in ``model.safetensors``; they move with the model (:meth:`_apply`)."""
+        extra = [create_training_aid(**aid) if isinstance(aid, dict) else aid for aid in t.aids]
+        for aid in extra:
+            if not isinstance(aid, TrainingAid):
+                raise TypeError(f"aids takes TrainingAid objects or {{'name': ..., **options}} dicts, got {aid!r}")
+        t.aids = tuple(extra)
+        aids = [DecoderBiasInit(t.decoder_bias_init),
+                DeadLatents(t.auxk_coeff, t.auxk_k, t.dead_tokens, t.resample_every),
+                LRSchedule(t.lr_warmup_steps, t.lr_decay_steps), *extra]
+        names = [aid.name for aid in aids]
+        if len(set(names)) < len(names):
+            raise ValueError(f"aids: each aid may be given once (its state is saved under its name), got "
+                             f"{[aid.name for aid in extra]}")
+        for aid in aids:
+            if self.family.paired and aid.active and "target" not in inspect.signature(aid.loss_terms).parameters:
                 raise ValueError(f"aids: {aid.name!r} has no target argument in loss_terms, so it would treat a "
-                                 "transcoder's input as its target; give it loss_terms(..., target=None)")
+                                 f"{self.family.name}'s input as its target; give it loss_terms(..., target=None)")
             aid.setup(self)
-        schedules = [aid.name for aid in self.aids if aid.active and gives_schedule(aid)]
+        schedules = [aid.name for aid in aids if aid.active and gives_schedule(aid)]
         if len(schedules) > 1:
             raise ValueError(f"aids: {', '.join(schedules)} each set the learning-rate schedule; keep one")
-        if true_dictionary is not None and tuple(true_dictionary.shape[1:]) != (dictionary.d_model,):
-            raise ValueError(f"true_dictionary must have shape (n, {dictionary.d_model}), got {tuple(true_dictionary.shape)}")
-        self.register_buffer("true_dictionary", true_dictionary, persistent=False)
+        return aids
 
+    def config(self) -> ModelConfig:
+        """Everything that rebuilds this model (:class:`~sae_zoo.model_config.ModelConfig`): what
+        ``save_pretrained``, checkpoints and the model card read."""
+        return ModelConfig(self.encoder.config(), self.dictionary.config(), self.family, self.training_config)
+
+    def score_with(self, scoring: Scoring) -> None:
+        """Score validation and tests against ``scoring`` (fresh metrics)."""
+        scoring.check(self.dictionary.d_model)
+        self.scoring = scoring
         self.val_metrics, self.test_metrics = self.new_metrics(), self.new_metrics()
+
+    @property
+    def transcoder(self) -> bool:
+        """Whether the model writes a target other than its input (its family pairs them: a transcoder's)."""
+        return self.family.paired
+
+    @property
+    def true_dictionary(self) -> Tensor | None:
+        return self.scoring.true_dictionary
+
+    @property
+    def code_recovery(self) -> bool:
+        return self.scoring.code_recovery
 
     # the training options the model reads, as its training config holds them
     @property
@@ -312,14 +302,11 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         return self
 
     def new_metrics(self, sync_on_compute: bool = True) -> SparseCodingMetrics:
-        """The metrics an evaluation of this model reports (fresh state); see :meth:`update_metrics`.
-        ``sync_on_compute=False``: computed by one process on what it saw, without the other ranks."""
-        # an over- or under-complete dictionary is scored against the true latents it should recover
-        n_true = None if self.true_dictionary is None else self.true_dictionary.shape[0]
-        return SparseCodingMetrics(self.dictionary.d_model, self.dictionary.n_latents, num_true_latents=n_true,
-                                   code_recovery=self.code_recovery,
-                                   dictionary_recovery=self.true_dictionary is not None,
-                                   sync_on_compute=sync_on_compute).to(self.device)
+        """The metrics an evaluation of this model reports (fresh state), as its :attr:`scoring` says; see
+        :meth:`update_metrics`. ``sync_on_compute=False``: computed by one process on what it saw, without the
+        other ranks."""
+        return self.scoring.new_metrics(self.dictionary.d_model, self.dictionary.n_latents, self.device,
+                                        sync_on_compute=sync_on_compute)
 
     @property
     def setting(self) -> str:
@@ -368,12 +355,15 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         if measure_l0:
             # the mean of each sample's count, as one count over the batch: no (batch, n_latents) integer copy
             losses["l0"] = torch.count_nonzero(values.detach()).float() / max(1, values[..., 0].numel())
-        loss = mse + self.sparsity.value(self.global_step if self._trainer is not None else None) * sparsity
+        trainer = self._trainer
+        coeff = (self.sparsity.value(None) if trainer is None
+                 else self.sparsity.value(self.global_step, trainer.estimated_stepping_batches))
+        loss = mse + coeff * sparsity
         if out.aux_loss is not None:
             losses["aux"] = out.aux_loss
             loss = loss + out.aux_loss
         for aid in self.aids:
-            terms = (aid.loss_terms(self, x, codes, x_hat, target=target) if self.transcoder
+            terms = (aid.loss_terms(self, x, codes, x_hat, target=target) if self.family.paired
                      else aid.loss_terms(self, x, codes, x_hat))
             for name, term in terms.items():
                 if name in losses:
@@ -429,7 +419,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     def before_training_batch(self, x: Tensor, progress: float | None) -> None:
         """Before a training step on inputs ``x``, ``progress`` (0 to 1) through the run: the head's schedule
         (a top-k head's annealed k), then every aid's :meth:`~sae_zoo.training.TrainingAid.before_batch`."""
-        self.encoder.on_train_progress(progress)
+        self.encoder.on_train_progress(progress, self.global_step)
         for aid in self.aids:
             aid.before_batch(self, x)
 
@@ -498,26 +488,16 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         output on it, when already computed."""
         x, target, true_codes = self.checked_batch(batch)
         x_hat, codes = out if out is not None else self(x)
-        metrics.update(x_hat, target, codes, true_codes, atoms=self.dictionary.directions,
-                       true_atoms=self.true_dictionary)
+        self.scoring.update(metrics, x_hat, target, codes, true_codes, self.dictionary.directions)
 
     def checked_batch(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(x, target, true_codes)`` of a batch (:func:`split_batch`): a transcoder learns from :class:`Pair`
-        batches, an SAE from its inputs."""
-        if isinstance(batch, Pair) != self.transcoder:
-            raise ValueError("a transcoder (transcoder=True) learns from Pair(x, target) batches: its data must pair "
-                             "each input with its target" if self.transcoder else
-                             "a Pair(x, target) batch is a transcoder's; this SparseCoder reconstructs its input "
-                             "(build it with transcoder=True to learn the target)")
-        x, target, true_codes = split_batch(batch)
-        if self.transcoder and target.shape[-1] != self.dictionary.d_model:
-            raise ValueError(f"the batch's targets are {target.shape[-1]} wide (shape {tuple(target.shape)}), but this "
-                             f"transcoder writes d_out={self.dictionary.d_model} (its dictionary's width)")
-        return x, target, true_codes
+        """``(x, target, true_codes)`` of a batch, as the model's family splits it (an SAE's target is its input; a
+        transcoder's comes in its :class:`~sae_zoo.data.Pair` batch), refused by name when it is another's."""
+        return self.family.split(batch, self.dictionary.d_model)
 
-    def update_dictionary_metrics(self, metrics: SparseCodingMetrics) -> None:
-        if self.true_dictionary is not None:
-            metrics.update_dictionary(self.dictionary.directions, self.true_dictionary)
+    def update_dictionary_metrics(self, metrics: SparseCodingMetrics) -> bool:
+        """Score the dictionary against the true one, where the scoring has it (False: it has none)."""
+        return self.scoring.update_dictionary(metrics, self.dictionary.directions)
 
     def _evaluate(self, stage: str, batch: Batch) -> None:
         metrics = getattr(self, f"{stage}_metrics")
@@ -530,8 +510,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         """The metrics of the whole epoch: the dictionary's (dictionary MCC, uniqueness) and the latents
         as feature detectors (computed over every batch, then reset here)."""
         metrics = getattr(self, f"{stage}_metrics")
-        if self.true_dictionary is not None:
-            self.update_dictionary_metrics(metrics)
+        if self.update_dictionary_metrics(metrics):
             for name in metrics.DICTIONARY_METRICS:
                 self.log(f"{stage}/{name}", metrics.metrics[name])
         detection = metrics.metrics["latent_detection"] if "latent_detection" in metrics.metrics else None
@@ -614,9 +593,10 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "SparseCoder":
         """The mixin's ``from_pretrained``: a folder or Hub repo (``revision=`` a branch, tag or commit)
         written by ``save_pretrained``/``push_to_hub``. ``config.json`` is read and checked first, so a
-        missing, corrupt or foreign one is reported by name before the mixin reads it. Further keyword
-        arguments may set ``l1_coeff``, ``lr``, ``true_dictionary``, ``sparse_decode`` and ``map_location``;
-        the head and dictionary come from ``config.json``. Returns the model in eval mode."""
+        missing, corrupt or foreign one is reported by name before the mixin reads it. The head, dictionary, family
+        and training config come from ``config.json``; further keyword arguments may set any training option (over
+        the saved one: ``lr=1e-4``), ``true_dictionary`` (to score against) and ``map_location``. Returns the model
+        in eval mode."""
         download = {k: kwargs[k] for k in ("revision", "cache_dir", "force_download", "token", "local_files_only")
                     if k in kwargs}
         read_model_config(pretrained_model_name_or_path, **download)
@@ -629,6 +609,7 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         download = {"revision": revision, "cache_dir": cache_dir, "force_download": force_download, "token": token,
                     "local_files_only": local_files_only}
         config, config_path = read_model_config(model_id, **download)
+        saved = ModelConfig.from_dict(config, where=str(config_path))
         overrides = {k: v for k, v in model_kwargs.items() if k in PRETRAINED_OVERRIDES}
         # the mixin passes config.json's values for the __init__ arguments it names: those are not overrides
         unexpected = sorted(k for k, v in model_kwargs.items()
@@ -637,13 +618,11 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         if unexpected:
             raise TypeError(f"from_pretrained got unexpected arguments {', '.join(unexpected)}; the head and dictionary "
                             "come from config.json (to pair a pretrained head with another dictionary, use "
-                            "sae_zoo.pretrained.load_encoder)")
-        model = cls(build_encoder(config, config_path), build_dictionary(config, config_path),
-                    supervised=bool(config.get("supervised", False)), code_recovery=bool(config.get("code_recovery", True)),
-                    transcoder=bool(config.get("transcoder", False)),
-                    skip_connection=bool(config.get("skip_connection", False)),
-                    train_skip=bool(config.get("train_skip", True)),
-                    **{"l1_coeff": config.get("l1_coeff", 0.01), "lr": config.get("lr", 1e-3), **overrides})
+                            "sae_zoo.pretrained.load_encoder), and any training option may be set")
+        scoring = Scoring(true_dictionary=overrides.pop("true_dictionary", None))
+        training = dataclasses.replace(saved.training, **overrides)
+        model = cls(build_encoder(config, config_path), build_dictionary(config, config_path), training,
+                    family=saved.family, scoring=scoring)
         model.to(getattr(torch, config["dtype"]))
         weights_path = resolve_file(model_id, WEIGHTS_NAME, **download)
         load_state(model, read_safetensors(weights_path), weights_path, config_path)
@@ -655,10 +634,8 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         return model_card(self, **card_kwargs)
 
 
-#: what ``from_pretrained`` may set beside config.json (for further training, or the device)
-PRETRAINED_OVERRIDES = ("l1_coeff", "lr", "true_dictionary", "sparse_decode")
-
-#: the field's training aids, which SparseCoder's own (flat) options set: registry name -> those options
-BUILTIN_AIDS = {"decoder_bias_init": ("decoder_bias_init",),
-                "dead_latents": ("auxk_coeff", "auxk_k", "dead_tokens", "resample_every"),
-                "lr_schedule": ("lr_warmup_steps", "lr_decay_steps")}
+#: what ``from_pretrained`` may set beside config.json (for further training, or scoring): any training option, and
+#: the true dictionary to score against
+PRETRAINED_OVERRIDES = (*TRAINING_FIELDS, "true_dictionary")
+#: the keys that have always set a SparseCoder's family (read into it once: :func:`family_from_options`)
+LEGACY_FAMILY_KEYS = ("transcoder", "skip_connection", "train_skip")

@@ -21,8 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .data.base import Batch, unpack_batch
-from .model import (BUILTIN_AIDS, SparseCoder, logging_step, training_batches, training_progress,
-                    training_sample)
+from .model import SparseCoder, logging_step, training_batches, training_progress, training_sample
 
 
 class HeadBank(L.LightningModule):
@@ -39,8 +38,7 @@ class HeadBank(L.LightningModule):
             raise ValueError(f"HeadBank: reads names {sorted(reads)}, the models are {sorted(models)}")
         owners: dict[int, str] = {}
         for name, model in models.items():
-            solo = [f"the {aid.name!r} aid" for aid in model.aids
-                    if aid.name not in BUILTIN_AIDS and aid.active and aid.solo]
+            solo = [f"the {aid.name!r} aid" for aid in model.aids if aid.active and aid.solo]
             if solo:
                 raise ValueError(f"HeadBank: model {name!r} sets {', '.join(solo)}, which needs its own trainer; "
                                  "train it alone with Trainer.fit(model)")

@@ -86,17 +86,6 @@ def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -
     return median.float()
 
 
-def steps_or_fraction(value: float, name: str) -> int | float:
-    """A schedule length ``name``: a whole number of steps (an int), or a fraction of the run in (0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a number of steps >= 0 or a fraction of the run in (0, 1), got {value!r}")
-    if 0 < value < 1:
-        return float(value)
-    if value != int(value):
-        raise ValueError(f"{name} >= 1 counts steps, so it must be a whole number, got {value!r}")
-    return int(value)
-
-
 def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_steps: int) -> float:
     """Learning-rate multiplier: linear warm-up from 0 over ``warmup_steps``, constant, then linear decay
     to 0 over the last ``decay_steps`` of ``total_steps`` (as SAELens and dictionary_learning do)."""

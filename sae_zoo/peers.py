@@ -28,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from ._io import atomic_directory
 from .hub import load_sae
 from .data.base import unpack_batch
-from .model import SparseCoder
-from .recipe import RecipeError, RunFolder, evaluate_run, initialising, plan, scoring
+from .metrics import Scoring
+from .recipe import RecipeError, RunFolder, evaluate_run, initialising, plan
 from .training_config import TrainingConfig
 
 #: samples SAELens's evaluator draws for its own figures
@@ -123,7 +123,8 @@ def fit_saelens(cfg: DictConfig, saelens: dict[str, Any], recipe_name: str = "re
     with atomic_directory(run.path / "saelens", replaces=("cfg.json",)) as staging:
         trained.save_inference_model(staging)
     loaded = load_sae(run.path / "saelens")
-    model = SparseCoder(loaded.encoder, loaded.dictionary, **scoring(p, datamodule)).to(device).eval()
+    model = loaded.model().to(device)
+    model.score_with(Scoring.from_data(datamodule, code_recovery=p.model_kwargs.get("code_recovery")))
     test = evaluate_run(model, datamodule, p.probing)
     theirs = eval_sae_on_synthetic_data(trained, datamodule.generator.feature_dict,
                                         datamodule.generator.activation_generator, num_samples=SAELENS_EVAL_SAMPLES,

@@ -45,13 +45,15 @@ from .dictionary import Dictionary
 from .encoders import create_encoder, get_encoder_class
 from .evaluation import ProbingConfig, evaluate_model
 from .hub import load_sae
-from .model import NOT_FOR_TRANSCODERS, SparseCoder
+from .families import FAMILIES, ModelFamily, create_family, family_from_options, refused_recipe_keys
+from .metrics import Scoring
+from .model import SparseCoder
 from .multihead import HeadBank
 from .checkpoints import CHECKPOINT, PeriodicCheckpoint
 from .clock import TrainingClock
 from .tracking import logger_specs, make_loggers
 from .training import get_training_aid_class
-from .training_config import ModelOptions
+from .training_config import FIELD_AIDS, ModelOptions
 
 SETTINGS = ("known_codes", "known_dictionary", "unknown")
 
@@ -229,9 +231,10 @@ def apply_head_defaults(cfg: DictConfig) -> None:
     """A run that learns its dictionary (``setting: unknown``, no ``dictionary.pretrained``) gets its head's
     ``learned_dictionary_defaults`` (e.g. a BatchTopK SAE: learned atom norms, a decoder bias subtracted
     before encoding, a tied start) for every key the recipe leaves unset; the run's ``config.yaml`` then
-    shows them. Setting a key, e.g. ``dictionary.atom_norms=false``, overrides its default. A transcoder's
-    recipe (``data.hook_out`` or ``model.transcoder``) leaves out what a transcoder refuses (a decoder bias
-    subtracted from the input, a tied start)."""
+    shows them. Setting a key, e.g. ``dictionary.atom_norms=false``, overrides its default. A recipe leaves out
+    what its family refuses (:func:`~sae_zoo.families.refused_recipe_keys`; a transcoder's, from ``data.hook_out``,
+    ``model.family: transcoder`` or ``model.transcoder``: a decoder bias subtracted from the input, a tied
+    start)."""
     if cfg.setting != "unknown" or "pretrained" in cfg.dictionary or "name" not in cfg.encoder:
         return
     import_modules(list(cfg.imports))
@@ -240,10 +243,12 @@ def apply_head_defaults(cfg: DictConfig) -> None:
     except ValueError:
         return  # validate() names the unknown head
     pairs = [h for h in (cfg.data.get("hooks") or []) if not isinstance(h, str)]
-    transcoder = cfg.model.get("transcoder", cfg.data.get("hook_out") is not None or bool(pairs))
+    paired = cfg.data.get("hook_out") is not None or bool(pairs)
+    name = cfg.model.get("family") or ("transcoder" if cfg.model.get("transcoder", paired) else "sae")
+    refused = refused_recipe_keys(FAMILIES[name]) if name in FAMILIES else {}  # validate() names one that is not
     for section, defaults in head.learned_dictionary_defaults.items():
         for key, value in defaults.items():
-            if key not in cfg[section] and not (transcoder and key in NOT_FOR_TRANSCODERS.get(section, ())):
+            if key not in cfg[section] and key not in refused.get(section, ()):
                 cfg[section][key] = value
 
 
@@ -272,10 +277,15 @@ def check_training_aid(spec: Any, key: str) -> None:
     if not isinstance(spec, dict):
         raise ValueError(f"{key} must be a mapping with a name (a registered training aid), got {spec!r}")
     name, options = _named(spec, key)
+    if name in FIELD_AIDS:  # the field's aids, read into the model's options (sae_zoo.TrainingConfig)
+        unknown = sorted(set(options) - set(FIELD_AIDS[name]))
+        if unknown:
+            raise ValueError(f"{key}.{unknown[0]}: the {name!r} aid takes {', '.join(FIELD_AIDS[name])}")
+        return
     try:
         aid_class = get_training_aid_class(name)
     except ValueError as e:
-        raise ValueError(f"{key}.name: {e}") from None
+        raise ValueError(f"{key}.name: {e}; or one of the field's: {', '.join(FIELD_AIDS)}") from None
     check_kwargs(aid_class.__init__, options, what=f"training aid {name!r}", key_prefix=f"{key}.")
 
 
@@ -434,11 +444,8 @@ def build(cfg: DictConfig | Plan, datamodule: SparseCodingData | None = None) ->
     datamodule = p.data_class(**p.data_kwargs) if datamodule is None else datamodule
     d_model, d_out = datamodule.d_model, datamodule.d_out
     model_kwargs = dict(p.model_kwargs)
-    transcoder = model_kwargs.setdefault("transcoder", datamodule.paired)
-    try:
-        datamodule.check_pairing(transcoder)
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
+    family = recipe_family(model_kwargs, datamodule)
+    transcoder = family.paired
     loaded = functools.cache(load_sae)  # the dictionary and a warm start often come from the same SAE
     pretrained_dictionary = pretrained_skip = None
     if p.pretrained is not None:
@@ -476,16 +483,17 @@ def build(cfg: DictConfig | Plan, datamodule: SparseCodingData | None = None) ->
             dictionary = Dictionary.from_tensor(datamodule.dictionary, trainable=False,
                                                 provenance={"source": "the data's true dictionary"})
     if pretrained_skip is not None:  # a skip-transcoder's decoder comes with its skip term, trained alike
-        if model_kwargs.get("skip_connection") is False:
+        if p.model_kwargs.get("skip_connection") is False:
             raise RecipeError(f"model.skip_connection=false, but {p.pretrained} is a skip-transcoder: its decoder "
                               "writes the target beside its skip term")
-        model_kwargs.update(skip_connection=True, train_skip=model_kwargs.get("train_skip", cfg.setting == "unknown"))
+        family = create_family(family.name, skip_connection=True,
+                               train_skip=p.model_kwargs.get("train_skip", cfg.setting == "unknown"))
     if datamodule.ground_truth:
         check_target_l0(model_kwargs.get("target_l0"), datamodule, n_latents)
-    model_kwargs.pop("code_recovery", None)
-    model = SparseCoder(encoder, dictionary, supervised=cfg.setting == "known_codes",
-                        **scoring(p, datamodule, learned=cfg.setting == "unknown" or p.pretrained is not None),
-                        **model_kwargs)
+    scoring = Scoring.from_data(datamodule, learned=cfg.setting == "unknown" or p.pretrained is not None,
+                                code_recovery=model_kwargs.pop("code_recovery", None))
+    model = SparseCoder(encoder, dictionary, supervised=cfg.setting == "known_codes", family=family,
+                        scoring=scoring, **model_kwargs)
     if pretrained_skip is not None:
         with torch.no_grad():
             model.skip.weight.copy_(pretrained_skip)
@@ -501,13 +509,19 @@ def initialising(seed: int) -> Iterator[None]:
         yield
 
 
-def scoring(p: Plan, datamodule: SparseCodingData, learned: bool = True) -> dict[str, Any]:
-    """The :class:`~sae_zoo.SparseCoder` arguments that score a run against the data's truth: the true dictionary
-    scores a learned or pretrained one (the known_* settings decode with it), and code recovery is measured
-    where the data know the codes, unless ``model.code_recovery`` turns it off."""
-    truth = datamodule.ground_truth
-    return {"true_dictionary": datamodule.dictionary if learned and truth else None,
-            "code_recovery": bool(p.model_kwargs.get("code_recovery", truth)) and truth}
+def recipe_family(model_kwargs: dict[str, Any], datamodule: SparseCodingData) -> ModelFamily:
+    """The family a recipe's ``model`` section names (``family``, or the ``transcoder``, ``skip_connection`` and
+    ``train_skip`` keys recipes have always written: popped from ``model_kwargs``), else the one its data fit
+    (paired data: a transcoder), checked against the data."""
+    keys = {key: model_kwargs.pop(key) for key in ("family", "transcoder", "skip_connection", "train_skip")
+            if key in model_kwargs}
+    try:
+        family = family_from_options(keys.pop("family", None), **{k: v for k, v in keys.items() if v is not None},
+                                     default="transcoder" if datamodule.paired else "sae")
+        family.check_data(datamodule)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"model: {e}") from None
+    return family
 
 
 def check_target_l0(target_l0: float | None, datamodule: SparseCodingData, n_latents: int) -> None:

@@ -18,12 +18,10 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from ._registry import Registry
 from ._signature import check_kwargs
 from .encoders import SparseCodes
 from .objectives import check_matryoshka_widths, reconstruction_loss
-
-RECONSTRUCTIONS: dict[str, type[ReconstructionTerm]] = {}
-
 
 class ReconstructionTerm:
     """The loss's reconstruction term: ``term(dictionary, codes, target) -> (loss, x_hat)``, ``codes`` being the
@@ -52,20 +50,14 @@ def decoded(dictionary: nn.Module, codes: Tensor | SparseCodes) -> Tensor:
     return dictionary.decode_sparse(*codes) if isinstance(codes, SparseCodes) else dictionary.decode(codes)
 
 
+#: the registered reconstruction terms, by name
+RECONSTRUCTIONS = Registry("reconstruction term", ReconstructionTerm)
+
+
 def register_reconstruction(name: str):
     """Class decorator: register a :class:`ReconstructionTerm` under ``name`` (a recipe's
     ``model.reconstruction.name``)."""
-
-    def decorate(cls: type[ReconstructionTerm]) -> type[ReconstructionTerm]:
-        if not (isinstance(cls, type) and issubclass(cls, ReconstructionTerm)):
-            raise TypeError(f"register_reconstruction({name!r}) decorates a ReconstructionTerm subclass, got {cls!r}")
-        if name in RECONSTRUCTIONS and RECONSTRUCTIONS[name] is not cls:
-            raise ValueError(f"a reconstruction term named {name!r} is already registered")
-        cls.name = name
-        RECONSTRUCTIONS[name] = cls
-        return cls
-
-    return decorate
+    return RECONSTRUCTIONS.register(name, "register_reconstruction")
 
 
 def create_reconstruction(spec: str | dict[str, Any] | ReconstructionTerm) -> ReconstructionTerm:
@@ -74,11 +66,13 @@ def create_reconstruction(spec: str | dict[str, Any] | ReconstructionTerm) -> Re
         return spec
     options = {"name": spec} if isinstance(spec, str) else dict(spec)
     name = options.pop("name", None)
-    if name not in RECONSTRUCTIONS:
-        raise ValueError(f"reconstruction: unknown term {name!r}; registered: {', '.join(sorted(RECONSTRUCTIONS))}")
-    check_kwargs(RECONSTRUCTIONS[name].__init__, options, what=f"reconstruction term {name!r}",
+    try:
+        term = RECONSTRUCTIONS.get_class(name)
+    except ValueError as e:
+        raise ValueError(f"reconstruction: {e}") from None
+    check_kwargs(term.__init__, options, what=f"reconstruction term {name!r}",
                  key_prefix="reconstruction.")
-    return RECONSTRUCTIONS[name](**options)
+    return term(**options)
 
 
 @register_reconstruction("mse")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .encoders import EncoderHead
+from .schedules import schedule_steps, steps_or_fraction
 
 
 def l0_shift(margins: Tensor, l0: float) -> Tensor:
@@ -70,12 +71,13 @@ class SparsityControl(nn.Module):
     GAIN = 1.0
 
     def __init__(self, coeff: float, target_l0: float | None = None, rate: float = 0.02,
-                 warmup_steps: int = 0) -> None:
+                 warmup_steps: int | float = 0) -> None:
         super().__init__()
         if target_l0 is not None and not coeff > 0:
             raise ValueError("target_l0 tunes the sparsity coefficient multiplicatively, so it needs a starting "
                              f"l1_coeff > 0, got l1_coeff={coeff!r}")
-        self.target_l0, self.rate, self.warmup_steps = target_l0, float(rate), int(warmup_steps)
+        self.target_l0, self.rate = target_l0, float(rate)
+        self.warmup_steps = steps_or_fraction(warmup_steps, "sparsity_warmup_steps")
         # tensors, so that tuning costs no synchronisation; the checkpoint stores them (SparseCoder)
         self.register_buffer("coeff", torch.tensor(float(coeff)), persistent=False)
         self.register_buffer("integral", torch.tensor(math.log(coeff) if coeff > 0 else 0.0), persistent=False)
@@ -84,10 +86,13 @@ class SparsityControl(nn.Module):
     def targets_l0(self) -> bool:
         return self.target_l0 is not None
 
-    def value(self, step: int | None) -> Tensor:
-        """The coefficient at training step ``step`` (None: outside training, no warm-up)."""
-        if self.warmup_steps and step is not None and step < self.warmup_steps:
-            return self.coeff * ((step + 1) / self.warmup_steps)
+    def value(self, step: int | None, total_steps: float | None = None) -> Tensor:
+        """The coefficient at training step ``step`` of ``total_steps`` (None: outside training, no warm-up; the
+        run's length is read only where the warm-up is a fraction of it)."""
+        if self.warmup_steps and step is not None:
+            warmup = schedule_steps(self.warmup_steps, total_steps, "sparsity_warmup_steps")
+            if step < warmup:
+                return self.coeff * ((step + 1) / warmup)
         return self.coeff.clone()  # update() changes the buffer in place before the backward pass
 
     @torch.no_grad()

@@ -37,13 +37,14 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .objectives import geometric_median, lr_factor, steps_or_fraction
+from ._registry import Registry
+from .objectives import geometric_median, lr_factor
+from .schedules import schedule_steps, steps_or_fraction
 
 #: what the hooks receive as ``model``: the :class:`~sae_zoo.SparseCoder` (a layer above this module, so not
 #: imported here)
 SparseCoder = nn.Module
 
-TRAINING_AIDS: dict[str, type[TrainingAid]] = {}
 
 
 class LossTerm(NamedTuple):
@@ -116,6 +117,10 @@ class TrainingAid(nn.Module):
         """Read back what :meth:`save_state` wrote (an older checkpoint may lack it)."""
 
 
+#: the registered training aids, by name
+TRAINING_AIDS = Registry("training aid", TrainingAid)
+
+
 def gives_schedule(aid: TrainingAid) -> bool:
     """Whether ``aid`` defines :meth:`TrainingAid.schedule` (a model takes its learning-rate schedule from one aid)."""
     return type(aid).schedule is not TrainingAid.schedule
@@ -123,28 +128,15 @@ def gives_schedule(aid: TrainingAid) -> bool:
 
 def register_training_aid(name: str):
     """Class decorator: register a :class:`TrainingAid` under ``name`` (a recipe's ``model.aids[].name``)."""
-
-    def decorate(cls: type[TrainingAid]) -> type[TrainingAid]:
-        if not (isinstance(cls, type) and issubclass(cls, TrainingAid)):
-            raise TypeError(f"register_training_aid({name!r}) decorates a TrainingAid subclass, got {cls!r}")
-        if name in TRAINING_AIDS and TRAINING_AIDS[name] is not cls:
-            raise ValueError(f"a training aid named {name!r} is already registered ({TRAINING_AIDS[name].__module__}."
-                             f"{TRAINING_AIDS[name].__qualname__})")
-        cls.name = name
-        TRAINING_AIDS[name] = cls
-        return cls
-
-    return decorate
+    return TRAINING_AIDS.register(name, "register_training_aid")
 
 
 def list_training_aids() -> list[str]:
-    return sorted(TRAINING_AIDS)
+    return TRAINING_AIDS.names()
 
 
 def get_training_aid_class(name: str) -> type[TrainingAid]:
-    if name not in TRAINING_AIDS:
-        raise ValueError(f"unknown training aid {name!r}; registered: {', '.join(list_training_aids())}")
-    return TRAINING_AIDS[name]
+    return TRAINING_AIDS.get_class(name)
 
 
 def create_training_aid(name: str, **options: Any) -> TrainingAid:
@@ -178,11 +170,8 @@ class LRSchedule(TrainingAid):
         known = 0 < total_steps < float("inf")
         if self.decay_steps and not known:
             raise ValueError("lr_decay_steps needs a known number of training steps: set trainer.max_steps")
-        if isinstance(self.warmup_steps, float) and not known:
-            raise ValueError(f"lr_warmup_steps={self.warmup_steps} is a fraction of the run, which needs a known number "
-                             "of training steps: set trainer.max_steps, or give the warm-up in steps")
-        warmup, decay = (round(n * total_steps) if isinstance(n, float) else n
-                         for n in (self.warmup_steps, self.decay_steps))
+        warmup = schedule_steps(self.warmup_steps, total_steps, "lr_warmup_steps")
+        decay = schedule_steps(self.decay_steps, total_steps, "lr_decay_steps")
         total = int(total_steps) if known else 0
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, decay))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .reconstruction import Matryoshka, MeanSquaredError, ReconstructionTerm, create_reconstruction
+from .schedules import steps_or_fraction
 from .training import TrainingAid
 
 
@@ -29,7 +30,12 @@ class TrainingConfig:
       target) and ``sparsity_warmup_steps``;
     * the start: ``tied_init``, ``decoder_bias_init``, ``bias_init_samples`` (the training rows read for it);
     * dead latents: ``auxk_coeff``/``auxk_k``/``dead_tokens`` (AuxK) and ``resample_every``;
-    * ``aids``: further training aids (objects, or ``{"name": ..., **options}`` of registered ones).
+    * ``aids``: further training aids (objects, or ``{"name": ..., **options}`` of registered ones). The field's
+      aids may be written there too, and are read into the options above (:data:`FIELD_AIDS`):
+      ``aids=[{"name": "auxk", "coeff": 0.03}]`` is ``auxk_coeff=0.03``.
+
+    Every schedule's length (``lr_warmup_steps``, ``lr_decay_steps``, ``sparsity_warmup_steps``, and a top-k head's
+    ``k_anneal_steps``) is a number of steps or a fraction of the run (:mod:`sae_zoo.schedules`).
     """
 
     l1_coeff: float = 0.01
@@ -44,7 +50,7 @@ class TrainingConfig:
     resample_every: int = 0
     target_l0: float | None = None
     target_l0_rate: float = 0.02
-    sparsity_warmup_steps: int = 0
+    sparsity_warmup_steps: int | float = 0
     lr_warmup_steps: int | float = 0
     lr_decay_steps: int | float = 0
     decoder_bias_init: Literal["mean", "geometric_median"] | None = None
@@ -53,6 +59,10 @@ class TrainingConfig:
     aids: Sequence[TrainingAid | dict[str, Any]] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        if any(isinstance(aid, dict) and "name" not in aid for aid in self.aids):
+            raise ValueError(f"aids: each dict names a registered training aid ({{'name': ..., **options}}), "
+                             f"got {list(self.aids)!r}")
+        self.aids = self._read_field_aids()
         for name in ("lr", "bias_init_samples", "target_l0", "target_l0_rate"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -60,9 +70,8 @@ class TrainingConfig:
         for name in ("l1_coeff", "sparsity_warmup_steps"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be at least 0, got {getattr(self, name)!r}")
-        if any(isinstance(aid, dict) and "name" not in aid for aid in self.aids):
-            raise ValueError(f"aids: each dict names a registered training aid ({{'name': ..., **options}}), "
-                             f"got {list(self.aids)!r}")
+        for name in ("lr_warmup_steps", "lr_decay_steps", "sparsity_warmup_steps"):
+            setattr(self, name, steps_or_fraction(getattr(self, name), name))
         if self.reconstruction is not None and self.matryoshka_widths is not None:
             raise ValueError(f"matryoshka_widths sets the matryoshka reconstruction term, and reconstruction="
                              f"{self.reconstruction!r} sets another; give one")
@@ -79,6 +88,30 @@ class TrainingConfig:
                                  f"loss): it has no reconstruction, sparsity penalty or dead-latent term, so "
                                  f"{', '.join(given)} would be ignored; drop " + ("it" if len(given) == 1 else "them")
                                  + ", or train without supervised")
+
+    def _read_field_aids(self) -> tuple[TrainingAid | dict[str, Any], ...]:
+        """The aids, less the field's, whose options are read into this config's (an option set both ways, to two
+        values, is refused by name)."""
+        others = []
+        defaults = TrainingConfig.__dataclass_fields__
+        for aid in self.aids:
+            spec = aid.config() if isinstance(aid, TrainingAid) and aid.name in FIELD_AIDS else aid
+            if not (isinstance(spec, dict) and spec.get("name") in FIELD_AIDS):
+                others.append(aid)
+                continue
+            name, fields = spec["name"], FIELD_AIDS[spec["name"]]
+            for option, value in spec.items():
+                if option == "name":
+                    continue
+                if option not in fields:
+                    raise ValueError(f"aids: the {name!r} aid takes {', '.join(fields)}, got {option!r}")
+                field_name = fields[option]
+                current = getattr(self, field_name)
+                if current != defaults[field_name].default and current != value:
+                    raise ValueError(f"aids: the {name!r} aid sets {option}={value!r}, and {field_name}={current!r} "
+                                     "is given too; give it once")
+                setattr(self, field_name, value)
+        return tuple(others)
 
     @classmethod
     def of(cls, training: "TrainingConfig | dict[str, Any] | None", flat: dict[str, Any]) -> "TrainingConfig":
@@ -112,16 +145,32 @@ class TrainingConfig:
         return {**options, **({"reconstruction": term} if term is not None else {}), **({"aids": aids} if aids else {})}
 
 
+#: the field's aids, as ``aids`` may name them: aid name -> {its option: the TrainingConfig option it sets}. The
+#: dead-latent aid's, the learning-rate schedule's and the decoder-bias start's are registered aids
+#: (:mod:`sae_zoo.training`), which the model builds from these options; a target L0 is the sparsity control's
+FIELD_AIDS: dict[str, dict[str, str]] = {
+    "auxk": {"coeff": "auxk_coeff", "k": "auxk_k", "dead_tokens": "dead_tokens"},
+    "resample": {"every": "resample_every", "dead_tokens": "dead_tokens"},
+    "dead_latents": {name: name for name in ("auxk_coeff", "auxk_k", "dead_tokens", "resample_every")},
+    "lr_schedule": {"warmup_steps": "lr_warmup_steps", "decay_steps": "lr_decay_steps"},
+    "decoder_bias_init": {"how": "decoder_bias_init", "samples": "bias_init_samples"},
+    "target_l0": {"target": "target_l0", "rate": "target_l0_rate"},
+    "sparsity_warmup": {"steps": "sparsity_warmup_steps"},
+}
+
 #: every option of a TrainingConfig
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainingConfig))
 
 
 @dataclass
 class ModelOptions(TrainingConfig):
-    """What a recipe's ``model:`` section takes: the training options, with the model's family
-    (``transcoder``, ``skip_connection``, ``train_skip``) and ``code_recovery`` (whether evaluation scores codes)."""
+    """What a recipe's ``model:`` section takes: the training options, with the model's family (``family``: a
+    registered name, :mod:`sae_zoo.families`; ``transcoder``, ``skip_connection`` and ``train_skip``, the keys
+    recipes have always written) and ``code_recovery`` (whether evaluation scores codes:
+    :class:`~sae_zoo.metrics.Scoring`)."""
 
+    family: str | None = None
     code_recovery: bool = True
-    transcoder: bool = False
-    skip_connection: bool = False
-    train_skip: bool = True
+    transcoder: bool | None = None
+    skip_connection: bool | None = None
+    train_skip: bool | None = None

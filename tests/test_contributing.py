@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from sae_zoo import Dictionary, SparseCoder
+from sae_zoo import Dictionary, SparseCoder, create_encoder
 from sae_zoo.data import SyntheticSparseDataModule
 from sae_zoo.metrics import functional
 
@@ -184,6 +184,26 @@ def test_a_reconstruction_term_is_its_file_and_its_test(tmp_path):
     with open(run_dir / "logs" / "metrics.csv") as f:
         logged = [float(row["train/mse"]) for row in csv.DictReader(f) if row.get("train/mse")]
     assert len(logged) == 6 and logged[-1] < 0.8 * logged[0]  # the term's loss is what trained
+
+
+def test_a_model_family_is_its_file_and_its_test(tmp_path):
+    """The guide's family and its test, as two files of a user's: the test passes, and a model of that family is
+    saved with it and rebuilt from its hyper-parameters."""
+    (tmp_path / "denoiser.py").write_text(guide_block('@register_family("denoiser")'))
+    (tmp_path / "test_denoiser.py").write_text(guide_block("from denoiser import Denoiser"))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_denoiser.py"],
+                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout + done.stderr
+    from sae_zoo.families import FAMILIES
+    from sae_zoo.recipe import import_modules
+
+    import_modules([str(tmp_path / "denoiser.py")])
+    try:
+        model = SparseCoder(create_encoder("topk", d_model=8, n_latents=32, k=4), Dictionary(32, 8), family="denoiser")
+        assert model.hparams["family"] == "denoiser"
+        assert type(SparseCoder(**model.hparams).family).__name__ == "Denoiser"
+    finally:
+        del FAMILIES["denoiser"]
 
 
 def test_a_data_source_joins_through_a_recipes_imports(tmp_path):

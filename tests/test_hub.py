@@ -191,8 +191,10 @@ def test_tensor_shapes_that_disagree_with_the_config(saved):
 
 
 def test_a_dictionary_whose_width_differs_from_the_head(saved):
-    with pytest.raises(ValueError, match=r"maps 8 -> 16 latents, but the dictionary has shape \(n_latents=16, d_model=9\)"):
+    with pytest.raises(ValueError, match=r"encoder 'linear' reads d_model=8, but the dictionary writes d_model=9; an SAE"):
         SparseCoder(load_encoder(saved), Dictionary(16, 9))
+    with pytest.raises(ValueError, match=r"maps 8 -> 16 latents, but the dictionary has shape \(n_latents=12, d_model=8\)"):
+        SparseCoder(load_encoder(saved), Dictionary(12, 8))
 
 
 def test_repo_or_revision_that_does_not_exist(saved, hub):

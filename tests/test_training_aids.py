@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from sae_zoo import Dictionary, SparseCoder, create_encoder
 from sae_zoo.data import SyntheticSparseDataModule
+from sae_zoo.dead_latents import DeadLatents
 from sae_zoo.encoders import SparseCodes
 from sae_zoo.evaluation import evaluate
 from sae_zoo.sparsity import SparsityControl
@@ -255,10 +256,24 @@ def test_the_fields_aids_are_registered_objects_set_by_the_flat_options():
     assert model.dead_latents.auxk_k == 2 and model.dead_latents.tokens_since_fired.shape == (8,)
     assert "aids" not in model.hparams  # the saved hyper-parameters are the flat options, as before
 
-    # an option of the model's own is not set twice, and a run has one learning-rate schedule
-    with pytest.raises(ValueError, match="'dead_latents' is set by SparseCoder's own options \\(auxk_coeff"):
-        SparseCoder(create_encoder("linear", d_model=4, n_latents=8), Dictionary(8, 4),
-                    aids=[{"name": "dead_latents", "auxk_coeff": 1.0}])
+    # the field's aids may be written as aids too: read into the same options, as saved; never set twice
+    linear = create_encoder("linear", d_model=4, n_latents=8)
+    spelled = SparseCoder(linear, Dictionary(8, 4), aids=[{"name": "auxk", "coeff": 0.03, "k": 2},
+                                                          {"name": "lr_schedule", "decay_steps": 0.2},
+                                                          {"name": "target_l0", "target": 3}])
+    flat = SparseCoder(linear, Dictionary(8, 4), auxk_coeff=0.03, auxk_k=2, lr_decay_steps=0.2, target_l0=3)
+    assert spelled.hparams == flat.hparams and "aids" not in spelled.hparams
+    assert spelled.dead_latents.auxk_coeff == 0.03 and spelled.sparsity.target_l0 == 3
+    assert [aid.config() for aid in spelled.aids] == [aid.config() for aid in flat.aids]
+    objects = SparseCoder(linear, Dictionary(8, 4), aids=[DeadLatents(auxk_coeff=0.03, auxk_k=2)],
+                          lr_decay_steps=0.2, target_l0=3)
+    assert objects.hparams == flat.hparams
+    with pytest.raises(ValueError, match="the 'auxk' aid sets coeff=1.0, and auxk_coeff=0.5 is given too"):
+        SparseCoder(linear, Dictionary(8, 4), auxk_coeff=0.5, aids=[{"name": "auxk", "coeff": 1.0}])
+    with pytest.raises(ValueError, match="the 'auxk' aid takes coeff, k, dead_tokens, got 'coef'"):
+        SparseCoder(linear, Dictionary(8, 4), aids=[{"name": "auxk", "coef": 1.0}])
+
+    # a run has one learning-rate schedule
 
     class Cosine(TrainingAid):
         name = "cosine_schedule"
@@ -375,7 +390,7 @@ def test_k_anneal_trains_denser_first_and_ends_at_k(head):
     model.eval()
     # inference keeps k (BatchTopK: about k, through a threshold estimated once training reached k)
     assert float((model.encode(dm.test_x[:256]) != 0).sum(-1).float().mean()) == pytest.approx(3, rel=0.3)
-    with pytest.raises(ValueError, match=r"k_anneal >= 1 .* got k_anneal=0.5"):
+    with pytest.raises(ValueError, match=r"k_anneal >= 1.* got k_anneal=0.5"):
         create_encoder(head, d_model=16, n_latents=32, k=3, k_anneal=0.5)
 
 
@@ -547,7 +562,7 @@ def test_the_reconstruction_term_is_a_registered_piece():
     assert isinstance(flat.reconstruction, Matryoshka) and flat.reconstruction == named.reconstruction
     losses = [m.training_losses(x)["mse"] for m in (flat, named, plain)]
     assert losses[0] == losses[1] and losses[0] > losses[2]  # the prefix of 2 latents adds its own error
-    with pytest.raises(ValueError, match="unknown term 'nope'; registered: matryoshka, mse"):
+    with pytest.raises(ValueError, match="unknown reconstruction term 'nope'; registered: matryoshka, mse"):
         create_reconstruction("nope")
     with pytest.raises(ValueError, match="reconstruction.width"):
         create_reconstruction({"name": "matryoshka", "width": [8]})

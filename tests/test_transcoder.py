@@ -90,7 +90,7 @@ def test_a_transcoder_saves_and_reloads_its_skip_term(tmp_path):
     (lambda: transcoder(decoder_bias_init="mean"), "cannot take decoder_bias_init='mean'"),
     (lambda: transcoder(true_dictionary=torch.randn(16, 5)), "cannot take true_dictionary=tensor"),
     (lambda: SparseCoder(create_encoder("topk", d_model=8, n_latents=16, k=3), Dictionary(16, 5)),
-     "a transcoder \\(transcoder=True\\) may write a width other than it reads"),
+     "an SAE reconstructs its input \\(a transcoder, family='transcoder', may write a width other than it reads"),
     (lambda: SparseCoder(create_encoder("topk", d_model=8, n_latents=16, k=3), Dictionary(16, 8), skip_connection=True),
      "skip_connection=True adds a linear map of the input to the output: a transcoder's"),
 ])
@@ -101,7 +101,7 @@ def test_what_a_transcoder_cannot_take_is_named(make, message):
 
 def test_batches_say_what_is_learned_and_an_aid_must_know_the_target():
     model = transcoder()
-    with pytest.raises(ValueError, match="a transcoder \\(transcoder=True\\) learns from Pair\\(x, target\\) batches"):
+    with pytest.raises(ValueError, match="a transcoder learns from Pair\\(x, target\\) batches"):
         model.training_losses(torch.randn(4, 8))
     sae = SparseCoder(create_encoder("topk", d_model=8, n_latents=16, k=3), Dictionary(16, 8))
     with pytest.raises(ValueError, match="a Pair\\(x, target\\) batch is a transcoder's"):

@@ -176,11 +176,11 @@ def test_hooks_a_transcoder_cannot_pair(lm_files, tmp_path, data, message):
 
 
 def test_a_transcoder_and_its_data_must_agree(lm_files, tmp_path):
-    with pytest.raises(RecipeError, match=r"a transcoder \(model.transcoder=true\) learns a target from an input .* "
+    with pytest.raises(RecipeError, match=r"model: a transcoder learns a target from an input .* "
                                           r"the data must pair them \(data.hook_out"):
         build(recipe(lm_files, tmp_path, {"hook": "resid_post.1", "hook_out": None}, model={"transcoder": True}))
     with pytest.raises(RecipeError, match=r"these data pair each input with a target at another hook .* "
-                                          r"\(model.transcoder=false\): drop data.hook_out"):
+                                          r"this model \(the 'sae' family\) reconstructs its input: drop data.hook_out"):
         build(recipe(lm_files, tmp_path, model={"transcoder": False}))
     with pytest.raises(ValueError, match=r"skip_connection=True adds a linear map of the input to the output: a "
                                          r"transcoder's"):
@@ -188,7 +188,7 @@ def test_a_transcoder_and_its_data_must_agree(lm_files, tmp_path):
     # a transcoder scored on unpaired data would be scored against its input
     _, model = build(recipe(lm_files, tmp_path))
     sae_data = ActivationDataModule(**data_kwargs(lm_files, tmp_path / "sae_cache", hook="mlp_out.1", hook_out=None))
-    with pytest.raises(ValueError, match=r"a transcoder \(model.transcoder=true\) learns a target .* its output "
+    with pytest.raises(ValueError, match=r"a transcoder learns a target .* its output "
                                          r"would be scored against its input"):
         evaluate(model, sae_data)
     with pytest.raises(ValueError, match=r"the batch's targets are 32 wide \(shape \(5, 32\)\), but this transcoder "

@@ -86,19 +86,6 @@ class SparseCodingData(L.LightningDataModule, metaclass=ABCMeta):
         """The width of the targets."""
         return self.d_model
 
-    def check_pairing(self, transcoder: bool) -> None:
-        """Refuse a model the data do not fit, before it trains or is scored: a transcoder (``model.transcoder``)
-        on data that hold no targets, whose output would then be scored against its input; an SAE on paired data."""
-        if transcoder and not self.paired:
-            raise ValueError("a transcoder (model.transcoder=true) learns a target from an input (e.g. an MLP's output "
-                             "from its input), and these data hold the inputs alone, so its output would be scored "
-                             "against its input: the data must pair them (data.hook_out, the target's hook)")
-        if self.paired and not transcoder:
-            where = self.hparams.get("hook_out")  # (describe() may read the data: not before they are checked)
-            raise ValueError(f"these data pair each input with a target at another hook ({where}), and this model "
-                             "reconstructs its input (model.transcoder=false): drop data.hook_out, or build a "
-                             "transcoder")
-
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """Where the data came from: ``{"data": name, ...}``."""

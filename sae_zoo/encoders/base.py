@@ -145,9 +145,10 @@ class EncoderHead(nn.Module, metaclass=ABCMeta):
         return (f"the {self.name or type(self).__name__} head has no linear pre-activations, which {what} needs "
                 "(heads built on one linear map have them: linear, topk, batchtopk, jumprelu)")
 
-    def on_train_progress(self, progress: float | None) -> None:
-        """Before each training step: the run's progress in [0, 1] (steps done over all; None where the run's
-        length is unknown). A head whose training follows a schedule (top-k's ``k_anneal``) sets it here."""
+    def on_train_progress(self, progress: float | None, step: int = 0) -> None:
+        """Before each training step ``step``: the run's progress in [0, 1] (steps done over all; None where the
+        run's length is unknown). A head whose training follows a schedule (top-k's ``k_anneal``, in steps or a
+        fraction of the run: :mod:`sae_zoo.schedules`) sets it here."""
 
     def firing_margins(self, x: Tensor, dictionary: nn.Module | None) -> Tensor | None:
         """``(..., n_latents)``: how far above its firing threshold each latent's pre-activation is (a latent

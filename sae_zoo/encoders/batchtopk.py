@@ -49,7 +49,8 @@ class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
                                    "model": {**FIELD_SAE_DEFAULTS["model"], "lr": 7e-3, "lr_warmup_steps": 0.1}}
 
     def __init__(self, d_model: int, n_latents: int, k: int, threshold_lr: float = 0.01,
-                 subtract_decoder_bias: bool = False, k_anneal: float = 1.0, k_anneal_fraction: float = 0.5,
+                 subtract_decoder_bias: bool = False, k_anneal: float = 1.0,
+                 k_anneal_steps: int | float | None = None, k_anneal_fraction: float | None = None,
                  k_train_factor: float = 1.0, threshold_on: Literal["code", "contribution"] = "code") -> None:
         super().__init__(d_model, n_latents)
         require_k("batchtopk", k, n_latents)
@@ -58,7 +59,7 @@ class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
         if threshold_on not in ("code", "contribution"):
             raise ValueError(f"batchtopk threshold_on must be 'code' or 'contribution', got {threshold_on!r}")
         self.k, self.threshold_lr, self.threshold_on = int(k), float(threshold_lr), threshold_on
-        self.init_annealing(k_anneal, k_anneal_fraction, k_train_factor)
+        self.init_annealing(k_anneal, k_anneal_steps, k_anneal_fraction, k_train_factor)
         self.subtract_decoder_bias = bool(subtract_decoder_bias)
         self.linear = nn.Linear(d_model, n_latents)
         #: the running smallest kept activation; negative until the first training batch sets it

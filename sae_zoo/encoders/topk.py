@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import kth_largest, summed, world_size
+from ..schedules import steps_or_fraction
 from .base import EncoderHead, SparseCodes, require_at_least
 from .interop import ForeignSAE
 from .linear import LinearPreActivations, linear_export, load_linear
@@ -40,30 +41,42 @@ class AnnealedK:
       up, at most ``n_latents``), inference ``k``. The dictionary learns from denser codes, and inference keeps the
       strongest ``k`` of them: on SynthSAEBench each latent then fires less often without its feature.
     * ``k_anneal``: training starts with ``k_anneal`` times ``train_k`` and comes down linearly to
-      ``train_k`` over the first ``k_anneal_fraction`` of the steps. Denser early steps give every latent
-      gradient while the dictionary takes shape.
+      ``train_k`` over ``k_anneal_steps`` (steps, or a fraction of the run as for every schedule:
+      :mod:`sae_zoo.schedules`; half the run by default; ``k_anneal_fraction`` is its older spelling, a fraction in
+      (0, 1]). Denser early steps give every latent gradient while the dictionary takes shape.
 
     ``training_k`` is the k of the current step."""
 
-    def init_annealing(self, k_anneal: float, k_anneal_fraction: float, k_train_factor: float = 1.0) -> None:
-        if not k_anneal >= 1 or not 0 < k_anneal_fraction <= 1:
-            raise ValueError(f"{self.name} needs k_anneal >= 1 and 0 < k_anneal_fraction <= 1, got "
-                             f"k_anneal={k_anneal!r}, k_anneal_fraction={k_anneal_fraction!r}")
+    def init_annealing(self, k_anneal: float, k_anneal_steps: int | float | None, k_anneal_fraction: float | None,
+                       k_train_factor: float = 1.0) -> None:
+        if k_anneal_steps is not None and k_anneal_fraction is not None:
+            raise ValueError(f"{self.name}: k_anneal_steps={k_anneal_steps!r} and k_anneal_fraction="
+                             f"{k_anneal_fraction!r} both set how long k anneals; give k_anneal_steps alone")
+        if k_anneal_fraction is not None and not 0 < k_anneal_fraction <= 1:
+            raise ValueError(f"{self.name} needs 0 < k_anneal_fraction <= 1, got k_anneal_fraction={k_anneal_fraction!r}")
+        if not k_anneal >= 1:
+            raise ValueError(f"{self.name} needs k_anneal >= 1, got k_anneal={k_anneal!r}")
         if not k_train_factor >= 1:
             raise ValueError(f"{self.name} needs k_train_factor >= 1 (training keeps at least the k of inference), "
                              f"got k_train_factor={k_train_factor!r}")
-        self.k_anneal, self.k_anneal_fraction = float(k_anneal), float(k_anneal_fraction)
+        #: how long k anneals: steps (an int) or a fraction of the run (a float)
+        self.k_anneal_length = (float(k_anneal_fraction) if k_anneal_fraction is not None else 0.5
+                                if k_anneal_steps is None else steps_or_fraction(k_anneal_steps, "k_anneal_steps"))
+        self.k_anneal = float(k_anneal)
         self.k_train_factor = float(k_train_factor)
         self.train_k = min(self.n_latents, math.floor(self.k * self.k_train_factor + 0.5))
         self.training_k = self.train_k
 
-    def on_train_progress(self, progress: float | None) -> None:
+    def on_train_progress(self, progress: float | None, step: int = 0) -> None:
         if self.k_anneal == 1:
             return
-        if progress is None:
-            raise ValueError(f"{self.name} anneals k over the run (k_anneal={self.k_anneal}), which needs a known "
-                             "number of training steps: set trainer.max_steps")
-        left = max(0.0, 1 - progress / self.k_anneal_fraction)
+        length = self.k_anneal_length
+        if isinstance(length, float) and progress is None:
+            raise ValueError(f"{self.name} anneals k over a fraction of the run (k_anneal={self.k_anneal}), which "
+                             "needs a known number of training steps: set trainer.max_steps, or give k_anneal_steps "
+                             "in steps")
+        done = progress / length if isinstance(length, float) else step / length if length else 1.0
+        left = max(0.0, 1 - done)
         self.training_k = min(self.n_latents, round(self.train_k * (1 + (self.k_anneal - 1) * left)))
 
 
@@ -82,12 +95,13 @@ class TopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
     learned_dictionary_defaults = FIELD_SAE_DEFAULTS
 
     def __init__(self, d_model: int, n_latents: int, k: int, bias: bool = True,
-                 subtract_decoder_bias: bool = False, k_anneal: float = 1.0, k_anneal_fraction: float = 0.5,
+                 subtract_decoder_bias: bool = False, k_anneal: float = 1.0,
+                 k_anneal_steps: int | float | None = None, k_anneal_fraction: float | None = None,
                  k_train_factor: float = 1.0) -> None:
         super().__init__(d_model, n_latents)
         require_k("topk", k, n_latents)
         self.k = int(k)
-        self.init_annealing(k_anneal, k_anneal_fraction, k_train_factor)
+        self.init_annealing(k_anneal, k_anneal_steps, k_anneal_fraction, k_train_factor)
         self.subtract_decoder_bias = bool(subtract_decoder_bias)
         self.linear = nn.Linear(d_model, n_latents, bias=bias)
 

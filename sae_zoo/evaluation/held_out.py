@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..data.activations import select
 from ..data.base import LanguageModelData, SparseCodingData, move, split_batch
+from ..families import create_family
 from ..metrics import SparseCodingMetrics
 from ..metrics.functional import _fvu_compute
 from ..model import Reconstruction, SparseCoder
@@ -73,8 +74,11 @@ class TokenSums:
 
 
 def check_pairing(model: SparseCoder, datamodule: SparseCodingData) -> None:
-    """:meth:`SparseCodingData.check_pairing` for ``model`` (any module without ``transcoder`` is scored as an SAE)."""
-    datamodule.check_pairing(getattr(model, "transcoder", False))
+    """Refuse data that ``model``'s family cannot be scored on (:meth:`ModelFamily.check_data`; a module without
+    a family is scored as a transcoder where it says it is one, ``transcoder = True``, else as an SAE)."""
+    family = getattr(model, "family", None)
+    family = family or create_family("transcoder" if getattr(model, "transcoder", False) else "sae")
+    family.check_data(datamodule)
 
 
 @torch.no_grad()

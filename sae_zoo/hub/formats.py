@@ -60,6 +60,7 @@ from .._io import (atomic_directory, atomic_write_json, check_shape, read_json, 
                    read_torch_state, read_yaml, require_keys)
 from ..dictionary import Dictionary
 from ..encoders import EncoderHead, ForeignSAE, UnsupportedConversion, converter_for
+from ..families import create_family
 from ..model import SparseCoder
 from ..pretrained.files import is_local, list_files, resolve_file
 from .catalogue import close_releases, find_entry
@@ -105,16 +106,17 @@ class PretrainedSAE:
         return cls(model.dictionary, model.encoder, fmt, dict(model.dictionary.provenance),
                    transcoder=model.transcoder, skip=skip)
 
-    def model(self, encoder: EncoderHead | None = None, **kwargs: Any) -> SparseCoder:
+    def model(self, encoder: EncoderHead | None = None, frozen_skip: bool = False, **kwargs: Any) -> SparseCoder:
         """A :class:`~sae_zoo.SparseCoder` of ``encoder`` (default: the source's own) and this dictionary (and a
-        transcoder's skip term), in eval mode (as ``from_pretrained`` returns models: a BatchTopK head then
-        applies its threshold)."""
+        transcoder's skip term, frozen where ``frozen_skip``), in eval mode (as ``from_pretrained`` returns
+        models: a BatchTopK head then applies its threshold); ``kwargs`` are SparseCoder's."""
         encoder = encoder if encoder is not None else self.encoder
         if encoder is None:
             raise ValueError(f"no sae_zoo head reproduces this {self.format} SAE's encoder ({self.encoder_unavailable}); "
                              "pass encoder=create_encoder(...) to pair another head with its dictionary")
         if self.transcoder:
-            kwargs = {"transcoder": True, "skip_connection": self.skip is not None, **kwargs}
+            kwargs = {"family": create_family("transcoder", skip_connection=self.skip is not None,
+                                              train_skip=not frozen_skip), **kwargs}
         model = SparseCoder(encoder, self.dictionary, **kwargs)
         if model.skip is not None and self.skip is not None:
             with torch.no_grad():

@@ -8,10 +8,11 @@ batches or gathered over DDP ranks equal the one-shot result.
 from . import functional
 from .code_recovery import MCC, DictionaryMCC
 from .collection import SparseCodingMetrics
+from .scoring import Scoring
 from .detection import FeatureUniqueness, LatentDetection, Shrinkage
 from .reconstruction import FractionOfVarianceExplained, FractionOfVarianceUnexplained, ReconstructionMSE
 from .sparsity import L0, L1, DeadLatents
 
 __all__ = ["MCC", "DictionaryMCC", "FractionOfVarianceUnexplained", "FractionOfVarianceExplained",
            "ReconstructionMSE", "L0", "L1", "DeadLatents", "LatentDetection", "FeatureUniqueness", "Shrinkage",
-           "SparseCodingMetrics", "functional"]
+           "Scoring", "SparseCodingMetrics", "functional"]

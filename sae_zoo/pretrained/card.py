@@ -92,8 +92,14 @@ def _decoder_source(provenance: dict[str, Any]) -> str:
 
 
 def _training(model: Any, recipe: dict[str, Any] | None) -> str:
-    loss = "" if model.supervised else f" Loss: MSE + {model.l1_coeff} x mean |code| (the paper's),"
-    text = f"Setting: {SETTINGS.get(model.setting, model.setting)}.{loss} Adam with learning rate {model.lr}."
+    training = model.config().training  # the saved model's training config, as config.json holds it
+    loss = "" if training.supervised else f" Loss: MSE + {training.l1_coeff} x mean |code| (the paper's),"
+    text = f"Setting: {SETTINGS.get(model.setting, model.setting)}.{loss} Adam with learning rate {training.lr}."
+    defaults = type(training)().to_dict()
+    changed = {k: v for k, v in training.to_dict().items()
+               if k not in ("l1_coeff", "lr", "supervised") and v != defaults.get(k)}
+    if changed:
+        text += " Further training options: " + ", ".join(f"`{k}={v!r}`" for k, v in changed.items()) + "."
     if recipe:
         text += ("\n\nThe resolved recipe (`sae-zoo fit` reproduces the run from it):\n\n```yaml\n"
                  + yaml.safe_dump(recipe, sort_keys=False).rstrip() + "\n```")

@@ -6,8 +6,9 @@
      "encoder": {"name": "linear", "d_model": 8, "n_latents": 16, ...},   # create_encoder(**encoder)
      "dictionary": {"n_latents": 16, "d_model": 8, "trainable": false, "bias": false},
      "decoder_provenance": {...},        # where the atoms came from
-     "setting": "known_dictionary", "supervised": false, "code_recovery": true, "l1_coeff": 0.01, "lr": 0.001,
-     "dtype": "float32"}
+     "setting": "known_dictionary", "dtype": "float32",
+     "l1_coeff": 0.01, "lr": 0.001, "supervised": false, ...}   # the training config (sae_zoo.TrainingConfig)
+     # and a transcoder's "transcoder": true, "skip_connection": ..., "train_skip": ... (sae_zoo.families)
 
 ``model.safetensors`` holds the SparseCoder's state dict (``encoder.*``, ``dictionary.*``).
 """
@@ -35,14 +36,10 @@ ENCODER_PREFIX = "encoder."
 
 
 def model_config(model: torch.nn.Module) -> dict[str, Any]:
-    """The ``config.json`` of a :class:`~sae_zoo.SparseCoder`."""
+    """The ``config.json`` of a :class:`~sae_zoo.SparseCoder`: its config (``model.config()``, a
+    :class:`~sae_zoo.model_config.ModelConfig`) with the file's own keys."""
     return {"library": "sae_zoo", "format_version": FORMAT_VERSION, "sae_zoo_version": version("sae_zoo"),
-            "encoder": model.encoder.config(), "dictionary": model.dictionary.config(),
-            "decoder_provenance": model.dictionary.provenance, "setting": model.setting,
-            "supervised": model.supervised, "code_recovery": model.code_recovery, "l1_coeff": model.l1_coeff,
-            "lr": model.lr,
-            **({"transcoder": True, "skip_connection": model.skip is not None} if model.transcoder else {}),
-            **({"train_skip": model.skip.weight.requires_grad} if model.skip is not None else {}),
+            **model.config().to_dict(), "decoder_provenance": model.dictionary.provenance, "setting": model.setting,
             "dtype": str(model.dictionary.weight.dtype).removeprefix("torch.")}
 
 

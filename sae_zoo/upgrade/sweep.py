@@ -26,6 +26,7 @@ from ..data.registry import language_model_data_class
 from ..evaluation import CELosses, Evaluation, ProbingConfig, ce_baselines, evaluate_model
 from ..hub import PretrainedSAE, load_run, load_sae
 from ..hub.formats import FORMAT_FILES
+from ..metrics import Scoring
 from ..model import SparseCoder
 from ..multihead import HeadBank
 from ..recipe import make_trainer
@@ -243,7 +244,7 @@ def train_candidates(built: dict[PointKey, Built], sae: PretrainedSAE, datamodul
 def coder(sae: PretrainedSAE, head: Any, **kwargs: Any) -> SparseCoder:
     """``head`` on the source's frozen decoder (and a transcoder's frozen skip term), in eval mode: what every
     point of the upgrade measures."""
-    return sae.model(head, code_recovery=False, **({"train_skip": False} if sae.skip is not None else {}), **kwargs)
+    return sae.model(head, scoring=Scoring(code_recovery=False), frozen_skip=True, **kwargs)
 
 
 def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeOptions | None = None,
