@@ -250,15 +250,27 @@ def read_many(lm: nn.Module, hooks: list[HookPoint], tokens: Tensor) -> list[Ten
 
 
 @torch.no_grad()
-def next_token_loss(lm: nn.Module, tokens: Tensor, hook: HookPoint | None = None,
-                    replace: Callable[..., Tensor] | None = None, *, reads: HookPoint | None = None) -> Tensor:
-    """Next-token cross-entropy of each context of ``tokens`` ``(n, len)``, a mean over its positions
-    (shape ``(n,)``), with the hook's activations replaced by ``replace(activations)`` when given, or by
-    ``replace(activations, activations at reads)`` when an earlier hook ``reads`` is given (a transcoder's)."""
+def lm_logits(lm: nn.Module, tokens: Tensor, hook: HookPoint | None = None,
+              replace: Callable[..., Tensor] | None = None, *, reads: HookPoint | None = None) -> Tensor:
+    """The LM's logits ``(n, len, vocab)`` for ``tokens`` ``(n, len)``, with the hook's activations replaced by
+    ``replace(activations)`` when given, or by ``replace(activations, activations at reads)`` when an earlier hook
+    ``reads`` is given (a transcoder's)."""
     tokens = tokens.to(lm.device)
     with ExitStack() as edits:
         if replace is not None:
             edits.enter_context(intercept(hook, replace) if reads is None else transcoding(reads, hook, replace))
-        logits = lm(tokens).logits
+        return lm(tokens).logits
+
+
+def token_losses(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Next-token cross-entropy at each position but the last, ``(n, len - 1)``, of ``logits`` ``(n, len, vocab)``."""
+    tokens = tokens.to(logits.device)
     losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
-    return losses.reshape(tokens.shape[0], -1).mean(-1)
+    return losses.reshape(tokens.shape[0], -1)
+
+
+def token_kl(clean_logprobs: Tensor, logits: Tensor) -> Tensor:
+    """``KL(clean || new)`` of the next-token distributions at every position, ``(n, len)``: the clean log-probs
+    (``log_softmax`` of the clean logits, float32) against the new ``logits`` (SAELens's ``_kl``)."""
+    new = logits.float().log_softmax(-1)
+    return (clean_logprobs.exp() * (clean_logprobs - new)).sum(-1)

@@ -21,23 +21,46 @@ from .bootstrap import bootstrap_se
 class ContextSums:
     """Per held-out context (float64): the summed squared error, the token count, the summed ``||x||^2`` and the
     summed ``x``: the sufficient statistics of FVU for any weighting of the contexts (bootstrap resamples
-    included)."""
+    included); and those of SAEBench's core (SAELens's ``evals.py``) shape figures: the summed cosine of each
+    token's reconstruction to it (``cos``), the summed ``||x_hat|| / ||x||`` (``l2_ratio``), the summed
+    ``x . x_hat`` (``dot``) and ``||x_hat||^2`` (``hat_sq``). Sums saved before these were kept lack them (None)."""
 
     sse: Tensor      # (contexts,)
     tokens: Tensor   # (contexts,)
     sum_sq: Tensor   # (contexts,)
     sum_x: Tensor    # (contexts, d)
+    cos: Tensor | None = None        # (contexts,)
+    l2_ratio: Tensor | None = None   # (contexts,)
+    dot: Tensor | None = None        # (contexts,)
+    hat_sq: Tensor | None = None     # (contexts,)
 
     @classmethod
     def zeros(cls, n_contexts: int, d_model: int) -> ContextSums:
-        return cls(*(torch.zeros(n_contexts, dtype=torch.float64) for _ in range(3)),
-                   torch.zeros(n_contexts, d_model, dtype=torch.float64))
+        sums = [torch.zeros(n_contexts, dtype=torch.float64) for _ in range(7)]
+        return cls(*sums[:3], torch.zeros(n_contexts, d_model, dtype=torch.float64), *sums[3:])
 
     def add(self, context: Tensor, x: Tensor, x_hat: Tensor) -> None:
         """Add tokens ``x`` (float64, ``(n, d)``) of contexts ``context`` and their reconstructions ``x_hat``."""
-        values = ((x - x_hat).square().sum(-1), torch.ones(len(x), dtype=torch.float64), x.square().sum(-1), x)
-        for total, value in zip((self.sse, self.tokens, self.sum_sq, self.sum_x), values):
-            total.index_add_(0, context, value)
+        norm, hat_norm = x.norm(dim=-1), x_hat.norm(dim=-1)
+        values = {"sse": (x - x_hat).square().sum(-1), "tokens": torch.ones(len(x), dtype=torch.float64),
+                  "sum_sq": norm.square(), "sum_x": x,
+                  # SAELens's: a norm under 1e-4 divides as 1 in the ratio; a zero vector has cosine 0 here
+                  "cos": (x * x_hat).sum(-1) / (norm * hat_norm).clamp_min(1e-30),
+                  "l2_ratio": hat_norm / torch.where(norm < 1e-4, 1.0, norm),
+                  "dot": (x * x_hat).sum(-1), "hat_sq": hat_norm.square()}
+        for name, value in values.items():
+            getattr(self, name).index_add_(0, context, value)
+
+    def shape_figures(self, weights: Tensor) -> dict[str, Tensor] | None:
+        """SAEBench's core shape figures of the contexts weighted by ``weights``: the mean cosine similarity of a
+        reconstruction to its token (``cossim``), the mean ratio of their norms (``l2_ratio``), and the relative
+        reconstruction bias ``E||x_hat||^2 / E[x . x_hat]`` (Wright and Sharkey's; 1: unbiased, below 1: shrunk),
+        here over all held-out tokens at once; None where the sums lack them."""
+        if self.cos is None:
+            return None
+        tokens = weights @ self.tokens
+        return {"cossim": (weights @ self.cos) / tokens, "l2_ratio": (weights @ self.l2_ratio) / tokens,
+                "relative_reconstruction_bias": (weights @ self.hat_sq) / (weights @ self.dot)}
 
     @property
     def n_contexts(self) -> int:
@@ -68,6 +91,9 @@ class TokenSums:
         for sums, suffix in ((self.clean, ""), (self.every, "_with_outliers")):
             out[f"fvu{suffix}"] = float(sums.fvu(ones))
             out[f"fvu{suffix}_se"] = bootstrap_se(sums.fvu, n_contexts)
+        for name, value in (self.clean.shape_figures(ones) or {}).items():
+            out[name] = float(value)
+            out[f"{name}_se"] = bootstrap_se(lambda w, name=name: self.clean.shape_figures(w)[name], n_contexts)
         if self.outlier_norm is not None:
             out["outlier_norm"] = float(self.outlier_norm)
         return out

@@ -159,7 +159,7 @@ def model_card(model: Any, *, metrics: dict[str, float] | None = None,
                    dataset_type="probing-texts", dataset_name=f"labelled documents of {probing}",
                    dataset_split="held-out folds", metric_type=metric_name(k)[0], metric_name=metric_name(k)[1],
                    metric_value=float(v))
-        for k, v in (metrics or {}).items() if isinstance(v, (int, float))]
+        for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     card_data = ModelCardData(
         library_name="sae_zoo", license=license, model_name=name, base_model=base_model,
         datasets=[dataset_id] if dataset_id else None, eval_results=eval_results or None,
