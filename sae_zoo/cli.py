@@ -93,6 +93,19 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evals import EvalSettings, evaluate_source
+    from .sources import SourceData
+
+    data = SourceData(model=args.model, hook=args.hook, hook_out=args.hook_out, gguf_file=args.gguf_file,
+                      data=tuple(args.overrides), quick=args.quick)
+    out = evaluate_source(args.source, args.evals, args.out, EvalSettings(every_position=args.every_position), data,
+                          progress=not args.no_progress)
+    print(f"\nwrote {out / 'evaluation.json'} and {out / 'evaluation.md'}\n")
+    print((out / "evaluation.md").read_text())
+    return 0
+
+
 def cmd_upgrade(args: argparse.Namespace) -> int:
     from .upgrade import UpgradeOptions, parse_ratios, upgrade
 
@@ -280,6 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     up.set_defaults(func=cmd_upgrade)
 
+    ev = _subcommand(sub, "evaluate", help="measure an SAE on language-model data the field's way (SAEBench's core, "
+                                           "probing), writing evaluation.json and evaluation.md")
+    ev.add_argument("source", help="a sae-zoo fit run (measured on its own data), an SAE folder or Hub repo, or a "
+                                   "catalogue name (release/id)")
+    ev.add_argument("overrides", nargs="*", help="data.KEY=VALUE overrides of the activation data")
+    ev.add_argument("--evals", default="core", help="comma-separated evals: core, probing (default core)")
+    ev.add_argument("--out", default=None, help="output folder (default: the run's own; needed for other sources)")
+    ev.add_argument("--every-position", action="store_true", help="splice BOS and the outlier tokens too when "
+                                                                  "measuring CE and KL, as SAEBench's core does")
+    ev.add_argument("--model", default=None, help="the language model, when the SAE's metadata names none")
+    ev.add_argument("--hook", default=None, help="the hook the SAE reads, when its metadata names none")
+    ev.add_argument("--hook-out", default=None, help="the hook a transcoder writes, when its metadata names none")
+    ev.add_argument("--gguf-file", default=None, help="the GGUF file of --model, for a GGUF checkpoint")
+    ev.add_argument("--quick", action="store_true", help="less data for a source that is not a run (minutes)")
+    ev.add_argument("--no-progress", action="store_true", help="print no per-eval progress")
+    ev.set_defaults(func=cmd_evaluate)
+
     dash = _subcommand(sub, "dashboard", help="write static HTML pages showing what a run's latents fire on")
     dash.add_argument("run_dir", help="a run directory of sae-zoo fit, on language-model activations")
     dash.add_argument("--latents", default=None, help="comma-separated latent indices (default: --n-latents drawn "
@@ -345,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may also follow the options: sae-zoo fit RECIPE --quick seed=1
-        if args.command not in ("fit", "upgrade") or not all("=" in e or e.startswith("~") for e in extra):
+        if args.command not in ("fit", "upgrade", "evaluate") or not all("=" in e or e.startswith("~") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     _quiet_lightning()

@@ -198,7 +198,7 @@ def test_several_hooks_train_from_one_pass_each_as_its_single_hook_run(lm_files,
     from sae_zoo.hub import load_sae
     from sae_zoo.recipe import build, fit, hook_recipes, plan
     from sae_zoo.upgrade import UpgradeOptions
-    from sae_zoo.upgrade.sweep import data_config, load_source
+    from sae_zoo.sources import data_config, load_source
 
     hooks = ["resid_post.0", "resid_post.1", "resid_post.2"]
     passes = []

@@ -1,0 +1,149 @@
+"""``sae-zoo evaluate``: named evaluations of one SAE (or transcoder) on language-model data, as SAEBench runs them,
+written as ``evaluation.json`` (every figure) and ``evaluation.md`` (a readable report).
+
+A source is a sae_zoo run folder (measured on its recipe's data, the report written into it), a saved folder or a
+catalogue entry (``release/id``; the LM and hook from its metadata, or given; the report written into ``--out``).
+Each eval is a registered function ``(model, datamodule, settings) -> figures``:
+
+* ``core``: FVU (with and without the outlier tokens), MSE, L0, L1 and dead latents; CE-loss recovered and the KL
+  score against zero and mean ablation; cosine similarity, L2 ratio and relative reconstruction bias; each with its
+  standard error. ``every_position`` splices BOS and the outlier tokens too, as SAEBench's core does.
+* ``probing``: k-sparse probing of the mean-pooled codes against the dense probe
+  (:class:`~sae_zoo.evaluation.ProbingConfig`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_write_json, atomic_write_text
+from .data.base import LanguageModelData
+from .evaluation import ProbingConfig, ce_spliced, held_out_pass, probe_tallies
+from .evaluation.probing import probing_figures
+from .model import SparseCoder
+from .sources import SourceData, checked_datamodule, data_config, load_source, probing_config
+
+#: the evaluations by name: ``(model, datamodule, settings) -> figures``
+EVALS: dict[str, Callable[[SparseCoder, LanguageModelData, EvalSettings], dict[str, Any]]] = {}
+
+
+@dataclass
+class EvalSettings:
+    """How the evals run: ``every_position`` (core: edit BOS and the outlier tokens too, SAEBench's way) and
+    ``probing`` (its settings; None: the defaults)."""
+
+    every_position: bool = False
+    probing: ProbingConfig | None = None
+
+
+def register_eval(name: str):
+    """Function decorator: register an eval under ``name`` (``--evals NAME``)."""
+
+    def decorate(fn):
+        if name in EVALS and EVALS[name] is not fn:
+            raise ValueError(f"an eval named {name!r} is already registered")
+        EVALS[name] = fn
+        return fn
+
+    return decorate
+
+
+def parse_evals(names: str | Sequence[str]) -> tuple[str, ...]:
+    """``"core,probing"`` (or a list) as registered eval names, each once; an unknown one is refused by name."""
+    listed = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    unknown = [n for n in listed if n not in EVALS]
+    if unknown or not listed:
+        raise ValueError(f"--evals: {', '.join(map(repr, unknown)) or 'none given'}; the evals are "
+                         f"{', '.join(sorted(EVALS))}")
+    return tuple(dict.fromkeys(listed))
+
+
+@register_eval("core")
+def core(model: SparseCoder, datamodule: LanguageModelData, settings: EvalSettings) -> dict[str, Any]:
+    evaluation = held_out_pass(model, datamodule)
+    evaluation.ce = ce_spliced(model, datamodule, every_position=settings.every_position)
+    return evaluation.figures()
+
+
+@register_eval("probing")
+def probing(model: SparseCoder, datamodule: LanguageModelData, settings: EvalSettings) -> dict[str, Any]:
+    return probing_figures(probe_tallies(model, datamodule, settings.probing or ProbingConfig()))
+
+
+def evaluate_source(source: str | Path, evals: str | Sequence[str] = ("core",), out: str | Path | None = None,
+                    settings: EvalSettings | None = None, data: SourceData | None = None,
+                    progress: bool = True) -> Path:
+    """Run ``evals`` on ``source`` and write ``evaluation.json`` and ``evaluation.md`` into ``out`` (a run folder's
+    own by default); returns that folder. Every check (the eval names, the source, its data, the output folder) is
+    made before any eval runs."""
+    names = parse_evals(evals)
+    settings, data = settings or EvalSettings(), data or SourceData()
+    sae, recipe = load_source(source)
+    if out is None:
+        if recipe is None:
+            raise ValueError(f"{source} is not a sae_zoo run folder: give --out DIR for the evaluation's files")
+        out = source
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    datamodule = checked_datamodule(str(source), sae, data_config(str(source), sae, recipe, data))
+    if settings.probing is None and "probing" in names:
+        settings.probing = probing_config(recipe, data) or ProbingConfig()
+    model = sae.model()
+    datamodule.prepare_data()
+    figures: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    for i, name in enumerate(names):
+        if progress:
+            print(f"== [{i + 1}/{len(names)}] {name} ==", flush=True)
+        start = time.perf_counter()
+        figures[name] = EVALS[name](model, datamodule, settings)
+        seconds[name] = round(time.perf_counter() - start, 1)
+    record = {"source": str(source), "sae_zoo_version": version("sae_zoo"), "evals": list(names),
+              "every_position": settings.every_position, "data": datamodule.describe(), "seconds": seconds,
+              "figures": figures}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "evaluation.json", record)
+    atomic_write_text(out / "evaluation.md", report(record))
+    return out
+
+
+#: the report's rows: (figure, label, format); a figure's ``_se`` follows it where measured
+REPORT_ROWS = {
+    "core": [("fvu", "FVU", "{:.4f}"), ("fvu_with_outliers", "FVU, all tokens", "{:.4f}"), ("l0", "L0", "{:.1f}"),
+             ("dead_latents", "dead fraction", "{:.3f}"), ("ce_loss_recovered", "CE-loss recovered", "{:.3f}"),
+             ("ce_loss_recovered_vs_mean", "CE-loss recovered (vs mean)", "{:.3f}"),
+             ("kl_div_score", "KL score", "{:.3f}"), ("kl_div_score_vs_mean", "KL score (vs mean)", "{:.3f}"),
+             ("cossim", "cosine similarity", "{:.3f}"), ("l2_ratio", "L2 ratio", "{:.3f}"),
+             ("relative_reconstruction_bias", "relative reconstruction bias", "{:.3f}")],
+}
+
+
+def report(record: dict[str, Any]) -> str:
+    """``evaluation.md``: each eval's figures as a table, with standard errors."""
+    lines = [f"# Evaluation of {record['source']}", "",
+             f"sae_zoo {record['sae_zoo_version']}; data: " + ", ".join(f"{k} {v}" for k, v in record["data"].items()
+                                                                       if v not in (None, "", {})), ""]
+    for name, figures in record["figures"].items():
+        lines += [f"## {name} ({record['seconds'][name]} s)", "", "| figure | value |", "|---|---|"]
+        rows = REPORT_ROWS.get(name) or [(key, key, "{:.4f}") for key in figures
+                                         if not key.endswith("_se") and isinstance(figures[key], float)]
+        for key, label, fmt in rows:
+            if key not in figures:
+                continue
+            value = fmt.format(figures[key])
+            if isinstance(figures.get(f"{key}_se"), float):
+                value += " ± " + fmt.format(figures[f"{key}_se"])
+            lines.append(f"| {label} | {value} |")
+        if name == "core":
+            lines += ["", "CE-loss recovered and the KL score were measured with "
+                      + ("every position spliced (SAEBench's)." if record["every_position"] else
+                         "BOS and the outlier tokens keeping their own activations (sae_zoo's default; "
+                         "--every-position splices them too, as SAEBench does).")]
+        lines.append("")
+    return "\n".join(lines) + "± is one standard error, by bootstrap over held-out contexts (documents for probing).\n"

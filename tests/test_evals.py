@@ -1,0 +1,65 @@
+"""``sae-zoo evaluate``: named evals of a run folder or a saved SAE, written as evaluation.json and a report."""
+
+import json
+
+import pytest
+
+from sae_zoo.cli import main
+from sae_zoo.evals import parse_evals
+from sae_zoo.hub import load_run
+from sae_zoo.recipe import fit, recipe_from_content
+
+
+@pytest.fixture(scope="module")
+def run_dir(lm_files, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("evals")
+    model_dir, files = lm_files
+    cfg = recipe_from_content({
+        "setting": "unknown",
+        "data": {"name": "activations", "model": model_dir, "hook": "resid_post.1", "data_files": files,
+                 "context_len": 16, "n_train_tokens": 1500, "n_test_tokens": 300, "test_stride": 4,
+                 "shard_tokens": 400, "batch_size": 100, "model_batch_size": 8, "cache_dir": str(tmp_path / "cache"),
+                 "ce_contexts": 8, "shuffle_buffer": 600, "cache": True},
+        "dictionary": {"n_latents": 32}, "encoder": {"name": "topk", "k": 4}, "model": {"lr": 0.003},
+        "trainer": {"max_steps": 30, "accelerator": "cpu"}, "probing": {"enabled": False},
+        "run_dir": str(tmp_path / "run")})
+    return fit(cfg, progress=False)[0]
+
+
+def test_a_run_is_evaluated_on_its_own_data_into_its_folder(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--evals", "core", "--no-progress"]) == 0
+    record = json.loads((run_dir / "evaluation.json").read_text())
+    core = record["figures"]["core"]
+    trained = json.loads((run_dir / "metrics.json").read_text())["test"]
+    # the same held-out tokens and contexts as the run's own test: the same figures
+    for key in ("fvu", "fvu_se", "l0", "ce_loss_recovered"):
+        assert core[key] == pytest.approx(trained[key], rel=1e-6), key
+    assert {"kl_div_score", "kl_div_score_se", "cossim", "l2_ratio", "relative_reconstruction_bias"} <= set(core)
+    assert record["evals"] == ["core"] and record["every_position"] is False and record["seconds"]["core"] >= 0
+    report = (run_dir / "evaluation.md").read_text()
+    assert "| KL score |" in report and f"{core['fvu']:.4f} ± {core['fvu_se']:.4f}" in report
+    assert "evaluation.md" in capsys.readouterr().out
+
+
+def test_a_saved_sae_needs_an_output_folder_and_every_position_is_saebenchs(run_dir, tmp_path):
+    model = load_run(run_dir)[0]
+    model.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="is not a sae_zoo run folder: give --out DIR"):
+        from sae_zoo.evals import evaluate_source
+        evaluate_source(tmp_path / "saved")
+    recipe = json.loads(json.dumps(load_run(run_dir)[1]["data"]))
+    overrides = [f"data.{k}={v}" for k, v in recipe.items() if k in ("data_files", "context_len", "n_train_tokens",
+                                                                    "n_test_tokens", "test_stride", "shard_tokens",
+                                                                    "cache_dir", "ce_contexts", "model_batch_size")]
+    assert main(["evaluate", str(tmp_path / "saved"), "--out", str(tmp_path / "out"), "--every-position",
+                 "--model", recipe["model"], "--hook", "resid_post.1", "--no-progress", *overrides]) == 0
+    record = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert record["every_position"] is True and record["figures"]["core"]["ce_every_position"] is True
+    assert "every position spliced" in (tmp_path / "out" / "evaluation.md").read_text()
+
+
+def test_an_unknown_eval_is_named_before_anything_is_loaded(capsys):
+    with pytest.raises(ValueError, match="--evals: 'absorb'; the evals are core, probing"):
+        parse_evals("core,absorb")
+    assert main(["evaluate", "no/such/source", "--evals", "nope"]) == 2
+    assert "--evals: 'nope'" in capsys.readouterr().err
