@@ -94,13 +94,16 @@ def cmd_frontier(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .dashboard import parse_latents
     from .evals import EvalSettings, evaluate_source
+    from .evaluation.autointerp import AutointerpSettings
     from .sources import SourceData
 
     data = SourceData(model=args.model, hook=args.hook, hook_out=args.hook_out, gguf_file=args.gguf_file,
                       data=tuple(args.overrides), quick=args.quick)
-    out = evaluate_source(args.source, args.evals, args.out, EvalSettings(every_position=args.every_position), data,
-                          progress=not args.no_progress)
+    settings = EvalSettings(every_position=args.every_position, judge=args.judge, latents=parse_latents(args.latents),
+                            autointerp=AutointerpSettings(n_latents=args.autointerp_latents))
+    out = evaluate_source(args.source, args.evals, args.out, settings, data, progress=not args.no_progress)
     print(f"\nwrote {out / 'evaluation.json'} and {out / 'evaluation.md'}\n")
     print((out / "evaluation.md").read_text())
     return 0
@@ -298,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("source", help="a sae-zoo fit run (measured on its own data), an SAE folder or Hub repo, or a "
                                    "catalogue name (release/id)")
     ev.add_argument("overrides", nargs="*", help="data.KEY=VALUE overrides of the activation data")
-    ev.add_argument("--evals", default="core", help="comma-separated evals: core, probing (default core)")
+    ev.add_argument("--evals", default="core", help="comma-separated evals: core, probing, autointerp (default core)")
+    ev.add_argument("--judge", default=None, help="autointerp's judge: 'default' (SmolLM2-135M-Instruct, offline), "
+                                                  "'hf:MODEL' (any chat LM, in process) or an OpenAI-compatible "
+                                                  "endpoint 'URL#MODEL', e.g. http://127.0.0.1:8000/v1#llama")
+    ev.add_argument("--latents", default=None, help="autointerp: comma-separated latent indices (default: drawn)")
+    ev.add_argument("--autointerp-latents", type=_positive, default=50, help="autointerp: latents drawn (50)")
     ev.add_argument("--out", default=None, help="output folder (default: the run's own; needed for other sources)")
     ev.add_argument("--every-position", action="store_true", help="splice BOS and the outlier tokens too when "
                                                                   "measuring CE and KL, as SAEBench's core does")

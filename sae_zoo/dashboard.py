@@ -33,10 +33,9 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_directory
-from .data.activations import outlier_mask
 from .data.base import LanguageModelData
 from .data.registry import language_model_data_class
-from .data.windows import Windows, read_windows
+from .data.windows import Windows, columns, encode_windows, read_windows, token_text
 from .hub import load_run
 from .model import SparseCoder
 
@@ -88,25 +87,6 @@ def check_comparable(run_dir: Path, data: dict[str, Any], head: Head, other_dir:
                          "heads trained on one frozen decoder (dictionary.pretrained)")
 
 
-@torch.no_grad()
-def encode_windows(model: SparseCoder, windows: Windows, scale: float, outlier_norm: float | None,
-                   batch_tokens: int = 4096) -> tuple[Tensor, Tensor]:
-    """``(codes, outlier mask (windows, tokens))``: the codes of the scaled activations as a sparse
-    ``(windows * tokens, n_latents)`` tensor, zero at the outlier tokens, which the data leave out."""
-    x = windows.activations.float() * scale
-    outliers = outlier_mask(x, outlier_norm)
-    chunks = []
-    for chunk, out in zip(x.flatten(0, 1).split(batch_tokens), outliers.flatten().split(batch_tokens)):
-        codes = model.encode(chunk.to(model.device)).float().cpu()
-        chunks.append(codes.masked_fill_(out[:, None], 0).to_sparse())
-    return torch.cat(chunks).coalesce(), outliers
-
-
-def columns(codes: Tensor, latents: list[int], shape: torch.Size) -> Tensor:
-    """The dense ``(windows, tokens, len(latents))`` codes of ``latents`` from :func:`encode_windows`' codes."""
-    return codes.index_select(1, torch.tensor(latents)).to_dense().view(*shape, len(latents))
-
-
 def select_latents(latents: list[int] | None, n_latents: int, fired: Tensor, count: int, seed: int,
                    run_dir: Path) -> list[int]:
     """The latents asked for (checked), or ``count`` latents drawn at random from those that fire under every
@@ -153,11 +133,6 @@ def logit_lens(datamodule: LanguageModelData, atoms: Tensor, top: int = 10) -> t
                                    for v, i in zip(down.values, down.indices)]})
     return out, ("through the unembedding, the final norm's weight folded in" if folded else
                  "through the unembedding alone (no final norm with a weight was found to fold in)")
-
-
-def token_text(tokenizer: Any, token_id: int) -> str:
-    text = tokenizer.decode([token_id])
-    return text.replace("\n", "\u21b5").replace("\t", "\u21e5") or "\u2205"
 
 
 def example(windows: Windows, row: int, position: int, streams: list[Tensor], outliers: Tensor, scale: list[float],

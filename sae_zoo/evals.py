@@ -10,6 +10,10 @@ Each eval is a registered function ``(model, datamodule, settings) -> figures``:
   standard error. ``every_position`` splices BOS and the outlier tokens too, as SAEBench's core does.
 * ``probing``: k-sparse probing of the mean-pooled codes against the dense probe
   (:class:`~sae_zoo.evaluation.ProbingConfig`).
+* ``autointerp``: auto-interpretability on delphi's protocol, by a pluggable judge, behind a judge gate
+  (:mod:`sae_zoo.evaluation.autointerp`): explanations of ``n_latents`` latents, their detection and fuzzing
+  balanced accuracy, and the gate's figures; where the judge fails the gate, the report says the score is
+  uninformative and does not print it.
 """
 
 from __future__ import annotations
@@ -21,9 +25,15 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ._io import atomic_write_json, atomic_write_text
 from .data.base import LanguageModelData
+from .data.windows import columns, encode_windows, read_windows, token_text
 from .evaluation import ProbingConfig, ce_spliced, held_out_pass, probe_tallies
+from .evaluation.autointerp import (AutointerpResult, AutointerpSettings, explain, judge_gate, latent_records,
+                                    prompt_counts, score)
+from .evaluation.judges import Judge, create_judge
 from .evaluation.probing import probing_figures
 from .model import SparseCoder
 from .sources import SourceData, checked_datamodule, data_config, load_source, probing_config
@@ -39,6 +49,11 @@ class EvalSettings:
 
     every_position: bool = False
     probing: ProbingConfig | None = None
+    judge: str | Judge | None = None
+    autointerp: AutointerpSettings | None = None
+    latents: list[int] | None = None
+    contexts: int = 1024
+    context_len: int = 32
 
 
 def register_eval(name: str):
@@ -75,6 +90,47 @@ def probing(model: SparseCoder, datamodule: LanguageModelData, settings: EvalSet
     return probing_figures(probe_tallies(model, datamodule, settings.probing or ProbingConfig()))
 
 
+@register_eval("autointerp")
+def autointerp(model: SparseCoder, datamodule: LanguageModelData, settings: EvalSettings) -> dict[str, Any]:
+    s = settings.autointerp or AutointerpSettings()
+    judge = settings.judge if isinstance(settings.judge, Judge) else create_judge(settings.judge)
+    windows = read_windows(datamodule, "autointerp", datamodule.documents(), per_document=4,
+                           context_len=settings.context_len, limit=settings.contexts)
+    codes, outliers = encode_windows(model, windows, datamodule.scale, datamodule.outlier_norm)
+    offset = windows.tokens.shape[1] - windows.activations.shape[1]  # BOS, left out of the activations
+    ids = windows.tokens[:, offset:]
+    _, tokenizer, _ = datamodule.language_model()
+    vocab = {t: token_text(tokenizer, t) for t in torch.unique(windows.tokens).tolist()}
+    text = [[vocab[t] for t in row] for row in ids.tolist()]
+    latents = settings.latents or choose_latents(codes, outliers.shape, s)
+    prompts, tokens = prompt_counts(s, len(latents), settings.context_len)
+    print(f"autointerp: judge {judge.name}; {len(latents)} latents; {prompts} prompts, about {tokens:,} prompt "
+          "tokens", flush=True)
+    result = AutointerpResult(judge.name)
+    result.gate = judge_gate(judge, ids, text, vocab, s)
+    records = latent_records(columns(codes, latents, outliers.shape), text, latents, s)
+    explain(judge, records, s)
+    detection, fuzzing = score(judge, records, s, fuzzing=False), score(judge, records, s, fuzzing=True)
+    result.latents = [{"latent": r.latent, "explanation": r.explanation, "detection": d, "fuzzing": f}
+                      for r, d, f in zip(records, detection, fuzzing)]
+    return {**result.figures(), "autointerp_per_latent": result.latents}
+
+
+def choose_latents(codes: Any, shape: Any, s: AutointerpSettings) -> list[int]:
+    """``s.n_latents`` latents drawn with ``s.seed`` from those that fire in at least ``s.n_quantiles`` windows (one
+    per activation group); pass the same ``latents`` to compare encoders on one decoder latent for latent."""
+    window = codes.indices()[0] // shape[1]
+    live = codes.values() > 0
+    pairs = torch.unique(torch.stack([window[live], codes.indices()[1][live]]), dim=1)
+    counts = torch.bincount(pairs[1], minlength=codes.shape[1])
+    eligible = torch.nonzero(counts >= s.n_quantiles).flatten()
+    if len(eligible) == 0:
+        raise ValueError(f"autointerp: no latent fires in {s.n_quantiles} or more of the windows read; read more "
+                         "contexts")
+    generator = torch.Generator().manual_seed(s.seed)
+    return sorted(eligible[torch.randperm(len(eligible), generator=generator)[:s.n_latents]].tolist())
+
+
 def evaluate_source(source: str | Path, evals: str | Sequence[str] = ("core",), out: str | Path | None = None,
                     settings: EvalSettings | None = None, data: SourceData | None = None,
                     progress: bool = True) -> Path:
@@ -83,6 +139,8 @@ def evaluate_source(source: str | Path, evals: str | Sequence[str] = ("core",), 
     made before any eval runs."""
     names = parse_evals(evals)
     settings, data = settings or EvalSettings(), data or SourceData()
+    if "autointerp" in names:  # a judge that cannot be loaded or does not answer is named before anything runs
+        settings.judge = create_judge(settings.judge, cache_dir=Path(out or source) / "judge_cache")
     sae, recipe = load_source(source)
     if out is None:
         if recipe is None:
@@ -124,6 +182,23 @@ REPORT_ROWS = {
 }
 
 
+def autointerp_report(figures: dict[str, Any]) -> list[str]:
+    """The judge gate's figures, then the score, or where the judge failed the gate, why there is none."""
+    gate = (f"judge gate ({figures['gate_latents']} synthetic latents of known rule): detection "
+            f"{figures['gate_true']:.3f} ± {figures['gate_true_se']:.3f} with the true explanations (needs >= 0.75), "
+            f"{figures['gate_shuffled']:.3f} ± {figures['gate_shuffled_se']:.3f} with them shuffled (needs <= 0.55): "
+            + ("passed" if figures["gate_passed"] else "FAILED"))
+    lines = [f"| judge | {figures['autointerp_judge']} |", f"| {gate.split(':', 1)[0]} | {gate.split(':', 1)[1]} |"]
+    if not figures["autointerp_informative"]:
+        return lines + ["", f"The judge failed its gate, so its scores of the {figures['autointerp_latents']} "
+                        "latents are uninformative and are not reported here (evaluation.json keeps them, marked "
+                        "autointerp_informative: false). Use a stronger judge (--judge URL#MODEL)."]
+    for kind in ("detection", "fuzzing"):
+        lines.append(f"| {kind} (balanced accuracy, {figures['autointerp_latents']} latents) | "
+                     f"{figures[f'autointerp_{kind}']:.3f} ± {figures[f'autointerp_{kind}_se']:.3f} |")
+    return lines
+
+
 def report(record: dict[str, Any]) -> str:
     """``evaluation.md``: each eval's figures as a table, with standard errors."""
     lines = [f"# Evaluation of {record['source']}", "",
@@ -131,8 +206,8 @@ def report(record: dict[str, Any]) -> str:
                                                                        if v not in (None, "", {})), ""]
     for name, figures in record["figures"].items():
         lines += [f"## {name} ({record['seconds'][name]} s)", "", "| figure | value |", "|---|---|"]
-        rows = REPORT_ROWS.get(name) or [(key, key, "{:.4f}") for key in figures
-                                         if not key.endswith("_se") and isinstance(figures[key], float)]
+        rows = REPORT_ROWS.get(name, []) if name == "autointerp" else REPORT_ROWS.get(name) or [
+            (key, key, "{:.4f}") for key in figures if not key.endswith("_se") and isinstance(figures[key], float)]
         for key, label, fmt in rows:
             if key not in figures:
                 continue
@@ -140,6 +215,8 @@ def report(record: dict[str, Any]) -> str:
             if isinstance(figures.get(f"{key}_se"), float):
                 value += " ± " + fmt.format(figures[f"{key}_se"])
             lines.append(f"| {label} | {value} |")
+        if name == "autointerp":
+            lines += autointerp_report(figures)
         if name == "core":
             lines += ["", "CE-loss recovered and the KL score were measured with "
                       + ("every position spliced (SAEBench's)." if record["every_position"] else

@@ -59,7 +59,39 @@ def test_a_saved_sae_needs_an_output_folder_and_every_position_is_saebenchs(run_
 
 
 def test_an_unknown_eval_is_named_before_anything_is_loaded(capsys):
-    with pytest.raises(ValueError, match="--evals: 'absorb'; the evals are core, probing"):
+    with pytest.raises(ValueError, match="--evals: .absorb.; the evals are autointerp, core, probing"):
         parse_evals("core,absorb")
     assert main(["evaluate", "no/such/source", "--evals", "nope"]) == 2
     assert "--evals: 'nope'" in capsys.readouterr().err
+
+
+def test_autointerp_runs_behind_its_gate_and_a_failed_gate_prints_no_score(run_dir, tmp_path):
+    import re
+
+    from sae_zoo.evals import EvalSettings, autointerp_report, evaluate_source
+    from sae_zoo.evaluation.autointerp import AutointerpSettings
+    from sae_zoo.evaluation.judges import ScriptedJudge
+
+    asked = []
+
+    def says_yes(chat):
+        asked.append(chat)
+        user = chat[-1]["content"]
+        return "a word" if "what does the feature detect" in user else str([1] * len(re.findall(r"Example \d+:", user)))
+
+    settings = EvalSettings(judge=ScriptedJudge(says_yes, "yes-sayer"), context_len=8,
+                            autointerp=AutointerpSettings(n_latents=3, n_quantiles=2, n_train=4, n_test=2,
+                                                          n_not_active=4, gate_latents=3))
+    out = evaluate_source(run_dir, "autointerp", tmp_path / "out", settings, progress=False)
+    figures = json.loads((out / "evaluation.json").read_text())["figures"]["autointerp"]
+    assert figures["autointerp_judge"] == "yes-sayer" and figures["autointerp_latents"] == 3
+    # a judge that says yes to everything is at chance on the gate: it fails it, and its score is not a result
+    assert figures["gate_true"] == 0.5 and figures["gate_passed"] is False and not figures["autointerp_informative"]
+    assert figures["autointerp_detection"] == 0.5 and len(figures["autointerp_per_latent"]) == 3
+    assert all(r["explanation"] == "a word" for r in figures["autointerp_per_latent"])
+    report = (out / "evaluation.md").read_text()
+    assert "FAILED" in report and "uninformative" in report and "| detection" not in report
+    passed = {**figures, "gate_passed": True, "autointerp_informative": True}
+    assert any(line.startswith("| detection (balanced accuracy, 3 latents) | 0.500 ±")
+               for line in autointerp_report(passed))
+    assert len(asked) > 3

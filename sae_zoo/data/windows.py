@@ -15,6 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._io import atomic_write, cache_key
+from .activations import outlier_mask
 from .base import LanguageModelData
 
 
@@ -65,3 +66,27 @@ def read_windows(datamodule: LanguageModelData, kind: str, texts: Iterable[str],
     out = Windows(tokens, acts.to(getattr(torch, key_fields.get("cache_dtype", "float32"))), torch.tensor(documents))
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in out._asdict().items()}, str(tmp)))
     return out
+
+
+@torch.no_grad()
+def encode_windows(model: Any, windows: Windows, scale: float, outlier_norm: float | None,
+                   batch_tokens: int = 4096) -> tuple[Tensor, Tensor]:
+    """``(codes, outlier mask (windows, tokens))``: the codes of the scaled activations as a sparse
+    ``(windows * tokens, n_latents)`` tensor, zero at the outlier tokens, which the data leave out."""
+    x = windows.activations.float() * scale
+    outliers = outlier_mask(x, outlier_norm)
+    chunks = []
+    for chunk, out in zip(x.flatten(0, 1).split(batch_tokens), outliers.flatten().split(batch_tokens)):
+        codes = model.encode(chunk.to(model.device)).float().cpu()
+        chunks.append(codes.masked_fill_(out[:, None], 0).to_sparse())
+    return torch.cat(chunks).coalesce(), outliers
+
+
+def columns(codes: Tensor, latents: list[int], shape: torch.Size) -> Tensor:
+    """The dense ``(windows, tokens, len(latents))`` codes of ``latents`` from :func:`encode_windows`' codes."""
+    return codes.index_select(1, torch.tensor(latents)).to_dense().view(*shape, len(latents))
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    text = tokenizer.decode([token_id])
+    return text.replace("\n", "\u21b5").replace("\t", "\u21e5") or "\u2205"
