@@ -199,6 +199,19 @@ def autointerp_report(figures: dict[str, Any]) -> list[str]:
     return lines
 
 
+def table_rows(figures: dict[str, Any], rows: list[tuple[str, str, str]] | None) -> list[str]:
+    """``| label | value ± se |`` for each of ``rows`` (default: every float figure) that was measured."""
+    rows = rows or [(key, key, "{:.4f}") for key, value in figures.items()
+                    if not key.endswith("_se") and isinstance(value, float)]
+    lines = []
+    for key, label, fmt in rows:
+        if key in figures:
+            se = figures.get(f"{key}_se")
+            lines.append(f"| {label} | {fmt.format(figures[key])}"
+                         + (f" ± {fmt.format(se)}" if isinstance(se, float) else "") + " |")
+    return lines
+
+
 def report(record: dict[str, Any]) -> str:
     """``evaluation.md``: each eval's figures as a table, with standard errors."""
     lines = [f"# Evaluation of {record['source']}", "",
@@ -206,21 +219,12 @@ def report(record: dict[str, Any]) -> str:
                                                                        if v not in (None, "", {})), ""]
     for name, figures in record["figures"].items():
         lines += [f"## {name} ({record['seconds'][name]} s)", "", "| figure | value |", "|---|---|"]
-        rows = REPORT_ROWS.get(name, []) if name == "autointerp" else REPORT_ROWS.get(name) or [
-            (key, key, "{:.4f}") for key in figures if not key.endswith("_se") and isinstance(figures[key], float)]
-        for key, label, fmt in rows:
-            if key not in figures:
-                continue
-            value = fmt.format(figures[key])
-            if isinstance(figures.get(f"{key}_se"), float):
-                value += " ± " + fmt.format(figures[f"{key}_se"])
-            lines.append(f"| {label} | {value} |")
-        if name == "autointerp":
-            lines += autointerp_report(figures)
+        lines += autointerp_report(figures) if name == "autointerp" else table_rows(figures, REPORT_ROWS.get(name))
         if name == "core":
             lines += ["", "CE-loss recovered and the KL score were measured with "
                       + ("every position spliced (SAEBench's)." if record["every_position"] else
                          "BOS and the outlier tokens keeping their own activations (sae_zoo's default; "
                          "--every-position splices them too, as SAEBench does).")]
         lines.append("")
-    return "\n".join(lines) + "± is one standard error, by bootstrap over held-out contexts (documents for probing).\n"
+    return "\n".join(lines) + ("± is one standard error: by bootstrap over held-out contexts (over documents for "
+                               "probing, over latents for autointerp).\n")
