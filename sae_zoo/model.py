@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,7 +30,7 @@ from .pretrained.config import (CONFIG_NAME, WEIGHTS_NAME, build_dictionary, bui
                                 read_model_config, save_weights)
 from .pretrained.files import resolve_file
 from .sparsity import SparsityControl, calibrate_l0, start_at_l0
-from .training import DecoderBiasInit, LRSchedule, TrainingAid, create_training_aid, gives_schedule
+from .training import DecoderBiasInit, LossTerm, LRSchedule, TrainingAid, create_training_aid, gives_schedule
 from .training_config import FIELDS as TRAINING_FIELDS
 from .training_config import TrainingConfig
 
@@ -73,6 +73,15 @@ def l1_penalty(codes: Tensor | SparseCodes, dictionary: Dictionary, nonnegative:
     if norms is not None:
         magnitudes = magnitudes * (norms[codes.indices] if sparse else norms)
     return magnitudes.sum() / (values[..., 0].numel() * dictionary.n_latents)
+
+
+def total_loss(terms: Iterable[LossTerm]) -> Tensor:
+    """The sum of each term's ``weight * value``, in order (a weight of 1 adds the value as it is)."""
+    loss = None
+    for term in terms:
+        weighted = term.value if isinstance(term.weight, float) and term.weight == 1.0 else term.weight * term.value
+        loss = weighted if loss is None else loss + weighted
+    return loss
 
 
 def training_batches(trainer: L.Trainer, wanted: int, why: str) -> list[Batch]:
@@ -348,29 +357,30 @@ class SparseCoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", lice
         mse, x_hat = self.reconstruction(self.dictionary, codes, decoded_target)
         if skipped is not None:
             x_hat = x_hat + skipped
-        values = codes.values if isinstance(codes, SparseCodes) else codes
         sparsity = out.sparsity if out.sparsity is not None else l1_penalty(codes, self.dictionary,
                                                                              self.encoder.nonnegative_codes)
-        losses = {"mse": mse, "sparsity": sparsity}
-        if measure_l0:
-            # the mean of each sample's count, as one count over the batch: no (batch, n_latents) integer copy
-            losses["l0"] = torch.count_nonzero(values.detach()).float() / max(1, values[..., 0].numel())
         trainer = self._trainer
         coeff = (self.sparsity.value(None) if trainer is None
                  else self.sparsity.value(self.global_step, trainer.estimated_stepping_batches))
-        loss = mse + coeff * sparsity
+        # the objective is a list of terms, each entering the loss at its weight: the reconstruction term's, the
+        # sparsity penalty's, the head's own, and the aids'
+        terms = {"mse": LossTerm(mse, 1.0), "sparsity": LossTerm(sparsity, coeff)}
         if out.aux_loss is not None:
-            losses["aux"] = out.aux_loss
-            loss = loss + out.aux_loss
+            terms["aux"] = LossTerm(out.aux_loss, 1.0)
         for aid in self.aids:
-            terms = (aid.loss_terms(self, x, codes, x_hat, target=target) if self.family.paired
+            added = (aid.loss_terms(self, x, codes, x_hat, target=target) if self.family.paired
                      else aid.loss_terms(self, x, codes, x_hat))
-            for name, term in terms.items():
-                if name in losses:
+            for name, term in added.items():
+                if name in terms or name in ("l0", "loss"):
                     raise ValueError(f"training aid {aid.name!r} adds a loss term {name!r}, a name already taken")
-                losses[name] = term.value
-                loss = loss + term.weight * term.value
-        return {"loss": loss, **losses}
+                terms[name] = term
+        losses = {"mse": mse, "sparsity": sparsity}
+        if measure_l0:
+            # the mean of each sample's count, as one count over the batch: no (batch, n_latents) integer copy
+            values = codes.values if isinstance(codes, SparseCodes) else codes
+            losses["l0"] = torch.count_nonzero(values.detach()).float() / max(1, values[..., 0].numel())
+        losses.update((name, term.value) for name, term in terms.items())
+        return {"loss": total_loss(terms.values()), **losses}
 
     def tuned_losses(self, batch: Batch, measure_l0: bool = False) -> dict[str, Tensor]:
         """:meth:`training_losses` of a training step, after which the sparsity coefficient takes one step
