@@ -67,3 +67,17 @@ def write_labelled_corpus(folder: Path, n_docs: int = 40, words_per_doc: int = 4
         writer.writeheader()
         writer.writerows(rows)
     return str(folder / "metadata.csv"), str(folder / "{fileid}.txt")
+
+
+def sae_recipe(model: str, files: str, folder: Path, n_latents: int = 32, k: int = 4, max_steps: int = 30,
+               ce_contexts: int = 8) -> dict:
+    """A recipe's content: a top-k SAE on the residual stream after block 1 of ``model``, reading ``files``, its
+    cache and run folder in ``folder``."""
+    return {"setting": "unknown",
+            "data": {"name": "activations", "model": model, "hook": "resid_post.1", "data_files": files,
+                     "context_len": 16, "n_train_tokens": 1500, "n_test_tokens": 300, "test_stride": 4,
+                     "shard_tokens": 400, "batch_size": 100, "model_batch_size": 8, "cache_dir": str(folder / "cache"),
+                     "ce_contexts": ce_contexts, "shuffle_buffer": 600, "cache": True},
+            "dictionary": {"n_latents": n_latents}, "encoder": {"name": "topk", "k": k}, "model": {"lr": 0.003},
+            "trainer": {"max_steps": max_steps, "accelerator": "cpu"}, "probing": {"enabled": False},
+            "run_dir": str(folder / "run")}

@@ -3,7 +3,7 @@ and the shape figures (cosine similarity, L2 ratio, relative reconstruction bias
 
 import pytest
 import torch
-from lm_fixtures import write_tiny_llama
+from lm_fixtures import sae_recipe, write_tiny_llama
 
 from sae_zoo.evaluation import ProbingConfig, ce_baselines, ce_loss_recovered, evaluate_model
 from sae_zoo.hub import export_saelens, load_run
@@ -19,15 +19,7 @@ def trained(lm_files, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("core")
     model_dir = write_tiny_llama(tmp_path / "model", initializer_range=0.3)  # a residual stream the loss needs
     files = lm_files[1]
-    cfg = recipe_from_content({
-        "setting": "unknown",
-        "data": {"name": "activations", "model": model_dir, "hook": "resid_post.1", "data_files": files,
-                 "context_len": 16, "n_train_tokens": 1500, "n_test_tokens": 300, "test_stride": 4,
-                 "shard_tokens": 400, "batch_size": 100, "model_batch_size": 8, "cache_dir": str(tmp_path / "cache"),
-                 "ce_contexts": 12, "shuffle_buffer": 600, "cache": True},
-        "dictionary": {"n_latents": 64}, "encoder": {"name": "topk", "k": 6}, "model": {"lr": 0.003},
-        "trainer": {"max_steps": 120, "accelerator": "cpu"}, "probing": {"enabled": False},
-        "run_dir": str(tmp_path / "run")})
+    cfg = recipe_from_content(sae_recipe(model_dir, files, tmp_path, n_latents=64, k=6, max_steps=120, ce_contexts=12))
     run_dir, _ = fit(cfg, progress=False)
     datamodule, _ = build(cfg)
     return load_run(run_dir)[0].eval(), datamodule, tmp_path

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from lm_fixtures import sae_recipe
 
 from sae_zoo.cli import main
 from sae_zoo.evals import parse_evals
@@ -14,15 +15,7 @@ from sae_zoo.recipe import fit, recipe_from_content
 def run_dir(lm_files, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("evals")
     model_dir, files = lm_files
-    cfg = recipe_from_content({
-        "setting": "unknown",
-        "data": {"name": "activations", "model": model_dir, "hook": "resid_post.1", "data_files": files,
-                 "context_len": 16, "n_train_tokens": 1500, "n_test_tokens": 300, "test_stride": 4,
-                 "shard_tokens": 400, "batch_size": 100, "model_batch_size": 8, "cache_dir": str(tmp_path / "cache"),
-                 "ce_contexts": 8, "shuffle_buffer": 600, "cache": True},
-        "dictionary": {"n_latents": 32}, "encoder": {"name": "topk", "k": 4}, "model": {"lr": 0.003},
-        "trainer": {"max_steps": 30, "accelerator": "cpu"}, "probing": {"enabled": False},
-        "run_dir": str(tmp_path / "run")})
+    cfg = recipe_from_content(sae_recipe(model_dir, files, tmp_path))
     return fit(cfg, progress=False)[0]
 
 
