@@ -142,7 +142,8 @@ def latent_records(codes: Tensor, token_text: Sequence[Sequence[str]], latents: 
 
 
 def explain_chat(record: LatentRecord, threshold: float) -> Chat:
-    examples = "\n".join(f"Example {i + 1}: {e.text(e.active_positions(threshold))}" for i, e in enumerate(record.train))
+    examples = "\n".join(f"Example {i + 1}: {e.text(e.active_positions(threshold))}"
+                         for i, e in enumerate(record.train))
     return [{"role": "system", "content": "You explain what a feature of a language model detects."},
             {"role": "user", "content": "In each example below the feature fires; the tokens where it fires most are "
                                         f"marked {LEFT}like this{RIGHT}.\n\n{examples}\n\nIn a short phrase, what "
@@ -217,7 +218,8 @@ def score(judge: Judge, records: list[LatentRecord], settings: AutointerpSetting
     for i, record in enumerate(records):
         explanation = explanations[i] if explanations is not None else record.explanation
         shown = samples(record, fuzzing, settings.threshold, rng)
-        batches = [shown[k:k + settings.examples_per_prompt] for k in range(0, len(shown), settings.examples_per_prompt)]
+        per = settings.examples_per_prompt
+        batches = [shown[k:k + per] for k in range(0, len(shown), per)]
         spans.append((len(chats), batches))
         chats += [scoring_chat(explanation, [t for t, _ in batch], fuzzing) for batch in batches]
     replies = judge.answer_all(chats, max_tokens=4 * settings.examples_per_prompt + 8)
@@ -236,9 +238,10 @@ def score(judge: Judge, records: list[LatentRecord], settings: AutointerpSetting
 def prompt_counts(settings: AutointerpSettings, n_latents: int, context_len: int) -> tuple[int, int]:
     """``(prompts, about how many prompt tokens)`` a run asks the judge: the gate's two detection passes, then an
     explanation, a detection and a fuzzing pass per latent (an upper bound: a latent may have fewer contexts)."""
-    per_pass = math.ceil((settings.n_test * settings.n_quantiles + settings.n_not_active) / settings.examples_per_prompt)
+    per = settings.examples_per_prompt
+    per_pass = math.ceil((settings.n_test * settings.n_quantiles + settings.n_not_active) / per)
     prompts = 2 * settings.gate_latents * per_pass + n_latents * (1 + 2 * per_pass)
-    shown = (2 * settings.gate_latents + 2 * n_latents) * per_pass * settings.examples_per_prompt + n_latents * settings.n_train
+    shown = (2 * settings.gate_latents + 2 * n_latents) * per_pass * per + n_latents * settings.n_train
     return prompts, shown * (context_len + 4) + prompts * 80  # each context, and each prompt's instructions
 
 
