@@ -55,6 +55,7 @@ def main() -> None:
     print(f"  detection with the true explanations:     {gate['true']:.3f} ± {gate['true_se']:.3f}  (gate: >= 0.75)")
     print(f"  detection with shuffled explanations:     {gate['shuffled']:.3f} ± {gate['shuffled_se']:.3f}  "
           "(gate: <= 0.55)")
+    print(f"  contexts the judge answered (a reply holding a list of one 0/1 per context): {gate['answered']:.1%}")
     print(f"  gate {'passed' if gate['passed'] else 'FAILED'}; {time.perf_counter() - start:.0f} s of judging")
 
 

@@ -186,7 +186,8 @@ def autointerp_report(figures: dict[str, Any]) -> list[str]:
     """The judge gate's figures, then the score, or where the judge failed the gate, why there is none."""
     gate = (f"judge gate ({figures['gate_latents']} synthetic latents of known rule): detection "
             f"{figures['gate_true']:.3f} ± {figures['gate_true_se']:.3f} with the true explanations (needs >= 0.75), "
-            f"{figures['gate_shuffled']:.3f} ± {figures['gate_shuffled_se']:.3f} with them shuffled (needs <= 0.55): "
+            f"{figures['gate_shuffled']:.3f} ± {figures['gate_shuffled_se']:.3f} with them shuffled (needs <= 0.55); "
+            f"{figures['gate_answered']:.0%} of its contexts answered: "
             + ("passed" if figures["gate_passed"] else "FAILED"))
     lines = [f"| judge | {figures['autointerp_judge']} |", f"| {gate.split(':', 1)[0]} | {gate.split(':', 1)[1]} |"]
     if not figures["autointerp_informative"]:

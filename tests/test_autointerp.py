@@ -114,7 +114,7 @@ def test_the_gate_tells_a_judge_that_reads_from_one_that_does_not():
 
     good = judge_gate(ScriptedJudge(reader), ids, text, vocab, settings)
     assert good["latents"] == 6 and good["true"] == 1.0 and good["shuffled"] < good["true"]
-    assert good["passed"] is (good["shuffled"] <= 0.55)
+    assert good["passed"] is (good["shuffled"] <= 0.55) and good["answered"] == 1.0
     bad = judge_gate(ScriptedJudge(lambda chat: json.dumps([1] * 5)), ids, text, vocab, settings)
     assert bad["true"] <= 0.5 and bad["passed"] is False
 

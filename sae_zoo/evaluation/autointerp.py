@@ -292,8 +292,9 @@ def judge_gate(judge: Judge, token_ids: Tensor, token_text: Sequence[Sequence[st
     records = latent_records(codes, token_text, rules, settings)
     true = [f'the token "{vocab_text[t].strip()}"' for t in rules]
     shuffled = true[1:] + true[:1]  # each latent gets another's rule
-    with_true = [r["balanced_accuracy"] for r in score(judge, records, settings, False, true)]
-    with_shuffled = [r["balanced_accuracy"] for r in score(judge, records, settings, False, shuffled)]
-    (true_mean, true_se), (shuffled_mean, shuffled_se) = mean_and_se(with_true), mean_and_se(with_shuffled)
+    scored = score(judge, records, settings, False, true) + score(judge, records, settings, False, shuffled)
+    (true_mean, true_se), (shuffled_mean, shuffled_se) = (
+        mean_and_se([r["balanced_accuracy"] for r in half]) for half in (scored[:len(rules)], scored[len(rules):]))
     return {"latents": len(rules), "true": true_mean, "true_se": true_se, "shuffled": shuffled_mean,
-            "shuffled_se": shuffled_se, "passed": true_mean >= GATE_TRUE and shuffled_mean <= GATE_SHUFFLED}
+            "shuffled_se": shuffled_se, "answered": sum(r["answered"] for r in scored) / sum(r["shown"] for r in scored),
+            "passed": true_mean >= GATE_TRUE and shuffled_mean <= GATE_SHUFFLED}
