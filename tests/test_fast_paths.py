@@ -294,3 +294,35 @@ def test_threshold_heads_train_densely_while_many_latents_fire():
         assert model.training_losses(x)["l0"] > 96 / 48
         assert not isinstance(model.encoder.training_codes(x, model.dictionary).codes, SparseCodes)
 
+
+
+@pytest.mark.parametrize("name", ["jumprelu", "gated", "batchtopk", "batchtopk_unset"])
+def test_inference_in_place_gives_the_formulas_codes_with_and_without_autograd(name):
+    """The threshold heads encode in one pass over the pre-activations where no gradient is wanted; the codes
+    are the formula's, bit for bit, and a gradient still flows where one is."""
+    torch.manual_seed(0)
+    head = create_encoder(name.split("_")[0], d_model=16, n_latents=128, subtract_decoder_bias=True,
+                          **({"k": 8} if "batchtopk" in name else {}))
+    dictionary = Dictionary(128, 16, bias=True)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        dictionary.bias.add_(torch.randn(16))
+        if name == "batchtopk":
+            head.threshold.fill_(0.2)  # set; "unset" keeps the -1 of a head that has not trained yet
+    head.eval()
+    x = torch.randn(300, 16)
+    if name == "gated":
+        gate, magnitude = head._paths(x, dictionary)
+        formula = (gate > 0) * magnitude.relu()
+    else:
+        z = head.linear_map(x, dictionary)
+        acts = z.relu()
+        formula = acts * ((acts if "batchtopk" in name else z) > head.threshold)
+    with torch.no_grad():
+        assert torch.equal(head(x, dictionary), formula.detach())
+    x.requires_grad_()
+    codes = head(x, dictionary)
+    codes.sum().backward()
+    assert torch.equal(codes.detach(), formula.detach()) and x.grad.abs().sum() > 0
+    assert 0.05 < (formula > 0).float().mean() < 0.95  # some fire, some do not

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import EncoderHead, SparseCodes, TrainingCodes
@@ -68,9 +69,11 @@ class BatchTopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
         if self.training:
             return self.training_codes(x, dictionary, sparse=False).codes
-        acts = self.linear_map(x, dictionary).relu()
         weights = self.contribution_weights(dictionary)
-        return acts * ((acts if weights is None else acts * weights) > self.threshold)
+        if weights is None:  # ReLU then the threshold on the code: one pass, in place (the threshold is >= 0 once set)
+            return F.threshold_(self.linear_map(x, dictionary), max(float(self.threshold), 0.0), 0.0)
+        acts = self.linear_map(x, dictionary).relu()
+        return acts * (acts * weights > self.threshold)
 
     def contribution_weights(self, dictionary: nn.Module | None) -> Tensor | None:
         """What each latent's code is weighed by before the threshold: its atom's norm with

@@ -147,8 +147,14 @@ class GatedEncoder(DensityRecord, EncoderHead):
         return z + self.b_gate, z * self.r_mag.exp() + self.b_mag
 
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
-        gate, magnitude = self._paths(x, dictionary)
-        return (gate > 0) * magnitude.relu()
+        if torch.is_grad_enabled():  # autograd keeps z for the magnitude's gradient: no writing over it
+            gate, magnitude = self._paths(x, dictionary)
+            return (gate > 0) * magnitude.relu()
+        # the same values with one fresh tensor (the magnitude) and z reused for the gate: a fraction of the memory
+        # traffic, which on a CPU costs as much as the matmul
+        z = self._shared(x, dictionary)
+        magnitude = (z * self.r_mag.exp()).add_(self.b_mag).clamp_min_(0)
+        return kept_where_positive(magnitude, z.add_(self.b_gate), in_place=True)
 
     def training_codes(self, x: Tensor, dictionary: nn.Module | None = None, sparse: bool = True) -> TrainingCodes:
         if dictionary is None:

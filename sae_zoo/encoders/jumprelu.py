@@ -134,8 +134,10 @@ class JumpReLUEncoder(DensityRecord, LinearPreActivations, EncoderHead):
         self.threshold = nn.Parameter(torch.full((n_latents,), float(threshold_init)))
 
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
+        # ReLU(z) * 1[z > threshold], in z's place (a fresh tensor): one boolean pass and one fill, where the three
+        # passes and three fresh tensors of the formula cost as much as the matmul on a CPU
         z = self.linear_map(x, dictionary)
-        return z.relu() * (z > self.threshold)
+        return z.masked_fill_(z <= self.threshold.clamp_min(0), 0)
 
     def training_codes(self, x: Tensor, dictionary: nn.Module | None = None, sparse: bool = True) -> TrainingCodes:
         with torch.no_grad():
