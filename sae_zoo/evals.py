@@ -36,7 +36,7 @@ from .evaluation.autointerp import (AutointerpResult, AutointerpSettings, explai
 from .evaluation.judges import Judge, create_judge
 from .evaluation.probing import probing_figures
 from .model import SparseCoder
-from .sources import SourceData, checked_datamodule, data_config, load_source, probing_config
+from .sources import SourceData, checked_datamodule, data_config, is_run_folder, load_source, probing_config
 
 #: the evaluations by name: ``(model, datamodule, settings) -> figures``
 EVALS: dict[str, Callable[[SparseCoder, LanguageModelData, EvalSettings], dict[str, Any]]] = {}
@@ -139,16 +139,16 @@ def evaluate_source(source: str | Path, evals: str | Sequence[str] = ("core",), 
     made before any eval runs."""
     names = parse_evals(evals)
     settings, data = settings or EvalSettings(), data or SourceData()
-    if "autointerp" in names:  # a judge that cannot be loaded or does not answer is named before anything runs
-        settings.judge = create_judge(settings.judge, cache_dir=Path(out or source) / "judge_cache")
-    sae, recipe = load_source(source)
     if out is None:
-        if recipe is None:
+        if not is_run_folder(source):
             raise ValueError(f"{source} is not a sae_zoo run folder: give --out DIR for the evaluation's files")
         out = source
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
+    if "autointerp" in names:  # a judge that cannot be loaded or does not answer is named before anything runs
+        settings.judge = create_judge(settings.judge, cache_dir=out / "judge_cache")
+    sae, recipe = load_source(source)
     datamodule = checked_datamodule(str(source), sae, data_config(str(source), sae, recipe, data))
     if settings.probing is None and "probing" in names:
         settings.probing = probing_config(recipe, data) or ProbingConfig()

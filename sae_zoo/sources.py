@@ -43,10 +43,15 @@ class SourceData:
     probing: bool = True
 
 
+def is_run_folder(source: str | Path) -> bool:
+    """Whether ``source`` is a sae_zoo run directory (``sae-zoo fit``'s), read without loading it."""
+    return Path(source).is_dir() and all((Path(source) / f).is_file() for f in FORMAT_FILES["sae_zoo_run"])
+
+
 def load_source(source: str | Path) -> tuple[PretrainedSAE, dict[str, Any] | None]:
     """The SAE (or transcoder, with its skip term), and the recipe of the run that trained it when it is a sae_zoo
     run directory."""
-    if Path(source).is_dir() and all((Path(source) / f).is_file() for f in FORMAT_FILES["sae_zoo_run"]):
+    if is_run_folder(source):
         model, recipe, _ = load_run(source)
         model.dictionary.requires_grad_(False)
         return PretrainedSAE.of_model(model, "sae_zoo_run"), recipe
