@@ -41,13 +41,13 @@ class ContextSums:
 
     def add(self, context: Tensor, x: Tensor, x_hat: Tensor) -> None:
         """Add tokens ``x`` (float64, ``(n, d)``) of contexts ``context`` and their reconstructions ``x_hat``."""
-        norm, hat_norm = x.norm(dim=-1), x_hat.norm(dim=-1)
+        norm, hat_norm, dot = x.norm(dim=-1), x_hat.norm(dim=-1), (x * x_hat).sum(-1)
         values = {"sse": (x - x_hat).square().sum(-1), "tokens": torch.ones(len(x), dtype=torch.float64),
                   "sum_sq": norm.square(), "sum_x": x,
                   # SAELens's: a norm under 1e-4 divides as 1 in the ratio; a zero vector has cosine 0 here
-                  "cos": (x * x_hat).sum(-1) / (norm * hat_norm).clamp_min(1e-30),
+                  "cos": dot / (norm * hat_norm).clamp_min(1e-30),
                   "l2_ratio": hat_norm / torch.where(norm < 1e-4, 1.0, norm),
-                  "dot": (x * x_hat).sum(-1), "hat_sq": hat_norm.square()}
+                  "dot": dot, "hat_sq": hat_norm.square()}
         for name, value in values.items():
             getattr(self, name).index_add_(0, context, value)
 
