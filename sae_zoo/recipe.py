@@ -45,7 +45,7 @@ from .dictionary import Dictionary
 from .encoders import create_encoder, get_encoder_class
 from .evaluation import ProbingConfig, evaluate_model
 from .hub import load_sae
-from .families import FAMILIES, ModelFamily, create_family, family_from_options, refused_recipe_keys
+from .families import ModelFamily, create_family, family_from_options, refused_recipe_keys
 from .metrics import Scoring
 from .model import SparseCoder
 from .multihead import HeadBank
@@ -244,8 +244,12 @@ def apply_head_defaults(cfg: DictConfig) -> None:
         return  # validate() names the unknown head
     pairs = [h for h in (cfg.data.get("hooks") or []) if not isinstance(h, str)]
     paired = cfg.data.get("hook_out") is not None or bool(pairs)
-    name = cfg.model.get("family") or ("transcoder" if cfg.model.get("transcoder", paired) else "sae")
-    refused = refused_recipe_keys(FAMILIES[name]) if name in FAMILIES else {}  # validate() names one that is not
+    try:  # the family build() will read (recipe_family), from the same keys
+        family = family_from_options(cfg.model.get("family"), transcoder=cfg.model.get("transcoder"),
+                                     default="transcoder" if paired else "sae")
+        refused = refused_recipe_keys(family)
+    except (TypeError, ValueError):
+        refused = {}  # an unknown family, or keys that disagree: build() names them
     for section, defaults in head.learned_dictionary_defaults.items():
         for key, value in defaults.items():
             if key not in cfg[section] and key not in refused.get(section, ()):
