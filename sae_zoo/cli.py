@@ -10,10 +10,12 @@ import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .encoders import get_encoder_class, list_encoders
+from .evaluation.absorption import QUICK_WORDS
 from .report import print_table
 
 #: The paper's known-dictionary test MCC (N=16, M=8, K=3; mean and std over five model seeds) by
@@ -68,11 +70,27 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.recipe is None:
         raise ValueError("fit needs a recipe file (or --resume RUN_DIR)")
     if is_suite(args.recipe):
-        out, rows = run_suite(args.recipe, args.overrides, quick=args.quick, progress=not args.no_progress)
+        out, rows = run_suite(args.recipe, args.overrides, quick=args.quick, progress=not args.no_progress,
+                              evals=tuple(args.evals.split(",")) if args.evals else (),
+                              eval_settings=eval_settings(args))
         print(comparison_text(out, rows))
         return 0
     cfg = load_recipe(args.recipe, args.overrides, quick=args.quick)
-    return _report_fit(*fit(cfg, recipe_name=Path(args.recipe).stem, progress=not args.no_progress))
+    if args.evals:  # checked before training: eval names, and the language-model data they read
+        from .evals import parse_evals
+
+        parse_evals(args.evals)
+        if cfg.data.name != "activations":
+            raise ValueError(f"--evals: {args.recipe} trains on data.name {cfg.data.name!r}; the evals read a "
+                             "language model's activations (data.name: activations)")
+    run_dir, metrics = fit(cfg, recipe_name=Path(args.recipe).stem, progress=not args.no_progress)
+    code = _report_fit(run_dir, metrics)
+    if args.evals and metrics:
+        from .evals import evaluate_source
+
+        out = evaluate_source(run_dir, args.evals, settings=eval_settings(args), progress=not args.no_progress)
+        print(f"\n{(out / 'evaluation.md').read_text()}")
+    return code
 
 
 def _report_fit(run_dir: Path, metrics: dict) -> int:
@@ -93,16 +111,31 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_settings(args: argparse.Namespace, **kwargs: Any) -> Any:
+    """The evals' settings from ``--quick``, ``--judge``, ``--absorption-words`` and ``--autointerp-latents``."""
+    import dataclasses
+
+    from .evals import EvalSettings
+    from .evaluation.absorption import AbsorptionSettings
+    from .evaluation.autointerp import AutointerpSettings
+
+    settings = (EvalSettings.quick if args.quick else EvalSettings)(judge=args.judge, **kwargs)
+    if args.absorption_words:
+        settings.absorption = dataclasses.replace(settings.absorption or AbsorptionSettings(), words=args.absorption_words)
+    if args.autointerp_latents:
+        settings.autointerp = dataclasses.replace(settings.autointerp or AutointerpSettings(),
+                                                  n_latents=args.autointerp_latents)
+    return settings
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .dashboard import parse_latents
-    from .evals import EvalSettings, evaluate_source
-    from .evaluation.autointerp import AutointerpSettings
+    from .evals import evaluate_source
     from .sources import SourceData
 
     data = SourceData(model=args.model, hook=args.hook, hook_out=args.hook_out, gguf_file=args.gguf_file,
                       data=tuple(args.overrides), quick=args.quick)
-    settings = EvalSettings(every_position=args.every_position, judge=args.judge, latents=parse_latents(args.latents),
-                            autointerp=AutointerpSettings(n_latents=args.autointerp_latents))
+    settings = eval_settings(args, every_position=args.every_position, latents=parse_latents(args.latents))
     out = evaluate_source(args.source, args.evals, args.out, settings, data, progress=not args.no_progress)
     print(f"\nwrote {out / 'evaluation.json'} and {out / 'evaluation.md'}\n")
     print((out / "evaluation.md").read_text())
@@ -120,8 +153,11 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         options["candidates"] = tuple(c.strip() for c in args.candidates.split(","))
     if args.ratios:
         options["ratios"] = parse_ratios(args.ratios)
+    if args.evals:
+        options["evals"] = tuple(args.evals.split(","))
     upgrade(args.source, args.out, UpgradeOptions(quick=args.quick, data=tuple(args.overrides),
-                                                  probing=not args.no_probing, **options),
+                                                  probing=not args.no_probing, eval_settings=eval_settings(args),
+                                                  **options),
             progress=not args.no_progress)
     return 0
 
@@ -243,6 +279,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _add_eval_options(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """``--evals`` and the options of the evals that need them (judge, latents, words)."""
+    parser.add_argument("--evals", default=default, help="comma-separated evals: core, probing, absorption, "
+                                                         f"autointerp (default {default or 'none'})")
+    parser.add_argument("--judge", default=None, help="autointerp's judge: 'default' (SmolLM2-135M-Instruct, "
+                                                      "offline), 'hf:MODEL' (any chat LM, in process) or an "
+                                                      "OpenAI-compatible endpoint 'URL#MODEL', e.g. "
+                                                      "http://127.0.0.1:8000/v1#llama")
+    parser.add_argument("--autointerp-latents", type=_positive, default=None,
+                        help="autointerp: latents drawn (50; --quick 10)")
+    parser.add_argument("--absorption-words", type=_positive, default=None,
+                        help=f"absorption: words of the vocabulary drawn (default all, SAEBench's; --quick {QUICK_WORDS})")
+
+
 def _subcommand(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand whose ``--help`` opens with the line ``sae-zoo --help`` lists it by."""
     return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
@@ -257,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encoder.name=mlp seed=1")
     fit.add_argument("--quick", action="store_true", help="the recipe's quick preset (minutes on a CPU)")
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_eval_options(fit, default=None)  # a suite's: named evals of each run, compared in evaluations.md
     fit.add_argument("--resume", default=None, metavar="RUN_DIR",
                      help="go on with a killed run from its last checkpoint (a recipe with checkpoint_every: N); a "
                           "recipe given too must be the run's own")
@@ -293,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--out", default=None, help="output folder (default runs/upgrade/NAME[-quick])")
     up.add_argument("--quick", action="store_true", help="a smaller sweep and, for a checkpoint, less data (minutes)")
     up.add_argument("--no-probing", action="store_true", help="skip k-sparse probing of every point")
+    _add_eval_options(up, default=None)
     up.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     up.set_defaults(func=cmd_upgrade)
 
@@ -301,12 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("source", help="a sae-zoo fit run (measured on its own data), an SAE folder or Hub repo, or a "
                                    "catalogue name (release/id)")
     ev.add_argument("overrides", nargs="*", help="data.KEY=VALUE overrides of the activation data")
-    ev.add_argument("--evals", default="core", help="comma-separated evals: core, probing, autointerp (default core)")
-    ev.add_argument("--judge", default=None, help="autointerp's judge: 'default' (SmolLM2-135M-Instruct, offline), "
-                                                  "'hf:MODEL' (any chat LM, in process) or an OpenAI-compatible "
-                                                  "endpoint 'URL#MODEL', e.g. http://127.0.0.1:8000/v1#llama")
+    _add_eval_options(ev, default="core")
     ev.add_argument("--latents", default=None, help="autointerp: comma-separated latent indices (default: drawn)")
-    ev.add_argument("--autointerp-latents", type=_positive, default=50, help="autointerp: latents drawn (50)")
     ev.add_argument("--out", default=None, help="output folder (default: the run's own; needed for other sources)")
     ev.add_argument("--every-position", action="store_true", help="splice BOS and the outlier tokens too when "
                                                                   "measuring CE and KL, as SAEBench's core does")

@@ -10,6 +10,9 @@ Each eval is a registered function ``(model, datamodule, settings) -> figures``:
   standard error. ``every_position`` splices BOS and the outlier tokens too, as SAEBench's core does.
 * ``probing``: k-sparse probing of the mean-pooled codes against the dense probe
   (:class:`~sae_zoo.evaluation.ProbingConfig`).
+* ``absorption``: feature absorption on SAEBench's first-letter task (:mod:`sae_zoo.evaluation.absorption`): its
+  ground-truth letter probe and gate, k-sparse probing for each letter's latents, the mean absorption fraction and
+  full-absorption rate over the letters, per letter too.
 * ``autointerp``: auto-interpretability on delphi's protocol, by a pluggable judge, behind a judge gate
   (:mod:`sae_zoo.evaluation.autointerp`): explanations of ``n_latents`` latents, their detection and fuzzing
   balanced accuracy, and the gate's figures; where the judge fails the gate, the report says the score is
@@ -31,6 +34,7 @@ from ._io import atomic_write_json, atomic_write_text
 from .data.base import LanguageModelData
 from .data.windows import columns, encode_windows, read_windows, token_text
 from .evaluation import ProbingConfig, ce_spliced, held_out_pass, probe_tallies
+from .evaluation.absorption import QUICK_WORDS, AbsorptionSettings, datamodule_absorption
 from .evaluation.autointerp import (AutointerpResult, AutointerpSettings, explain, judge_gate, latent_records,
                                     prompt_counts, score)
 from .evaluation.judges import Judge, create_judge
@@ -54,6 +58,15 @@ class EvalSettings:
     latents: list[int] | None = None
     contexts: int = 1024
     context_len: int = 32
+    absorption: AbsorptionSettings | None = None
+    gate: dict[str, Any] | None = None  # the judge gate's figures, once measured: every model shares the judge
+
+    @classmethod
+    def quick(cls, **kwargs: Any) -> EvalSettings:
+        """Smaller absorption and autointerp runs (minutes on a CPU): ``QUICK_WORDS`` words, 10 latents scored on
+        2 contexts a group and 20 silent ones, a gate of 10 synthetic latents."""
+        return cls(absorption=AbsorptionSettings(words=QUICK_WORDS),
+                   autointerp=AutointerpSettings(n_latents=10, gate_latents=10, n_test=2, n_not_active=20), **kwargs)
 
 
 def register_eval(name: str):
@@ -90,6 +103,11 @@ def probing(model: SparseCoder, datamodule: LanguageModelData, settings: EvalSet
     return probing_figures(probe_tallies(model, datamodule, settings.probing or ProbingConfig()))
 
 
+@register_eval("absorption")
+def absorption(model: SparseCoder, datamodule: LanguageModelData, settings: EvalSettings) -> dict[str, Any]:
+    return datamodule_absorption(model, datamodule, settings.absorption)
+
+
 @register_eval("autointerp")
 def autointerp(model: SparseCoder, datamodule: LanguageModelData, settings: EvalSettings) -> dict[str, Any]:
     s = settings.autointerp or AutointerpSettings()
@@ -107,7 +125,9 @@ def autointerp(model: SparseCoder, datamodule: LanguageModelData, settings: Eval
     print(f"autointerp: judge {judge.name}; {len(latents)} latents; {prompts} prompts, about {tokens:,} prompt "
           "tokens", flush=True)
     result = AutointerpResult(judge.name)
-    result.gate = judge_gate(judge, ids, text, vocab, s)
+    if settings.gate is None:
+        settings.gate = judge_gate(judge, ids, text, vocab, s)
+    result.gate = settings.gate
     records = latent_records(columns(codes, latents, outliers.shape), text, latents, s)
     explain(judge, records, s)
     detection, fuzzing = score(judge, records, s, fuzzing=False), score(judge, records, s, fuzzing=True)
@@ -131,6 +151,27 @@ def choose_latents(codes: Any, shape: Any, s: AutointerpSettings) -> list[int]:
     return sorted(eligible[torch.randperm(len(eligible), generator=generator)[:s.n_latents]].tolist())
 
 
+def run_evals(model: SparseCoder, datamodule: LanguageModelData, names: Sequence[str], settings: EvalSettings,
+              progress: bool = True) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """``(figures, seconds)`` of each of the evals ``names`` (checked with :func:`parse_evals`) of ``model``."""
+    figures: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    for i, name in enumerate(names):
+        if progress:
+            print(f"== [{i + 1}/{len(names)}] {name} ==", flush=True)
+        start = time.perf_counter()
+        figures[name] = EVALS[name](model, datamodule, settings)
+        seconds[name] = round(time.perf_counter() - start, 1)
+    return figures, seconds
+
+
+def prepare_judge(names: Sequence[str], settings: EvalSettings, cache_dir: Path) -> None:
+    """Load (or reach) the judge before anything runs when autointerp is among ``names``: a judge that cannot be
+    loaded or does not answer is named first."""
+    if "autointerp" in names and not isinstance(settings.judge, Judge):
+        settings.judge = create_judge(settings.judge, cache_dir=cache_dir)
+
+
 def evaluate_source(source: str | Path, evals: str | Sequence[str] = ("core",), out: str | Path | None = None,
                     settings: EvalSettings | None = None, data: SourceData | None = None,
                     progress: bool = True) -> Path:
@@ -146,22 +187,14 @@ def evaluate_source(source: str | Path, evals: str | Sequence[str] = ("core",), 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
-    if "autointerp" in names:  # a judge that cannot be loaded or does not answer is named before anything runs
-        settings.judge = create_judge(settings.judge, cache_dir=out / "judge_cache")
+    prepare_judge(names, settings, out / "judge_cache")
     sae, recipe = load_source(source)
     datamodule = checked_datamodule(str(source), sae, data_config(str(source), sae, recipe, data))
     if settings.probing is None and "probing" in names:
         settings.probing = probing_config(recipe, data) or ProbingConfig()
     model = sae.model()
     datamodule.prepare_data()
-    figures: dict[str, dict[str, Any]] = {}
-    seconds: dict[str, float] = {}
-    for i, name in enumerate(names):
-        if progress:
-            print(f"== [{i + 1}/{len(names)}] {name} ==", flush=True)
-        start = time.perf_counter()
-        figures[name] = EVALS[name](model, datamodule, settings)
-        seconds[name] = round(time.perf_counter() - start, 1)
+    figures, seconds = run_evals(model, datamodule, names, settings, progress)
     record = {"source": str(source), "sae_zoo_version": version("sae_zoo"), "evals": list(names),
               "every_position": settings.every_position, "data": datamodule.describe(), "seconds": seconds,
               "figures": figures}
@@ -200,6 +233,23 @@ def autointerp_report(figures: dict[str, Any]) -> list[str]:
     return lines
 
 
+def absorption_report(figures: dict[str, Any]) -> list[str]:
+    """SAEBench's gate (enough letters whose ground-truth probe reaches F1 > 0.6), then the absorption figures, or
+    where the gate failed, why they say little."""
+    passing = figures["absorption_probe_letters_passing"]
+    lines = [f"| letters whose probe reaches F1 > 0.6 (SAEBench's gate needs 20) | {passing} of 26: "
+             + ("passed" if figures["absorption_gate_passed"] else "FAILED") + " |",
+             f"| mean probe F1 | {figures['absorption_probe_f1']:.3f} |",
+             f"| letters counted (probe passing, a word right) | {figures['absorption_letters']} |"]
+    lines += table_rows(figures, [("mean_absorption_fraction_score", "mean absorption fraction", "{:.4f}"),
+                                  ("mean_full_absorption_score", "mean full absorption", "{:.4f}"),
+                                  ("mean_num_split_features", "latents per letter (split features)", "{:.2f}")])
+    if not figures["absorption_gate_passed"]:
+        lines += ["", "Too few letters are linearly decodable at this hook for SAEBench to report absorption; the "
+                  "figures above are over the letters that are, and say little."]
+    return lines
+
+
 def table_rows(figures: dict[str, Any], rows: list[tuple[str, str, str]] | None) -> list[str]:
     """``| label | value ± se |`` for each of ``rows`` (default: every float figure) that was measured."""
     rows = rows or [(key, key, "{:.4f}") for key, value in figures.items()
@@ -220,12 +270,13 @@ def report(record: dict[str, Any]) -> str:
                                                                        if v not in (None, "", {})), ""]
     for name, figures in record["figures"].items():
         lines += [f"## {name} ({record['seconds'][name]} s)", "", "| figure | value |", "|---|---|"]
-        lines += autointerp_report(figures) if name == "autointerp" else table_rows(figures, REPORT_ROWS.get(name))
+        special = {"autointerp": autointerp_report, "absorption": absorption_report}
+        lines += special[name](figures) if name in special else table_rows(figures, REPORT_ROWS.get(name))
         if name == "core":
             lines += ["", "CE-loss recovered and the KL score were measured with "
                       + ("every position spliced (SAEBench's)." if record["every_position"] else
                          "BOS and the outlier tokens keeping their own activations (sae_zoo's default; "
                          "--every-position splices them too, as SAEBench does).")]
         lines.append("")
-    return "\n".join(lines) + ("± is one standard error: by bootstrap over held-out contexts (over documents for "
-                               "probing, over latents for autointerp).\n")
+    return "\n".join(lines) + ("± is one standard error: over held-out contexts by bootstrap for core, over documents "
+                               "for probing, over latents for autointerp, over letters for absorption.\n")

@@ -22,6 +22,7 @@ L0 and against inference FLOPs, and ``report.md`` compares the best sae_zoo meth
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from ._io import atomic_write_text
+from .evals import EvalSettings, evaluate_source, parse_evals
 from .peers import fit_saelens
 from .recipe import RecipeError, apply_quick, fit, read_recipe_file, recipe_from_content
 from .report import format_table, plot_comparison, plot_recovery, write_csv
@@ -85,10 +87,12 @@ def _resolve_references(value: Any, run_dirs: dict[str, Path], where: str) -> An
 
 
 def run_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, quick: bool = False,
-              out_dir: str | Path | None = None, progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
+              out_dir: str | Path | None = None, progress: bool = True, evals: tuple[str, ...] = (),
+              eval_settings: EvalSettings | None = None) -> tuple[Path, list[dict[str, Any]]]:
     """Run every run of the suite at ``path`` (once per seed); returns ``(output folder, one row per method)``. The
     output folder is ``out_dir``, else a ``run_dir=PATH`` override (each run writes ``PATH/NAME``), else a new
-    folder under ``runs/``."""
+    folder under ``runs/``. ``evals`` (on language-model data): named evals of every run, each written into its
+    folder (``sae-zoo evaluate``'s files) and compared in ``evaluations.md``."""
     source = str(path)
     named = [o for o in overrides if o.startswith("run_dir=")]
     overrides = [o for o in overrides if not o.startswith("run_dir=")]
@@ -98,6 +102,13 @@ def run_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, 
     out = Path(out_dir) if out_dir else Path("runs") / f"{Path(path).stem}{'-quick' if quick else ''}-{stamp}"
     jobs = suite_jobs(content, source, out, overrides)
     runs = content["runs"]
+    if evals:
+        evals = parse_evals(evals)
+        not_lm = sorted({spec["name"] for spec, cfg, _ in jobs if cfg.data.name != "activations"})
+        if not_lm:
+            raise ValueError(f"--evals {','.join(evals)}: the runs {', '.join(not_lm)} do not train on a language "
+                             "model's activations (data.name: activations), which the evals read")
+        eval_settings = eval_settings or (EvalSettings.quick() if quick else EvalSettings())
     rows, start = [], time.perf_counter()
     for i, (spec, cfg, where) in enumerate(jobs, 1):
         label = spec.get("label", spec["name"])
@@ -119,7 +130,44 @@ def run_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, 
     methods = aggregate(rows, runs)
     write_comparison(out, content.get("title", Path(path).stem), methods,
                      per_seed=rows if content.get("seeds") else None)
+    if evals:
+        evaluate_runs(out, rows, evals, eval_settings, progress)
     return out, methods
+
+
+#: the figures of each eval that ``evaluations.md`` compares: (eval, figure, column)
+EVAL_COLUMNS = [("core", "kl_div_score", "KL score"), ("core", "ce_loss_recovered", "CE recovered"),
+                ("probing", "probe_k1", "1-sparse probing"),
+                ("absorption", "mean_absorption_fraction_score", "absorption fraction"),
+                ("absorption", "mean_full_absorption_score", "full absorption"),
+                ("autointerp", "autointerp_detection", "detection"), ("autointerp", "autointerp_fuzzing", "fuzzing")]
+
+
+def evaluate_runs(out: Path, rows: list[dict[str, Any]], evals: tuple[str, ...], settings: EvalSettings,
+                  progress: bool) -> Path:
+    """The named evals of every run (``evaluation.json`` and ``evaluation.md`` in its folder) and ``evaluations.md``
+    beside them: a figure of each eval per run. Autointerp scores every run on the latents drawn for the first."""
+    table = []
+    for row in rows:
+        log.info("\n== evals %s of %s ==", ",".join(evals), row["label"])
+        record = json.loads((evaluate_source(row["run_dir"], evals, settings=settings, progress=progress)
+                             / "evaluation.json").read_text())
+        figures = record["figures"]
+        if "autointerp" in figures and settings.latents is None:
+            settings.latents = [r["latent"] for r in figures["autointerp"]["autointerp_per_latent"]]
+        cells = []
+        for name, key, _ in EVAL_COLUMNS:
+            if name in evals:
+                value, se = figures[name].get(key), figures[name].get(f"{key}_se")
+                hidden = name == "autointerp" and not figures[name]["autointerp_informative"]
+                cells.append("uninformative" if hidden else "-" if value is None else
+                             f"{value:.4f}" + (f" ± {se:.4f}" if isinstance(se, float) else ""))
+        table.append([row["label"], *cells])
+    header = ["run", *(column for name, _, column in EVAL_COLUMNS if name in evals)]
+    text = (f"# Evaluations: {', '.join(evals)}\n\nEach run's own `evaluation.md` gives every figure; "
+            "\"uninformative\": the autointerp judge failed its gate, so its scores are not shown.\n\n"
+            + format_table(table, header, markdown=True) + "\n")
+    return atomic_write_text(out / "evaluations.md", text)
 
 
 def suite_jobs(content: dict[str, Any], source: str, out: Path, overrides: list[str] | tuple[str, ...] = ()

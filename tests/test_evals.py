@@ -52,7 +52,7 @@ def test_a_saved_sae_needs_an_output_folder_and_every_position_is_saebenchs(run_
 
 
 def test_an_unknown_eval_is_named_before_anything_is_loaded(capsys):
-    with pytest.raises(ValueError, match="--evals: .absorb.; the evals are autointerp, core, probing"):
+    with pytest.raises(ValueError, match="--evals: .absorb.; the evals are absorption, autointerp, core, probing"):
         parse_evals("core,absorb")
     assert main(["evaluate", "no/such/source", "--evals", "nope"]) == 2
     assert "--evals: 'nope'" in capsys.readouterr().err
@@ -88,3 +88,10 @@ def test_autointerp_runs_behind_its_gate_and_a_failed_gate_prints_no_score(run_d
     assert any(line.startswith("| detection (balanced accuracy, 3 latents) | 0.500 ±")
                for line in autointerp_report(passed))
     assert len(asked) > 3
+
+
+def test_absorption_refuses_a_vocabulary_without_words_for_every_letter(run_dir, capsys):
+    """The tiny LM's few dozen words leave most letters without a probe: named, before any probe is trained."""
+    assert main(["evaluate", str(run_dir), "--evals", "absorption", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "absorption: too few words for the letter probe of" in err and "q (0 train, 0 test)" in err

@@ -48,6 +48,13 @@ def bracket(points: list[dict[str, Any]], l0: float) -> list[tuple[int, float]] 
     return None
 
 
+def nearest_point(points: dict[PointKey, dict[str, Any]], candidate: str) -> PointKey:
+    """The candidate's point whose L0 is nearest the SAE's (in log L0)."""
+    l0 = points[SOURCE]["l0"]
+    return min((k for k in points if k.candidate == candidate),
+               key=lambda k: abs(math.log(max(points[k]["l0"], 1e-9) / l0)))
+
+
 def at_l0(points: list[dict[str, Any]], l0: float, key: str) -> float | None:
     """``key`` at ``l0`` (see :func:`bracket`)."""
     weights = bracket(points, l0)
@@ -142,9 +149,9 @@ def comparison_table(rows: list[dict[str, Any]], markdown: bool) -> str:
 
 
 def write_comparison(out: Path, source: str, points: Points, candidates: tuple[str, ...],
-                     source_evaluation: Evaluation) -> str:
-    """``comparison.csv`` (every point), ``comparison.png`` and ``comparison.md``; returns the text a terminal
-    shows."""
+                     source_evaluation: Evaluation, evals: str = "") -> str:
+    """``comparison.csv`` (every point), ``comparison.png`` and ``comparison.md`` (with ``evals``, the named
+    evals' section, at its end); returns the text a terminal shows."""
     rows = summary(out, points, candidates, source_evaluation)
     l0 = points[SOURCE]["l0"]
     order = list(CANDIDATES)
@@ -175,6 +182,8 @@ def write_comparison(out: Path, source: str, points: Points, candidates: tuple[s
                  f"probe on the activations reaches {points[SOURCE]['probe_dense']:.3f}.")
         text += f"\n## Sparse probing\n\n{about}\n\n{probing_table(rows, probes, markdown=True)}\n"
         shown += f"\n\n{about}\n{probing_table(rows, probes, markdown=False)}"
+    text += evals
+    shown += evals
     atomic_write_text(out / "comparison.md", text)
     return shown + f"\n\nwrote {out / 'comparison.md'}, {out / 'comparison.csv'} and {out / 'comparison.png'}"
 
@@ -185,8 +194,7 @@ def write_cards(out: Path, source: str, points: Points, models: dict[PointKey, S
     src = points[SOURCE]
     probes = [k for k in probes if k != "probe_dense"]
     for candidate in {k.candidate for k in points} - {SOURCE.candidate}:
-        keys = [k for k in points if k.candidate == candidate]
-        key = min(keys, key=lambda k: abs(math.log(max(points[k]["l0"], 1e-9) / src["l0"])))
+        key = nearest_point(points, candidate)
         p = points[key]
         model = models[key]
         note = (f"This head upgrades the SAE `{source}`: it encodes for that SAE's frozen decoder. At L0 "

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from .. import flops
 from .._io import atomic_write, atomic_write_json
 from ..data.base import LanguageModelData
+from ..evals import EvalSettings, parse_evals, prepare_judge
 from ..evaluation import CELosses, Evaluation, ProbingConfig, ce_baselines, evaluate_model
 from ..hub import PretrainedSAE
 from ..metrics import Scoring
@@ -30,6 +31,7 @@ from ..recipe import make_trainer
 from ..sources import checked_datamodule, data_config, load_source, probing_config
 from ..data.base import move
 from .candidates import CANDIDATES, SOURCE, Built, PointKey, Start, check_candidates, default_candidates, stationary_l1
+from .evaluations import evals_section, evaluate_points
 from .report import Points, evaluation_file, probe_keys, read_evaluation, write_cards, write_comparison
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,8 @@ class UpgradeOptions:
     data: tuple[str, ...] = ()
     quick: bool = False
     probing: bool = True                        # k-sparse probing of every point (the run's settings, if a run)
+    evals: tuple[str, ...] = ()                 # named evals of the SAE and each candidate's point nearest its L0
+    eval_settings: EvalSettings | None = None   # their settings (None: the defaults; quick: EvalSettings.quick())
 
     def __post_init__(self) -> None:
         if self.ratios is None:
@@ -78,6 +82,8 @@ class UpgradeOptions:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.evals:
+            self.evals = parse_evals(self.evals)
 
 
 # ---- the sweep ----
@@ -175,6 +181,8 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
     identity = json.loads(json.dumps(identity))  # as upgrade.json will read back: tuples are lists
     datamodule = checked_datamodule(source, sae, data)
     check_out_dir(out, identity)
+    settings = options.eval_settings or (EvalSettings.quick() if options.quick else EvalSettings())
+    prepare_judge(options.evals, settings, out / "judge_cache")
     datamodule.prepare_data()
 
     device = datamodule.device  # every model is measured there (the bank's trainer picks its own)
@@ -225,8 +233,14 @@ def upgrade(source: str | Path, out: str | Path | None = None, options: UpgradeO
         record(key, knob, model)
         measured[key] = model
 
+    evaluated = {}
+    if options.evals:  # the named evals of the SAE and of each candidate's point nearest its L0
+        log.info("evals %s of the SAE's encoder and of each candidate at its L0", ", ".join(options.evals))
+        evaluated = evaluate_points(out, points, {SOURCE: source_model, **measured}, datamodule, options.evals,
+                                    settings, progress)
     source_evaluation = read_evaluation(out, SOURCE)  # read once: the gains, the tables and the cards use it
-    log.info("%s", write_comparison(out, source, points, options.candidates, source_evaluation))
+    log.info("%s", write_comparison(out, source, points, options.candidates, source_evaluation,
+                                    evals_section(points, evaluated) if evaluated else ""))
     write_cards(out, source, points, measured, probe_keys(source_evaluation))
     return out
 
