@@ -45,7 +45,7 @@ def test_upgrade_a_run_measures_the_sae_sweeps_every_candidate_and_writes_the_co
     caplog.set_level(logging.INFO, logger="sae_zoo")
     out = upgrade(run_dir, tmp_path / "up", UpgradeOptions(**OPTIONS), progress=False)
     rows = read_points(out)
-    assert len(rows) == 1 + 5 * 3 and rows[0]["candidate"] == "source"
+    assert len(rows) == 1 + 6 * 3 and rows[0]["candidate"] == "source"
     source = rows[0]
     # the SAE's own encoder, measured as its run measured it
     for key in ("fvu", "l0", "ce_loss_recovered"):
@@ -54,7 +54,7 @@ def test_upgrade_a_run_measures_the_sae_sweeps_every_candidate_and_writes_the_co
     for candidate in ("mp", "fista", "ito"):  # the iterative heads keep at most k = ratio x L0 codes
         for row in (r for r in rows if r["candidate"] == candidate):
             assert 0 < float(row["l0"]) <= round(float(row["ratio"]) * l0) + 1e-6
-    for candidate in ("retrained", "residual_mlp"):
+    for candidate in ("retrained", "residual_mlp", "mlp"):
         assert (out / "models" / f"{candidate}@1").is_dir()
         sweep = sorted(float(r["l0"]) for r in rows if r["candidate"] == candidate)
         assert sweep[0] < sweep[-1]  # the target L0 moved them apart
@@ -270,7 +270,7 @@ def test_a_transcoder_upgrades_with_amortised_candidates_on_its_frozen_decoder_a
     run_dir, metrics = transcoder_run
     out = upgrade(run_dir, tmp_path / "up", UpgradeOptions(**OPTIONS, probing=False), progress=False)
     rows = read_points(out)
-    assert [r["candidate"] for r in rows] == ["source"] + ["retrained"] * 3 + ["residual_mlp"] * 3
+    assert [r["candidate"] for r in rows] == ["source"] + ["retrained"] * 3 + ["residual_mlp"] * 3 + ["mlp"] * 3
     for key in ("fvu", "l0", "ce_loss_recovered"):  # the transcoder scored as its run scored it: on its targets
         assert float(rows[0][key]) == pytest.approx(metrics["test"][key], rel=1e-5)
     trained = load_run(run_dir)[0]
