@@ -263,3 +263,12 @@ def test_too_few_words_for_a_letter_is_refused(letters):
     few = [w for w in words if not w.startswith("q")] + [w for w in words if w.startswith("q")][:3]
     with pytest.raises(ValueError, match=r"too few words for the letter probe of .*q \(\d+ train, \d+ test\)"):
         letter_task(tokenizer, lambda p: torch.zeros(len(p), 64), AbsorptionSettings(), words=few)
+
+
+def test_a_transcoder_is_refused():
+    from types import SimpleNamespace
+
+    from sae_zoo.evaluation.absorption import datamodule_task
+
+    with pytest.raises(ValueError, match="absorption measures an SAE.*a transcoder writes another space"):
+        datamodule_task(SimpleNamespace(paired=True), AbsorptionSettings())

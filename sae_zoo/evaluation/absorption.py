@@ -38,6 +38,9 @@ from tqdm.auto import tqdm
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 EPS = 1e-8  # a latent "fires" above this (SAEBench's feature_absorption_calculator.EPS)
 QUICK_WORDS = 3000  # words drawn by a quick evaluation: minutes of a small LM on a CPU
+#: the version of how a :class:`LetterTask` is built, in its cache key: a change to the words, prompts or probe
+#: bumps it, so that a task cached by earlier code is not read back as this one
+TASK_PROTOCOL = 1
 
 
 @dataclass
@@ -405,7 +408,7 @@ def datamodule_task(datamodule: Any, s: AbsorptionSettings, progress: bool = Tru
     if datamodule.paired:
         raise ValueError("absorption measures an SAE: a letter probe on the activations it reads, against its "
                          "decoder's directions in the same space; a transcoder writes another space")
-    key = cache_key({**datamodule.window_identity, **s.identity(), "kind": "absorption"})
+    key = cache_key({**datamodule.window_identity, **s.identity(), "kind": "absorption", "protocol": TASK_PROTOCOL})
     path = datamodule.cache_dir / f"absorption-{key}" / "task.pt"
     if path.exists():
         return LetterTask(**torch.load(path, weights_only=True))
