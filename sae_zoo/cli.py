@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit = _subcommand(sub, "fit", help="train and test a recipe (or each run of a suite), writing run directories")
     fit.add_argument("recipe", nargs="?", help="a recipe YAML file, e.g. recipes/synthetic/known_dictionary.yaml")
     fit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encoder.name=mlp seed=1")
-    fit.add_argument("--quick", action="store_true", help="the recipe's quick preset (minutes on a CPU)")
+    fit.add_argument("--quick", action="store_true", help="the recipe's quick preset (minutes on a CPU), and "
+                                                            "smaller --evals runs")
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_eval_options(fit, default=None)  # a suite's: named evals of each run, compared in evaluations.md
     fit.add_argument("--resume", default=None, metavar="RUN_DIR",
@@ -342,14 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--lr", type=float, default=None, help="learning rate of the trained candidates (1e-3)")
     up.add_argument("--seed", type=int, default=None, help="seed of the candidates' initialisation (0)")
     up.add_argument("--out", default=None, help="output folder (default runs/upgrade/NAME[-quick])")
-    up.add_argument("--quick", action="store_true", help="a smaller sweep and, for a checkpoint, less data (minutes)")
+    up.add_argument("--quick", action="store_true", help="a smaller sweep, smaller --evals runs and, for a "
+                                                                "checkpoint, less data (minutes)")
     up.add_argument("--no-probing", action="store_true", help="skip k-sparse probing of every point")
     _add_eval_options(up, default=None)
     up.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     up.set_defaults(func=cmd_upgrade)
 
     ev = _subcommand(sub, "evaluate", help="measure an SAE on language-model data the field's way (SAEBench's core, "
-                                           "probing), writing evaluation.json and evaluation.md")
+                                           "probing, absorption; auto-interpretability), writing evaluation.json and "
+                                           "evaluation.md")
     ev.add_argument("source", help="a sae-zoo fit run (measured on its own data), an SAE folder or Hub repo, or a "
                                    "catalogue name (release/id)")
     ev.add_argument("overrides", nargs="*", help="data.KEY=VALUE overrides of the activation data")
@@ -362,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--hook", default=None, help="the hook the SAE reads, when its metadata names none")
     ev.add_argument("--hook-out", default=None, help="the hook a transcoder writes, when its metadata names none")
     ev.add_argument("--gguf-file", default=None, help="the GGUF file of --model, for a GGUF checkpoint")
-    ev.add_argument("--quick", action="store_true", help="less data for a source that is not a run (minutes)")
+    ev.add_argument("--quick", action="store_true", help="smaller absorption and autointerp runs, and less data "
+                                                                "for a source that is not a run (minutes)")
     ev.add_argument("--no-progress", action="store_true", help="print no per-eval progress")
     ev.set_defaults(func=cmd_evaluate)
 

@@ -296,7 +296,7 @@ def test_threshold_heads_train_densely_while_many_latents_fire():
 
 
 
-@pytest.mark.parametrize("name", ["jumprelu", "gated", "batchtopk", "batchtopk_unset"])
+@pytest.mark.parametrize("name", ["jumprelu", "jumprelu_uniform", "gated", "batchtopk", "batchtopk_unset"])
 def test_inference_in_place_gives_the_formulas_codes_with_and_without_autograd(name):
     """The threshold heads encode in one pass over the pre-activations where no gradient is wanted; the codes
     are the formula's, bit for bit, and a gradient still flows where one is."""
@@ -308,8 +308,8 @@ def test_inference_in_place_gives_the_formulas_codes_with_and_without_autograd(n
         for p in head.parameters():
             p.add_(torch.randn_like(p) * 0.3)
         dictionary.bias.add_(torch.randn(16))
-        if name == "batchtopk":
-            head.threshold.fill_(0.2)  # set; "unset" keeps the -1 of a head that has not trained yet
+        if name in ("batchtopk", "jumprelu_uniform"):
+            head.threshold.fill_(0.2)  # set (one threshold for every latent); "unset" keeps a new head's -1
     head.eval()
     x = torch.randn(300, 16)
     if name == "gated":

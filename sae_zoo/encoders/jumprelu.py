@@ -137,7 +137,12 @@ class JumpReLUEncoder(DensityRecord, LinearPreActivations, EncoderHead):
         # ReLU(z) * 1[z > threshold], in z's place (a fresh tensor): one boolean pass and one fill, where the three
         # passes and three fresh tensors of the formula cost as much as the matmul on a CPU
         z = self.linear_map(x, dictionary)
-        return z.masked_fill_(z <= self.threshold.clamp_min(0), 0)
+        threshold = self.threshold.clamp_min(0)
+        if not torch.is_grad_enabled():
+            low, high = torch.aminmax(threshold)
+            if low == high:  # one threshold for every latent (as built; a BatchTopK SAE saved as JumpReLU): one pass
+                return F.threshold_(z, float(low), 0.0)
+        return z.masked_fill_(z <= threshold, 0)
 
     def training_codes(self, x: Tensor, dictionary: nn.Module | None = None, sparse: bool = True) -> TrainingCodes:
         with torch.no_grad():
