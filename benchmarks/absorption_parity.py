@@ -95,7 +95,7 @@ def main() -> None:
         theirs = saebench(hooked_llama(lm, tokenizer, model_name="smollm2"), exported, layer, words, s, folder)
         theirs_seconds = time.perf_counter() - start
 
-    print(f"\nper letter (probe F1, words, absorption fraction, full absorption): sae_zoo | SAEBench")
+    print("\nper letter (probe F1, words, absorption fraction, full absorption): sae_zoo | SAEBench")
     for letter, mine in result.letters.items():
         other = theirs.get(letter, {"probe_f1": float("nan"), "words": 0, "fraction": 0.0, "full": 0.0})
         print(f"  {letter}: {mine['probe_f1']:.3f} {mine['words']:4d} {mine['fraction']:.3f} {mine['full']:.3f} | "

@@ -106,6 +106,13 @@ class TopKEncoder(AnnealedK, LinearPreActivations, EncoderHead):
         self.linear = nn.Linear(d_model, n_latents, bias=bias)
 
     def forward(self, x: Tensor, dictionary: nn.Module | None = None) -> Tensor:
+        if not torch.is_grad_enabled():
+            # the codes written over the pre-activations: no fresh (batch, n_latents) tensor, whose first touch of
+            # memory costs on a CPU about as much as the matmul's own output
+            x = self.check_input(x, dictionary)
+            pre = F.linear(self.centre(x, dictionary), self.linear.weight, self.linear.bias)  # as sparse_forward's
+            values, indices = pre.topk(self.training_k if self.training else self.k, dim=-1, sorted=False)
+            return pre.zero_().scatter_(-1, indices, values.clamp_min_(0))
         values, indices = self.sparse_forward(x, dictionary)
         return values.new_zeros(*values.shape[:-1], self.n_latents).scatter(-1, indices, values)
 
