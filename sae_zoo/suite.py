@@ -22,6 +22,7 @@ L0 and against inference FLOPs, and ``report.md`` compares the best sae_zoo meth
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -109,7 +110,7 @@ def run_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, 
             raise ValueError(f"--evals {','.join(evals)}: the runs {', '.join(not_lm)} do not train on a language "
                              "model's activations (data.name: activations), which the evals read")
         eval_settings = eval_settings or (EvalSettings.quick() if quick else EvalSettings())
-    rows, start = [], time.perf_counter()
+    rows, decoders, start = [], [], time.perf_counter()
     for i, (spec, cfg, where) in enumerate(jobs, 1):
         label = spec.get("label", spec["name"])
         log.info("\n== [%d/%d, %.0fs] %s (seed %s) ==", i, len(jobs), time.perf_counter() - start, label, cfg.seed)
@@ -127,11 +128,13 @@ def run_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, 
         rows.append({"name": spec["name"], "label": label, "run_dir": str(run_dir), "seed": cfg.seed,
                      "steps": metrics["steps"], "train_seconds": metrics["train_seconds"], "train_tokens_per_s": speed,
                      "inference_flops": metrics.get("inference_flops"), "peer": "saelens" in spec, **test})
+        pretrained = (cfg.get("dictionary") or {}).get("pretrained")  # a head on an earlier run's frozen decoder
+        decoders.append(str(Path(pretrained).resolve()) if pretrained else str(Path(run_dir).resolve()))
     methods = aggregate(rows, runs)
     write_comparison(out, content.get("title", Path(path).stem), methods,
                      per_seed=rows if content.get("seeds") else None)
     if evals:
-        evaluate_runs(out, rows, evals, eval_settings, progress)
+        evaluate_runs(out, rows, decoders, evals, eval_settings, progress)
     return out, methods
 
 
@@ -143,31 +146,44 @@ EVAL_COLUMNS = [("core", "kl_div_score", "KL score"), ("core", "ce_loss_recovere
                 ("autointerp", "autointerp_detection", "detection"), ("autointerp", "autointerp_fuzzing", "fuzzing")]
 
 
-def evaluate_runs(out: Path, rows: list[dict[str, Any]], evals: tuple[str, ...], settings: EvalSettings,
-                  progress: bool) -> Path:
+def evaluate_runs(out: Path, rows: list[dict[str, Any]], decoders: list[str], evals: tuple[str, ...],
+                  settings: EvalSettings, progress: bool) -> Path:
     """The named evals of every run (``evaluation.json`` and ``evaluation.md`` in its folder) and ``evaluations.md``
-    beside them: a figure of each eval per run. Autointerp scores every run on the latents drawn for the first."""
+    beside them: a figure of each eval per run. ``decoders``: each run's decoder (its own folder, or the run whose
+    frozen decoder it encodes for); runs on one decoder are scored by autointerp on the same latents, those drawn
+    for the first of them (unless ``settings.latents`` names them). A peer library's run is listed, not evaluated."""
+    drawn: dict[str, list[int]] = {}
     table = []
-    for row in rows:
+    for row, decoder in zip(rows, decoders):
+        if row["peer"]:
+            table.append([row["label"], *(["not evaluated (a peer library's run)"] * len(eval_columns(evals)))])
+            continue
         log.info("\n== evals %s of %s ==", ",".join(evals), row["label"])
-        record = json.loads((evaluate_source(row["run_dir"], evals, settings=settings, progress=progress)
+        run_settings = dataclasses.replace(settings, latents=settings.latents or drawn.get(decoder))
+        record = json.loads((evaluate_source(row["run_dir"], evals, settings=run_settings, progress=progress)
                              / "evaluation.json").read_text())
         figures = record["figures"]
-        if "autointerp" in figures and settings.latents is None:
-            settings.latents = [r["latent"] for r in figures["autointerp"]["autointerp_per_latent"]]
+        settings.gate = run_settings.gate  # one judge, one gate
+        settings.judge = run_settings.judge
+        if "autointerp" in figures:
+            drawn.setdefault(decoder, [r["latent"] for r in figures["autointerp"]["autointerp_per_latent"]])
         cells = []
-        for name, key, _ in EVAL_COLUMNS:
-            if name in evals:
-                value, se = figures[name].get(key), figures[name].get(f"{key}_se")
-                hidden = name == "autointerp" and not figures[name]["autointerp_informative"]
-                cells.append("uninformative" if hidden else "-" if value is None else
-                             f"{value:.4f}" + (f" ± {se:.4f}" if isinstance(se, float) else ""))
+        for name, key, _ in eval_columns(evals):
+            value, se = figures[name].get(key), figures[name].get(f"{key}_se")
+            hidden = name == "autointerp" and not figures[name]["autointerp_informative"]
+            cells.append("uninformative" if hidden else "-" if value is None else
+                         f"{value:.4f}" + (f" ± {se:.4f}" if isinstance(se, float) else ""))
         table.append([row["label"], *cells])
-    header = ["run", *(column for name, _, column in EVAL_COLUMNS if name in evals)]
+    header = ["run", *(column for _, _, column in eval_columns(evals))]
     text = (f"# Evaluations: {', '.join(evals)}\n\nEach run's own `evaluation.md` gives every figure; "
-            "\"uninformative\": the autointerp judge failed its gate, so its scores are not shown.\n\n"
+            "\"uninformative\": the autointerp judge failed its gate, so its scores are not shown. Runs on one "
+            "decoder are scored by autointerp on the same latents.\n\n"
             + format_table(table, header, markdown=True) + "\n")
     return atomic_write_text(out / "evaluations.md", text)
+
+
+def eval_columns(evals: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    return [column for column in EVAL_COLUMNS if column[0] in evals]
 
 
 def suite_jobs(content: dict[str, Any], source: str, out: Path, overrides: list[str] | tuple[str, ...] = ()
