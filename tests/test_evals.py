@@ -1,6 +1,7 @@
 """``sae-zoo evaluate``: named evals of a run folder or a saved SAE, written as evaluation.json and a report."""
 
 import json
+from pathlib import Path
 
 import pytest
 from lm_fixtures import sae_recipe
@@ -95,3 +96,31 @@ def test_absorption_refuses_a_vocabulary_without_words_for_every_letter(run_dir,
     assert main(["evaluate", str(run_dir), "--evals", "absorption", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "absorption: too few words for the letter probe of" in err and "q (0 train, 0 test)" in err
+
+
+def test_a_suites_runs_on_one_decoder_share_autointerp_latents(tmp_path, monkeypatch):
+    """Runs on one decoder (the SAE and heads on its frozen decoder) are scored on the latents drawn for the first
+    of them; a run with its own decoder draws its own; a peer library's run is listed, not evaluated."""
+    import sae_zoo.suite as suite
+    from sae_zoo.evals import EvalSettings
+
+    seen = []
+
+    def fake_evaluate(run_dir, evals, settings, progress):
+        seen.append((Path(run_dir).name, settings.latents))
+        drawn = settings.latents or {"sae": [1, 2], "other": [7, 8]}[Path(run_dir).name]
+        figures = {"autointerp": {"autointerp_per_latent": [{"latent": i} for i in drawn], "autointerp_informative":
+                                  True, "autointerp_detection": 0.5, "autointerp_fuzzing": 0.5}}
+        (Path(run_dir) / "evaluation.json").write_text(json.dumps({"figures": figures}))
+        return Path(run_dir)
+
+    monkeypatch.setattr(suite, "evaluate_source", fake_evaluate)
+    names = ["sae", "mlp", "other", "peer"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    rows = [{"label": n, "run_dir": str(tmp_path / n), "peer": n == "peer"} for n in names]
+    decoders = [str(tmp_path / "sae"), str(tmp_path / "sae"), str(tmp_path / "other"), str(tmp_path / "peer")]
+    suite.evaluate_runs(tmp_path, rows, decoders, ("autointerp",), EvalSettings(), progress=False)
+    assert seen == [("sae", None), ("mlp", [1, 2]), ("other", None)]
+    table = (tmp_path / "evaluations.md").read_text()
+    assert "| peer " in table and "not evaluated (a peer library's run)" in table
