@@ -278,5 +278,5 @@ def report(record: dict[str, Any]) -> str:
                          "BOS and the outlier tokens keeping their own activations (sae_zoo's default; "
                          "--every-position splices them too, as SAEBench does).")]
         lines.append("")
-    return "\n".join(lines) + ("± is one standard error: over held-out contexts by bootstrap for core, over documents "
+    return "\n".join(lines) + ("\n± is one standard error: over held-out contexts by bootstrap for core, over documents "
                                "for probing, over latents for autointerp, over letters for absorption.\n")
