@@ -6,6 +6,7 @@ encoder is scored on the latents drawn for the SAE's own)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -27,10 +28,13 @@ def evaluate_points(out: Path, points: dict[PointKey, dict[str, Any]], models: d
     """Each of ``names`` on the SAE's encoder, then on each candidate's nearest point; autointerp scores every
     encoder on the latents drawn for the SAE's."""
     keys = [SOURCE] + [nearest_point(points, c) for c in dict.fromkeys(k.candidate for k in points if k != SOURCE)]
+    identity = settings_identity(settings)
     results: dict[PointKey, dict[str, Any]] = {}
     for key in keys:
         path = out / "evals" / f"{key.name}.json"
         done = json.loads(path.read_text()) if path.is_file() else {}
+        if done.get("settings") != identity:  # measured with other settings (words, latents, judge): measured again
+            done = {"settings": identity}
         todo = [n for n in names if n not in done]
         if todo:
             figures, _ = run_evals(models[key], datamodule, todo, settings, progress)
@@ -40,6 +44,15 @@ def evaluate_points(out: Path, points: dict[PointKey, dict[str, Any]], models: d
             settings.latents = [r["latent"] for r in done["autointerp"]["autointerp_per_latent"]]
         results[key] = done
     return results
+
+
+def settings_identity(settings: EvalSettings) -> dict[str, Any]:
+    """What the evals' figures depend on beyond the model, as JSON reads it back."""
+    judge = settings.judge
+    return json.loads(json.dumps({"absorption": settings.absorption, "autointerp": settings.autointerp,
+                                  "judge": getattr(judge, "name", judge), "every_position": settings.every_position,
+                                  "contexts": settings.contexts, "context_len": settings.context_len},
+                                 default=lambda o: dataclasses.asdict(o)))
 
 
 def paired(source: list[float], other: list[float]) -> tuple[float, float | None]:
