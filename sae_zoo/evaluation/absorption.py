@@ -245,12 +245,15 @@ def letter_task(tokenizer: Any, activations: Callable[[list[str]], Tensor], s: A
     task = LetterTask(vocab, train_words, test_words, train_acts, test_acts, train_labels, test_labels,
                       probe.weight.detach().clone(), probe.bias.detach().clone(), rng_state)
     scores = task.probe_scores()
-    for i, letter in enumerate(LETTERS):
+    prompts = []
+    for i, letter in enumerate(LETTERS):  # asked afresh, letter by letter, as SAEBench draws them
         right = [w for w, label, score in zip(test_words, test_labels.tolist(), scores[:, i].tolist())
                  if label == i and score > 0]
         task.absorption_words[letter] = right
-        prompts = [letter_prompt(w, vocab, rng, s) for w in right]
-        task.absorption_acts[letter] = activations(prompts).float() if prompts else test_acts[:0]
+        prompts += [letter_prompt(w, vocab, rng, s) for w in right]
+    acts = activations(prompts).float() if prompts else test_acts[:0]  # read in one go, then split by letter
+    sizes = [len(task.absorption_words[letter]) for letter in LETTERS]
+    task.absorption_acts = dict(zip(LETTERS, acts.split(sizes)))
     return task
 
 
@@ -321,6 +324,11 @@ def word_absorption(acts: Tensor, codes: Tensor, direction: Tensor, cos: Tensor,
     return fraction, full
 
 
+def counted_letters(letters: dict[str, dict[str, Any]], min_probe_f1: float) -> list[str]:
+    """The letters SAEBench's means are over: those whose probe passes ``min_probe_f1`` and gets a word right."""
+    return [letter for letter, r in letters.items() if r["probe_f1"] > min_probe_f1 and r["words"] > 0]
+
+
 @dataclass
 class AbsorptionResult:
     """Per letter: the probe's F1, its true positives (the words asked), the letter's split latents, the mean
@@ -333,9 +341,10 @@ class AbsorptionResult:
     def figures(self) -> dict[str, Any]:
         """SAEBench's means (and standard deviations) over the letters whose probe passes, with standard errors;
         ``absorption_gate_passed``: whether enough letters pass for the figures to say anything."""
-        counted = [r for r in self.letters.values() if r["probe_f1"] > self.min_probe_f1 and r["words"] > 0]
+        counted = [self.letters[letter] for letter in counted_letters(self.letters, self.min_probe_f1)]
         passing = sum(r["probe_f1"] > self.min_probe_f1 for r in self.letters.values())
-        out: dict[str, Any] = {"absorption_letters": len(counted), "absorption_probe_letters_passing": passing,
+        out: dict[str, Any] = {"absorption_letters": len(counted), "absorption_min_probe_f1": self.min_probe_f1,
+                               "absorption_probe_letters_passing": passing,
                                "absorption_gate_passed": passing >= self.min_letters,
                                "absorption_probe_f1": statistics.mean(r["probe_f1"] for r in self.letters.values())}
         for key, name in (("fraction", "mean_absorption_fraction_score"), ("full", "mean_full_absorption_score"),

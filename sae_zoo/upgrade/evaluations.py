@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_json
 from ..data.base import LanguageModelData
 from ..evals import EvalSettings, run_evals
+from ..evaluation.absorption import counted_letters
+from ..evaluation.autointerp import mean_and_se
 from ..model import SparseCoder
 from ..report import format_table
 from .candidates import CANDIDATES, SOURCE, PointKey
@@ -55,24 +56,23 @@ def settings_identity(settings: EvalSettings) -> dict[str, Any]:
                                  default=lambda o: dataclasses.asdict(o)))
 
 
-def paired(source: list[float], other: list[float]) -> tuple[float, float | None]:
-    """``(mean gain, its standard error)`` of ``other`` over ``source``, item by item."""
-    diffs = [b - a for a, b in zip(source, other)]
-    return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+def paired(source: list[float], other: list[float], spec: str = ".4f") -> str:
+    """`` (gain ± se)``: the mean gain of ``other`` over ``source``, item by item, and its standard error."""
+    gain, se = mean_and_se([b - a for a, b in zip(source, other)])
+    return f" ({gain:+{spec}} ± {se:{spec}})" if math.isfinite(se) else f" ({gain:+{spec}})"
 
 
 def absorption_columns(source: dict[str, Any], other: dict[str, Any]) -> list[str]:
     """Mean absorption fraction and full absorption, with the gain over the SAE's ± its SE paired over letters."""
-    letters = [l for l, r in source["absorption_per_letter"].items()
-               if r["probe_f1"] > 0.6 and r["words"] > 0]  # the same probe, words and letters for every encoder
+    # the same probe, words and letters for every encoder
+    letters = counted_letters(source["absorption_per_letter"], source["absorption_min_probe_f1"])
     cells = []
     for key, figure in (("fraction", "mean_absorption_fraction_score"), ("full", "mean_full_absorption_score")):
         value = other[figure]
         cell = "-" if value is None else f"{value:.4f}"
         if other is not source and letters:
-            gain, se = paired([source["absorption_per_letter"][l][key] for l in letters],
-                              [other["absorption_per_letter"][l][key] for l in letters])
-            cell += f" ({gain:+.4f} ± {se:.4f})" if se is not None else f" ({gain:+.4f})"
+            cell += paired([source["absorption_per_letter"][l][key] for l in letters],
+                           [other["absorption_per_letter"][l][key] for l in letters])
         cells.append(cell)
     return cells
 
@@ -89,8 +89,7 @@ def autointerp_columns(source: dict[str, Any], other: dict[str, Any]) -> list[st
             mine = {r["latent"]: r[kind]["balanced_accuracy"] for r in source["autointerp_per_latent"]}
             theirs = {r["latent"]: r[kind]["balanced_accuracy"] for r in other["autointerp_per_latent"]}
             common = [latent for latent in mine if latent in theirs]
-            gain, se = paired([mine[i] for i in common], [theirs[i] for i in common])
-            cell += f" ({gain:+.3f} ± {se:.3f})" if se is not None else f" ({gain:+.3f})"
+            cell += paired([mine[i] for i in common], [theirs[i] for i in common], ".3f")
         cells.append(cell)
     return cells
 
