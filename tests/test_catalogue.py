@@ -100,10 +100,64 @@ LAYOUTS = {"saelens": saelens_files, "gemma_scope": gemma_scope_files, "sparsify
 TRANSCODER_LAYOUTS = {"sparsify": sparsify_skip_transcoder_files, "gemma_scope_2": gemma_scope_2_files}
 
 
+def circuit_tracer_clt_files(w, n_layers=3):   # mntss/clt-*: W_enc_N/W_dec_N at the repo's root, and config.yaml
+    g = torch.Generator().manual_seed(11)
+    files, layers = {"config.yaml": b"model_kind: cross_layer_transcoder\nfeature_input_hook: hook_resid_mid\n"
+                                    b"feature_output_hook: hook_mlp_out\n"}, []
+    for i in range(n_layers):
+        layer = {"W_enc": w["W_enc"] + i, "b_enc": w["b_enc"], "b_dec": w["b_dec"], "threshold": w["threshold"],
+                 "W_dec": torch.randn(N, n_layers - i, D, generator=g)}
+        files[f"W_enc_{i}.safetensors"] = safetensors_bytes({f"W_enc_{i}": layer["W_enc"], f"b_enc_{i}": w["b_enc"],
+                                                             f"b_dec_{i}": w["b_dec"], f"threshold_{i}": w["threshold"]})
+        files[f"W_dec_{i}.safetensors"] = safetensors_bytes({f"W_dec_{i}": layer["W_dec"]})
+        layers.append(layer)
+    return files, layers
+
+
+def gemma_scope_2_clt_files(w, n_layers=3):   # google/gemma-scope-2-*: clt/.../params_layer_N.safetensors
+    g = torch.Generator().manual_seed(12)
+    files, layers = {}, []
+    for i in range(n_layers):
+        w_dec = torch.randn(N, n_layers, D, generator=g)
+        layer = {"W_enc": w["W_enc"] - i, "b_enc": w["b_enc"], "b_dec": w["b_dec"], "threshold": w["threshold"],
+                 "W_dec": w_dec[:, i:]}
+        files[f"params_layer_{i}.safetensors"] = safetensors_bytes(
+            {"w_enc": layer["W_enc"].T.contiguous(), "w_dec": w_dec, "b_enc": w["b_enc"], "b_dec": w["b_dec"],
+             "threshold": w["threshold"]})
+        layers.append(layer)
+    return files, layers
+
+
+CLT_LAYOUTS = {"circuit_tracer_clt": circuit_tracer_clt_files, "gemma_scope_2_clt": gemma_scope_2_clt_files}
+
+
+def check_clt_release(entry, w, hub):
+    files, layers = CLT_LAYOUTS[entry.format](w)
+    prefix = f"{entry.path}/" if entry.path else ""
+    hub.serve(entry.repo_id, {f"{prefix}{name}": data for name, data in files.items()})
+    loaded = sae_zoo.load_sae(entry.name)
+    assert loaded.format == entry.format and loaded.metadata["catalogue"] == entry.name
+    assert loaded.clt.provenance["model_name"] == entry.model and loaded.clt.n_layers == len(layers)
+    x = torch.randn(16, len(layers), D, generator=torch.Generator().manual_seed(1))
+    codes = []
+    for i, layer in enumerate(layers):
+        z = x[:, i] @ layer["W_enc"].T + layer["b_enc"]
+        codes.append(z * (z > layer["threshold"]))
+    expected = torch.stack([sum(codes[i] @ layers[i]["W_dec"][:, out - i] for i in range(out + 1)) + layers[out]["b_dec"]
+                            for out in range(len(layers))], 1)
+    with torch.no_grad():
+        out = loaded.model()(x)
+    assert (out.codes != 0).any()
+    torch.testing.assert_close(out.codes, torch.stack(codes, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.outputs, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("release", releases())
 def test_every_release_loads_by_name_with_its_lm_hook_and_codes(release, hub):
     entries = [e for e in catalogue().values() if e.release == release]
     entry = entries[len(entries) // 2]
+    if entry.format in CLT_LAYOUTS:
+        return check_clt_release(entry, tensors(len(entry.name)), hub)
     w = tensors(len(entry.name))
     w["W_skip"] = 0.3 * torch.randn(D, D, generator=torch.Generator().manual_seed(7))
     if entry.format == "dictionary_learning":

@@ -60,10 +60,12 @@ from .._io import (atomic_directory, atomic_write_json, check_shape, read_json, 
                    read_torch_state, read_yaml, require_keys)
 from ..dictionary import Dictionary
 from ..encoders import EncoderHead, ForeignSAE, UnsupportedConversion, converter_for
+from ..clt import CrossLayerTranscoder
 from ..families import create_family
 from ..model import SparseCoder
 from ..pretrained.files import is_local, list_files, resolve_file
 from .catalogue import close_releases, find_entry
+from .clt import CLT_FORMAT_FILES, PretrainedCLT, detect_clt_format, load_clt_files
 from .run import load_run
 
 #: format -> its files (config, then weights); load_sae recognises a format by them
@@ -143,15 +145,17 @@ def detect_format(names: list[str], where: str) -> str:
 def load_sae(source: str | Path, *, format: str | None = None, subfolder: str | None = None,
              revision: str | None = None, trainable: bool = False, token: str | bool | None = None,
              cache_dir: str | Path | None = None, force_download: bool = False,
-             local_files_only: bool = False, layer: int | None = None) -> PretrainedSAE:
+             local_files_only: bool = False, layer: int | None = None) -> PretrainedSAE | PretrainedCLT:
     """Load an SAE saved by SAELens, sparsify, dictionary_learning or sae_zoo from a local directory or
     a Hub repo (``subfolder`` picks one SAE of a repo that holds several), or a catalogue entry
     ``"release/sae_id"`` (:func:`list_pretrained`), whose LM, hook and normalisation then come with it.
     The format is detected from the files unless ``format`` names it. ``trainable`` decides whether the
     dictionary trains further. ``layer`` picks one transcoder of a folder that holds one per layer
-    (circuit-tracer's ``layer_{N}.safetensors``)."""
-    if format is not None and format not in FORMAT_FILES:
-        raise ValueError(f"format={format!r} is not one of {', '.join(FORMAT_FILES)}")
+    (circuit-tracer's ``layer_{N}.safetensors``). A cross-layer transcoder (circuit-tracer's ``W_enc_{N}``/``W_dec_{N}``
+    files, Gemma Scope 2's ``params_layer_{N}``, a saved :class:`~sae_zoo.CrossLayerTranscoder`) loads whole, as a
+    :class:`~sae_zoo.hub.clt.PretrainedCLT` whose ``model()`` gives its features and outputs."""
+    if format is not None and format not in FORMAT_FILES and format not in CLT_FORMAT_FILES:
+        raise ValueError(f"format={format!r} is not one of {', '.join([*FORMAT_FILES, *CLT_FORMAT_FILES])}")
     entry = None if is_local(source) else find_entry(str(source))
     if entry is not None:
         if subfolder or format:
@@ -160,21 +164,33 @@ def load_sae(source: str | Path, *, format: str | None = None, subfolder: str | 
                        trainable=trainable, token=token, cache_dir=cache_dir, force_download=force_download,
                        local_files_only=local_files_only)
         sae.metadata.update(entry.provenance())
-        sae.dictionary.provenance.update(entry.provenance())
+        (sae.clt if isinstance(sae, PretrainedCLT) else sae.dictionary).provenance.update(entry.provenance())
         return sae
     if not is_local(source) and str(source).count("/") > 1:  # a Hub repo id has one '/' at most
         raise FileNotFoundError(f"no local folder {str(source)!r} exists, and it is neither a Hub repo id (one '/' "
                                 f"at most) nor a catalogue entry{close_releases(str(source))} (see "
                                 "sae_zoo.list_pretrained())")
     where = f"{source}/{subfolder}" if subfolder else str(source)
-    if format is None:
+    names = None
+    if format is None or format in CLT_FORMAT_FILES:
         try:
             names = list_files(source, subfolder=subfolder, revision=revision, token=token)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e}{close_releases(str(source))}") from None
-        format = detect_format(names, where)
+        format = format or detect_clt_format(names) or detect_format(names, where)
     download = {"subfolder": subfolder, "revision": revision, "token": token, "cache_dir": cache_dir,
                 "force_download": force_download, "local_files_only": local_files_only}
+    if format in CLT_FORMAT_FILES:  # a cross-layer transcoder: every layer's files at once
+        if layer is not None:
+            raise ValueError(f"{where} is a cross-layer transcoder, one model over all its layers: drop layer={layer}")
+        provenance = {k: v for k, v in {"format": format, "source": str(source), "subfolder": subfolder,
+                                        "revision": revision}.items() if v is not None}
+        loaded = load_clt_files(source, format, names, download, provenance)
+        loaded.clt.requires_grad_(trainable)
+        return loaded
+    if format == "sae_zoo" and _is_clt_folder(source, download):
+        clt = CrossLayerTranscoder.from_pretrained(source, **{k: v for k, v in download.items() if k != "subfolder"})
+        return PretrainedCLT(clt.requires_grad_(trainable), format, dict(clt.provenance))
     if format in ("sae_zoo", "sae_zoo_run"):
         if subfolder:
             raise ValueError("subfolder applies to SAELens, sparsify and dictionary_learning repos")
@@ -193,6 +209,11 @@ def load_sae(source: str | Path, *, format: str | None = None, subfolder: str | 
                                     "revision": revision, "layer": layer}.items() if v is not None}
     sae, unavailable = READERS[format](*paths, provenance)
     return _assemble(format, sae, trainable, provenance, unavailable)
+
+
+def _is_clt_folder(source: str | Path, download: dict[str, Any]) -> bool:
+    """Whether a sae_zoo folder holds a cross-layer transcoder (its config.json's ``family``)."""
+    return read_json(resolve_file(source, FORMAT_FILES["sae_zoo"][0], **download)).get("family") == "clt"
 
 
 def _assemble(fmt: str, sae: ForeignSAE, trainable: bool, provenance: dict[str, Any],
