@@ -40,6 +40,7 @@ from . import flops
 from ._io import atomic_write, atomic_write_json, atomic_write_text, cache_key
 from ._signature import UnknownArgumentError, check_kwargs
 from .data import PAPER_SEED, SparseCodingData, get_datamodule_class
+from .clt_recipe import build_clt, check_clt_recipe, describe_clt, evaluate_clt, is_clt_recipe
 from .data.multi_hook import MultiHookData, check_hooks, hook_name
 from .dictionary import Dictionary
 from .encoders import create_encoder, get_encoder_class
@@ -235,8 +236,8 @@ def apply_head_defaults(cfg: DictConfig) -> None:
     what its family refuses (:func:`~sae_zoo.families.refused_recipe_keys`; a transcoder's, from ``data.hook_out``,
     ``model.family: transcoder`` or ``model.transcoder``: a decoder bias subtracted from the input, a tied
     start)."""
-    if cfg.setting != "unknown" or "pretrained" in cfg.dictionary or "name" not in cfg.encoder:
-        return
+    if cfg.setting != "unknown" or "pretrained" in cfg.dictionary or "name" not in cfg.encoder or is_clt_recipe(cfg):
+        return  # a CLT's heads take their hyper-parameters as given: the SAE's training defaults are not its own
     import_modules(list(cfg.imports))
     try:
         head = get_encoder_class(cfg.encoder.name)
@@ -434,7 +435,10 @@ def plan(cfg: DictConfig) -> Plan:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check the recipe (see :func:`plan`)."""
+    """Check the recipe (see :func:`plan`; a cross-layer transcoder's: :func:`~sae_zoo.clt_recipe.check_clt_recipe`)."""
+    if is_clt_recipe(cfg):
+        check_clt_recipe(cfg)
+        return
     plan(cfg)
 
 
@@ -621,6 +625,8 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True,
     if resume and not checkpoint.is_file():
         raise RecipeError(f"--resume: {run.path} holds no {CHECKPOINT}: the run wrote none (set checkpoint_every) "
                           "or had not reached its first one")
+    if is_clt_recipe(cfg):
+        return _fit_clt(run, cfg, progress, checkpoint if resume else None)
     p = plan(cfg)
     if p.hooks:
         recipes = hook_recipes(cfg, run.path)
@@ -728,6 +734,32 @@ def _train_and_evaluate_hooks(run: RunFolder, trainer: L.Trainer, data: MultiHoo
     metrics = {"hooks": folders, "steps": trainer.global_step, "train_seconds": round(train_seconds, 3),
                "devices": trainer.world_size, "lm_contexts": data._live.lm_contexts if data._live else 0,
                "test": tests}
+    atomic_write_json(run.path / "metrics.json", metrics)
+    return run.path, metrics
+
+
+def _fit_clt(run: RunFolder, cfg: DictConfig, progress: bool, resume_from: Path | None) -> tuple[Path, dict[str, Any]]:
+    """Train a cross-layer transcoder from one LM pass over its layers (:mod:`sae_zoo.clt_recipe`), then write it
+    (``RUN_DIR/model``) and its held-out figures (``metrics.json``)."""
+    data, clt = build_clt(cfg)
+    callbacks = [TrainingClock(), *([PeriodicCheckpoint(run.path, cfg.checkpoint_every)] if cfg.checkpoint_every else [])]
+    trainer = make_trainer(_plain(cfg.trainer), progress=progress, root_dir=run.path, callbacks=callbacks,
+                           logger=[CSVLogger(run.path, name="logs", version="")])
+    run.start()
+    if trainer.is_global_zero and trainer.world_size == 1:
+        data.prepare_data()
+    trainer.fit(clt, datamodule=data, ckpt_path=resume_from)
+    train_seconds = training_seconds(trainer)
+    run.agree(trainer)
+    if not trainer.is_global_zero:
+        return run.path, {}
+    describe_clt(clt, data)
+    clt.save_pretrained(run.path / "model")
+    test = evaluate_clt({"clt": clt}, data)["clt"]
+    (run.path / CHECKPOINT).unlink(missing_ok=True)
+    metrics = {"family": "clt", "layers": clt.layers, "encoder": cfg.encoder.name, "steps": trainer.global_step,
+               "train_seconds": round(train_seconds, 3), "devices": trainer.world_size,
+               "test": {k: v for k, v in test.items() if isinstance(v, (int, float))}, "l0_per_layer": test["l0_per_layer"]}
     atomic_write_json(run.path / "metrics.json", metrics)
     return run.path, metrics
 
