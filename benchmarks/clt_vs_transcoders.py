@@ -14,7 +14,6 @@ with its standard error by bootstrap over contexts. Writes ``table.md`` and ``re
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -83,7 +82,7 @@ def main() -> None:
              f"{results['clt']['ce_contexts']} CE contexts (standard errors by bootstrap over contexts)", "",
              head, "|" + "---|" * (n + 5)]
     for name, figures in results.items():
-        fvus = " | ".join(cell(figures, f"fvu_layer_{i}") for i in range(n))
+        fvus = " | ".join(cell(figures, f"fvu_layer_{layer}") for layer in layers)
         lines.append(f"| {labels[name]} | {figures['l0_summed']:.1f} | {fvus} | {cell(figures, 'fvu_mean')} | "
                      f"{cell(figures, 'ce_loss_recovered')} | {cell(figures, 'ce_loss_recovered_vs_mean')} | "
                      f"{cell(figures, 'kl_div_score')} |")

@@ -166,7 +166,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from .dashboard import dashboard, parse_latents
 
     out = dashboard(args.run_dir, args.out, latents=parse_latents(args.latents), compare=args.compare,
-                    n_latents=args.n_latents, contexts=args.contexts, seed=args.seed)
+                    n_latents=args.n_latents, contexts=args.contexts, seed=args.seed, layer=args.layer)
     print(f"wrote {out / 'index.html'} (open it in a browser; it needs no server)")
     return 0
 
@@ -250,8 +250,19 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .hub import export_circuit_tracer, export_saelens, load_run
+    from .hub import export_circuit_tracer, export_circuit_tracer_clt, export_saelens, load_run
+    from .hub.clt import load_clt_run
 
+    clt = load_clt_run(args.run_dir)
+    if clt is not None:  # a cross-layer transcoder: circuit-tracer's CLT folder, every layer at once
+        if args.to != "circuit_tracer" or args.layer is not None or args.decoder_only:
+            raise ValueError(f"{args.run_dir} holds a cross-layer transcoder: it exports whole to circuit-tracer's CLT "
+                             "folder (--to circuit_tracer, no --layer or --decoder-only)")
+        out = export_circuit_tracer_clt(clt, args.out, feature_input_hook=args.feature_input_hook,
+                                        feature_output_hook=args.feature_output_hook, model_name=args.model_name)
+        print(f"wrote circuit-tracer's CLT folder to {out} (W_enc_N/W_dec_N.safetensors for N < {clt.n_layers}, "
+              "config.yaml)")
+        return 0
     model, _, _ = load_run(args.run_dir)
     if args.to == "circuit_tracer":
         if args.layer is None or args.decoder_only:
@@ -380,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--contexts", type=_positive, default=512, help="windows of the run's text to read (512, two "
                                                                       "per document)")
     dash.add_argument("--seed", type=int, default=0, help="seed of the latent draw and the band examples (0)")
+    dash.add_argument("--layer", type=int, default=None, help="a cross-layer transcoder's run: the block whose "
+                                                              "latents to show (default: its span's first)")
     dash.add_argument("--out", default=None, help="output folder (default RUN_DIR/dashboard[-vs-OTHER])")
     dash.set_defaults(func=cmd_dashboard)
 
@@ -412,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = _subcommand(sub, "export", help="write a run's SAE in SAELens's format (linear, top-k, BatchTopK, "
                                            "JumpReLU, gated and matching-pursuit heads; --decoder-only for others), "
-                                           "or a transcoder in circuit-tracer's per-layer format")
+                                           "or a transcoder in circuit-tracer's per-layer format (a cross-layer "
+                                           "transcoder: its CLT folder)")
     export.add_argument("run_dir", help="a run directory written by sae-zoo fit")
     export.add_argument("out", help="the folder to write to (SAELens: cfg.json and sae_weights.safetensors; "
                                     "circuit-tracer: layer_N.safetensors, added to its config.yaml)")

@@ -15,7 +15,9 @@ built per layer. The loss sums every layer's reconstruction of its MLP output (a
 penalty is Anthropic's, ``tanh(tanh_scale * code * ||decoders||)`` summed over latents and layers (each latent's
 decoders' norms summed over its target layers), unless the head fixes its L0 (top-k, BatchTopK). ``target_l0`` tunes
 the penalty's coefficient towards a summed L0 (:class:`~sae_zoo.sparsity.SparsityControl`); ``auxk_coeff`` adds
-AuxK per layer for top-k heads; ``lr_warmup_steps``/``lr_decay_steps`` shape the learning rate.
+AuxK per layer for top-k heads; ``lr_warmup_steps``/``lr_decay_steps`` shape the learning rate; ``across_layers``
+(BatchTopK heads) selects the batch's top codes over every layer at once instead of per layer; ``matryoshka_widths``
+adds the loss of each prefix of every layer's latents alone (Matryoshka SAEs' nested groups, per layer).
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from torch import Tensor, nn
 from ._io import atomic_directory, atomic_write_json, read_json, read_safetensors
 from .data.base import Pair
 from .encoders import EncoderHead, SparseCodes, create_encoder
+from .encoders.topk import batch_topk
 from .families import ModelFamily, register_family
-from .objectives import adam, lr_factor
+from .model import logging_step
+from .objectives import adam, check_matryoshka_widths, lr_factor
 from .pretrained.files import resolve_file
 from .schedules import schedule_steps, steps_or_fraction
 from .sparsity import SparsityControl
@@ -160,6 +164,7 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
                  layers: Sequence[int] | None = None, lr: float = 1e-3, sparsity_coeff: float = 1e-3,
                  tanh_scale: float = 4.0, target_l0: float | None = None, auxk_coeff: float = 0.0,
                  dead_tokens: int = 10_000_000, lr_warmup_steps: int | float = 0, lr_decay_steps: int | float = 0,
+                 across_layers: bool = False, matryoshka_widths: Sequence[int] | None = None,
                  provenance: dict[str, Any] | None = None) -> None:
         super().__init__()
         if len(encoders) != decoder.n_layers:
@@ -174,6 +179,9 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
         if target_l0 is not None and True in forced:
             raise ValueError(f"target_l0={target_l0}: the {encoders[0].name!r} head fixes its L0 (k), so there is no "
                              "penalty to tune; set k instead")
+        if across_layers and not all(h.name == "batchtopk" for h in encoders):
+            raise ValueError(f"across_layers=True selects a BatchTopK over every layer's latents at once; the "
+                             f"{encoders[0].name!r} head is not batchtopk")
         if auxk_coeff and not all(hasattr(h, "linear") for h in encoders):
             raise ValueError(f"auxk_coeff={auxk_coeff}: AuxK needs heads built on one linear map")
         for name, value in {"lr": lr, "tanh_scale": tanh_scale}.items():
@@ -190,7 +198,10 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
         self.options = {"lr": float(lr), "sparsity_coeff": float(sparsity_coeff), "tanh_scale": float(tanh_scale),
                         "target_l0": target_l0, "auxk_coeff": float(auxk_coeff), "dead_tokens": int(dead_tokens),
                         "lr_warmup_steps": steps_or_fraction(lr_warmup_steps, "lr_warmup_steps"),
-                        "lr_decay_steps": steps_or_fraction(lr_decay_steps, "lr_decay_steps")}
+                        "lr_decay_steps": steps_or_fraction(lr_decay_steps, "lr_decay_steps"),
+                        "across_layers": bool(across_layers),
+                        "matryoshka_widths": (check_matryoshka_widths(matryoshka_widths, decoder.d_transcoder)
+                                              if matryoshka_widths else None)}
         self.penalised = True not in forced
         self.sparsity = SparsityControl(sparsity_coeff if self.penalised else 1.0, target_l0)
         self.register_buffer("tokens_since_fired", torch.zeros(self.n_layers, self.d_transcoder), persistent=False)
@@ -309,10 +320,15 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
         """Each term of the training loss, and what is logged beside it."""
         self.check_input(x)
         self.check_input(target, "target")
-        codes = [head.training_codes(x[:, i], None).codes for i, head in enumerate(self.encoders)]
+        codes = (self._codes_across_layers(x) if self.options["across_layers"] else
+                 [head.training_codes(x[:, i], None).codes for i, head in enumerate(self.encoders)])
         out = self.decode(codes, x)
         per_layer = ((out - target) ** 2).mean(dim=(0, 2))
         terms = {"mse": per_layer.sum()}
+        for width in (self.options["matryoshka_widths"] or [])[:-1]:  # each prefix of every layer's latents alone
+            prefix = [SparseCodes(c.values * (c.indices < width), c.indices) if isinstance(c, SparseCodes)
+                      else c[:, :width] for c in codes]
+            terms["mse"] = terms["mse"] + ((self._decode_prefix(prefix, width, x) - target) ** 2).mean(dim=(0, 2)).sum()
         l0s = torch.stack([(c.values > 0).sum(-1).float().mean() if isinstance(c, SparseCodes)
                            else (c > 0).sum(-1).float().mean() for c in codes])
         if self.penalised:
@@ -325,6 +341,28 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
         if self.options["auxk_coeff"]:
             terms["auxk"] = self.options["auxk_coeff"] * self._auxk(x, target - out.detach(), codes)
         return {**terms, "l0": l0s.sum().detach(), "per_layer_mse": per_layer.detach()}
+
+    def _decode_prefix(self, codes: list[Tensor | SparseCodes], width: int, x: Tensor) -> Tensor:
+        """The outputs of each layer's first ``width`` latents alone (dense codes given as those columns)."""
+        if isinstance(codes[0], SparseCodes):
+            return self.decode(codes, x)
+        out = self.decoder.b_dec.expand(len(x), -1, -1).clone()
+        for i, c in enumerate(codes):
+            out[:, i:] += (c @ self.decoder.W_dec[i][:width].flatten(1)).view(len(x), self.n_layers - i, self.d_out)
+        return out + self.skip(x) if self.W_skip is not None else out
+
+    def _codes_across_layers(self, x: Tensor) -> list[Tensor]:
+        """BatchTopK over every layer's latents at once (as ``utahnlp/crosslayer-coding`` trains): the batch keeps its
+        ``k x n_layers x samples`` largest codes wherever they are, so a layer may use more of the budget than
+        another. Every head's inference threshold follows the smallest kept code of all layers."""
+        pre = torch.stack([head.linear_map(x[:, i], None) for i, head in enumerate(self.encoders)], 1).relu()
+        first = self.encoders[0]
+        values, indices = batch_topk(pre.flatten(1), first.training_k * self.n_layers)
+        codes = torch.zeros_like(pre.flatten(1)).scatter(1, indices, values).view_as(pre)
+        kept = values.detach() > 0
+        for head in self.encoders:
+            head._update_threshold(values.detach()[kept], indices[kept] % self.d_transcoder, len(x), None)
+        return list(codes.unbind(1))
 
     def _auxk(self, x: Tensor, residual: Tensor, codes: list[Tensor | SparseCodes]) -> Tensor:
         """AuxK per source layer (Gao et al. 2024): the dead latents' top ``d_out / 2`` pre-activations reconstruct
@@ -367,9 +405,11 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
                                      f"({ {k: float(v) for k, v in terms.items() if v.ndim == 0} })")
         if self.sparsity.targets_l0:
             self.sparsity.update(terms["l0"])
-        self.log_dict({"train/loss": loss.detach(), "train/mse": terms["mse"].detach(), "train/l0": terms["l0"],
-                       **({"train/sparsity_coeff": self.sparsity.coeff} if self.penalised else {})},
-                      prog_bar=False, on_step=True)
+        if self._trainer is not None and logging_step(self._trainer):  # logging costs more than a small step
+            self.log_dict({"train/loss": loss.detach(), "train/mse": terms["mse"].detach(), "train/l0": terms["l0"],
+                           **{f"train/mse_layer_{layer}": v for layer, v in zip(self.layers, terms["per_layer_mse"])},
+                           **({"train/sparsity_coeff": self.sparsity.coeff} if self.penalised else {})},
+                          prog_bar=False, on_step=True)
         return loss
 
     def configure_optimizers(self) -> Any:

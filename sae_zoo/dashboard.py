@@ -12,7 +12,9 @@ tokens its atom promotes, its top context) and one page per latent:
   weight folded in, as TransformerLens folds it), where the hook's width is the unembedding's.
 
 A transcoder's latents are shown with the contexts of the input they read (``data.hook``); its atoms write
-``data.hook_out`` (an MLP's output, in the residual stream's width), which the logit lens reads.
+``data.hook_out`` (an MLP's output, in the residual stream's width), which the logit lens reads. A cross-layer
+transcoder's are shown one source layer at a time (``layer``), each page with a bar chart of the latent's decoder norm
+at every layer it writes, and the logit lens of its decoders summed over those layers.
 
 ``compare``: a second run with the same decoder (two heads on one frozen dictionary, such as an SAE and the
 MLP head trained on its decoder). Each page then puts the same atom's two code streams side by side: each
@@ -27,16 +29,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._io import atomic_directory
+from ._io import atomic_directory, read_yaml
+from .clt import CrossLayerTranscoder
 from .data.base import LanguageModelData
 from .data.registry import language_model_data_class
 from .data.windows import Windows, columns, encode_windows, read_windows, token_text
 from .hub import load_run
+from .hub.clt import load_clt_run
 from .model import SparseCoder
 
 #: bands below the top contexts: quantiles of the peak activations of the windows where the latent fires
@@ -63,8 +68,52 @@ def parse_latents(text: str | None) -> list[int] | None:
         raise ValueError(f"--latents: {text!r} is not a comma-separated list of latent indices") from None
 
 
-def load_head(run_dir: str | Path) -> tuple[Head, dict[str, Any]]:
-    """The run's model and its data settings; a run without language-model activations is refused."""
+class CLTLayer(torch.nn.Module):
+    """One source layer of a cross-layer transcoder, shown as a head: its layer's encoder, and as atoms each latent's
+    decoders summed over the layers it writes (its whole write to the residual stream, which the logit lens reads)."""
+
+    def __init__(self, clt: CrossLayerTranscoder, index: int) -> None:
+        super().__init__()
+        self.clt, self.index = clt, index
+        self.dictionary = SimpleNamespace(n_latents=clt.d_transcoder,
+                                          atoms=clt.decoder.W_dec[index].detach().sum(1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.clt.decoder.b_dec.device
+
+    def encode(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.clt.encoders[self.index](x)
+
+    def norms_html(self, latent: int) -> str:
+        """A bar chart of the latent's decoder norm at its own layer and at every later one."""
+        import plotly.graph_objects as go
+        import plotly.io as pio
+
+        norms = self.clt.decoder.norms_by_target(self.index)[latent, self.index:].tolist()
+        layers = [str(layer) for layer in self.clt.layers[self.index:]]
+        fig = go.Figure(go.Bar(x=layers, y=norms))
+        fig.update_layout(height=220, margin={"l": 40, "r": 10, "t": 30, "b": 40}, xaxis_title="layer it writes",
+                          yaxis_title="decoder norm", title=f"latent {latent}: decoder norm at each layer it writes")
+        return pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=f"norms-{latent}")
+
+
+def load_head(run_dir: str | Path, layer: int | None = None) -> tuple[Head, dict[str, Any]]:
+    """The run's model and its data settings; a run without language-model activations is refused. A CLT run's
+    head is one source layer (``layer``, a block of its span; its first by default), read at that layer's hook."""
+    run_dir = Path(run_dir)
+    clt = load_clt_run(run_dir)
+    if clt is not None:
+        if layer is not None and layer not in clt.layers:
+            raise ValueError(f"--layer {layer}: {run_dir}'s cross-layer transcoder spans blocks {clt.layers}")
+        index = 0 if layer is None else clt.layers.index(layer)
+        data = dict(read_yaml(run_dir / "config.yaml").get("data") or {})
+        data.pop("hooks", None)
+        data["hook"], data["hook_out"] = clt.provenance["hooks"][index]
+        return Head(f"CLT layer {clt.layers[index]} ({run_dir.name})", CLTLayer(clt.eval(), index)), data
+    if layer is not None:
+        raise ValueError(f"--layer picks a source layer of a cross-layer transcoder; {run_dir} holds none")
     model, recipe, _ = load_run(run_dir)
     data = dict(recipe.get("data") or {})
     language_model_data_class(data, str(run_dir), "which has no text; a dashboard shows the text a latent fires on, "
@@ -196,11 +245,16 @@ def histogram_html(series: list[tuple[str, list[float]]], latent: int) -> str:
 
 def dashboard(run_dir: str | Path, out: str | Path | None = None, latents: list[int] | None = None,
               compare: str | Path | None = None, n_latents: int = 16, contexts: int = 512, per_document: int = 2,
-              top: int = 10, per_band: int = 3, before: int = 24, after: int = 8, seed: int = 0) -> Path:
-    """Write the dashboard of ``run_dir``'s latents (see the module docstring); returns its folder."""
+              top: int = 10, per_band: int = 3, before: int = 24, after: int = 8, seed: int = 0,
+              layer: int | None = None) -> Path:
+    """Write the dashboard of ``run_dir``'s latents (see the module docstring); returns its folder. A CLT run shows
+    the latents of its source layer ``layer``, with each one's decoder norm at every layer it writes."""
     run_dir = Path(run_dir)
-    head, data = load_head(run_dir)
+    head, data = load_head(run_dir, layer)
     heads = [head]
+    if compare is not None and isinstance(head.model, CLTLayer):
+        raise ValueError("--compare: a cross-layer transcoder's latents are shown alone (no other head shares its "
+                         "decoders)")
     if compare is not None:
         other, other_data = load_head(compare)
         check_comparable(run_dir, data, head, Path(compare), other_data, other)
@@ -208,7 +262,9 @@ def dashboard(run_dir: str | Path, out: str | Path | None = None, latents: list[
     n_total = head.model.dictionary.n_latents
     if latents is not None:  # a bad index fails before any text is read
         select_latents(latents, n_total, torch.ones(1, n_total, dtype=torch.bool), 0, seed, run_dir)
-    out = Path(out) if out else run_dir / ("dashboard" if compare is None else f"dashboard-vs-{Path(compare).name}")
+    default = (f"dashboard-vs-{Path(compare).name}" if compare is not None else
+               "dashboard" if layer is None else f"dashboard-layer-{layer}")
+    out = Path(out) if out else run_dir / default
 
     kwargs = {k: v for k, v in data.items() if k != "name"}
     datamodule = language_model_data_class(data, str(run_dir), "")(**kwargs)
@@ -243,6 +299,7 @@ def dashboard(run_dir: str | Path, out: str | Path | None = None, latents: list[
                                  **examples})
         pages.append({"latent": latent, "file": f"latent-{latent:05d}.html", "columns": page_columns,
                       "lens": lens[j] if lens else None,
+                      "decoder_norms": head.model.norms_html(latent) if isinstance(head.model, CLTLayer) else None,
                       "agreement": correlation(*(h.codes[..., j][~outliers] for h in heads)),
                       "histogram": histogram_html([(c["name"], c.pop("histogram")) for c in page_columns], latent)})
     n_tokens = int((~outliers).sum())

@@ -113,11 +113,11 @@ def test_training_lowers_the_summed_reconstruction_loss(head, options):
     torch.manual_seed(0)
     x, target = synthetic_pairs(4096)
     spec = {"name": head, **({"k": 4} if head == "topk" else {"threshold_init": 0.01})}
-    clt = CrossLayerTranscoder.create(N_LAYERS, D, D_TC, spec, lr=3e-3, **options)
+    clt = CrossLayerTranscoder.create(N_LAYERS, D, D_TC, spec, lr=1e-2, **options)
     with torch.no_grad():
         before = float(clt.loss_terms(x[:512], target[:512])["mse"])
     loader = torch.utils.data.DataLoader(list(zip(x.split(128), target.split(128))), batch_size=None)
-    trainer = L.Trainer(max_steps=160, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_steps=80, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu")
     trainer.fit(clt, loader)
     clt.eval()
@@ -294,3 +294,43 @@ def test_a_stacked_multi_hook_batch_feeds_the_clt():
     x, target = CrossLayerTranscoder.stack_batch(pairs)
     assert x.shape == (4, N_LAYERS, D) and float(x[0, 2, 0]) == 2 and float(target[0, 1, 0]) == 11
     assert CrossLayerDecoder(2, 4, 3).norms_by_target(1)[:, 0].abs().sum() == 0
+
+
+def test_batchtopk_across_layers_spends_one_budget_over_every_layer():
+    torch.manual_seed(0)
+    x, target = synthetic_pairs(2048, seed=3)
+    clt = CrossLayerTranscoder.create(N_LAYERS, D, D_TC, {"name": "batchtopk", "k": 2}, across_layers=True, lr=3e-3)
+    clt.train()
+    codes = torch.stack(clt._codes_across_layers(x[:256] * torch.tensor([4.0, 1.0, 0.5])[:, None]), 1)
+    assert int((codes > 0).sum()) == 2 * N_LAYERS * 256  # the batch's budget, over all layers at once
+    per_layer = (codes > 0).sum(dim=(0, 2))
+    assert per_layer[0] > per_layer[2]  # the layer with the larger inputs takes more of it
+    loader = torch.utils.data.DataLoader(list(zip(x.split(128), target.split(128))), batch_size=None)
+    L.Trainer(max_steps=16, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu").fit(clt, loader)
+    thresholds = torch.stack([h.threshold.detach().reshape(()) for h in clt.encoders])
+    assert float(thresholds[0]) > 0 and torch.allclose(thresholds, thresholds[0])
+    with torch.no_grad():
+        l0 = (clt.eval()(x[:512]).codes > 0).sum(dim=(1, 2)).float().mean()
+    assert 0.3 * 2 * N_LAYERS < float(l0) < 3 * 2 * N_LAYERS
+    with pytest.raises(ValueError, match="across_layers=True .* the 'topk' head is not batchtopk"):
+        CrossLayerTranscoder.create(2, D, D_TC, {"name": "topk", "k": 2}, across_layers=True)
+
+
+def test_matryoshka_prefixes_add_each_prefixs_own_reconstruction_loss():
+    torch.manual_seed(1)
+    x, target = synthetic_pairs(64, seed=4)
+    for spec in ({"name": "topk", "k": 3}, {"name": "jumprelu"}):
+        plain = randomised(CrossLayerTranscoder.create(N_LAYERS, D, D_TC, spec, skip_connection=True), threshold=0.1)
+        nested = CrossLayerTranscoder.create(N_LAYERS, D, D_TC, spec, skip_connection=True, matryoshka_widths=[4, D_TC])
+        nested.load_state_dict(plain.state_dict())
+        plain.train(), nested.train()
+        with torch.no_grad():
+            full = plain.loss_terms(x, target)["mse"]
+            both = nested.loss_terms(x, target)["mse"]
+            codes = plain.encode(x)
+            codes[..., 4:] = 0  # the first 4 latents of every layer alone
+            prefix = ((plain.decode(codes, x) - target) ** 2).mean(dim=(0, 2)).sum()
+        torch.testing.assert_close(both, full + prefix, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="matryoshka_widths must end at n_latents"):
+        CrossLayerTranscoder.create(2, D, D_TC, matryoshka_widths=[4, 8])

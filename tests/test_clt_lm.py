@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import sae_zoo
+from sae_zoo.cli import main
 from sae_zoo.clt_recipe import build_clt
+from sae_zoo.dashboard import dashboard
 from sae_zoo.evaluation.replacement import Replacement, replacement_ce, replacement_fvu
 from sae_zoo.recipe import RecipeError, fit, recipe_from_content
 
@@ -19,15 +21,22 @@ def clt_recipe(lm_files, tmp_path, **model):
                      "n_test_tokens": 300, "test_stride": 4, "batch_size": 100, "model_batch_size": 8,
                      "cache_dir": str(tmp_path / "cache"), "ce_contexts": 8, "buffer_contexts": 40,
                      "stats_tokens": 300, "normalize": True},
-            "dictionary": {"n_latents": 16}, "encoder": {"name": "topk", "k": 2},
+            "dictionary": {"n_latents": 16}, "encoder": {"name": "batchtopk", "k": 2},
             "model": {"family": "clt", "layers": [0, 1], "lr": 3e-3, "auxk_coeff": 0.03, "dead_tokens": 200, **model},
             "trainer": {"max_steps": 12, "accelerator": "cpu", "log_every_n_steps": 4},
             "run_dir": str(tmp_path / "run")}
 
 
-def test_a_clt_recipe_trains_from_one_pass_and_is_judged_with_its_mlps_replaced(lm_files, tmp_path):
-    cfg = recipe_from_content(clt_recipe(lm_files, tmp_path, skip_connection=True))
+@pytest.fixture(scope="module")
+def clt_run(lm_files, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("clt")
+    cfg = recipe_from_content(clt_recipe(lm_files, tmp_path))
     run_dir, metrics = fit(cfg, progress=False)
+    return cfg, run_dir, metrics
+
+
+def test_a_clt_recipe_trains_from_one_pass_and_is_judged_with_its_mlps_replaced(clt_run):
+    cfg, run_dir, metrics = clt_run
     test = metrics["test"]
     assert metrics["family"] == "clt" and metrics["layers"] == [0, 1] and metrics["steps"] == 12
     assert 0 < test["l0_summed"] <= 4 and all(0 < test[f"fvu_layer_{i}"] < 5 for i in (0, 1))
@@ -35,11 +44,34 @@ def test_a_clt_recipe_trains_from_one_pass_and_is_judged_with_its_mlps_replaced(
     assert all(torch.isfinite(torch.tensor(test[k])) for k in ("ce_clean", "ce_spliced", "ce_zero_ablation"))
     loaded = sae_zoo.load_sae(run_dir / "model")
     clt = loaded.model()
-    assert clt.layers == [0, 1] and clt.skip_connection and len(clt.provenance["input_scales"]) == 2
+    assert clt.layers == [0, 1] and len(clt.provenance["input_scales"]) == 2
     data, _ = build_clt(cfg)
     data.prepare_data()
     again = replacement_fvu(clt, data)
     assert again["fvu_layer_1"] == pytest.approx(test["fvu_layer_1"], rel=1e-6)
+
+
+def test_a_clt_run_exports_to_circuit_tracer_with_its_raw_activations_outputs(clt_run, tmp_path):
+    cfg, run_dir, _ = clt_run
+    assert main(["export", str(run_dir), str(tmp_path / "ct"), "--to", "circuit_tracer"]) == 0
+    clt = sae_zoo.load_sae(run_dir / "model").model()
+    exported = sae_zoo.load_sae(tmp_path / "ct").model()  # read back as circuit-tracer's files
+    scales = torch.tensor(clt.provenance["input_scales"])[:, None]
+    target_scales = torch.tensor(clt.provenance["target_scales"])[:, None]
+    raw = torch.randn(20, 2, clt.d_in)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(raw).outputs, clt(raw * scales).outputs / target_scales, rtol=1e-4,
+                                   atol=1e-5)
+    assert main(["export", str(run_dir), str(tmp_path / "sl")]) == 2  # SAELens has no CLT format: named, refused
+
+
+def test_a_clt_runs_dashboard_shows_where_each_latent_writes(clt_run, tmp_path):
+    _, run_dir, _ = clt_run
+    out = dashboard(run_dir, tmp_path / "dash", n_latents=3, contexts=16, layer=0)
+    page = next(out.glob("latent-*.html")).read_text()
+    assert "Where it writes" in page and 'id="norms-' in page and "CLT layer 0" in page
+    with pytest.raises(ValueError, match=r"--layer 5: .* spans blocks \[0, 1\]"):
+        dashboard(run_dir, tmp_path / "bad", layer=5)
 
 
 class LMsOwnMLPs(Replacement):

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._modes import evaluating
-from ..clt import CrossLayerTranscoder
+from ..clt import CrossLayerTranscoder, hook_layer
 from ..data.activations import any_outlier
 from ..data.base import split_batch
 from ..lm import token_kl, token_losses, transcoding
@@ -104,10 +104,17 @@ def held_out_layers(data: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x, target, context, outlier
 
 
+def span_blocks(data: Any) -> list[int | str]:
+    """The block each part of a several-hook datamodule reads (its input hook's number; its position where the hook
+    names none)."""
+    return [hook_layer(part.hparams.hook) if hook_layer(part.hparams.hook) is not None else i
+            for i, part in enumerate(data.parts.values())]
+
+
 @torch.no_grad()
 def replacement_fvu(model: Any, data: Any, chunk: int = 4096) -> dict[str, Any]:
-    """FVU of every layer's MLP output on the held-out tokens (outliers left out), each with its standard error by
-    bootstrap over contexts, their mean, the summed L0 (over layers, per token) and the dead latents' share."""
+    """FVU of every layer's MLP output on the held-out tokens (outliers left out; ``fvu_layer_{block}``), each with its
+    standard error by bootstrap over contexts, their mean, the summed L0 (over layers, per token) and the dead latents' share."""
     replacement = replacement_of(model)
     x, target, context, outlier = held_out_layers(data)
     keep = ~outlier
@@ -131,9 +138,9 @@ def replacement_fvu(model: Any, data: Any, chunk: int = 4096) -> dict[str, Any]:
                 fired[layer] |= active
     ones = torch.ones(n_contexts, dtype=torch.float64)
     figures: dict[str, Any] = {"tokens": len(x), "contexts": n_contexts}
-    for layer, s in enumerate(sums):
-        figures[f"fvu_layer_{layer}"] = float(s.fvu(ones))
-        figures[f"fvu_layer_{layer}_se"] = bootstrap_se(s.fvu, n_contexts)
+    for block, s in zip(span_blocks(data), sums):
+        figures[f"fvu_layer_{block}"] = float(s.fvu(ones))
+        figures[f"fvu_layer_{block}_se"] = bootstrap_se(s.fvu, n_contexts)
 
     def mean_fvu(weights: Tensor) -> Tensor:
         return torch.stack([s.fvu(weights) for s in sums]).mean(0)

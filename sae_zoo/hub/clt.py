@@ -253,3 +253,11 @@ def export_circuit_tracer_clt(clt: CrossLayerTranscoder, out_dir: str | Path, *,
                   "model_name": model_name or provenance.get("model_name"), "layers": clt.layers}
         (staging / CIRCUIT_TRACER_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     return Path(out_dir)
+
+
+def load_clt_run(run_dir: str | Path) -> CrossLayerTranscoder | None:
+    """The cross-layer transcoder a run folder holds (``model/``, written by a CLT recipe), or None."""
+    config = Path(run_dir) / "model" / "config.json"
+    if not config.is_file() or read_json(config).get("family") != "clt":
+        return None
+    return CrossLayerTranscoder.from_pretrained(Path(run_dir) / "model")
