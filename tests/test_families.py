@@ -18,7 +18,7 @@ def head(d_model=8, n_latents=16, name="topk", **kwargs):
 
 
 def test_the_families_are_registered_and_a_new_one_is_a_class_of_its_own():
-    assert {"sae", "transcoder"} <= set(list_families())
+    assert {"sae", "transcoder", "clt"} <= set(list_families())
 
     @register_family("denoiser_test")
     class Denoiser(ModelFamily):
@@ -42,7 +42,7 @@ def test_the_families_are_registered_and_a_new_one_is_a_class_of_its_own():
         assert rebuilt.family.name == "denoiser_test"
     finally:
         del FAMILIES["denoiser_test"]
-    with pytest.raises(ValueError, match="unknown model family 'nope'; registered: sae, transcoder"):
+    with pytest.raises(ValueError, match="unknown model family .nope.; registered: clt, sae, transcoder"):
         SparseCoder(head(), Dictionary(16, 8), family="nope")
     with pytest.raises(ValueError, match="family='sae' and transcoder=True disagree"):
         SparseCoder(head(), Dictionary(16, 8), family="sae", transcoder=True)
