@@ -33,6 +33,7 @@ def transcoder_recipe(clt_cfg, skip: bool):
     cfg = clt_cfg.copy()
     cfg.data.hooks = [list(pair) for pair in hooks]
     model = OmegaConf.to_container(clt_cfg.model)
+    cfg.probing = {"enabled": False}  # the table reads the replacement's figures, not each hook's probes
     cfg.model = {"family": "transcoder", "skip_connection": skip, "lr": model.get("lr", 1e-3),
                  "lr_decay_steps": model.get("lr_decay_steps", 0), "auxk_coeff": model.get("auxk_coeff", 0.0),
                  "dead_tokens": model.get("dead_tokens", 10_000_000)}

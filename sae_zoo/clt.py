@@ -31,6 +31,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelHubMixin
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ._io import atomic_directory, atomic_write_json, read_json, read_safetensors
@@ -94,8 +95,8 @@ class CrossLayer(ModelFamily):
     def check_head(head: EncoderHead, layer: int) -> None:
         """Refuse, by name, a head that cannot encode one layer of a CLT."""
         if head.reads_dictionary:
-            raise ValueError(f"encoder {head.name!r} (layer {layer}) is iterative: it finds its codes by reconstructing "
-                             "its input through the dictionary, and a CLT's decoders write later layers' MLP outputs, "
+            raise ValueError(f"encoder {head.name!r} (layer {layer}) is iterative: it finds its codes by "
+                             "reconstructing its input through the dictionary, and a CLT's decoders write later layers' MLP outputs, "
                              "unknown at inference. Use an amortised head (jumprelu, topk, batchtopk, linear)")
         if head.subtract_decoder_bias:
             raise ValueError(f"encoder {head.name!r} (layer {layer}) subtracts the decoder bias, which lies in the "
@@ -110,8 +111,9 @@ class CrossLayerDecoder(nn.Module):
         super().__init__()
         self.n_layers, self.d_transcoder, self.d_out = int(n_layers), int(d_transcoder), int(d_out)
         bound = (n_layers * d_out) ** -0.5
-        self.W_dec = nn.ParameterList([nn.Parameter(torch.empty(d_transcoder, n_layers - i, d_out).uniform_(-bound, bound))
-                                       for i in range(n_layers)])
+        self.W_dec = nn.ParameterList([
+            nn.Parameter(torch.empty(d_transcoder, n_layers - i, d_out).uniform_(-bound, bound))
+            for i in range(n_layers)])
         self.b_dec = nn.Parameter(torch.zeros(n_layers, d_out))
 
     def norms(self) -> Tensor:
@@ -142,15 +144,9 @@ class CrossLayerDecoder(nn.Module):
             rows, latents = codes.nonzero(as_tuple=True)
             if rows.numel() < SPARSE_DECODE_BELOW * codes.numel():  # sparse codes: gather their decoders alone
                 offsets = torch.searchsorted(rows, torch.arange(codes.shape[0], device=rows.device))
-                return F.embedding_bag(latents, weight, offsets, per_sample_weights=codes[rows, latents].to(weight.dtype),
-                                       mode="sum")
+                values = codes[rows, latents].to(weight.dtype)
+                return F.embedding_bag(latents, weight, offsets, per_sample_weights=values, mode="sum")
         return codes.to(weight.dtype) @ weight
-
-
-def _dense(codes: Tensor | SparseCodes, d_transcoder: int) -> Tensor:
-    if not isinstance(codes, SparseCodes):
-        return codes
-    return codes.values.new_zeros(codes.values.shape[0], d_transcoder).scatter_add_(-1, codes.indices, codes.values)
 
 
 class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_zoo", license="apache-2.0",
@@ -243,7 +239,6 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
                           **config.get("training", {}))
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        from safetensors.torch import save_file
         save_file({k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()},
                   str(save_directory / WEIGHTS_NAME))
         atomic_write_json(save_directory / CONFIG_NAME, self.config())

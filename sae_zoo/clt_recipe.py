@@ -68,7 +68,8 @@ def clt_hooks(cfg: DictConfig, n_model_layers: int | None = None) -> tuple[list[
 def check_clt_recipe(cfg: DictConfig) -> None:
     """Refuse, by key, what a CLT recipe cannot train with."""
     if cfg.setting != "unknown":
-        raise ValueError(f"setting: a cross-layer transcoder learns its decoders (setting=unknown), not {cfg.setting!r}")
+        raise ValueError(f"setting: a cross-layer transcoder learns its decoders (setting=unknown), not "
+                         f"{cfg.setting!r}")
     data = _plain(cfg.data)
     if data.pop("name", None) != "activations":
         raise ValueError("data.name: a cross-layer transcoder reads a language model's activations (activations)")

@@ -742,9 +742,11 @@ def _fit_clt(run: RunFolder, cfg: DictConfig, progress: bool, resume_from: Path 
     """Train a cross-layer transcoder from one LM pass over its layers (:mod:`sae_zoo.clt_recipe`), then write it
     (``RUN_DIR/model``) and its held-out figures (``metrics.json``)."""
     data, clt = build_clt(cfg)
-    callbacks = [TrainingClock(), *([PeriodicCheckpoint(run.path, cfg.checkpoint_every)] if cfg.checkpoint_every else [])]
+    callbacks = [TrainingClock(),
+                 *([PeriodicCheckpoint(run.path, cfg.checkpoint_every)] if cfg.checkpoint_every else [])]
+    loggers = logger_specs(OmegaConf.to_container(cfg.loggers, resolve=True) if cfg.get("loggers") else [])
     trainer = make_trainer(_plain(cfg.trainer), progress=progress, root_dir=run.path, callbacks=callbacks,
-                           logger=[CSVLogger(run.path, name="logs", version="")])
+                           logger=[CSVLogger(run.path, name="logs", version=""), *make_loggers(loggers, run.path)])
     run.start()
     if trainer.is_global_zero and trainer.world_size == 1:
         data.prepare_data()
@@ -759,7 +761,8 @@ def _fit_clt(run: RunFolder, cfg: DictConfig, progress: bool, resume_from: Path 
     (run.path / CHECKPOINT).unlink(missing_ok=True)
     metrics = {"family": "clt", "layers": clt.layers, "encoder": cfg.encoder.name, "steps": trainer.global_step,
                "train_seconds": round(train_seconds, 3), "devices": trainer.world_size,
-               "test": {k: v for k, v in test.items() if isinstance(v, (int, float))}, "l0_per_layer": test["l0_per_layer"]}
+               "test": {k: v for k, v in test.items() if isinstance(v, (int, float))},
+               "l0_per_layer": test["l0_per_layer"]}
     atomic_write_json(run.path / "metrics.json", metrics)
     return run.path, metrics
 

@@ -245,6 +245,17 @@ def test_saved_clts_load_back_through_load_sae(tmp_path):
         torch.testing.assert_close(loaded.model()(x).outputs, clt(x).outputs)
 
 
+def test_a_clt_goes_to_the_hub_and_comes_back_with_its_outputs(hub):
+    clt = randomised(CrossLayerTranscoder.create(N_LAYERS, D, D_TC, "jumprelu", layers=[3, 4, 5]))
+    clt.push_to_hub("alice/clt-test")  # the Hub mixin's own push: config.json, model.safetensors, a card
+    assert {"config.json", "model.safetensors", "README.md"} <= set(hub.repos["alice/clt-test"].resolve("main")[1])
+    x = torch.randn(12, N_LAYERS, D)
+    for loaded in (CrossLayerTranscoder.from_pretrained("alice/clt-test"), sae_zoo.load_sae("alice/clt-test").model()):
+        assert loaded.layers == [3, 4, 5]
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x).outputs, clt(x).outputs)
+
+
 def test_bad_input_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"layers: \[6, 8, 9\] are not consecutive"):
         check_layers([6, 8, 9])

@@ -114,7 +114,8 @@ def span_blocks(data: Any) -> list[int | str]:
 @torch.no_grad()
 def replacement_fvu(model: Any, data: Any, chunk: int = 4096) -> dict[str, Any]:
     """FVU of every layer's MLP output on the held-out tokens (outliers left out; ``fvu_layer_{block}``), each with its
-    standard error by bootstrap over contexts, their mean, the summed L0 (over layers, per token) and the dead latents' share."""
+    standard error by bootstrap over contexts, their mean, the summed L0 (over layers, per token) and the share of
+    dead latents."""
     replacement = replacement_of(model)
     x, target, context, outlier = held_out_layers(data)
     keep = ~outlier
