@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ._io import atomic_directory, atomic_write_json, read_json, read_safetensors
 from .data.base import Pair
+from .distributed import any_rank, summed, world_size
 from .encoders import EncoderHead, SparseCodes, create_encoder
 from .encoders.topk import batch_topk
 from .families import ModelFamily, register_family
@@ -369,8 +370,9 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
                     fired[c.indices[c.values > 0]] = True
                 else:
                     fired = (c > 0).any(0)
-                self.tokens_since_fired[i] += x.shape[0]
-                self.tokens_since_fired[i][fired] = 0
+                # every rank counts the global batch, so that all ranks agree on which latents are dead
+                self.tokens_since_fired[i] += x.shape[0] * world_size()
+                self.tokens_since_fired[i][any_rank(fired)] = 0
         losses = []
         for i, head in enumerate(self.encoders):
             dead = (self.tokens_since_fired[i] > self.options["dead_tokens"]).nonzero().flatten()
@@ -398,8 +400,8 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the CLT's loss is {float(loss)} at step {self.global_step} "
                                      f"({ {k: float(v) for k, v in terms.items() if v.ndim == 0} })")
-        if self.sparsity.targets_l0:
-            self.sparsity.update(terms["l0"])
+        if self.sparsity.targets_l0:  # the global batch's L0: every rank takes the same coefficient
+            self.sparsity.update(summed(terms["l0"]) / world_size())
         if self._trainer is not None and logging_step(self._trainer):  # logging costs more than a small step
             self.log_dict({"train/loss": loss.detach(), "train/mse": terms["mse"].detach(), "train/l0": terms["l0"],
                            **{f"train/mse_layer_{layer}": v for layer, v in zip(self.layers, terms["per_layer_mse"])},
