@@ -1,12 +1,12 @@
-"""The SmolLM2 table: a cross-layer transcoder over four consecutive blocks against per-layer transcoders (plain and
-with a skip term) on the same blocks, at equal total latents (the same latents per layer), equal summed L0 (top-k with
+"""The SmolLM2 table: a cross-layer transcoder over four consecutive blocks (plain and with a skip term) against
+per-layer transcoders (plain and with a skip term) on the same blocks, at equal total latents (the same latents per layer), equal summed L0 (top-k with
 the same k per layer) and equal tokens (the same data, batch and steps), from one recipe.
 
     python benchmarks/clt_vs_transcoders.py --quick            # 2 CPU cores: about half an hour
     python benchmarks/clt_vs_transcoders.py                    # the full recipe, for a GPU
 
-Trains the recipe's CLT, then the per-layer sets from one LM pass each (``data.hooks``, one transcoder per block),
-and judges all three on the same held-out tokens and contexts: FVU of every block's MLP output, and CE-loss
+Trains the recipe's CLT (and with ``model.skip_connection``), then the per-layer sets from one LM pass each
+(``data.hooks``, one transcoder per block), and judges all four on the same held-out tokens and contexts: FVU of every block's MLP output, and CE-loss
 recovered with all four MLPs replaced at once (against zeroing them all, and against each one's mean output), each
 with its standard error by bootstrap over contexts. Writes ``table.md`` and ``results.json`` in the output folder.
 """
@@ -24,6 +24,9 @@ from sae_zoo.hub import load_sae
 from sae_zoo.recipe import fit, load_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "llm" / "smollm2_clt.yaml"
+#: the table's rows: each model's run folder name and label
+LABELS = {"clt": "cross-layer transcoder", "skip_clt": "cross-layer transcoder + skip",
+          "transcoders": "per-layer transcoders", "skip_transcoders": "per-layer skip-transcoders"}
 
 
 def transcoder_recipe(clt_cfg, skip: bool):
@@ -58,22 +61,23 @@ def main() -> None:
     out = Path(args.out or f"runs/clt_vs_transcoders{'-quick' if args.quick else ''}")
     cfg = load_recipe(args.recipe, args.overrides, quick=args.quick)
     layers, hooks = clt_hooks(cfg)
-    runs = {"clt": out / "clt", "transcoders": out / "transcoders", "skip_transcoders": out / "skip_transcoders"}
+    runs = {name: out / name for name in LABELS}
     for name, run_dir in runs.items():
         if (run_dir / "metrics.json").exists():
             continue
-        one = cfg.copy() if name == "clt" else transcoder_recipe(cfg, skip=name == "skip_transcoders")
+        if name.endswith("clt"):
+            one = cfg.copy()
+            one.model.skip_connection = name == "skip_clt"
+        else:
+            one = transcoder_recipe(cfg, skip=name == "skip_transcoders")
         one.run_dir = str(run_dir)
         fit(one, recipe_name=name, progress=False)
-    models = {"clt": load_sae(runs["clt"] / "model").model(),
-              "transcoders": per_layer_models(runs["transcoders"], hooks),
-              "skip_transcoders": per_layer_models(runs["skip_transcoders"], hooks)}
+    models = {name: load_sae(run_dir / "model").model() if name.endswith("clt") else per_layer_models(run_dir, hooks)
+              for name, run_dir in runs.items()}
     data, _ = build_clt(cfg)
     data.prepare_data()
     results = evaluate_clt(models, data)
     atomic_write_json(out / "results.json", results)
-    labels = {"clt": "cross-layer transcoder", "transcoders": "per-layer transcoders",
-              "skip_transcoders": "per-layer skip-transcoders"}
     n = len(hooks)
     head = (f"| model | summed L0 | {' | '.join(f'FVU block {layer}' for layer in layers)} | mean FVU | "
             "CE recovered, all MLPs replaced (vs zero) | vs mean ablation | KL score |")
@@ -81,10 +85,10 @@ def main() -> None:
              f"{cfg.encoder.name} k={cfg.encoder.get('k')} per layer, {cfg.trainer.max_steps} steps of "
              f"{cfg.data.batch_size} tokens; {results['clt']['tokens']} held-out tokens, "
              f"{results['clt']['ce_contexts']} CE contexts (standard errors by bootstrap over contexts)", "",
-             head, "|" + "---|" * (n + 5)]
+             head, "|" + "---|" * (n + 6)]
     for name, figures in results.items():
         fvus = " | ".join(cell(figures, f"fvu_layer_{layer}") for layer in layers)
-        lines.append(f"| {labels[name]} | {figures['l0_summed']:.1f} | {fvus} | {cell(figures, 'fvu_mean')} | "
+        lines.append(f"| {LABELS[name]} | {figures['l0_summed']:.1f} | {fvus} | {cell(figures, 'fvu_mean')} | "
                      f"{cell(figures, 'ce_loss_recovered')} | {cell(figures, 'ce_loss_recovered_vs_mean')} | "
                      f"{cell(figures, 'kl_div_score')} |")
     clean = results["clt"]
