@@ -289,6 +289,11 @@ def test_bad_input_is_refused_by_name(tmp_path):
         export_circuit_tracer_clt(skip, tmp_path / "skip")
     with pytest.raises(ValueError, match="cross-layer transcoder, one model over all its layers: drop layer=1"):
         sae_zoo.load_sae(tmp_path / "shape", layer=1)
+    with torch.no_grad():
+        theirs.activation_function.threshold[1, 0, 3] = 0.2
+    theirs.to_safetensors(str(tmp_path / "whole"))
+    with pytest.raises(ValueError, match=r"is a cross-layer transcoder \(circuit_tracer_clt\).*no single dictionary"):
+        sae_zoo.load_sae(tmp_path / "whole").dictionary  # e.g. a recipe's dictionary.pretrained
 
 
 def test_the_catalogue_lists_the_public_clts():

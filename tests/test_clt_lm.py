@@ -42,7 +42,7 @@ def test_a_clt_recipe_trains_from_one_pass_and_is_judged_with_its_mlps_replaced(
     assert 0 < test["l0_summed"] <= 4 and all(0 < test[f"fvu_layer_{i}"] < 5 for i in (0, 1))
     # a random tiny LM barely needs its MLPs, so the recovered share is noise; the losses themselves are measured
     assert all(torch.isfinite(torch.tensor(test[k])) for k in ("ce_clean", "ce_spliced", "ce_zero_ablation"))
-    loaded = sae_zoo.load_sae(run_dir / "model")
+    loaded = sae_zoo.load_sae(run_dir)  # the run folder, as for an SAE's run (its model/ folder)
     clt = loaded.model()
     assert clt.layers == [0, 1] and len(clt.provenance["input_scales"]) == 2
     data, _ = build_clt(cfg)

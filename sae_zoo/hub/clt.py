@@ -46,6 +46,19 @@ class PretrainedCLT:
     def model(self) -> CrossLayerTranscoder:
         return self.clt.eval()
 
+    def _not_one_dictionary(self, what: str) -> ValueError:
+        return ValueError(f"{self.metadata.get('source', 'this model')} is a cross-layer transcoder ({self.format}): it "
+                          f"has one encoder and decoders per source layer, so no single {what}; use it whole, "
+                          "load_sae(...).model() (a CrossLayerTranscoder)")
+
+    @property
+    def dictionary(self) -> Any:  # what an SAE's or per-layer transcoder's reader asks for first
+        raise self._not_one_dictionary("dictionary")
+
+    @property
+    def encoder(self) -> Any:
+        raise self._not_one_dictionary("encoder")
+
 
 def layer_files(names: list[str], pattern: str) -> dict[int, str]:
     """``{layer: file name}`` of the names matching ``pattern`` (``{layer}``: a number)."""

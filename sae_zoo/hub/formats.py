@@ -65,7 +65,7 @@ from ..families import create_family
 from ..model import SparseCoder
 from ..pretrained.files import is_local, list_files, resolve_file
 from .catalogue import close_releases, find_entry
-from .clt import CLT_FORMAT_FILES, PretrainedCLT, detect_clt_format, load_clt_files
+from .clt import CLT_FORMAT_FILES, PretrainedCLT, detect_clt_format, load_clt_files, load_clt_run
 from .run import load_run
 
 #: format -> its files (config, then weights); load_sae recognises a format by them
@@ -171,6 +171,9 @@ def load_sae(source: str | Path, *, format: str | None = None, subfolder: str | 
                                 f"at most) nor a catalogue entry{close_releases(str(source))} (see "
                                 "sae_zoo.list_pretrained())")
     where = f"{source}/{subfolder}" if subfolder else str(source)
+    clt_run = load_clt_run(source) if is_local(source) and not subfolder and format is None else None
+    if clt_run is not None:  # a CLT recipe's run folder: its model/ folder
+        return PretrainedCLT(clt_run.requires_grad_(trainable), "sae_zoo", dict(clt_run.provenance))
     names = None
     if format is None or format in CLT_FORMAT_FILES:
         try:
