@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 import torch.nn.functional as F
-from huggingface_hub import ModelHubMixin
+from huggingface_hub import ModelCard, ModelHubMixin
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -268,6 +268,30 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
             raise ValueError(f"{weights_path}: tensors {', '.join(wrong[:5])} do not match {config_path}'s model")
         model.load_state_dict(state)
         return model.to(map_location).eval()
+
+    def generate_model_card(self, repo_id: str | None = None, **_: Any) -> ModelCard:
+        """The Hub's ``README.md``: what the CLT spans and reads, and how to load it."""
+        head = self.encoders[0].config()
+        hyper = ", ".join(f"{k}={v}" for k, v in head.items() if k not in ("name", "d_model", "n_latents"))
+        source = self.provenance
+        lines = [
+            "---", "library_name: sae_zoo", "license: apache-2.0",
+            "tags: [cross-layer-transcoder, transcoder, interpretability, sae_zoo]",
+            *([f"base_model: {source['model_name']}"] if isinstance(source.get("model_name"), str)
+              and "/" in source["model_name"] else []), "---", "",
+            f"# A cross-layer transcoder over blocks {self.layers[0]}-{self.layers[-1]}", "",
+            f"{self.n_layers} layers, {self.d_transcoder} latents per layer ({self.n_layers * self.d_transcoder} in "
+            f"all), each layer's encoder a `{head['name']}` head ({hyper or 'default hyper-parameters'}); each latent "
+            f"writes its own layer's output and every later one's"
+            f"{', with a skip term per layer' if self.W_skip is not None else ''}.",
+            "", f"- language model: `{source.get('model_name', 'not recorded')}`",
+            f"- hooks (input, output) per layer: {source.get('hooks', 'not recorded')}",
+            f"- training: {self.options}", "", "```python", "import sae_zoo", "",
+            f'clt = sae_zoo.load_sae("{repo_id or "REPO_ID"}").model()  # a CrossLayerTranscoder',
+            "# x: (batch, n_layers, d_in), each layer's activations times its input_scales (in clt.provenance)",
+            "outputs, codes = clt(x)",
+            "```", ""]
+        return ModelCard("\n".join(lines))
 
     # ---- the model ----
 

@@ -248,7 +248,9 @@ def test_saved_clts_load_back_through_load_sae(tmp_path):
 def test_a_clt_goes_to_the_hub_and_comes_back_with_its_outputs(hub):
     clt = randomised(CrossLayerTranscoder.create(N_LAYERS, D, D_TC, "jumprelu", layers=[3, 4, 5]))
     clt.push_to_hub("alice/clt-test")  # the Hub mixin's own push: config.json, model.safetensors, a card
-    assert {"config.json", "model.safetensors", "README.md"} <= set(hub.repos["alice/clt-test"].resolve("main")[1])
+    files = hub.repos["alice/clt-test"].resolve("main")[1]
+    assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+    assert b"cross-layer transcoder over blocks 3-5" in files["README.md"] and b"library_name: sae_zoo" in files["README.md"]
     x = torch.randn(12, N_LAYERS, D)
     for loaded in (CrossLayerTranscoder.from_pretrained("alice/clt-test"), sae_zoo.load_sae("alice/clt-test").model()):
         assert loaded.layers == [3, 4, 5]
