@@ -10,6 +10,7 @@ import sae_zoo
 from sae_zoo.cli import main
 from sae_zoo.clt_recipe import build_clt
 from sae_zoo.dashboard import dashboard
+from sae_zoo.lm import intercept, read_activations
 from sae_zoo.evaluation.replacement import Replacement, replacement_ce, replacement_fvu
 from sae_zoo.recipe import RecipeError, fit, recipe_from_content
 
@@ -93,6 +94,19 @@ class Zeroes(LMsOwnMLPs):
         return torch.zeros(len(x), self.parts[layer].d_out), x
 
 
+class ShiftedFirst(LMsOwnMLPs):
+    """Block 0's own MLP output plus a shift; every layer's input recorded as it is given."""
+
+    def __init__(self, data, shift):
+        super().__init__(data)
+        self.shift, self.seen = shift, {0: [], 1: []}
+
+    def step(self, layer, x):
+        self.seen[layer].append(x.clone())
+        out, codes = super().step(layer, x)
+        return (out + self.shift if layer == 0 else out), codes
+
+
 def test_the_replacement_pass_feeds_each_layer_its_edited_input(lm_files, tmp_path):
     cfg = recipe_from_content(clt_recipe(lm_files, tmp_path))
     data, _ = build_clt(cfg)
@@ -101,6 +115,24 @@ def test_the_replacement_pass_feeds_each_layer_its_edited_input(lm_files, tmp_pa
     assert figures["own"]["ce_spliced"] == pytest.approx(figures["own"]["ce_clean"], abs=1e-5)
     assert figures["own"]["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert figures["zero"]["ce_spliced"] == pytest.approx(figures["zero"]["ce_zero_ablation"], abs=1e-5)
+    # block 1 is given the input of the stream block 0's replacement left, read here apart with block 0's output shifted
+    parts = list(data.parts.values())
+    shift = torch.linspace(-3, 3, parts[0].d_out)
+    shifted = ShiftedFirst(data, shift)
+    replacement_ce({"shifted": shifted}, data)
+    tokens, _, keep_first = parts[0].ce_batches()
+    lm = parts[0].language_model()[0]
+
+    def shift_block_0(acts):
+        moved = acts + shift / parts[0].target_scale
+        return torch.cat([acts[:, :1], moved[:, 1:]], 1) if keep_first else moved
+
+    with intercept(parts[0].target_hook, shift_block_0):
+        edited = read_activations(lm, parts[1].language_model()[2], tokens).flatten(0, 1) * parts[1].scale
+    clean = read_activations(lm, parts[1].language_model()[2], tokens).flatten(0, 1) * parts[1].scale
+    given = torch.cat(shifted.seen[1])
+    torch.testing.assert_close(given, edited, rtol=1e-4, atol=1e-4)
+    assert (given - clean).norm() > 0.01 * clean.norm()  # far beyond the tolerance the match holds to
     fvu = replacement_fvu(LMsOwnMLPs(data), data)
     assert fvu["fvu_layer_0"] == pytest.approx(0.0, abs=1e-5) and fvu["fvu_layer_1"] == pytest.approx(0.0, abs=1e-5)
 
