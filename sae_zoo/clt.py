@@ -446,8 +446,12 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # what a resumed run needs beside the weights: the controller's state and how long each latent has been dead
         checkpoint["clt_sparsity"] = {"coeff": float(self.sparsity.coeff), "integral": float(self.sparsity.integral)}
+        checkpoint["clt_tokens_since_fired"] = self.tokens_since_fired.cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "clt_sparsity" in checkpoint:
             self.sparsity.restore(**checkpoint["clt_sparsity"])
+        if "clt_tokens_since_fired" in checkpoint:
+            self.tokens_since_fired.copy_(checkpoint["clt_tokens_since_fired"])

@@ -741,7 +741,9 @@ def _train_and_evaluate_hooks(run: RunFolder, trainer: L.Trainer, data: MultiHoo
 def _fit_clt(run: RunFolder, cfg: DictConfig, progress: bool, resume_from: Path | None) -> tuple[Path, dict[str, Any]]:
     """Train a cross-layer transcoder from one LM pass over its layers (:mod:`sae_zoo.clt_recipe`), then write it
     (``RUN_DIR/model``) and its held-out figures (``metrics.json``)."""
-    data, clt = build_clt(cfg)
+    L.seed_everything(cfg.seed, verbose=False)
+    with initialising(cfg.seed):  # as an SAE's run: the same recipe starts from the same weights
+        data, clt = build_clt(cfg)
     callbacks = [TrainingClock(),
                  *([PeriodicCheckpoint(run.path, cfg.checkpoint_every)] if cfg.checkpoint_every else [])]
     loggers = logger_specs(OmegaConf.to_container(cfg.loggers, resolve=True) if cfg.get("loggers") else [])

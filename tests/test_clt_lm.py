@@ -146,3 +146,34 @@ def test_bad_clt_recipes_are_refused_by_key(lm_files, tmp_path):
         recipe_from_content(clt_recipe(lm_files, tmp_path, tied_init=True))
     with pytest.raises(ValueError, match=r"hook 'mlp_in.6': the model has blocks 0..2"):  # before any forward pass
         build_clt(recipe_from_content(clt_recipe(lm_files, tmp_path, layers=[6, 7])))
+
+
+def test_a_killed_clt_run_resumes_to_the_weights_of_an_uninterrupted_run(lm_files, tmp_path, monkeypatch):
+    """Stopped at step 7 of 12 with checkpoints every 4 steps: the resumed run goes on from step 4 (the weights, Adam,
+    the sparsity controller, the dead-latent counts and the data's stream position) to the uninterrupted run's end."""
+    from sae_zoo import CrossLayerTranscoder
+    from sae_zoo.recipe import resume_recipe
+
+    def recipe(name):
+        content = clt_recipe(lm_files, tmp_path, auxk_coeff=0.1, dead_tokens=100)
+        content.update(checkpoint_every=4, run_dir=str(tmp_path / name), encoder={"name": "jumprelu"},
+                       model={**content["model"], "target_l0": 6.0, "auxk_coeff": 0.0, "lr_decay_steps": 4})
+        return recipe_from_content(content)
+
+    whole, _ = fit(recipe("whole"), progress=False)
+    end = CrossLayerTranscoder.on_train_batch_end
+
+    def stop_at_7(self, outputs, batch, batch_idx):
+        end(self, outputs, batch, batch_idx)
+        if self.global_step == 7:
+            raise RuntimeError("pre-empted")  # as a job that dies mid-run: no model written, the checkpoint left
+    monkeypatch.setattr(CrossLayerTranscoder, "on_train_batch_end", stop_at_7)
+    with pytest.raises(RuntimeError, match="pre-empted"):
+        fit(recipe("killed"), progress=False)
+    monkeypatch.setattr(CrossLayerTranscoder, "on_train_batch_end", end)
+    assert (tmp_path / "killed" / "checkpoint.ckpt").is_file() and not (tmp_path / "killed" / "metrics.json").exists()
+    resumed, metrics = fit(resume_recipe(tmp_path / "killed"), progress=False, resume=True)
+    assert metrics["steps"] == 12
+    a, b = (sae_zoo.load_sae(run).model() for run in (whole, resumed))
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
