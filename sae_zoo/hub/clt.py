@@ -102,18 +102,19 @@ def _assemble(layers: list[dict[str, torch.Tensor]], head: str, skip: list[torch
     d_tc, d_in = layers[0]["W_enc"].shape
     d_out = layers[0]["b_dec"].shape[0]
     heads = [create_encoder(head, d_model=d_in, n_latents=d_tc) for _ in range(n_layers)]
-    decoder = CrossLayerDecoder(n_layers, d_tc, d_out)
+    with torch.device("meta"):  # the decoders, which grow with the square of the layers, take the files' tensors
+        decoder = CrossLayerDecoder(n_layers, d_tc, d_out)
+    decoder.load_state_dict({**{f"W_dec.{i}": layer["W_dec"].float().contiguous() for i, layer in enumerate(layers)},
+                             "b_dec": torch.stack([layer["b_dec"] for layer in layers]).float()}, assign=True)
     clt = CrossLayerTranscoder(heads, decoder, skip_connection=skip is not None, provenance=provenance)
     with torch.no_grad():
-        for i, (layer, encoder) in enumerate(zip(layers, heads)):
+        for layer, encoder in zip(layers, heads):
             encoder.linear.weight.copy_(layer["W_enc"])
             encoder.linear.bias.copy_(layer["b_enc"])
             if head == "jumprelu":
                 encoder.threshold.copy_(layer["threshold"].reshape(-1).expand(d_tc))
-            decoder.W_dec[i].copy_(layer["W_dec"])
-            decoder.b_dec[i].copy_(layer["b_dec"])
-            if skip is not None:
-                clt.W_skip[i].copy_(skip[i])
+        if skip is not None:
+            clt.W_skip.copy_(torch.stack(skip))
     return clt.eval()
 
 
