@@ -80,6 +80,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from .evals import parse_evals
 
         parse_evals(args.evals)
+        if cfg.model.get("family") == "clt":
+            raise ValueError(f"--evals: {args.recipe} trains a cross-layer transcoder, whose run measures it as a "
+                             "replacement model (FVU per layer, CE-loss recovered with every MLP replaced); the evals "
+                             "read one SAE or transcoder")
         if cfg.data.name != "activations":
             raise ValueError(f"--evals: {args.recipe} trains on data.name {cfg.data.name!r}; the evals read a "
                              "language model's activations (data.name: activations)")

@@ -144,6 +144,10 @@ def test_bad_clt_recipes_are_refused_by_key(lm_files, tmp_path):
         recipe_from_content({**clt_recipe(lm_files, tmp_path), "encoder": {"name": "ista"}})
     with pytest.raises(RecipeError, match=r"model.tied_init: not an option of a cross-layer transcoder"):
         recipe_from_content(clt_recipe(lm_files, tmp_path, tied_init=True))
+    import yaml
+    (tmp_path / "clt.yaml").write_text(yaml.safe_dump(clt_recipe(lm_files, tmp_path)))
+    assert main(["fit", str(tmp_path / "clt.yaml"), "--evals", "core"]) == 2  # named, before it trains
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match=r"hook 'mlp_in.6': the model has blocks 0..2"):  # before any forward pass
         build_clt(recipe_from_content(clt_recipe(lm_files, tmp_path, layers=[6, 7])))
 
