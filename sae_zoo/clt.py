@@ -40,11 +40,13 @@ from .distributed import any_rank, summed, world_size
 from .encoders import EncoderHead, SparseCodes, create_encoder
 from .encoders.topk import batch_topk
 from .families import ModelFamily, register_family
-from .model import logging_step
-from .objectives import adam, check_matryoshka_widths, lr_factor
+from .model import logging_step, training_progress
+from .objectives import adam, check_matryoshka_widths, fired_latents
+from .pretrained.config import load_state
 from .pretrained.files import resolve_file
-from .schedules import schedule_steps, steps_or_fraction
+from .schedules import steps_or_fraction
 from .sparsity import SparsityControl
+from .training import LRSchedule
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 #: a share of codes above which a dense decode is cheaper than gathering each code's decoders
@@ -97,8 +99,8 @@ class CrossLayer(ModelFamily):
         """Refuse, by name, a head that cannot encode one layer of a CLT."""
         if head.reads_dictionary:
             raise ValueError(f"encoder {head.name!r} (layer {layer}) is iterative: it finds its codes by "
-                             "reconstructing its input through the dictionary, and a CLT's decoders write later layers' MLP outputs, "
-                             "unknown at inference. Use an amortised head (jumprelu, topk, batchtopk, linear)")
+                             "reconstructing its input through the dictionary, and a CLT's decoders write later "
+                             "layers' MLP outputs, unknown at inference. Use an amortised head (jumprelu, topk, batchtopk, linear)")
         if head.subtract_decoder_bias:
             raise ValueError(f"encoder {head.name!r} (layer {layer}) subtracts the decoder bias, which lies in the "
                              "outputs' space; set subtract_decoder_bias=False")
@@ -137,10 +139,12 @@ class CrossLayerDecoder(nn.Module):
         return out
 
     def decode_layer(self, layer: int, codes: Tensor | SparseCodes) -> Tensor:
-        """Source layer ``layer``'s contribution ``(batch, (n_layers - layer) * d_out)`` to the layers it writes."""
-        weight = self.W_dec[layer].flatten(1)
+        """Source layer ``layer``'s contribution ``(batch, (n_layers - layer) * d_out)`` to the layers it writes, from
+        its codes: :class:`SparseCodes`, or dense ``(batch, m)``, the first ``m`` latents' (all, or a prefix)."""
         if isinstance(codes, SparseCodes):
+            weight = self.W_dec[layer].flatten(1)
             return F.embedding_bag(codes.indices, weight, per_sample_weights=codes.values.to(weight.dtype), mode="sum")
+        weight = self.W_dec[layer][:codes.shape[-1]].flatten(1)
         if not torch.is_grad_enabled():
             rows, latents = codes.nonzero(as_tuple=True)
             if rows.numel() < SPARSE_DECODE_BELOW * codes.numel():  # sparse codes: gather their decoders alone
@@ -261,12 +265,7 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
         config_path = resolve_file(model_id, CONFIG_NAME, **download)
         model = cls.from_config(read_json(config_path), str(config_path))
         weights_path = resolve_file(model_id, WEIGHTS_NAME, **download)
-        state = read_safetensors(weights_path)
-        expected = model.state_dict()
-        wrong = sorted(set(expected) ^ set(state)) or [k for k in state if state[k].shape != expected[k].shape]
-        if wrong:
-            raise ValueError(f"{weights_path}: tensors {', '.join(wrong[:5])} do not match {config_path}'s model")
-        model.load_state_dict(state)
+        load_state(model, read_safetensors(weights_path), weights_path, config_path)  # names, shapes, dtypes checked
         return model.to(map_location).eval()
 
     def generate_model_card(self, repo_id: str | None = None, **_: Any) -> ModelCard:
@@ -348,7 +347,7 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
         for width in (self.options["matryoshka_widths"] or [])[:-1]:  # each prefix of every layer's latents alone
             prefix = [SparseCodes(c.values * (c.indices < width), c.indices) if isinstance(c, SparseCodes)
                       else c[:, :width] for c in codes]
-            terms["mse"] = terms["mse"] + ((self._decode_prefix(prefix, width, x) - target) ** 2).mean(dim=(0, 2)).sum()
+            terms["mse"] = terms["mse"] + ((self.decode(prefix, x) - target) ** 2).mean(dim=(0, 2)).sum()
         l0s = torch.stack([(c.values > 0).sum(-1).float().mean() if isinstance(c, SparseCodes)
                            else (c > 0).sum(-1).float().mean() for c in codes])
         if self.penalised:
@@ -357,19 +356,13 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
             for i, c in enumerate(codes):
                 scaled = c.values * norms[i][c.indices] if isinstance(c, SparseCodes) else c * norms[i]
                 penalty = penalty + torch.tanh(self.options["tanh_scale"] * scaled).sum() / x.shape[0]
-            terms["sparsity"] = self.sparsity.value(self.global_step, self._total_steps()) * penalty
+            trainer = self._trainer  # outside training (a loss measured by hand) the coefficient has no step
+            coeff = (self.sparsity.value(None) if trainer is None
+                     else self.sparsity.value(self.global_step, trainer.estimated_stepping_batches))
+            terms["sparsity"] = coeff * penalty
         if self.options["auxk_coeff"]:
             terms["auxk"] = self.options["auxk_coeff"] * self._auxk(x, target - out.detach(), codes)
         return {**terms, "l0": l0s.sum().detach(), "per_layer_mse": per_layer.detach()}
-
-    def _decode_prefix(self, codes: list[Tensor | SparseCodes], width: int, x: Tensor) -> Tensor:
-        """The outputs of each layer's first ``width`` latents alone (dense codes given as those columns)."""
-        if isinstance(codes[0], SparseCodes):
-            return self.decode(codes, x)
-        out = self.decoder.b_dec.expand(len(x), -1, -1).clone()
-        for i, c in enumerate(codes):
-            out[:, i:] += (c @ self.decoder.W_dec[i][:width].flatten(1)).view(len(x), self.n_layers - i, self.d_out)
-        return out + self.skip(x) if self.W_skip is not None else out
 
     def _codes_across_layers(self, x: Tensor) -> list[Tensor]:
         """BatchTopK over every layer's latents at once (as ``utahnlp/crosslayer-coding`` trains): the batch keeps its
@@ -389,14 +382,9 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
         the residual of the layers they write, scaled by that residual's squared norm."""
         with torch.no_grad():
             for i, c in enumerate(codes):
-                fired = torch.zeros(self.d_transcoder, dtype=torch.bool, device=x.device)
-                if isinstance(c, SparseCodes):
-                    fired[c.indices[c.values > 0]] = True
-                else:
-                    fired = (c > 0).any(0)
                 # every rank counts the global batch, so that all ranks agree on which latents are dead
                 self.tokens_since_fired[i] += x.shape[0] * world_size()
-                self.tokens_since_fired[i][any_rank(fired)] = 0
+                self.tokens_since_fired[i][any_rank(fired_latents(c, self.d_transcoder))] = 0
         losses = []
         for i, head in enumerate(self.encoders):
             dead = (self.tokens_since_fired[i] > self.options["dead_tokens"]).nonzero().flatten()
@@ -410,14 +398,10 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
             losses.append(((aux - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-12))
         return torch.stack(losses).mean() if losses else x.new_zeros(())
 
-    def _total_steps(self) -> float | None:
-        trainer = self._trainer
-        total = trainer.estimated_stepping_batches if trainer is not None else None
-        return total if total and total < float("inf") else None
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        progress = training_progress(self.trainer)
         for head in self.encoders:
-            head.on_train_progress(self.global_step / t if (t := self._total_steps()) else None, self.global_step)
+            head.on_train_progress(progress, self.global_step)
         x, target = self.stack_batch(batch)
         terms = self.loss_terms(x, target)
         loss = sum(v for k, v in terms.items() if k not in ("l0", "per_layer_mse"))
@@ -435,14 +419,10 @@ class CrossLayerTranscoder(ModelHubMixin, L.LightningModule, library_name="sae_z
 
     def configure_optimizers(self) -> Any:
         optimizer = adam([{"params": [p for p in self.parameters() if p.requires_grad]}], lr=self.options["lr"])
-        warmup, decay = self.options["lr_warmup_steps"], self.options["lr_decay_steps"]
-        if not (warmup or decay):
+        schedule = LRSchedule(self.options["lr_warmup_steps"], self.options["lr_decay_steps"]).schedule(
+            optimizer, self.trainer.estimated_stepping_batches)
+        if schedule is None:
             return optimizer
-        total = self._total_steps()
-        warmup = schedule_steps(warmup, total, "lr_warmup_steps") if warmup else 0
-        decay = schedule_steps(decay, total, "lr_decay_steps") if decay else 0
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, int(total or 0),
-                                                                                        warmup, decay))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
