@@ -60,9 +60,14 @@ class PretrainedCLT:
         raise self._not_one_dictionary("encoder")
 
 
+def file_pattern(pattern: str) -> re.Pattern:
+    """A file name pattern (``{layer}``: a number, captured) as a regular expression."""
+    return re.compile(re.escape(pattern).replace(re.escape("{layer}"), r"(\d+)"))
+
+
 def layer_files(names: list[str], pattern: str) -> dict[int, str]:
     """``{layer: file name}`` of the names matching ``pattern`` (``{layer}``: a number)."""
-    regex = re.compile(re.escape(pattern).replace(re.escape("{layer}"), r"(\d+)"))
+    regex = file_pattern(pattern)
     return {int(m.group(1)): name for name in names if (m := regex.fullmatch(name))}
 
 
@@ -86,13 +91,12 @@ def check_layer_files(names: list[str], fmt: str, where: str) -> int:
     return n_layers
 
 
-def _jumprelu_or_relu(threshold: torch.Tensor | None, source: str, no_relu: bool) -> str:
-    if threshold is None:
-        return "linear"
-    if no_relu and bool((threshold < 0).any()):
+def check_circuit_tracer_thresholds(threshold: torch.Tensor | None, source: str | Path) -> None:
+    """circuit-tracer's JumpReLU has no ReLU: a file with a negative threshold gives negative codes, which no sae_zoo
+    head gives, so it is refused (its per-layer transcoders' and its CLTs')."""
+    if threshold is not None and bool((threshold < 0).any()):
         raise ValueError(f"{source}: {int((threshold < 0).sum())} thresholds are below 0; circuit-tracer's JumpReLU "
                          "(z * (z > threshold), no ReLU) then gives negative codes, which no sae_zoo head gives")
-    return "jumprelu"
 
 
 def _assemble(layers: list[dict[str, torch.Tensor]], head: str, skip: list[torch.Tensor] | None,
@@ -155,7 +159,8 @@ def read_circuit_tracer_clt(paths: dict[str, Path], provenance: dict[str, Any]) 
                     f"source layer {i} writes layers {i}..{n_layers - 1}: (d_transcoder, n_layers - {i}, d_model); "
                     + because)
         threshold = enc.get(f"threshold_{i}")
-        layer_head = _jumprelu_or_relu(threshold, str(enc_path), no_relu=True)
+        check_circuit_tracer_thresholds(threshold, enc_path)
+        layer_head = "linear" if threshold is None else "jumprelu"
         if head is not None and layer_head != head:
             raise ValueError(f"{enc_path}: layer {i} has {'no ' if threshold is None else ''}threshold_{i}, unlike "
                              "layer 0: one activation for every layer")
@@ -269,9 +274,14 @@ def export_circuit_tracer_clt(clt: CrossLayerTranscoder, out_dir: str | Path, *,
     return Path(out_dir)
 
 
+def holds_clt(config_path: Path) -> bool:
+    """Whether a sae_zoo ``config.json`` describes a cross-layer transcoder (its ``family``)."""
+    return read_json(config_path).get("family") == "clt"
+
+
 def load_clt_run(run_dir: str | Path) -> CrossLayerTranscoder | None:
     """The cross-layer transcoder a run folder holds (``model/``, written by a CLT recipe), or None."""
     config = Path(run_dir) / "model" / "config.json"
-    if not config.is_file() or read_json(config).get("family") != "clt":
+    if not config.is_file() or not holds_clt(config):
         return None
     return CrossLayerTranscoder.from_pretrained(Path(run_dir) / "model")

@@ -65,7 +65,8 @@ from ..families import create_family
 from ..model import SparseCoder
 from ..pretrained.files import is_local, list_files, resolve_file
 from .catalogue import close_releases, find_entry
-from .clt import CLT_FORMAT_FILES, PretrainedCLT, detect_clt_format, load_clt_files, load_clt_run
+from .clt import (CLT_FORMAT_FILES, PretrainedCLT, check_circuit_tracer_thresholds, detect_clt_format, file_pattern,
+                  holds_clt, load_clt_files, load_clt_run)
 from .run import load_run
 
 #: format -> its files (config, then weights); load_sae recognises a format by them
@@ -128,8 +129,8 @@ class PretrainedSAE:
 
 def _names_file(pattern: str, names: list[str]) -> bool:
     """Whether ``names`` hold the file ``pattern`` names (``{layer}``: any layer number)."""
-    regex = re.escape(pattern).replace(re.escape("{layer}"), r"\d+")
-    return any(re.fullmatch(regex, name) for name in names)
+    regex = file_pattern(pattern)
+    return any(regex.fullmatch(name) for name in names)
 
 
 def detect_format(names: list[str], where: str) -> str:
@@ -191,7 +192,7 @@ def load_sae(source: str | Path, *, format: str | None = None, subfolder: str | 
         loaded = load_clt_files(source, format, names, download, provenance)
         loaded.clt.requires_grad_(trainable)
         return loaded
-    if format == "sae_zoo" and _is_clt_folder(source, download):
+    if format == "sae_zoo" and holds_clt(resolve_file(source, FORMAT_FILES["sae_zoo"][0], **download)):
         clt = CrossLayerTranscoder.from_pretrained(source, **{k: v for k, v in download.items() if k != "subfolder"})
         return PretrainedCLT(clt.requires_grad_(trainable), format, dict(clt.provenance))
     if format in ("sae_zoo", "sae_zoo_run"):
@@ -212,11 +213,6 @@ def load_sae(source: str | Path, *, format: str | None = None, subfolder: str | 
                                     "revision": revision, "layer": layer}.items() if v is not None}
     sae, unavailable = READERS[format](*paths, provenance)
     return _assemble(format, sae, trainable, provenance, unavailable)
-
-
-def _is_clt_folder(source: str | Path, download: dict[str, Any]) -> bool:
-    """Whether a sae_zoo folder holds a cross-layer transcoder (its config.json's ``family``)."""
-    return read_json(resolve_file(source, FORMAT_FILES["sae_zoo"][0], **download)).get("family") == "clt"
 
 
 def _assemble(fmt: str, sae: ForeignSAE, trainable: bool, provenance: dict[str, Any],
@@ -531,10 +527,7 @@ def _circuit_tracer(config_path: Path, weights_path: Path, provenance: dict[str,
         check_shape(weights_path, name, tensor, CIRCUIT_TRACER_TENSORS[name](*sizes),
                     f"W_enc is (d_transcoder, d_in) = {tuple(tensors['W_enc'].shape)} and b_dec (d_out,)")
     threshold = tensors.get("activation_function.threshold")
-    if threshold is not None and bool((threshold < 0).any()):
-        raise ValueError(f"{weights_path}: {int((threshold < 0).sum())} thresholds are below 0; circuit-tracer's "
-                         "JumpReLU (z * (z > threshold), no ReLU) then gives negative codes, which no sae_zoo head "
-                         "gives")
+    check_circuit_tracer_thresholds(threshold, weights_path)
     layer = provenance.get("layer")
     hooks = {"hook_name": cfg.get("feature_input_hook"), "hook_name_out": cfg.get("feature_output_hook")}
     provenance.update({key: value for key, value in {
