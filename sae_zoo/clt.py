@@ -100,7 +100,8 @@ class CrossLayer(ModelFamily):
         if head.reads_dictionary:
             raise ValueError(f"encoder {head.name!r} (layer {layer}) is iterative: it finds its codes by "
                              "reconstructing its input through the dictionary, and a CLT's decoders write later "
-                             "layers' MLP outputs, unknown at inference. Use an amortised head (jumprelu, topk, batchtopk, linear)")
+                             "layers' MLP outputs, unknown at inference. Use an amortised head (jumprelu, topk, "
+                             "batchtopk, linear)")
         if head.subtract_decoder_bias:
             raise ValueError(f"encoder {head.name!r} (layer {layer}) subtracts the decoder bias, which lies in the "
                              "outputs' space; set subtract_decoder_bias=False")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from torch import Tensor
 from .._modes import evaluating
 from ..data.activations import any_outlier
 from ..data.base import LanguageModelData
-from ..lm import lm_logits, token_kl, token_losses
+from ..lm import intercept, lm_logits, token_kl, token_losses, transcoding
 from ..model import SparseCoder
 from .bootstrap import bootstrap_se
 from .held_out import check_pairing
@@ -42,27 +42,41 @@ def _splice(fn: Callable[..., Tensor], datamodule: LanguageModelData,
     return replace
 
 
-def _passes(datamodule: LanguageModelData, edits: dict[str, Callable[..., Tensor]],
-            every_position: bool) -> dict[str, tuple[Tensor, Tensor]]:
-    """For each edit (name -> ``fn``, spliced in by :func:`_splice`) and for the clean LM (``"clean"``), the
-    per-context next-token losses and KL divergences from the clean LM's next-token distributions (float64, on
-    the CPU, ``(ce_contexts,)`` each: means over each context's positions) on the ``ce_contexts`` held-out contexts.
-    The clean pass is run once per chunk of contexts, beside the edits."""
-    tokens, _, _ = datamodule.ce_batches()
-    lm, _, hook = datamodule.language_model()
-    reads = hook if datamodule.paired else None
+def edited_losses(lm: torch.nn.Module, tokens: Tensor, batch_size: int,
+                  edits: dict[str, Callable[[], ContextManager[Any]]]) -> dict[str, tuple[Tensor, Tensor]]:
+    """For the clean LM (``"clean"``) and under each edit (name -> a factory of the context in which a forward pass is
+    edited), the per-context next-token losses and KL divergences from the clean LM's next-token distributions
+    (float64, on the CPU, ``(contexts,)`` each: means over each context's positions) of ``tokens``, ``batch_size``
+    contexts a pass. The clean pass is run once per chunk of contexts, beside the edits."""
     parts: dict[str, tuple[list[Tensor], list[Tensor]]] = {name: ([], []) for name in ("clean", *edits)}
-    for chunk in tokens.split(datamodule.model_batch_size):
+    for chunk in tokens.split(batch_size):
         clean = lm_logits(lm, chunk)
         clean_logprobs = clean.float().log_softmax(-1)
         parts["clean"][0].append(token_losses(clean, chunk).mean(-1))
         parts["clean"][1].append(torch.zeros(len(chunk), device=clean.device))
         del clean
-        for name, fn in edits.items():
-            logits = lm_logits(lm, chunk, datamodule.target_hook, _splice(fn, datamodule, every_position), reads=reads)
+        for name, edit in edits.items():
+            with edit():
+                logits = lm_logits(lm, chunk)
             parts[name][0].append(token_losses(logits, chunk).mean(-1))
             parts[name][1].append(token_kl(clean_logprobs, logits).mean(-1))
     return {name: (torch.cat(ce).double().cpu(), torch.cat(kl).double().cpu()) for name, (ce, kl) in parts.items()}
+
+
+def _passes(datamodule: LanguageModelData, edits: dict[str, Callable[..., Tensor]],
+            every_position: bool) -> dict[str, tuple[Tensor, Tensor]]:
+    """:func:`edited_losses` on the ``ce_contexts`` held-out contexts, each edit (name -> ``fn``, spliced in by
+    :func:`_splice`) at the hook the data write."""
+    tokens, _, _ = datamodule.ce_batches()
+    lm, _, hook = datamodule.language_model()
+    reads = hook if datamodule.paired else None
+    target = datamodule.target_hook
+
+    def editing(fn: Callable[..., Tensor]) -> Callable[[], ContextManager[Any]]:
+        replace = _splice(fn, datamodule, every_position)
+        return lambda: intercept(target, replace) if reads is None else transcoding(reads, target, replace)
+
+    return edited_losses(lm, tokens, datamodule.model_batch_size, {name: editing(fn) for name, fn in edits.items()})
 
 
 def _score(clean: Tensor, edited: Tensor, ablation: Tensor, weights: Tensor) -> Tensor:

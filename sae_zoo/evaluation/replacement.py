@@ -11,8 +11,9 @@ replaced, against zeroing all of them and against replacing each by its mean out
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import ExitStack
+import functools
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -22,11 +23,11 @@ from .._modes import evaluating
 from ..clt import CrossLayerTranscoder, hook_layer
 from ..data.activations import any_outlier
 from ..data.base import split_batch
-from ..lm import token_kl, token_losses, transcoding
+from ..lm import transcoding
 from ..model import SparseCoder
 from .bootstrap import bootstrap_se
 from .held_out import ContextSums
-from .language_model import CELosses
+from .language_model import CELosses, edited_losses
 
 
 class Replacement:
@@ -82,8 +83,16 @@ def replacement_of(model: CrossLayerTranscoder | Sequence[SparseCoder] | Replace
     return CLTReplacement(model) if isinstance(model, CrossLayerTranscoder) else TranscoderSet(model)
 
 
-def _modules(model: Any) -> list[torch.nn.Module]:
-    return [model.clt] if isinstance(model, CLTReplacement) else list(getattr(model, "models", []))
+@contextmanager
+def evaluating_all(*replacements: Replacement) -> Iterator[None]:
+    """The replacements' modules in inference mode (:func:`~sae_zoo._modes.evaluating`) for the block."""
+    with ExitStack() as stack:
+        for replacement in replacements:
+            clt = isinstance(replacement, CLTReplacement)
+            modules = [replacement.clt] if clt else getattr(replacement, "models", [])
+            for module in modules:
+                stack.enter_context(evaluating(module))
+        yield
 
 
 def held_out_layers(data: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -123,9 +132,7 @@ def replacement_fvu(model: Any, data: Any, chunk: int = 4096) -> dict[str, Any]:
     n_contexts = int(context.max()) + 1 if len(context) else 0
     sums = [ContextSums.zeros(n_contexts, target.shape[-1]) for _ in range(replacement.n_layers)]
     l0, fired = torch.zeros(replacement.n_layers, dtype=torch.float64), None
-    with ExitStack() as stack:
-        for module in _modules(replacement):
-            stack.enter_context(evaluating(module))
+    with evaluating_all(replacement):
         for start in range(0, len(x), chunk):
             rows = slice(start, start + chunk)
             replacement.start()
@@ -154,31 +161,26 @@ def replacement_fvu(model: Any, data: Any, chunk: int = 4096) -> dict[str, Any]:
 
 
 def _span_passes(data: Any, edits: dict[str, Any]) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per-context next-token losses and KL divergences from the clean LM on the held-out CE contexts, for each edit
-    (name -> ``"zero"``, ``"mean"`` or a :class:`Replacement`) applied at every layer of the span at once."""
+    """Per-context next-token losses and KL divergences from the clean LM on the held-out CE contexts
+    (:func:`~sae_zoo.evaluation.language_model.edited_losses`), for each edit (name -> ``"zero"``, ``"mean"`` or a
+    :class:`Replacement`) applied at every layer of the span at once."""
     parts = list(data.parts.values())
     first = parts[0]
     tokens, _, keep_first = first.ce_batches()
     lm, _, _ = first.language_model()
     hooks = [(part.language_model()[2], part.target_hook, part) for part in parts]
-    losses: dict[str, tuple[list[Tensor], list[Tensor]]] = {name: ([], []) for name in ("clean", *edits)}
-    device = next(lm.parameters()).device
-    for chunk in tokens.split(first.model_batch_size):
-        chunk = chunk.to(device)
-        clean = lm(chunk).logits
-        clean_logprobs = clean.float().log_softmax(-1)
-        losses["clean"][0].append(token_losses(clean, chunk).mean(-1))
-        losses["clean"][1].append(torch.zeros(len(chunk), device=clean.device))
-        for name, edit in edits.items():
-            if isinstance(edit, Replacement):
-                edit.start()
-            with ExitStack() as stack:
-                for layer, (reads, writes, part) in enumerate(hooks):
-                    stack.enter_context(transcoding(reads, writes, _layer_edit(edit, layer, part, keep_first)))
-                logits = lm(chunk).logits
-            losses[name][0].append(token_losses(logits, chunk).mean(-1))
-            losses[name][1].append(token_kl(clean_logprobs, logits).mean(-1))
-    return {name: (torch.cat(ce).double().cpu(), torch.cat(kl).double().cpu()) for name, (ce, kl) in losses.items()}
+
+    @contextmanager
+    def editing(edit: Any) -> Iterator[None]:
+        if isinstance(edit, Replacement):
+            edit.start()
+        with ExitStack() as stack:
+            for layer, (reads, writes, part) in enumerate(hooks):
+                stack.enter_context(transcoding(reads, writes, _layer_edit(edit, layer, part, keep_first)))
+            yield
+
+    return edited_losses(lm, tokens, first.model_batch_size,
+                         {name: functools.partial(editing, edit) for name, edit in edits.items()})
 
 
 def _layer_edit(edit: Any, layer: int, part: Any, keep_first: bool):
@@ -204,10 +206,7 @@ def replacement_ce(models: dict[str, Any], data: Any) -> dict[str, dict[str, flo
     every MLP of the span replaced at once, against zeroing them all and against each one's mean output; measured on
     the same held-out contexts in one run, so the models' figures pair."""
     replacements = {name: replacement_of(model) for name, model in models.items()}
-    with ExitStack() as stack:
-        for replacement in replacements.values():
-            for module in _modules(replacement):
-                stack.enter_context(evaluating(module))
+    with evaluating_all(*replacements.values()):
         passes = _span_passes(data, {"zero": "zero", "mean": "mean", **replacements})
     base = CELosses(clean=passes["clean"][0], zero_ablation=passes["zero"][0], mean_ablation=passes["mean"][0],
                     kl_zero_ablation=passes["zero"][1], kl_mean_ablation=passes["mean"][1])

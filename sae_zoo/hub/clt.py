@@ -47,9 +47,10 @@ class PretrainedCLT:
         return self.clt.eval()
 
     def _not_one_dictionary(self, what: str) -> ValueError:
-        return ValueError(f"{self.metadata.get('source', 'this model')} is a cross-layer transcoder ({self.format}): it "
-                          f"has one encoder and decoders per source layer, so no single {what}; use it whole, "
-                          "load_sae(...).model() (a CrossLayerTranscoder)")
+        source = self.metadata.get("source", "this model")
+        return ValueError(f"{source} is a cross-layer transcoder ({self.format}): it has one encoder and decoders per "
+                          f"source layer, so no single {what}; use it whole, load_sae(...).model() (a "
+                          "CrossLayerTranscoder)")
 
     @property
     def dictionary(self) -> Any:  # what an SAE's or per-layer transcoder's reader asks for first
