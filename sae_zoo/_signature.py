@@ -8,6 +8,7 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from omegaconf import OmegaConf
 from typeguard import CollectionCheckStrategy, TypeCheckError, check_type
 
 
@@ -68,3 +69,8 @@ def check_types(fn: Callable, kwargs: dict[str, Any], *, what: str, key_prefix: 
             expected = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
             raise ValueError(f"{noun} {key_prefix}{name}={value!r} for {what} has type {type(value).__name__}; "
                              f"expected {expected}") from None
+
+
+def section_kwargs(section: Any) -> dict[str, Any]:
+    """A recipe section (an OmegaConf node, resolved, or a mapping) as a plain dict of keyword arguments."""
+    return dict(OmegaConf.to_container(section, resolve=True)) if OmegaConf.is_config(section) else dict(section)

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ._signature import check_kwargs
+from ._signature import check_kwargs, section_kwargs
 from .clt import CrossLayerTranscoder, check_layers, hook_layer
 from .data.activations import ActivationDataModule
 from .data.multi_hook import MultiHookData, check_hooks, hook_name
@@ -34,10 +34,6 @@ MODEL_KEYS = ("family", "layers", "skip_connection",
 
 def is_clt_recipe(cfg: DictConfig) -> bool:
     return cfg.model.get("family") == "clt"
-
-
-def _plain(section: Any) -> dict[str, Any]:
-    return dict(OmegaConf.to_container(section, resolve=True)) if OmegaConf.is_config(section) else dict(section)
 
 
 def clt_hooks(cfg: DictConfig, n_model_layers: int | None = None) -> tuple[list[int] | str, list[tuple[str, str]]]:
@@ -70,7 +66,7 @@ def check_clt_recipe(cfg: DictConfig) -> None:
     if cfg.setting != "unknown":
         raise ValueError(f"setting: a cross-layer transcoder learns its decoders (setting=unknown), not "
                          f"{cfg.setting!r}")
-    data = _plain(cfg.data)
+    data = section_kwargs(cfg.data)
     if data.pop("name", None) != "activations":
         raise ValueError("data.name: a cross-layer transcoder reads a language model's activations (activations)")
     given = [k for k in ("hook", "hook_out") if k in data]
@@ -81,7 +77,7 @@ def check_clt_recipe(cfg: DictConfig) -> None:
     check_kwargs(ActivationDataModule.__init__, {**data, "hook": "mlp_in.0"}, what="data 'activations'",
                  key_prefix="data.")
     clt_hooks(cfg)
-    encoder = _plain(cfg.encoder)
+    encoder = section_kwargs(cfg.encoder)
     head = get_encoder_class(encoder.pop("name", None))
     if head.reads_dictionary:
         raise ValueError(f"encoder.name: {head.name!r} is iterative: it finds its codes by reconstructing its input "
@@ -89,11 +85,11 @@ def check_clt_recipe(cfg: DictConfig) -> None:
                          "inference. Use an amortised head (jumprelu, topk, batchtopk, linear)")
     check_kwargs(head.__init__, encoder, what=f"encoder {head.name!r}", skip=("d_model", "n_latents"),
                  key_prefix="encoder.")
-    dictionary = _plain(cfg.dictionary)
+    dictionary = section_kwargs(cfg.dictionary)
     if set(dictionary) != {"n_latents"}:
         raise ValueError(f"dictionary: a cross-layer transcoder takes dictionary.n_latents (latents per layer) alone, "
                          f"got {', '.join(sorted(dictionary)) or 'nothing'}")
-    unknown = sorted(set(_plain(cfg.model)) - set(MODEL_KEYS))
+    unknown = sorted(set(section_kwargs(cfg.model)) - set(MODEL_KEYS))
     if unknown:
         raise ValueError(f"model.{unknown[0]}: not an option of a cross-layer transcoder ({', '.join(MODEL_KEYS)})")
 
@@ -101,7 +97,7 @@ def check_clt_recipe(cfg: DictConfig) -> None:
 def build_clt(cfg: DictConfig) -> tuple[MultiHookData, CrossLayerTranscoder]:
     """The data (one part per layer, read from one LM pass) and the CLT a recipe describes."""
     check_clt_recipe(cfg)
-    data_kwargs = {k: v for k, v in _plain(cfg.data).items() if k not in ("name", "hooks")}
+    data_kwargs = {k: v for k, v in section_kwargs(cfg.data).items() if k not in ("name", "hooks")}
     layers, hooks = clt_hooks(cfg)
     if layers == "all":
         probe = ActivationDataModule(**data_kwargs, hook="mlp_in.0", hook_out="mlp_out.0")
@@ -119,8 +115,8 @@ def build_clt(cfg: DictConfig) -> tuple[MultiHookData, CrossLayerTranscoder]:
     data = MultiHookData(parts)
     data.check_hooks()  # every layer exists in the LM, before any forward pass
     first = next(iter(parts.values()))
-    model = {k: v for k, v in _plain(cfg.model).items() if k not in ("family", "layers")}
-    clt = CrossLayerTranscoder.create(len(hooks), first.d_model, int(cfg.dictionary.n_latents), _plain(cfg.encoder),
+    model = {k: v for k, v in section_kwargs(cfg.model).items() if k not in ("family", "layers")}
+    clt = CrossLayerTranscoder.create(len(hooks), first.d_model, int(cfg.dictionary.n_latents), section_kwargs(cfg.encoder),
                                       d_out=first.d_out, layers=layers, **model)
     return data, clt
 

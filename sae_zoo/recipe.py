@@ -38,7 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import flops
 from ._io import atomic_write, atomic_write_json, atomic_write_text, cache_key
-from ._signature import UnknownArgumentError, check_kwargs
+from ._signature import UnknownArgumentError, check_kwargs, section_kwargs
 from .data import PAPER_SEED, SparseCodingData, get_datamodule_class
 from .clt_recipe import build_clt, check_clt_recipe, describe_clt, evaluate_clt, is_clt_recipe
 from .data.multi_hook import MultiHookData, check_hooks, hook_name
@@ -266,12 +266,8 @@ def _delete(cfg: DictConfig, key: str, source: str) -> None:
     del parent[leaf]
 
 
-def _plain(section: Any) -> dict[str, Any]:
-    return OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
-
-
 def _named(section: Any, key: str) -> tuple[str, dict[str, Any]]:
-    kwargs = _plain(section)
+    kwargs = section_kwargs(section)
     if "name" not in kwargs:
         raise ValueError(f"{key}.name is required")
     return kwargs.pop("name"), kwargs
@@ -390,7 +386,7 @@ def plan(cfg: DictConfig) -> Plan:
     check_kwargs(encoder_cls.__init__, {k: v for k, v in encoder_kwargs.items()
                                         if not (k == "warm_start" and pretrained_warm_start)},
                  what=f"encoder {encoder_name!r}", skip=("d_model", "n_latents"), key_prefix="encoder.")
-    dictionary_kwargs = _plain(cfg.dictionary)
+    dictionary_kwargs = section_kwargs(cfg.dictionary)
     ground_truth = data_class.ground_truth
     pretrained = dictionary_kwargs.pop("pretrained", None)
     if cfg.setting == "known_codes" and not ground_truth:
@@ -415,7 +411,7 @@ def plan(cfg: DictConfig) -> Plan:
         raise ValueError(f"dictionary.n_latents must be a positive integer, got {n_latents!r}")
     check_kwargs(Dictionary.__init__, {k: v for k, v in dictionary_kwargs.items() if k != "n_latents"},
                  what="the dictionary", skip=("n_latents", "d_model", "trainable"), key_prefix="dictionary.")
-    model_kwargs = _plain(cfg.model)
+    model_kwargs = section_kwargs(cfg.model)
     check_kwargs(ModelOptions, model_kwargs, what="SparseCoder", skip=("supervised",), key_prefix="model.")
     for i, spec in enumerate(model_kwargs.get("aids", [])):
         check_training_aid(spec, f"model.aids[{i}]")
@@ -423,10 +419,10 @@ def plan(cfg: DictConfig) -> Plan:
         ModelOptions(**model_kwargs)
     except ValueError as e:  # each message starts with the option's name
         raise ValueError(f"model.{e}") from None
-    trainer_kwargs = _plain(cfg.trainer)
+    trainer_kwargs = section_kwargs(cfg.trainer)
     check_kwargs(L.Trainer.__init__, trainer_kwargs, what="lightning.Trainer",
                  skip=("logger", "default_root_dir", "callbacks"), key_prefix="trainer.")
-    probing_kwargs = _plain(cfg.probing)
+    probing_kwargs = section_kwargs(cfg.probing)
     check_kwargs(ProbingConfig.__init__, probing_kwargs, what="sparse probing", key_prefix="probing.")
     loggers = cfg.get("loggers") or []
     loggers = logger_specs(OmegaConf.to_container(loggers, resolve=True) if OmegaConf.is_config(loggers) else loggers)
@@ -726,7 +722,7 @@ def _train_and_evaluate_hooks(run: RunFolder, trainer: L.Trainer, data: MultiHoo
         part = data.parts[name]
         model.dictionary.provenance = {**part.describe(), **model.dictionary.provenance}
         _save_model_checkpoint(model, one.path / "model.ckpt", step=trainer.global_step)
-        test = evaluate_run(model, part, ProbingConfig(**_plain(recipes[name].probing)))
+        test = evaluate_run(model, part, ProbingConfig(**section_kwargs(recipes[name].probing)))
         tests[name] = one.finish(part, model, test, encoder=run.cfg.encoder.name, steps=trainer.global_step,
                                  train_seconds=train_seconds, devices=trainer.world_size)["test"]
         folders[name] = str(one.path)
@@ -747,7 +743,7 @@ def _fit_clt(run: RunFolder, cfg: DictConfig, progress: bool, resume_from: Path 
     callbacks = [TrainingClock(),
                  *([PeriodicCheckpoint(run.path, cfg.checkpoint_every)] if cfg.checkpoint_every else [])]
     loggers = logger_specs(OmegaConf.to_container(cfg.loggers, resolve=True) if cfg.get("loggers") else [])
-    trainer = make_trainer(_plain(cfg.trainer), progress=progress, root_dir=run.path, callbacks=callbacks,
+    trainer = make_trainer(section_kwargs(cfg.trainer), progress=progress, root_dir=run.path, callbacks=callbacks,
                            logger=[CSVLogger(run.path, name="logs", version=""), *make_loggers(loggers, run.path)])
     run.start()
     if trainer.is_global_zero and trainer.world_size == 1:
@@ -806,7 +802,7 @@ def _train_and_evaluate(run: RunFolder, trainer: L.Trainer, datamodule: SparseCo
         return run_dir, {}
     if not trained:
         _save_model_checkpoint(model, partial)
-    test = evaluate_run(model, datamodule, ProbingConfig(**_plain(cfg.probing)))
+    test = evaluate_run(model, datamodule, ProbingConfig(**section_kwargs(cfg.probing)))
     os.replace(partial, run_dir / "model.ckpt")
     (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the finished run's model.ckpt supersedes it
     return run_dir, run.finish(datamodule, model, test, encoder=cfg.encoder.name, steps=trainer.global_step,
