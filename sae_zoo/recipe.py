@@ -40,6 +40,7 @@ from . import flops
 from ._io import atomic_write, atomic_write_json, atomic_write_text, cache_key
 from ._signature import UnknownArgumentError, check_kwargs, section_kwargs
 from .data import PAPER_SEED, SparseCodingData, get_datamodule_class
+from .clt import CrossLayerTranscoder
 from .clt_recipe import build_clt, check_clt_recipe, describe_clt, evaluate_clt, is_clt_recipe
 from .data.multi_hook import MultiHookData, check_hooks, hook_name
 from .dictionary import Dictionary
@@ -424,10 +425,15 @@ def plan(cfg: DictConfig) -> Plan:
                  skip=("logger", "default_root_dir", "callbacks"), key_prefix="trainer.")
     probing_kwargs = section_kwargs(cfg.probing)
     check_kwargs(ProbingConfig.__init__, probing_kwargs, what="sparse probing", key_prefix="probing.")
-    loggers = cfg.get("loggers") or []
-    loggers = logger_specs(OmegaConf.to_container(loggers, resolve=True) if OmegaConf.is_config(loggers) else loggers)
     return Plan(cfg, data_class, data_kwargs, encoder_name, encoder_kwargs, pretrained, dictionary_kwargs,
-                model_kwargs, {**TRAINER_DEFAULTS, **trainer_kwargs}, ProbingConfig(**probing_kwargs), loggers, hooks)
+                model_kwargs, {**TRAINER_DEFAULTS, **trainer_kwargs}, ProbingConfig(**probing_kwargs),
+                recipe_loggers(cfg), hooks)
+
+
+def recipe_loggers(cfg: DictConfig) -> list[tuple[str, dict[str, Any]]]:
+    """The recipe's ``loggers`` (:func:`~sae_zoo.tracking.logger_specs`), checked."""
+    loggers = cfg.get("loggers") or []
+    return logger_specs(OmegaConf.to_container(loggers, resolve=True) if OmegaConf.is_config(loggers) else loggers)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -621,21 +627,29 @@ def fit(cfg: DictConfig, recipe_name: str = "recipe", progress: bool = True,
     if resume and not checkpoint.is_file():
         raise RecipeError(f"--resume: {run.path} holds no {CHECKPOINT}: the run wrote none (set checkpoint_every) "
                           "or had not reached its first one")
-    if is_clt_recipe(cfg):
-        return _fit_clt(run, cfg, progress, checkpoint if resume else None)
-    p = plan(cfg)
-    if p.hooks:
-        recipes = hook_recipes(cfg, run.path)
-        datamodule, models = _build_hooks(recipes)
+    clt = is_clt_recipe(cfg)
+    if clt:
+        L.seed_everything(cfg.seed, verbose=False)
+        with initialising(cfg.seed):  # as an SAE's run: the same recipe starts from the same weights
+            datamodule, model = build_clt(cfg)
+        trainer_kwargs, loggers = section_kwargs(cfg.trainer), recipe_loggers(cfg)
     else:
-        datamodule, model = build(p)
+        p = plan(cfg)
+        if p.hooks:
+            recipes = hook_recipes(cfg, run.path)
+            datamodule, models = _build_hooks(recipes)
+        else:
+            datamodule, model = build(p)
+        trainer_kwargs, loggers = p, p.loggers
     callbacks = [TrainingClock(), *([PeriodicCheckpoint(run.path, cfg.checkpoint_every)] if cfg.checkpoint_every else [])]
-    trainer = make_trainer(p, progress=progress, root_dir=run.path, callbacks=callbacks,
-                           logger=[CSVLogger(run.path, name="logs", version=""), *make_loggers(p.loggers, run.path)])
+    trainer = make_trainer(trainer_kwargs, progress=progress, root_dir=run.path, callbacks=callbacks,
+                           logger=[CSVLogger(run.path, name="logs", version=""), *make_loggers(loggers, run.path)])
     run.start()
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     try:
+        if clt:
+            return _train_and_evaluate_clt(run, trainer, datamodule, model, cfg, checkpoint if resume else None)
         if p.hooks:
             return _train_and_evaluate_hooks(run, trainer, datamodule, models, recipes, checkpoint if resume else None)
         return _train_and_evaluate(run, trainer, datamodule, model, checkpoint if resume else None)
@@ -734,18 +748,11 @@ def _train_and_evaluate_hooks(run: RunFolder, trainer: L.Trainer, data: MultiHoo
     return run.path, metrics
 
 
-def _fit_clt(run: RunFolder, cfg: DictConfig, progress: bool, resume_from: Path | None) -> tuple[Path, dict[str, Any]]:
+def _train_and_evaluate_clt(run: RunFolder, trainer: L.Trainer, data: MultiHookData, clt: CrossLayerTranscoder,
+                            cfg: DictConfig,
+                            resume_from: Path | None) -> tuple[Path, dict[str, Any]]:
     """Train a cross-layer transcoder from one LM pass over its layers (:mod:`sae_zoo.clt_recipe`), then write it
     (``RUN_DIR/model``) and its held-out figures (``metrics.json``)."""
-    L.seed_everything(cfg.seed, verbose=False)
-    with initialising(cfg.seed):  # as an SAE's run: the same recipe starts from the same weights
-        data, clt = build_clt(cfg)
-    callbacks = [TrainingClock(),
-                 *([PeriodicCheckpoint(run.path, cfg.checkpoint_every)] if cfg.checkpoint_every else [])]
-    loggers = logger_specs(OmegaConf.to_container(cfg.loggers, resolve=True) if cfg.get("loggers") else [])
-    trainer = make_trainer(section_kwargs(cfg.trainer), progress=progress, root_dir=run.path, callbacks=callbacks,
-                           logger=[CSVLogger(run.path, name="logs", version=""), *make_loggers(loggers, run.path)])
-    run.start()
     if trainer.is_global_zero and trainer.world_size == 1:
         data.prepare_data()
     trainer.fit(clt, datamodule=data, ckpt_path=resume_from)
