@@ -749,8 +749,7 @@ def _train_and_evaluate_hooks(run: RunFolder, trainer: L.Trainer, data: MultiHoo
 
 
 def _train_and_evaluate_clt(run: RunFolder, trainer: L.Trainer, data: MultiHookData, clt: CrossLayerTranscoder,
-                            cfg: DictConfig,
-                            resume_from: Path | None) -> tuple[Path, dict[str, Any]]:
+                            cfg: DictConfig, resume_from: Path | None) -> tuple[Path, dict[str, Any]]:
     """Train a cross-layer transcoder from one LM pass over its layers (:mod:`sae_zoo.clt_recipe`), then write it
     (``RUN_DIR/model``) and its held-out figures (``metrics.json``)."""
     if trainer.is_global_zero and trainer.world_size == 1:
