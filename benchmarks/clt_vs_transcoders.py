@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sae_zoo._io import atomic_write_json, atomic_write_text
-from sae_zoo.clt_recipe import build_clt, clt_hooks, evaluate_clt
+from sae_zoo.clt_recipe import clt_data, clt_hooks, evaluate_clt
 from sae_zoo.hub import load_sae
 from sae_zoo.recipe import fit, load_recipe
 
@@ -74,7 +74,7 @@ def main() -> None:
         fit(one, recipe_name=name, progress=False)
     models = {name: load_sae(run_dir / "model").model() if name.endswith("clt") else per_layer_models(run_dir, hooks)
               for name, run_dir in runs.items()}
-    data, _ = build_clt(cfg)
+    data, _ = clt_data(cfg)
     data.prepare_data()
     results = evaluate_clt(models, data)
     atomic_write_json(out / "results.json", results)

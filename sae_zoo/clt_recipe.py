@@ -94,8 +94,9 @@ def check_clt_recipe(cfg: DictConfig) -> None:
         raise ValueError(f"model.{unknown[0]}: not an option of a cross-layer transcoder ({', '.join(MODEL_KEYS)})")
 
 
-def build_clt(cfg: DictConfig) -> tuple[MultiHookData, CrossLayerTranscoder]:
-    """The data (one part per layer, read from one LM pass) and the CLT a recipe describes."""
+def clt_data(cfg: DictConfig) -> tuple[MultiHookData, list[int]]:
+    """The data a CLT recipe trains on (one part per layer, read from one LM pass; every layer checked against the LM
+    before any forward pass) and the blocks it spans."""
     check_clt_recipe(cfg)
     data_kwargs = {k: v for k, v in section_kwargs(cfg.data).items() if k not in ("name", "hooks")}
     layers, hooks = clt_hooks(cfg)
@@ -113,11 +114,17 @@ def build_clt(cfg: DictConfig) -> tuple[MultiHookData, CrossLayerTranscoder]:
             kwargs["cache_dir"] = str(Path(kwargs["cache_dir"]) / name)
         parts[name] = ActivationDataModule(**kwargs, hook=hook, hook_out=hook_out)
     data = MultiHookData(parts)
-    data.check_hooks()  # every layer exists in the LM, before any forward pass
-    first = next(iter(parts.values()))
+    data.check_hooks()
+    return data, layers
+
+
+def build_clt(cfg: DictConfig) -> tuple[MultiHookData, CrossLayerTranscoder]:
+    """The data (:func:`clt_data`) and the CLT a recipe describes."""
+    data, layers = clt_data(cfg)
+    first = data.first
     model = {k: v for k, v in section_kwargs(cfg.model).items() if k not in ("family", "layers")}
-    clt = CrossLayerTranscoder.create(len(hooks), first.d_model, int(cfg.dictionary.n_latents), section_kwargs(cfg.encoder),
-                                      d_out=first.d_out, layers=layers, **model)
+    clt = CrossLayerTranscoder.create(len(layers), first.d_model, int(cfg.dictionary.n_latents),
+                                      section_kwargs(cfg.encoder), d_out=first.d_out, layers=layers, **model)
     return data, clt
 
 

@@ -8,7 +8,7 @@ import torch
 
 import sae_zoo
 from sae_zoo.cli import main
-from sae_zoo.clt_recipe import build_clt
+from sae_zoo.clt_recipe import build_clt, clt_data
 from sae_zoo.dashboard import dashboard
 from sae_zoo.lm import intercept, read_activations
 from sae_zoo.evaluation.replacement import Replacement, replacement_ce, replacement_fvu
@@ -46,7 +46,7 @@ def test_a_clt_recipe_trains_from_one_pass_and_is_judged_with_its_mlps_replaced(
     loaded = sae_zoo.load_sae(run_dir)  # the run folder, as for an SAE's run (its model/ folder)
     clt = loaded.model()
     assert clt.layers == [0, 1] and len(clt.provenance["input_scales"]) == 2
-    data, _ = build_clt(cfg)
+    data, _ = clt_data(cfg)
     data.prepare_data()
     again = replacement_fvu(clt, data)
     assert again["fvu_layer_1"] == pytest.approx(test["fvu_layer_1"], rel=1e-6)
@@ -109,7 +109,7 @@ class ShiftedFirst(LMsOwnMLPs):
 
 def test_the_replacement_pass_feeds_each_layer_its_edited_input(lm_files, tmp_path):
     cfg = recipe_from_content(clt_recipe(lm_files, tmp_path))
-    data, _ = build_clt(cfg)
+    data, _ = clt_data(cfg)
     data.prepare_data()
     figures = replacement_ce({"own": LMsOwnMLPs(data), "zero": Zeroes(data)}, data)
     assert figures["own"]["ce_spliced"] == pytest.approx(figures["own"]["ce_clean"], abs=1e-5)
