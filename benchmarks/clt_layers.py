@@ -6,8 +6,9 @@ side by side in one run. The decoders grow with the square of the layer count (`
     python benchmarks/clt_layers.py                       # d_model 576, 2304 latents per layer, top-k 32, CPU
     python benchmarks/clt_layers.py --device cuda --d-transcoder 16384 --batch 4096
 
-Each configuration runs in a process of its own, so a CPU's peak resident memory is that configuration's (on CUDA,
-``torch.cuda.max_memory_allocated``). Prints a table: layers, parameters, step ms, peak MiB, and the ratios to the
+On a CPU each configuration runs in a process of its own, so that the peak resident memory is that configuration's
+(``--in-process`` measures them all in this one, without memory); on CUDA they run in this process, each with its own
+``torch.cuda.max_memory_allocated``. Prints a table: layers, parameters, step ms, peak MiB, and the ratios to the
 one-layer CLT and to the per-layer set.
 """
 
@@ -58,8 +59,8 @@ def measure(n_layers: int, args: argparse.Namespace, per_layer: bool) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    else:  # the process's peak: this configuration's only in a process of its own
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10 if not args.in_process else float("nan")
     return {"layers": n_layers, "per_layer": per_layer, "params": params,
             "step_ms": 1e3 * (time.perf_counter() - start) / args.steps, "peak_mib": peak}
 
@@ -75,18 +76,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--in-process", action="store_true", help="CPU: every configuration in this process (no "
+                                                                    "memory figure)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "layers,per_layer": measure one, print JSON
     args = parser.parse_args()
     if args.one:
         n, per_layer = args.one.split(",")
         print(json.dumps(measure(int(n), args, per_layer == "1")))
         return
+    args.in_process = args.in_process or args.device.startswith("cuda")
     rows = []
     for n in (int(v) for v in args.layers.split(",")):
         for per_layer in (False, True):
-            command = [sys.executable, __file__, *sys.argv[1:], "--one", f"{n},{int(per_layer)}"]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            rows.append(json.loads(out))
+            if args.in_process:
+                rows.append(measure(n, args, per_layer))
+            else:
+                command = [sys.executable, __file__, *sys.argv[1:], "--one", f"{n},{int(per_layer)}"]
+                out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+                rows.append(json.loads(out[-1]))
             print(f"measured {n} layer(s), {'per-layer set' if per_layer else 'CLT'}", file=sys.stderr)
     base = next(r for r in rows if r["layers"] == rows[0]["layers"] and not r["per_layer"])
     print(f"{args.device}, d_model {args.d_model}, {args.d_transcoder} latents per layer, {args.head}"

@@ -1,7 +1,10 @@
-"""Every GPU figure the README reports, in one run of about 8 minutes on one H100/H200-class GPU, into one folder.
+"""Every GPU figure the README reports, in one run of about 10 minutes on one H100/H200-class GPU, into one folder.
 
 1. ``throughput.txt``: the bf16 training and inference throughput of the linear, top-k, BatchTopK and MLP heads
    against their dense bound (``benchmarks/throughput.py``; d_model 768, 24,576 latents, batch 4,096).
+   ``clt_layers.log``: a cross-layer transcoder's training step time and peak GPU memory against the layers it
+   spans (1, 2, 4, 8; d_model 768, 16,384 latents per layer, top-k 32, batch 4,096), beside per-layer transcoders
+   (``benchmarks/clt_layers.py``; under a minute).
 2. ``bench16k.json`` / ``bench16k.md``: SynthSAEBench-16k's structure (16,384 features in 768 dimensions, drawn
    by SAELens's generator on the GPU, built from its configuration since the machine may reach no Hub): the
    BatchTopK SAE of ``recipes/synthsaebench/bench16k.yaml`` and sae_zoo's best (Matryoshka BatchTopK with its
@@ -38,7 +41,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 #: every step, in the order a full run takes them (``--steps`` picks some)
-STEPS = ("throughput", "bench16k", "smollm2", "transcoders", "pipeline")
+STEPS = ("throughput", "clt_layers", "bench16k", "smollm2", "transcoders", "pipeline")
 SAE_ZOO = [sys.executable, "-m", "sae_zoo.cli"]
 
 #: the SynthSAEBench-16k model's structure (recipes/synthsaebench/cpu2k.yaml's, at full size)
@@ -91,6 +94,15 @@ def throughput(out: Path, dry: bool) -> int:
             if dry else ["--device", "cuda", "--dtype", "bf16", "--d-models", "768", "--batch", "4096", "--repeats", "5"])
     return run([sys.executable, "benchmarks/throughput.py", *args, "--heads", "linear,top-k,BatchTopK,MLP",
                 "--fista-steps", "2" if dry else "50", "--no-field"], out, "throughput", 60 if dry else 150)
+
+
+def clt_layers(out: Path, dry: bool) -> int:
+    """A CLT's training step time and peak memory against the layers it spans, beside per-layer transcoders."""
+    args = (["--device", "cpu", "--in-process", "--layers", "1,2", "--d-model", "16", "--d-transcoder", "32", "--k",
+             "4", "--batch", "64", "--steps", "1", "--warmup", "0"] if dry else
+            ["--device", "cuda", "--layers", "1,2,4,8", "--d-model", "768", "--d-transcoder", "16384", "--k", "32",
+             "--batch", "4096", "--steps", "20"])
+    return run([sys.executable, "benchmarks/clt_layers.py", *args], out, "clt_layers", 60 if dry else 120)
 
 
 def synth_recipe(row: str, steps: int, dry: bool, run_dir: Path) -> dict:
@@ -212,6 +224,8 @@ def main() -> int:
             continue
         if step == "throughput":
             status[step] = throughput(out, dry)
+        elif step == "clt_layers":
+            status[step] = clt_layers(out, dry)
         elif step == "bench16k":
             status[step] = bench16k(out, dry, args.bench16k_seconds)
         elif step == "smollm2":

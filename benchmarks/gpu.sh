@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one go, into one folder (benchmarks/gpu.py says what each is): about 9 minutes on one
+# Every GPU check in one go, into one folder (benchmarks/gpu.py says what each is): about 11 minutes on one
 # H100/H200-class GPU. A GPU machine that reaches no package registry takes its missing wheels from .whl/.
 #   bash benchmarks/gpu.sh [--out DIR] [--steps throughput,bench16k,...]   on the GPU machine (all steps by default)
 #   bash benchmarks/gpu.sh --dry-run [--lm-model DIR] [--out DIR]

@@ -20,8 +20,10 @@ def test_the_gpu_script_runs_every_check_on_the_cpu(tmp_path):
                           capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     status = json.loads((out / "status.json").read_text())
-    assert {k: v for k, v in status.items() if k != "seconds"} == {"throughput": 0, "bench16k": 0, "smollm2": 0,
-                                                                  "transcoders": 0, "pipeline": 0}
+    assert {k: v for k, v in status.items() if k != "seconds"} == {"throughput": 0, "clt_layers": 0, "bench16k": 0,
+                                                                  "smollm2": 0, "transcoders": 0, "pipeline": 0}
+    clt = (out / "clt_layers.log").read_text()
+    assert all(f"| {n} | {model} |" in clt for n in (1, 2) for model in ("CLT", "per-layer set"))
     throughput = (out / "throughput.log").read_text()
     for head in ("linear SAE", "top-k SAE (k=4)", "BatchTopK SAE (k=4)", "MLP head"):
         assert head in throughput
@@ -43,5 +45,6 @@ def test_the_gpu_script_runs_every_check_on_the_cpu(tmp_path):
 def test_the_gpu_script_refuses_a_step_it_does_not_have(tmp_path):
     done = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run", "--out", str(tmp_path), "--steps", "pipeline,bench"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--steps: no step named bench; the steps are throughput, bench16k" in done.stderr
+    assert done.returncode == 2 and ("--steps: no step named bench; the steps are throughput, clt_layers, bench16k"
+                                     in done.stderr)
     assert not (tmp_path / "status.json").exists()
