@@ -254,7 +254,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .hub import export_circuit_tracer, export_circuit_tracer_clt, export_saelens, load_run
+    from .hub import export_circuit_tracer, export_saelens, load_run
     from .hub.clt import load_clt_run
 
     clt = load_clt_run(args.run_dir)
@@ -262,8 +262,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.to != "circuit_tracer" or args.layer is not None or args.decoder_only:
             raise ValueError(f"{args.run_dir} holds a cross-layer transcoder: it exports whole to circuit-tracer's CLT "
                              "folder (--to circuit_tracer, no --layer or --decoder-only)")
-        out = export_circuit_tracer_clt(clt, args.out, feature_input_hook=args.feature_input_hook,
-                                        feature_output_hook=args.feature_output_hook, model_name=args.model_name)
+        out = export_circuit_tracer(clt, args.out, feature_input_hook=args.feature_input_hook,
+                                    feature_output_hook=args.feature_output_hook, model_name=args.model_name)
         print(f"wrote circuit-tracer's CLT folder to {out} (W_enc_N/W_dec_N.safetensors for N < {clt.n_layers}, "
               "config.yaml)")
         return 0

@@ -15,7 +15,7 @@ from sae_zoo.clt import CrossLayerDecoder, check_layers
 from sae_zoo.data.base import Pair
 from sae_zoo.dictionary import Dictionary
 from sae_zoo.families import create_family
-from sae_zoo.hub import export_circuit_tracer_clt
+from sae_zoo.hub import export_circuit_tracer, export_circuit_tracer_clt
 
 N_LAYERS, D, D_TC = 3, 8, 16
 
@@ -176,7 +176,7 @@ def test_a_trained_clt_exports_to_circuit_tracer_and_its_load_clt_reads_the_same
     ct = pytest.importorskip("circuit_tracer.transcoder.cross_layer_transcoder")
     clt = randomised(CrossLayerTranscoder.create(N_LAYERS, D, D_TC, "jumprelu", layers=[4, 5, 6]))
     clt.provenance.update(input_scales=[2.0, 0.5, 1.5], target_scales=[3.0, 1.0, 0.25])
-    export_circuit_tracer_clt(clt, tmp_path / "out", feature_input_hook="ln2.hook_normalized")
+    export_circuit_tracer(clt, tmp_path / "out", feature_input_hook="ln2.hook_normalized")  # the name
     theirs = ct.load_clt(str(tmp_path / "out"), feature_input_hook="ln2.hook_normalized", lazy_decoder=False,
                          device=torch.device("cpu"), dtype=torch.float32)
     raw = torch.randn(30, N_LAYERS, D, generator=torch.Generator().manual_seed(4))
@@ -289,6 +289,8 @@ def test_bad_input_is_refused_by_name(tmp_path):
     skip = CrossLayerTranscoder.create(2, D, D_TC, skip_connection=True)
     with pytest.raises(ValueError, match="circuit-tracer's CLT files hold no skip term"):
         export_circuit_tracer_clt(skip, tmp_path / "skip")
+    with pytest.raises(ValueError, match="layer=3: a cross-layer transcoder is written whole"):
+        export_circuit_tracer(clt, tmp_path / "whole", 3)
     with pytest.raises(ValueError, match="cross-layer transcoder, one model over all its layers: drop layer=1"):
         sae_zoo.load_sae(tmp_path / "shape", layer=1)
     with torch.no_grad():

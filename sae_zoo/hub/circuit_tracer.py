@@ -12,7 +12,9 @@ import yaml
 from safetensors.torch import save_file
 
 from .._io import atomic_write, read_yaml
+from ..clt import CrossLayerTranscoder
 from ..model import SparseCoder
+from .clt import export_circuit_tracer_clt
 from .formats import exported_foreign
 
 CONFIG = "config.yaml"
@@ -24,15 +26,25 @@ def _tl_name(hook: str | None, layer: int) -> str | None:
     return hook[len(prefix):] if hook and hook.startswith(prefix) else None
 
 
-def export_circuit_tracer(model: SparseCoder, out_dir: str | Path, layer: int, *, feature_input_hook: str | None = None,
-                          feature_output_hook: str | None = None, model_name: str | None = None) -> Path:
+def export_circuit_tracer(model: SparseCoder | CrossLayerTranscoder, out_dir: str | Path, layer: int | None = None, *,
+                          feature_input_hook: str | None = None, feature_output_hook: str | None = None,
+                          model_name: str | None = None) -> Path:
     """Write ``model`` (a transcoder) as circuit-tracer's ``layer_{layer}.safetensors`` in ``out_dir`` and add it to
     the folder's ``config.yaml`` (``model_kind: transcoder_set``), with the same outputs on raw activations: the
     data's scales folded in, ``W_enc`` stored ``(d_transcoder, d_in)``, a JumpReLU head's thresholds as
     ``activation_function.threshold`` (circuit-tracer's JumpReLU has no ReLU; the thresholds, kept >= 0, make it
     the same), a ReLU head's as a file without thresholds. ``feature_input_hook``/``feature_output_hook``:
     circuit-tracer's per-layer hook names (TransformerLens's, e.g. ``ln2.hook_normalized``, ``hook_mlp_out``);
-    by default the model's own hooks where they are named ``blocks.{layer}.NAME``."""
+    by default the model's own hooks where they are named ``blocks.{layer}.NAME``. A cross-layer transcoder is written
+    whole, as circuit-tracer's CLT folder (:func:`~sae_zoo.hub.clt.export_circuit_tracer_clt`; no ``layer``)."""
+    if isinstance(model, CrossLayerTranscoder):
+        if layer is not None:
+            raise ValueError(f"layer={layer}: a cross-layer transcoder is written whole, every layer in one folder")
+        return export_circuit_tracer_clt(model, out_dir, feature_input_hook=feature_input_hook,
+                                         feature_output_hook=feature_output_hook, model_name=model_name)
+    if layer is None:
+        raise ValueError("circuit-tracer's per-layer files name their layer: pass layer=N (the block whose MLP the "
+                         "transcoder replaces)")
     if not model.transcoder:
         raise ValueError("circuit-tracer's per-layer files hold transcoders; this model reconstructs its input")
     sae, _, _ = exported_foreign(model)  # a ReLU or JumpReLU transcoder (any other head is refused there)
